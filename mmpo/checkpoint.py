@@ -1,0 +1,295 @@
+"""Atomic checkpoints and the helpers for an exact resume.
+
+Layout of a run folder::
+
+    run_dir/checkpoints/step_00000012/COMPLETE      marker: the folder is whole
+    run_dir/checkpoints/step_00000012/...           whatever the trainer saved (safetensors, JSON)
+    run_dir/checkpoints/.tmp-step_00000014/          a save in progress (ignored, cleaned up)
+
+A checkpoint is written into a temporary folder, fsynced, marked ``COMPLETE`` and renamed
+into place, so a crash or an exception during a save never leaves a half-written
+``step_*`` folder that :func:`latest_checkpoint` would pick. Nothing here unpickles: tensors
+are safetensors, everything else JSON.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmpo.errors import DataError
+
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"step_(\d{8,})")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """``run_dir/checkpoints/step_00000012`` for step 12."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step:08d}"
+
+
+def temp_checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """The folder a save of ``step`` writes into before it is renamed into place. The name is
+    the same on every rank, so all ranks of a distributed save can write into it."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f".tmp-step_{step:08d}"
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a checkpoint folder (``.../step_00000012`` -> 12). Raises ValueError."""
+    match = _STEP_DIR.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint folder (expected a name like step_00000012)")
+    return int(match.group(1))
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint folder whose save finished (it holds the marker)."""
+    path = Path(path)
+    return _STEP_DIR.fullmatch(path.name) is not None and (path / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None. Temporary and unmarked folders
+    are ignored."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints (``keep_last <= 0`` keeps
+    all) and leftovers of interrupted saves (``.tmp-*``, ``.old-*``). Call it from one process
+    while no save is running. Returns the deleted folders."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = list_checkpoints(run_dir)
+    doomed = found[:-keep_last] if keep_last > 0 else []
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file, or a folder's entry table (skipped where the OS does not allow it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+@contextlib.contextmanager
+def atomic_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    enabled: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> Iterator[Path]:
+    """Yield a temporary folder to write the checkpoint of ``step`` into; on a clean exit it is
+    fsynced, marked ``COMPLETE`` and renamed to :func:`checkpoint_dir` (an existing checkpoint
+    of the same step is replaced). On an exception the temporary folder is removed and the
+    exception propagates: the run folder is as before.
+
+    Distributed saves: every rank enters with the same ``step`` and gets the same folder; only
+    the rank with ``enabled=True`` (the main one) creates, finalises and cleans it up. With
+    ``barrier`` (e.g. ``dist.barrier``) the ranks wait for each other after the folder is
+    created, before it is finalised (every rank has written) and after it is in place. A rank
+    that raises inside the block skips the barriers, so the others will wait on it.
+    """
+    tmp = temp_checkpoint_dir(run_dir, step)
+    final = checkpoint_dir(run_dir, step)
+    if enabled:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # leftover of an interrupted save of the same step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if barrier is not None:
+        barrier()
+    try:
+        yield tmp
+        if barrier is not None:
+            barrier()
+        if enabled:
+            _finalise(tmp, final, step)
+    except BaseException:
+        if enabled:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if barrier is not None:
+        barrier()
+
+
+def _finalise(tmp: Path, final: Path, step: int) -> None:
+    """Mark ``tmp`` complete, flush it to disk and rename it to ``final``."""
+    marker = {"step": step, "time": time.time()}
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():  # a folder cannot be renamed over a non-empty one: move it aside
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    _fsync_path(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON and tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` (plain JSON data) to ``path`` atomically (temp file + os.replace).
+    Floats round-trip exactly; NaN/inf are written as JSON extensions (Python reads them)."""
+    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file written by :func:`save_json`. Raises FileNotFoundError or DataError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def save_state_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Save named tensors as one safetensors file, atomically. Tensors are moved to the CPU;
+    entries that share memory are copied so safetensors accepts them."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        t = tensor.detach().cpu().contiguous()
+        storage = t.untyped_storage().data_ptr()
+        if t.numel() and storage in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    _atomic_write(Path(path), lambda tmp: save_file(out, str(tmp), metadata=metadata))
+
+
+def load_state_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Named tensors from a safetensors file (no pickle involved)."""
+    return load_file(str(path), device=str(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Random number generators
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """States of python ``random``, numpy's global RNG, torch CPU and every CUDA device.
+
+    Returns ``{"python": [version, [625 ints], gauss_next], "numpy": {...}, "torch": uint8
+    tensor, "cuda": [uint8 tensor per device]}`` (``cuda`` is [] without CUDA).
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = [s.clone() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {
+            "kind": str(kind),
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state().clone(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states returned by :func:`rng_state`. CUDA states are restored for as many
+    devices as both the saved state and this machine have."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.to(torch.uint8).cpu(), device)
+
+
+def save_rng(path_dir: str | Path, name: str = "rng") -> None:
+    """Write :func:`rng_state` as ``<name>.safetensors`` (torch byte states) and ``<name>.json``
+    (python and numpy states) into ``path_dir``. Use a per-rank ``name`` in distributed runs."""
+    state = rng_state()
+    path_dir = Path(path_dir)
+    tensors = {"torch": state["torch"]}
+    tensors.update({f"cuda.{i}": s for i, s in enumerate(state["cuda"])})
+    save_state_tensors(path_dir / f"{name}.safetensors", tensors)
+    save_json(
+        path_dir / f"{name}.json",
+        {"python": state["python"], "numpy": state["numpy"], "num_cuda": len(state["cuda"])},
+    )
+
+
+def load_rng(path_dir: str | Path, name: str = "rng") -> None:
+    """Restore the RNG states written by :func:`save_rng`."""
+    path_dir = Path(path_dir)
+    plain = load_json(path_dir / f"{name}.json")
+    tensors = load_state_tensors(path_dir / f"{name}.safetensors")
+    cuda = [tensors[f"cuda.{i}"] for i in range(int(plain.get("num_cuda", 0)))]
+    set_rng_state({"python": plain["python"], "numpy": plain["numpy"], "torch": tensors["torch"], "cuda": cuda})

@@ -1,0 +1,839 @@
+"""Typed run configuration: dataclass schema, YAML loading, dotted CLI overrides, clear errors.
+
+The schema is plain stdlib dataclasses. ``from_dict`` builds and checks them from parsed YAML;
+every mistake becomes one :class:`~mmpo.errors.ConfigError` paragraph naming the file, the
+dotted key and the bad value. Field metadata drives the extra checks:
+
+- ``"help"``: what the knob trades off (and which paper it comes from);
+- ``"registry": "module:ATTR"``: the value must be a name in that registry (imported lazily,
+  so this module imports nothing from the optimizer core, tasks or rollout engines);
+- ``"path": True``: the file or folder must exist; ``"path": "tiny_or_path"``: ``tiny:<kind>``
+  passes unchecked, anything else must exist;
+- ``"min"`` / ``"max"`` (inclusive), ``"gt"`` (exclusive): numeric bounds;
+- ``"extra": True`` on a ``dict`` field: unknown keys of that mapping are collected there
+  instead of being rejected (used by :class:`TaskConfig`, whose options belong to the task).
+
+A dataclass may define ``validate_config(self, where)`` for checks across fields; it raises
+:class:`FieldError` with the full dotted key (``where`` is the dataclass's own prefix).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, TypeVar, Union
+
+import yaml
+
+from mmpo.core.registry import did_you_mean
+from mmpo.errors import ConfigError, UnknownNameError
+
+C = TypeVar("C")
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class FieldError(Exception):
+    """A problem with one key, before the file name and the key's prefix are known."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic machinery
+# ---------------------------------------------------------------------------------------------
+
+
+def _join(where: str, key: str) -> str:
+    if not where:
+        return key
+    return f"{where}{key}" if key.startswith("[") else f"{where}.{key}"
+
+
+def _show(value: Any) -> str:
+    """``'abc' (str)``-style rendering of a bad value for error messages."""
+    if value is None:
+        return "null"
+    kind = {dict: "mapping", list: "list", tuple: "list"}.get(type(value), type(value).__name__)
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({kind})"
+
+
+def _describe(tp: Any) -> str:
+    """Human name of a type annotation: 'a float', 'a list of strings', 'null or an integer'."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return "any value"
+    if tp is bool:
+        return "a boolean (true/false)"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a float"
+    if tp is str:
+        return "a string"
+    if tp is dict or origin is dict:
+        return "a mapping"
+    if tp is list or origin in (list, tuple):
+        if args and args[0] is not Any:
+            inner = _describe(args[0]).removeprefix("a ").removeprefix("an ")
+            return f"a list of {inner}s" if not inner.endswith("s") else f"a list of {inner}"
+        return "a list"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [a for a in args if a is not type(None)]
+        text = " or ".join(_describe(a) for a in parts)
+        return f"null or {text}" if len(parts) < len(args) else text
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def resolve_registry(spec: str) -> Any:
+    """The registry object named ``"package.module:ATTR"`` (imported on first use)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"registry {spec!r} cannot be loaded: {exc}") from exc
+
+
+def _check_registry(spec: str, value: Any, key: str) -> None:
+    if not isinstance(value, str):
+        raise FieldError(key, f"key '{key}' must be a string (a registered name), got {_show(value)}")
+    registry = resolve_registry(spec)
+    try:
+        registry.get(value)
+    except UnknownNameError:
+        names = list(registry.names())
+        kind = getattr(registry, "kind", "name")
+        raise FieldError(
+            key,
+            f"key '{key}': unknown {kind} {value!r}.{did_you_mean(value, names)} "
+            f"Valid names: {', '.join(names) if names else '(none registered)'}.",
+        ) from None
+
+
+def _check_path(kind: Any, value: Any, key: str) -> None:
+    if value is None:
+        return
+    if kind == "tiny_or_path" and isinstance(value, str) and value.startswith("tiny:"):
+        if value == "tiny:":
+            raise FieldError(key, f"key '{key}' must name a tiny model kind after 'tiny:', got 'tiny:'")
+        return
+    if not os.path.exists(value):
+        hint = (
+            " (use 'tiny:<kind>' for a built-in tiny model, or a local save_pretrained folder;"
+            " nothing is downloaded)"
+            if kind == "tiny_or_path"
+            else ""
+        )
+        raise FieldError(
+            key,
+            f"key '{key}' names a path that does not exist: {value!r} "
+            f"(relative paths are read from the current directory {os.getcwd()}){hint}",
+        )
+
+
+def _check_bounds(meta: Any, value: Any, key: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if "min" in meta and value < meta["min"]:
+        raise FieldError(key, f"key '{key}' must be >= {meta['min']}, got {value!r}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise FieldError(key, f"key '{key}' must be > {meta['gt']}, got {value!r}")
+    if "max" in meta and value > meta["max"]:
+        raise FieldError(key, f"key '{key}' must be <= {meta['max']}, got {value!r}")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and return it in canonical form."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def wrong() -> FieldError:
+        return FieldError(key, f"key '{key}' must be {_describe(tp)}, got {_show(value)}")
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _convert(options[0], value, key)
+        for option in options:
+            try:
+                return _convert(option, value, key)
+            except FieldError:
+                continue
+        raise wrong()
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        hint = did_you_mean(str(value), [str(a) for a in args])
+        raise FieldError(
+            key,
+            f"key '{key}' must be one of {', '.join(repr(a) for a in args)}, got {_show(value)}."
+            + hint,
+        )
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            value = to_dict(value)
+        if value is None:  # a section whose keys are all commented out: use the defaults
+            value = {}
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if tp is int:
+        if isinstance(value, bool):
+            raise wrong()
+        if isinstance(value, int):
+            return value
+        number = _as_number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)
+        raise wrong()
+    if tp is float:
+        if isinstance(value, bool):
+            raise wrong()
+        number = _as_number(value)
+        if number is None:
+            raise wrong()
+        return float(number)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong()
+    if tp is list or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise wrong()
+        inner = args[0] if args else Any
+        return [_convert(inner, item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise wrong()
+        inner = args[1] if len(args) == 2 else Any
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise FieldError(key, f"key '{key}' must be a mapping with string keys, got key {_show(k)}")
+            out[k] = _convert(inner, v, _join(key, k))
+        return out
+    raise TypeError(f"config.from_dict: unsupported annotation {tp!r} for key '{key}'")
+
+
+def _as_number(value: Any) -> float | int | None:
+    """Ints/floats as they are; numeric strings too, because YAML 1.1 reads ``1e-5`` as a string."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return None
+
+
+def _build(cls: type[C], data: Any, where: str) -> C:
+    if not isinstance(data, dict):
+        what = f"key '{where}'" if where else "the config"
+        raise FieldError(where, f"{what} must be a mapping of keys to values, got {_show(data)}")
+    hints = _hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    extra = next((f for f in fields if f.metadata.get("extra")), None)
+    known = {f.name for f in fields if f is not extra}
+    for k in data:
+        if not isinstance(k, str):
+            raise FieldError(where, f"keys must be strings, got {_show(k)} in '{where or 'top level'}'")
+    unknown = [k for k in data if k not in known]
+    if unknown and extra is None:
+        bad = unknown[0]
+        valid = ", ".join(sorted(known))
+        scope = f"in '{where}'" if where else "at the top level"
+        raise FieldError(
+            _join(where, bad),
+            f"unknown key '{_join(where, bad)}'.{did_you_mean(bad, sorted(known))} "
+            f"Valid keys {scope}: {valid}.",
+        )
+    kwargs: dict[str, Any] = {}
+    for f in fields:
+        key = _join(where, f.name)
+        if f is extra:
+            kwargs[f.name] = _convert(hints[f.name], {k: data[k] for k in unknown}, where)
+            continue
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                help_text = f.metadata.get("help", "")
+                raise FieldError(
+                    key, f"missing required key '{key}'" + (f" ({help_text})" if help_text else "")
+                )
+            continue
+        value = _convert(hints[f.name], data[f.name], key)
+        meta = f.metadata
+        if "registry" in meta and value is not None:
+            _check_registry(meta["registry"], value, key)
+        if "path" in meta and meta["path"]:
+            _check_path(meta["path"], value, key)
+        _check_bounds(meta, value, key)
+        kwargs[f.name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate_config", None)
+    if callable(validate):
+        validate(where)
+    return obj
+
+
+def _raise(source: str, exc: FieldError) -> typing.NoReturn:
+    text = exc.message
+    if source:
+        raise ConfigError(f"{source}: {text}") from None
+    raise ConfigError(text[:1].upper() + text[1:]) from None
+
+
+def from_dict(cls: type[C], data: Any, where: str = "", source: str = "") -> C:
+    """Build dataclass ``cls`` from plain data, checking every key and value.
+
+    ``where`` is the dotted prefix of ``data`` inside the whole config (keys are reported as
+    ``where.key``); ``source`` names the file for error messages. Raises ConfigError.
+    """
+    try:
+        return _build(cls, data, where)
+    except FieldError as exc:
+        _raise(source, exc)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML-safe data (dicts, lists, scalars) from a config dataclass, recursively.
+
+    An ``extra`` field (TaskConfig.options) is written back flat into its parent mapping.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out: dict[str, Any] = {}
+        extras: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = to_dict(getattr(obj, f.name))
+            if f.metadata.get("extra"):
+                extras = value
+            else:
+                out[f.name] = value
+        out.update(extras)
+        return out
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML files and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):
+            continue  # PyYAML itself reports unhashable keys
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file. Raises ConfigError (missing file, syntax, shape)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: config file not found"
+            + (" (it is a folder)" if path.is_dir() else f" (current directory {os.getcwd()})")
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level of a config must be a mapping of keys to values, got {_show(data)}"
+        )
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'a.b.c=value'`` -> (['a', 'b', 'c'], parsed value). The value is read as YAML, so
+    ``3``, ``0.1``, ``true``, ``null`` and ``[1,2]`` get their types. Raises ConfigError."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not p for p in parts):
+        raise ConfigError(f"override {text!r} must look like 'section.key=value' (e.g. trainer.max_steps=3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); quote it") from None
+    return parts, value
+
+
+def apply_override(data: dict[str, Any], text: str, schema: Any = None) -> None:
+    """Set one dotted ``key=value`` in nested ``data`` in place. Unknown keys are created and
+    left for validation to report. With ``schema`` (a config dataclass), a missing or null
+    section on the way is seeded from the schema's default, so ``trainer.adam_betas.1=0.95``
+    indexes the default list and ``algorithm.kl_options.target=0.1`` keeps the default ``beta``;
+    a numeric part indexes a list. Raises ConfigError."""
+    parts, value = parse_override(text)
+    node: Any = data
+    tp: Any = schema
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[:depth]) or "the top level"
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(
+                    f"override {text!r}: '{here}' is a list of {len(node)} items; "
+                    f"'{part}' is not a valid index"
+                )
+            key: Any = int(part)
+        elif isinstance(node, dict):
+            key = part
+        else:
+            raise ConfigError(
+                f"override {text!r}: '{here}' is {_show(node)}, not a mapping, so it has no key '{part}'"
+            )
+        tp, seed = _schema_step(tp, part)
+        if last:
+            node[key] = value
+            return
+        if isinstance(node, dict) and node.get(key) is None or isinstance(node, list) and node[key] is None:
+            node[key] = seed()
+        node = node[key]
+
+
+def _schema_step(tp: Any, part: str) -> tuple[Any, Any]:
+    """(annotation of ``part`` inside annotation ``tp``, factory of its default container).
+    Unknown paths give (None, dict)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):  # Optional[X] -> X
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = options[0] if len(options) == 1 else None
+    if dataclasses.is_dataclass(tp):
+        for f in dataclasses.fields(tp):
+            if f.name == part and not f.metadata.get("extra"):
+                inner = _hints(tp)[f.name]
+                if f.default_factory is not dataclasses.MISSING and not dataclasses.is_dataclass(
+                    f.default_factory
+                ):
+                    return inner, f.default_factory
+                if isinstance(f.default, (list, dict)):
+                    return inner, lambda default=f.default: _copy(default)
+                return inner, dict
+        return None, dict
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict and len(args) == 2:
+        return args[1], dict
+    if origin is list and args:
+        return args[0], dict
+    return None, dict
+
+
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), cls: type[C] | None = None
+) -> C:
+    """Read a YAML config, apply dotted ``key=value`` overrides, and validate it into ``cls``
+    (default :class:`RunConfig`). Every problem raises one ConfigError naming file and key."""
+    schema: type = RunConfig if cls is None else cls
+    data = read_yaml(path)
+    for text in overrides:
+        try:
+            apply_override(data, text, schema)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return _build(schema, data, "")
+    except FieldError as exc:
+        source = str(path)
+        for text in reversed(overrides):  # the last override of a key is the one that counts
+            if _override_touches(text.partition("=")[0].strip(), exc.key):
+                source = f"{path} (override {text!r})"
+                break
+        _raise(source, exc)
+
+
+def _override_touches(override_key: str, error_key: str) -> bool:
+    """Whether the bad key ``error_key`` lies inside (or contains) what an override set."""
+    error_key = re.sub(r"\[(\d+)\]", r".\1", error_key)  # filters[0].name -> filters.0.name
+    if not error_key:
+        return False
+    return any(
+        a == b or a.startswith(b + ".")
+        for a, b in ((error_key, override_key), (override_key, error_key))
+    )
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically: temp file + rename). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help string of field ``name`` of config dataclass ``cls`` (for CLI listings)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return str(f.metadata.get("help", ""))
+    raise KeyError(name)
+
+
+def _opt(
+    default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, **meta: Any
+) -> Any:
+    """A dataclass field with metadata; mutable defaults are copied per instance."""
+    meta["help"] = help
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: _copy(value), metadata=meta)
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskConfig:
+    """Which task plugin runs, plus its own options (validated by the task's Config dataclass)."""
+
+    name: str = _opt(
+        help="Registered task name (see `mmpo tasks`); the plugin supplies prompts/environments, "
+        "rewards and evaluation.",
+        registry="mmpo.tasks:TASKS",
+    )
+    options: dict[str, Any] = _opt(
+        {},
+        help="Every other key under `task:`; the task checks them against its own Config dataclass.",
+        extra=True,
+    )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) instead of full fine-tuning."""
+
+    r: int = _opt(16, help="Adapter rank: higher adapts more, costs more memory.", min=1)
+    alpha: int = _opt(
+        32, help="LoRA scaling numerator (update scaled by alpha/r); keep about 2*r.", min=1
+    )
+    dropout: float = _opt(0.0, help="Dropout on the adapter input; 0 for short RL runs.", min=0.0, max=1.0)
+    target_modules: list[str] = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        help="Module names that get adapters; adding MLP projections (gate/up/down_proj) adapts "
+        "more at more memory.",
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The policy model (and, when the KL term is on, its frozen reference copy)."""
+
+    path: str = _opt(
+        "tiny:qwen2_vl",
+        help="Local save_pretrained folder, or 'tiny:<kind>' for an offline random tiny model "
+        "(tests, quickstart). Nothing is downloaded.",
+        path="tiny_or_path",
+    )
+    tiny: dict[str, Any] = _opt(
+        {}, help="Overrides of the tiny model's config (e.g. hidden_size); only for 'tiny:' paths."
+    )
+    lora: Optional[LoraConfig] = _opt(
+        None, help="LoRA settings; null trains all weights. With LoRA the reference is the base "
+        "model with adapters disabled, so no second copy is kept."
+    )
+    gradient_checkpointing: bool = _opt(
+        False, help="Recompute activations in backward: less memory, about 30% slower steps."
+    )
+    attn_implementation: str = _opt(
+        "sdpa", help="transformers attention backend: 'sdpa', 'eager' or 'flash_attention_2' (GPU)."
+    )
+
+
+@dataclass
+class RolloutConfig:
+    """How trajectories are sampled each step."""
+
+    engine: str = _opt(
+        "hf",
+        help="Rollout engine: 'hf' (transformers generate, CPU/GPU) or 'vllm' (GPU, faster, "
+        "separate install).",
+        registry="mmpo.rollout:ROLLOUT_ENGINES",
+    )
+    group_size: int = _opt(
+        8,
+        help="G, samples per prompt. Group-relative advantages compare these; larger G gives "
+        "fewer all-equal groups and a better baseline at proportional rollout cost (GRPO, "
+        "DeepSeekMath; DAPO uses 16).",
+        min=2,
+    )
+    prompts_per_step: int = _opt(
+        8, help="Prompts (or env seeds) per step; a step trains on prompts_per_step*group_size "
+        "trajectories.", min=1
+    )
+    max_new_tokens: int = _opt(
+        32, help="Generation length cap; truncated completions usually get low reward (see DAPO "
+        "overlong filtering).", min=1
+    )
+    temperature: float = _opt(
+        1.0, help="Sampling temperature; 1.0 keeps log-probs on-policy, lower explores less.", gt=0.0
+    )
+    top_p: float = _opt(
+        1.0, help="Nucleus sampling mass; <1 truncates the policy, making sampled log-probs "
+        "differ from trained ones.", gt=0.0, max=1.0
+    )
+    top_k: int = _opt(0, help="Top-k sampling; 0 disables.", min=0)
+    logprob_chunk_size: int = _opt(
+        0, help="Sequences per chunk when computing log-softmax over the vocabulary; bounds memory "
+        "for large vocabularies. 0 = choose automatically.", min=0
+    )
+
+
+@dataclass
+class AlgorithmConfig:
+    """The group-relative objective: advantage, policy loss, aggregation, KL, filters."""
+
+    advantage: str = _opt(
+        "grpo",
+        help="Advantage estimator: 'grpo' (group z-score, DeepSeekMath), 'drgrpo' (no std, "
+        "Dr. GRPO), 'rloo' (leave-one-out, RIPT-VLA), 'bnpo', 'dcpo_sas', ...",
+        registry="mmpo.core:ADVANTAGES",
+    )
+    advantage_options: dict[str, Any] = _opt({}, help="Keyword options of the advantage estimator.")
+    loss: str = _opt(
+        "ppo_clip",
+        help="Policy loss: 'ppo_clip' (eps_low/eps_high give DAPO clip-higher, dual clip), "
+        "'gspo' (sequence ratio), 'dcpo' (dynamic bounds), 'ce_gppo', 'aspo', ...",
+        registry="mmpo.core:POLICY_LOSSES",
+    )
+    loss_options: dict[str, Any] = _opt({}, help="Keyword options of the policy loss (e.g. eps_high).")
+    loss_agg: str = _opt(
+        "token-mean",
+        help="How the per-unit loss becomes a scalar: 'token-mean' (DAPO; long answers weigh "
+        "more), 'seq-mean-token-mean' (original GRPO, GSPO), 'seq-mean-token-sum-norm' "
+        "(Dr. GRPO), 'otm' (DCPO).",
+        registry="mmpo.core:AGGREGATIONS",
+    )
+    kl_estimator: str = _opt(
+        "k3",
+        help="KL(pi||pi_ref) estimator per unit: 'k1' (unbiased value), 'k2' (correct gradient), "
+        "'k3' (low variance, GRPO default; Schulman's approximations); '+' variants are "
+        "straight-through.",
+        registry="mmpo.core:KL_ESTIMATORS",
+    )
+    kl_schedule: str = _opt(
+        "constant",
+        help="How the KL coefficient beta evolves: 'constant', 'grpo_d' (V-shape, OThink-MR1), "
+        "'pi_target' (PI controller to a target KL, FAKER-Air), ...",
+        registry="mmpo.core:KL_SCHEDULES",
+    )
+    kl_options: dict[str, Any] = _opt(
+        {},
+        help="Options of the KL schedule. beta=0 (DAPO, Dr. GRPO, TRL default) skips the "
+        "reference model entirely; 0.04 is the DeepSeekMath GRPO value.",
+    )
+    kl_placement: Literal["loss", "reward"] = _opt(
+        "loss",
+        help="'loss' adds beta*KL to the loss (GRPO); 'reward' subtracts it per unit before the "
+        "advantage (classic RLHF PPO).",
+    )
+    entropy_coef: float = _opt(
+        0.0, help="Entropy bonus weight; >0 slows collapse onto one answer at the cost of noisier "
+        "outputs."
+    )
+    dynamic_sampling: bool = _opt(
+        False,
+        help="DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage, no "
+        "gradient) and draw more prompts until the batch is full, up to max_draws batches.",
+    )
+    max_draws: int = _opt(
+        4, help="With dynamic sampling, most rollout batches drawn per step (DAPO "
+        "max_num_gen_batches).", min=1
+    )
+    filters: list[dict[str, Any]] = _opt(
+        [],
+        help="Group filters applied after the advantage, in order; each item is {name: ..., "
+        "<options>} with a name from GROUP_FILTERS (e.g. cppo_prune, lspo).",
+    )
+
+    def validate_config(self, where: str) -> None:
+        for i, item in enumerate(self.filters):
+            key = f"{_join(where, 'filters')}[{i}]"
+            if "name" not in item:
+                raise FieldError(
+                    key, f"key '{key}' needs a 'name' (a registered group filter), got {_show(item)}"
+                )
+            _check_registry("mmpo.core:GROUP_FILTERS", item["name"], f"{key}.name")
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation loop: steps, batching, optimizer, saving, evaluation."""
+
+    max_steps: int = _opt(100, help="Training steps (one rollout batch each).", min=1)
+    update_epochs: int = _opt(
+        1, help="Passes over each rollout batch (mu in GRPO). >1 reuses samples off-policy, which "
+        "is where clipping matters (GSPO uses several minibatches per rollout).", min=1
+    )
+    minibatch_size: int = _opt(
+        0, help="Trajectories per optimizer step; 0 = the whole batch (one step per epoch, fully "
+        "on-policy).", min=0
+    )
+    micro_batch_size: int = _opt(
+        0, help="Trajectories per forward/backward (gradient accumulation); 0 = the minibatch. "
+        "Trades memory for speed, not results.", min=0
+    )
+    lr: float = _opt(1e-5, help="AdamW learning rate; RL fine-tuning of VLMs typically uses 1e-6.", gt=0.0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = _opt(
+        "constant", help="Learning-rate decay after warmup, over max_steps."
+    )
+    warmup_steps: int = _opt(0, help="Linear learning-rate warmup steps.", min=0)
+    weight_decay: float = _opt(0.0, help="AdamW decoupled weight decay.", min=0.0)
+    adam_betas: list[float] = _opt([0.9, 0.999], help="AdamW (beta1, beta2).")
+    max_grad_norm: float = _opt(
+        1.0, help="Gradient-norm clip; 0 disables. Guards against rare huge-ratio steps.", min=0.0
+    )
+    save_every: int = _opt(0, help="Checkpoint every N steps (and at the end); 0 = only at the end.", min=0)
+    keep_last: int = _opt(2, help="Complete checkpoints kept; older ones are deleted. 0 keeps all.", min=0)
+    eval_every: int = _opt(0, help="Evaluate every N steps; 0 = only at the end.", min=0)
+    eval_at_start: bool = _opt(True, help="Evaluate before the first step (the baseline).")
+    max_bad_steps: int = _opt(
+        3, help="Consecutive steps with a non-finite loss or gradient (skipped) before training "
+        "stops with an error.", min=1
+    )
+    log_every: int = _opt(1, help="Write metrics every N steps.", min=1)
+    time_limit_s: float = _opt(
+        0.0, help="Stop (after saving a checkpoint) once this many seconds have passed; 0 = no "
+        "limit.", min=0.0
+    )
+
+    def validate_config(self, where: str) -> None:
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            key = _join(where, "adam_betas")
+            raise FieldError(key, f"key '{key}' must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if self.minibatch_size and self.micro_batch_size > self.minibatch_size:
+            key = _join(where, "micro_batch_size")
+            raise FieldError(
+                key,
+                f"key '{key}' ({self.micro_batch_size}) must not exceed "
+                f"'{_join(where, 'minibatch_size')}' ({self.minibatch_size})",
+            )
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    num_samples: int = _opt(64, help="Evaluation prompts; 0 disables evaluation.", min=0)
+    batch_size: int = _opt(32, help="Prompts generated together during evaluation.", min=1)
+    max_new_tokens: int = _opt(0, help="Generation cap at evaluation; 0 = rollout.max_new_tokens.", min=0)
+
+
+@dataclass
+class RunConfig:
+    """One training run. Every section has defaults except `task.name`."""
+
+    task: TaskConfig = _opt(help="The task plugin and its options.")
+    output_dir: str = _opt(
+        "", help="Run folder (config, metrics, TensorBoard, plots, checkpoints); empty = "
+        "runs/<config file stem>."
+    )
+    seed: int = _opt(0, help="Seed for python, numpy and torch; a resumed run restores RNG states.")
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", help="'auto' uses CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16"] = _opt(
+        "auto", help="'auto': bf16 mixed precision on CUDA, fp32 on CPU. bf16 halves activation "
+        "memory; log-prob ratios are still computed in fp32."
+    )
+    deepspeed: Optional[str] = _opt(
+        None, help="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) for ZeRO sharding under "
+        "torchrun; null trains in one process with plain torch.", path=True
+    )
+    model: ModelConfig = _opt(factory=ModelConfig, help="The policy model and its adapters.")
+    rollout: RolloutConfig = _opt(factory=RolloutConfig, help="How trajectories are sampled.")
+    algorithm: AlgorithmConfig = _opt(factory=AlgorithmConfig, help="The group-relative objective.")
+    trainer: TrainerConfig = _opt(factory=TrainerConfig, help="The optimisation loop.")
+    eval: EvalConfig = _opt(factory=EvalConfig, help="Held-out evaluation.")
+
+
+def check_options(fn: Any, options: dict[str, Any], key: str, reserved: tuple[str, ...] = ()) -> None:
+    """Fail early (ConfigError) when ``options`` has a keyword that ``fn`` does not take.
+
+    ``key`` is the dotted config key shown in the message (e.g. 'algorithm.loss_options');
+    ``reserved`` are keywords the trainer itself passes (they may not be set in the config).
+    """
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or
+             (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+    valid = [n for n in valid if n not in reserved]
+    for name in options:
+        if name not in valid:
+            raise ConfigError(
+                f"unknown option '{key}.{name}' for '{getattr(fn, '__name__', fn)}'.{did_you_mean(name, valid)} "
+                f"Valid options: {', '.join(valid) or '(none)'}."
+            )

@@ -1,0 +1,40 @@
+"""The group-relative optimizer core: pure tensor functions, no models, no I/O.
+
+Registries (an unknown name raises :class:`mmpo.errors.UnknownNameError` listing valid ones):
+
+- ``ADVANTAGES``: ``fn(rewards [N], group_ids [N], **options) -> advantages [N]``
+- ``POLICY_LOSSES``: ``fn(logp, logp_old, advantages, mask, **options) -> (loss [N, T], metrics)``
+- ``AGGREGATIONS`` / :func:`aggregate`: loss_matrix [N, T] -> scalar
+- ``KL_ESTIMATORS``: ``fn(logp [N, T], logp_ref [N, T]) -> [N, T]`` (``gaussian`` differs)
+- ``KL_SCHEDULES``: ``fn(step, total_steps, **options) -> beta``
+- ``GROUP_FILTERS``: sampling / pruning filters (signatures per entry)
+
+Stateful entries expose ``fn.state_cls`` (see :func:`mmpo.core.registry.state_class`).
+"""
+from mmpo.core import entropy
+from mmpo.core.advantages import ADVANTAGES
+from mmpo.core import stateful_advantages as _stateful_advantages  # noqa: F401  (registers dcpo_sas, rank_ema)
+from mmpo.core.aggregation import AGGREGATIONS, aggregate
+from mmpo.core.batch_filler import GroupBatchFiller
+from mmpo.core.kl import KL_ESTIMATORS, kl_to_reward
+from mmpo.core.losses import POLICY_LOSSES, chunk_log_ratio, dcpo_bounds
+from mmpo.core.registry import Registry, state_class
+from mmpo.core.sampling import GROUP_FILTERS
+from mmpo.core.schedules import KL_SCHEDULES
+
+__all__ = [
+    "ADVANTAGES",
+    "AGGREGATIONS",
+    "GROUP_FILTERS",
+    "GroupBatchFiller",
+    "KL_ESTIMATORS",
+    "KL_SCHEDULES",
+    "POLICY_LOSSES",
+    "Registry",
+    "aggregate",
+    "chunk_log_ratio",
+    "dcpo_bounds",
+    "entropy",
+    "kl_to_reward",
+    "state_class",
+]

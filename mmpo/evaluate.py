@@ -1,0 +1,78 @@
+"""Greedy evaluation of a saved policy on a task's held-out samples (``mmpo eval``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmpo.checkpoint import save_json
+from mmpo.errors import ConfigError
+from mmpo.policies.causal_lm import CausalLMPolicy
+from mmpo.rollout.engines.hf import GenerationSettings, HFGenerateEngine
+from mmpo.tasks import Sample, build_task
+
+
+def generate_greedy(
+    policy: CausalLMPolicy, model: torch.nn.Module, samples: list[Sample], *, max_new_tokens: int,
+    batch_size: int, device: torch.device,
+) -> list[str]:
+    """Greedy completions (text) for ``samples``; the global torch RNG is left untouched."""
+    engine = HFGenerateEngine(policy)
+    settings = GenerationSettings(max_new_tokens, greedy=True)
+    texts: list[str] = []
+    for s in range(0, len(samples), batch_size):
+        part = samples[s : s + batch_size]
+        inputs = policy.collate([policy.encode(x.messages) for x in part])
+        ids, mask, _ = engine.generate(model, inputs, settings, device=device)
+        texts.extend(policy.decode(ids, mask))
+    return texts
+
+
+def resolve_checkpoint(checkpoint: str) -> str:
+    """A save_pretrained folder, or a run folder (its ``model/``), or ``tiny:<kind>``."""
+    if checkpoint.startswith("tiny:"):
+        return checkpoint
+    path = Path(checkpoint)
+    if (path / "model" / "config.json").exists():
+        return str(path / "model")
+    if (path / "config.json").exists():
+        return str(path)
+    raise ConfigError(
+        f"checkpoint='{checkpoint}' is neither a save_pretrained folder (with config.json) nor a run "
+        "folder with a model/ inside."
+    )
+
+
+def evaluate_checkpoint(cfg: Any, checkpoint: str | None, run_dir: Path) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (default: the config's model.path); write predictions and metrics."""
+    from mmpo.engine import resolve_device
+    from mmpo.models import load_model
+
+    path = resolve_checkpoint(checkpoint) if checkpoint else cfg.model.path
+    device = resolve_device(cfg.device)
+    model, processor, info = load_model(
+        path, seed=cfg.seed, tiny_overrides=cfg.model.tiny if path.startswith("tiny:") else None, device=device
+    )
+    policy = CausalLMPolicy(
+        model, processor, is_vlm=info.is_vlm, never_sample_ids=info.special_token_ids,
+        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id,
+    )
+    task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+    samples = task.eval_samples(cfg.eval.num_samples)
+    texts = generate_greedy(
+        policy, model, samples, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+        batch_size=cfg.eval.batch_size, device=device,
+    )
+    metrics = task.eval_metrics(samples, texts)
+    out_dir = Path(run_dir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out_dir / "predictions.jsonl"
+    tmp = pred_path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for s, t in zip(samples, texts):
+            f.write(json.dumps({"id": s.id, "prediction": t, "answer": s.answer}) + "\n")
+    tmp.replace(pred_path)
+    save_json(out_dir / "metrics.json", {"checkpoint": path, **metrics})
+    return {"metrics": metrics, "predictions": str(pred_path)}

@@ -1,0 +1,226 @@
+"""The single model-loading path: a local save_pretrained folder or ``tiny:<kind>``.
+
+``load_model(path)`` reads ``config.json`` and picks the Auto classes:
+
+- a VLM (``vision_config`` in the config, or a model type of the image-text-to-text mapping)
+  -> ``AutoModelForImageTextToText`` + ``AutoProcessor``;
+- otherwise a text LM -> ``AutoModelForCausalLM`` + ``AutoTokenizer``.
+
+``tiny:<kind>`` first writes the tiny model (`mmpo.tiny.save_tiny`) into a cache folder, then
+loads it through exactly the same ``from_pretrained`` calls. Nothing downloads
+(``local_files_only=True`` everywhere).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mmpo.errors import ConfigError
+
+TINY_PREFIX = "tiny:"
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    """What the rest of mmpo needs to know about a loaded model.
+
+    special_token_ids: ids never to sample nor score (mask their logits to -inf at sampling and
+    in the training log-softmax): the tokenizer's special tokens that do not end generation,
+    plus embedding rows past the tokenizer's vocabulary.
+    """
+
+    is_vlm: bool
+    model_type: str
+    eos_token_ids: list[int]
+    pad_token_id: int
+    special_token_ids: list[int]
+    vocab_size: int  # width of the logits (model embedding rows), >= len(tokenizer)
+    path: str  # the folder loaded (for a tiny model, its cache folder)
+
+    @property
+    def special(self) -> list[int]:
+        """Alias of `special_token_ids`."""
+        return self.special_token_ids
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' per-call "Loading weights" / "Writing model shards" bars.
+
+    They would interleave with the training progress bar; the previous setting is restored.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def tiny_cache_root() -> Path:
+    """``$MMPO_CACHE/tiny`` or ``~/.cache/mmpo/tiny``."""
+    base = os.environ.get("MMPO_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "mmpo"
+    return root / "tiny"
+
+
+def _tiny_folder(kind: str, seed: int, overrides: dict[str, Any], builder: Any) -> Path:
+    """Cache folder named by kind, seed and a hash of the overrides and of the builder code.
+
+    Hashing the source of mmpo.tiny and of the builder's module (and the transformers
+    version) means an edited corpus or config never silently reuses a stale cached model.
+    """
+    import transformers
+
+    h = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode())
+    h.update(transformers.__version__.encode())
+    for module_name in sorted({"mmpo.tiny", builder.__module__}):
+        file = getattr(sys.modules.get(module_name), "__file__", None)
+        if file:
+            h.update(Path(file).read_bytes())
+    return tiny_cache_root() / f"{kind}-seed{seed}-{h.hexdigest()[:12]}"
+
+
+def ensure_tiny(kind: str, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
+    """Write tiny model `kind` to its cache folder unless it is there; returns the folder.
+
+    Written into a temporary folder next to it and renamed, so concurrent processes are safe:
+    the first rename wins and the others discard their copy.
+    """
+    from mmpo.tiny import TINY_KINDS, save_tiny
+
+    overrides = dict(overrides or {})
+    builder = TINY_KINDS.get(kind)  # UnknownNameError (a ConfigError) lists the valid kinds
+    folder = _tiny_folder(kind, seed, overrides, builder)
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_tiny(kind, tmp, seed=seed, **overrides)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not another process's finished copy
+                raise ConfigError(
+                    f"Tiny model cache folder '{folder}' exists without config.json (an interrupted "
+                    "write?); delete it and try again."
+                ) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _read_config(folder: Path, shown: str) -> dict[str, Any]:
+    if not folder.exists():
+        raise ConfigError(f"Model path '{shown}' does not exist (expected a save_pretrained folder or tiny:<kind>).")
+    if not folder.is_dir():
+        raise ConfigError(f"Model path '{shown}' is a file; expected a save_pretrained folder.")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"Model folder '{shown}' has no config.json (not a save_pretrained folder).")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"Model config '{config_file}' is not valid JSON: {e}") from None
+
+
+def is_vlm_config(config: dict[str, Any]) -> bool:
+    """True for an image-text-to-text model (by ``vision_config`` or model_type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return "vision_config" in config or config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(i) for i in (x if isinstance(x, (list, tuple)) else [x])]
+
+
+def _model_info(model: Any, tokenizer: Any, is_vlm: bool, model_type: str, folder: Path) -> ModelInfo:
+    from mmpo.tiny import special_token_ids
+
+    gen = getattr(model, "generation_config", None)
+    eos: list[int] = []
+    for i in _as_list(tokenizer.eos_token_id) + _as_list(getattr(gen, "eos_token_id", None)):
+        if i not in eos:
+            eos.append(i)
+    if not eos:
+        raise ConfigError(f"Model folder '{folder}' defines no eos token (tokenizer nor generation_config).")
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0]
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    special = set(special_token_ids(tokenizer)) - set(eos)
+    special.update(range(len(tokenizer), vocab_size))  # padded embedding rows no token maps to
+    return ModelInfo(
+        is_vlm=is_vlm,
+        model_type=model_type,
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+        special_token_ids=sorted(special),
+        vocab_size=vocab_size,
+        path=str(folder),
+    )
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    tiny_overrides: dict[str, Any] | None = None,
+) -> tuple[Any, Any, ModelInfo]:
+    """Load ``(model, processor_or_tokenizer, info)`` from a local folder or ``tiny:<kind>``.
+
+    path: a save_pretrained folder, or ``tiny:<kind>`` (kinds: `mmpo.tiny.TINY_KINDS`), which
+      is written once to a cache folder (`tiny_cache_root`) for `seed` and `tiny_overrides`.
+    Returns the model in eval mode on `device` in `dtype`; a processor for VLMs, a tokenizer
+    for text LMs. Raises ConfigError for a missing folder, a folder without config.json or an
+    unknown tiny kind.
+    """
+    path = str(path)
+    if path.startswith(TINY_PREFIX):
+        folder = ensure_tiny(path[len(TINY_PREFIX):], seed=seed, overrides=tiny_overrides)
+    else:
+        if tiny_overrides:
+            raise ConfigError(f"tiny_overrides only apply to tiny:<kind> models, not to '{path}'.")
+        folder = Path(path).expanduser()
+    config = _read_config(folder, path)
+    model_type = str(config.get("model_type", ""))
+    vlm = is_vlm_config(config)
+
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    model_cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+    proc_cls = AutoProcessor if vlm else AutoTokenizer
+    try:
+        with quiet_hf_progress():
+            model = model_cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+            proc = proc_cls.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"Cannot load model folder '{path}' ({model_type or 'no model_type'}): {e}") from e
+    model.to(device)
+    model.eval()
+    tokenizer = getattr(proc, "tokenizer", proc)
+    return model, proc, _model_info(model, tokenizer, vlm, model_type, folder)

@@ -1,0 +1,81 @@
+"""The rollout batch: G completions per prompt, flattened to N rows (group-major)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from mmpo.tasks import Sample
+
+
+@dataclass
+class RolloutBatch:
+    """N = (number of groups) x G trajectories of token action units.
+
+    samples, encodings: per row (a group repeats its sample / prompt encoding G times).
+    completion_ids [N, T], mask [N, T] bool, truncated [N] bool, rewards [N],
+    components {name: [N]}, group_ids [N] long, advantages [N] (set after scoring),
+    logp_old / logp_ref [N, T] (optional, filled by the trainer).
+    """
+
+    samples: list[Sample]
+    encodings: list[dict[str, torch.Tensor]]
+    completion_ids: torch.Tensor
+    mask: torch.Tensor
+    truncated: torch.Tensor
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
+    advantages: torch.Tensor | None = None
+    logp_old: torch.Tensor | None = None
+    logp_ref: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def select(self, idx: torch.Tensor | list[int]) -> "RolloutBatch":
+        """Rows ``idx`` (completion width trimmed to the longest valid row)."""
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        il = idx_t.tolist()
+        width = int(self.mask[idx_t].sum(1).max().item()) if len(il) else 0
+        width = max(width, 1)
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in il] if v else []
+            elif isinstance(v, dict):
+                out[f.name] = {k: t[idx_t] for k, t in v.items()}
+            elif v.dim() == 2:
+                out[f.name] = v[idx_t][:, :width]
+            else:
+                out[f.name] = v[idx_t]
+        return RolloutBatch(**out)
+
+    @staticmethod
+    def concat(parts: list["RolloutBatch"], pad_token_id: int) -> "RolloutBatch":
+        """Stack batches row-wise (2-D tensors right-padded to the widest)."""
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.completion_ids.shape[1] for p in parts)
+        out: dict[str, Any] = {}
+        for f in fields(RolloutBatch):
+            vals = [getattr(p, f.name) for p in parts]
+            if any(v is None for v in vals):
+                out[f.name] = None
+            elif isinstance(vals[0], list):
+                out[f.name] = [x for v in vals for x in v]
+            elif isinstance(vals[0], dict):
+                out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in vals[0]}
+            elif vals[0].dim() == 2:
+                fill = pad_token_id if f.name == "completion_ids" else 0
+                out[f.name] = torch.cat(
+                    [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) for v in vals]
+                )
+            else:
+                out[f.name] = torch.cat(vals)
+        return RolloutBatch(**out)

@@ -1,0 +1,134 @@
+"""Task plugins: the base class and the registry.
+
+A task turns its data into prompts (``Sample``), scores completions (``RewardOutput``) and
+reports evaluation metrics. ``mmpo`` never imports a plugin by name: plugins are found through
+the entry-point group ``mmpo.tasks`` (this project's own live in ``tasks/``, installed as
+``mmpo_tasks``), so a third-party package can add tasks too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from mmpo.core.registry import Registry
+from mmpo.errors import UnknownNameError
+
+
+@dataclass
+class Sample:
+    """One prompt (context) of a group.
+
+    ``messages`` are chat messages in the transformers / qwen-vl-utils layout, e.g.
+    ``[{"role": "user", "content": [{"type": "image", "image": PIL.Image}, {"type": "text", "text": "..."}]}]``.
+    """
+
+    id: str
+    messages: list[dict[str, Any]]
+    answer: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardOutput:
+    """Rewards of N completions: the total ``rewards [N]`` and each named component ``[N]``."""
+
+    rewards: torch.Tensor
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Task:
+    """Base class of a task plugin. Subclasses set ``name``, ``Config`` and implement the hooks."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Any, *, seed: int = 0) -> None:
+        self.config = config
+        self.seed = seed
+
+    # -- data ---------------------------------------------------------------------------
+    def num_train(self) -> int:
+        """Number of distinct training samples (the sampler cycles through them)."""
+        raise NotImplementedError
+
+    def train_sample(self, index: int) -> Sample:
+        """The training sample at ``index`` (deterministic)."""
+        raise NotImplementedError
+
+    def eval_samples(self, n: int) -> list[Sample]:
+        """``n`` held-out samples, disjoint from the training samples."""
+        raise NotImplementedError
+
+    # -- rewards and evaluation ----------------------------------------------------------
+    def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
+        """Score ``completions[i]`` of ``samples[i]`` (N each; a group repeats its sample G times)."""
+        raise NotImplementedError
+
+    def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
+        """Metrics of greedy completions on held-out samples (logged as ``eval/<name>``)."""
+        out = self.reward(samples, completions)
+        metrics = {"reward": float(out.rewards.float().mean())}
+        metrics.update({k: float(v.float().mean()) for k, v in out.components.items()})
+        return metrics
+
+
+class _TaskRegistry(Registry):
+    """A registry that first loads the plugins of the ``mmpo.tasks`` entry-point group."""
+
+    _loaded = False
+
+    def load_plugins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for ep in importlib.metadata.entry_points(group="mmpo.tasks"):
+            if ep.name not in self._items:
+                self._items[ep.name] = ep.load()
+
+    def get(self, name: str):  # type: ignore[override]
+        self.load_plugins()
+        return super().get(name)
+
+    def names(self) -> list[str]:
+        self.load_plugins()
+        return super().names()
+
+    def __contains__(self, name: object) -> bool:
+        self.load_plugins()
+        return super().__contains__(name)
+
+
+TASKS: Registry[type[Task]] = _TaskRegistry("task")
+
+
+def load_plugins() -> None:
+    """Register every task found through the ``mmpo.tasks`` entry-point group (once)."""
+    TASKS.load_plugins()  # type: ignore[attr-defined]
+
+
+def get_task_class(name: str) -> type[Task]:
+    return TASKS.get(name)
+
+
+def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
+    """Instantiate task ``name`` with its options validated against the task's ``Config``."""
+    from mmpo.config import from_dict
+
+    cls = get_task_class(name)
+    cfg = from_dict(cls.Config, dict(options), where="task")
+    return cls(cfg, seed=seed)
+
+
+def task_config_fields(cls: type[Task]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls.Config)]
+
+
+__all__ = ["Sample", "RewardOutput", "Task", "TASKS", "load_plugins", "get_task_class", "build_task", "UnknownNameError"]

@@ -1,0 +1,471 @@
+"""The training loop: rollout -> reward -> advantage -> filters -> clipped updates -> log/eval/save.
+
+Read it top to bottom; one method per phase (CleanRL style). Models are adapted by a policy
+(``mmpo.policies``); the objective is the core's registered tensor functions; who steps the
+weights is the engine (plain torch or DeepSpeed ZeRO).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmpo import checkpoint as ckpt
+from mmpo.config import RunConfig, check_options, save_config
+from mmpo.core import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, POLICY_LOSSES, aggregate
+from mmpo.core.registry import state_class
+from mmpo.data import PromptSampler
+from mmpo.engine import Engine, EngineOptions, resolve_device, resolve_precision
+from mmpo.errors import TrainingError
+from mmpo.evaluate import generate_greedy
+from mmpo.models import load_model
+from mmpo.policies.causal_lm import CausalLMPolicy
+from mmpo.rollout import ROLLOUT_ENGINES
+from mmpo.rollout.batch import RolloutBatch
+from mmpo.rollout.engines.hf import GenerationSettings
+from mmpo.tasks import Sample, build_task
+from mmpo.tracking import Tracker
+
+TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StepClock:
+    """Seconds spent in each phase of one step."""
+
+    rollout: float = 0.0
+    reward: float = 0.0
+    update: float = 0.0
+
+
+class Trainer:
+    """GRPO-family trainer for token policies (text LMs and VLMs)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
+
+        # -- model, reference, engine -------------------------------------------------------
+        model, processor, info = load_model(cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.uses_kl = self._kl_can_be_on()
+        self.ref_model: torch.nn.Module | None = None
+        if cfg.model.lora is not None:
+            import peft
+
+            lcfg = cfg.model.lora
+            model = peft.get_peft_model(
+                model,
+                peft.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules),
+            )
+        elif self.uses_kl:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        t = cfg.trainer
+        self.engine = Engine.build(
+            model,
+            EngineOptions(
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                adam_betas=tuple(t.adam_betas),
+                max_grad_norm=t.max_grad_norm,
+                lr_schedule=t.lr_schedule,
+                warmup_steps=t.warmup_steps,
+                total_steps=t.max_steps * self._optimizer_steps_per_step(),
+                grad_accum_steps=self._grad_accum_steps(),
+                micro_batch_size=self._micro_batch_size(),
+                device=cfg.device,
+                precision=precision,
+                deepspeed_config=cfg.deepspeed,
+            ),
+        )
+        self.device = self.engine.device
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        self.policy = CausalLMPolicy(
+            self.engine.module,
+            processor,
+            is_vlm=info.is_vlm,
+            never_sample_ids=info.special_token_ids,
+            eos_token_ids=info.eos_token_ids,
+            pad_token_id=info.pad_token_id,
+            logprob_chunk_size=cfg.rollout.logprob_chunk_size,
+        )
+        self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy)
+
+        # -- task, data, objective -----------------------------------------------------------
+        self.task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        self.sampler = PromptSampler(
+            self.task.num_train(), seed=cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
+        )
+        a = cfg.algorithm
+        self.advantage_fn = ADVANTAGES.get(a.advantage)
+        self.loss_fn = POLICY_LOSSES.get(a.loss)
+        self.kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
+        self.kl_schedule = KL_SCHEDULES.get(a.kl_schedule)
+        check_options(self.advantage_fn, a.advantage_options, "algorithm.advantage_options", ("state", "prompt_keys"))
+        check_options(self.loss_fn, a.loss_options, "algorithm.loss_options")
+        check_options(self.kl_schedule, a.kl_options, "algorithm.kl_options", ("state", "kl"))
+        self.states: dict[str, Any] = {}
+        for key, fn in (("advantage", self.advantage_fn), ("kl_schedule", self.kl_schedule)):
+            cls = state_class(fn)
+            if cls is not None:
+                self.states[key] = cls()
+        self._eval_samples: list[Sample] | None = None
+        self.phase_hook = lambda name: nullcontext()  # `mmpo bench` attributes memory to phases
+
+        # -- bookkeeping ----------------------------------------------------------------------
+        self.step = 0
+        self.bad_steps = 0
+        self.last_kl = 0.0
+        self.resumed_from: Path | None = None
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            self._load_checkpoint(latest)
+        if self.engine.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.tracker = Tracker(self.run_dir, cfg.trainer.max_steps, start_step=self.step, enabled=self.engine.is_main)
+
+    # ------------------------------------------------------------------------------------------
+    # sizes
+    def _rows_per_step(self) -> int:
+        return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+
+    def _minibatch_size(self) -> int:
+        return self.cfg.trainer.minibatch_size or self._rows_per_step()
+
+    def _micro_batch_size(self) -> int:
+        return self.cfg.trainer.micro_batch_size or self._minibatch_size()
+
+    def _grad_accum_steps(self) -> int:
+        return math.ceil(self._minibatch_size() / self._micro_batch_size())
+
+    def _optimizer_steps_per_step(self) -> int:
+        return self.cfg.trainer.update_epochs * math.ceil(self._rows_per_step() / self._minibatch_size())
+
+    def _kl_can_be_on(self) -> bool:
+        opts = self.cfg.algorithm.kl_options
+        if self.cfg.algorithm.kl_schedule == "constant":
+            return float(opts.get("beta", 0.0)) > 0.0
+        return True
+
+    def _beta(self, step: int) -> float:
+        if not self.uses_kl:
+            return 0.0
+        opts = dict(self.cfg.algorithm.kl_options)
+        if "kl_schedule" in self.states:
+            opts["state"] = self.states["kl_schedule"]
+            opts["kl"] = self.last_kl
+        return float(self.kl_schedule(step, self.cfg.trainer.max_steps, **opts))
+
+    # ------------------------------------------------------------------------------------------
+    # phase 1: rollout and reward
+    def _generate(self, samples: list[Sample], settings: GenerationSettings) -> tuple[list[dict], torch.Tensor, torch.Tensor, torch.Tensor]:
+        encodings = [self.policy.encode(s.messages) for s in samples]
+        inputs = self.policy.collate(encodings)
+        with self.engine.gathered_params():
+            ids, mask, truncated = self.rollout_engine.generate(self.engine.module, inputs, settings, device=self.device)
+        return encodings, ids, mask, truncated
+
+    def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:
+        """Sample G completions for each prompt and score them (with DAPO dynamic sampling if on)."""
+        r, a = self.cfg.rollout, self.cfg.algorithm
+        settings = GenerationSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        kept: list[RolloutBatch] = []
+        drawn_rewards: list[torch.Tensor] = []
+        drawn_components: dict[str, list[torch.Tensor]] = {}
+        n_groups, draws, seen_groups = 0, 0, 0
+        while True:
+            draws += 1
+            t0 = time.perf_counter()
+            with self.phase_hook("rollout"):
+                prompts = [self.task.train_sample(i) for i in self.sampler.next(r.prompts_per_step)]
+                rows = [s for s in prompts for _ in range(r.group_size)]
+                encodings, ids, mask, truncated = self._generate(rows, settings)
+                texts = self.policy.decode(ids, mask)
+            t1 = time.perf_counter()
+            with self.phase_hook("reward"):
+                out = self.task.reward(rows, texts)
+            clock.rollout += t1 - t0
+            clock.reward += time.perf_counter() - t1
+            group_ids = torch.arange(seen_groups, seen_groups + len(prompts)).repeat_interleave(r.group_size)
+            seen_groups += len(prompts)
+            batch = RolloutBatch(rows, encodings, ids, mask, truncated, out.rewards.float(), group_ids, out.components, texts)
+            drawn_rewards.append(batch.rewards)
+            for k, v in out.components.items():
+                drawn_components.setdefault(k, []).append(v.float())
+            if not a.dynamic_sampling:
+                kept.append(batch)
+                break
+            keep = GROUP_FILTERS.get("dynamic")(batch.rewards, batch.group_ids)
+            if keep.any():
+                kept.append(batch.select(torch.nonzero(keep).flatten()))
+                n_groups += int(keep.sum()) // r.group_size
+            if n_groups >= r.prompts_per_step or draws >= a.max_draws:
+                break
+        if a.dynamic_sampling and not kept:  # every group was uniform: train on the last draw (zero advantage)
+            kept.append(batch)
+        full = RolloutBatch.concat(kept, self.policy.pad_token_id)
+        if a.dynamic_sampling and len(full) > self._rows_per_step():
+            full = full.select(list(range(self._rows_per_step())))
+        # rewards of everything sampled this step, before any filter
+        stats = {"draws": float(draws), "groups_kept_frac": len(full) / (draws * self._rows_per_step())}
+        stats["reward_mean"] = float(torch.cat(drawn_rewards).mean())
+        stats.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in drawn_components.items()})
+        return full, stats
+
+    # ------------------------------------------------------------------------------------------
+    # phase 2: advantages (and the reference/old log-probs they may need)
+    def _score(self, batch: RolloutBatch, model: torch.nn.Module) -> torch.Tensor:
+        """``logp [N, T]`` of the batch's completions under ``model``, without gradient."""
+        out = []
+        mb = self._micro_batch_size()
+        with torch.no_grad(), self.engine.autocast():
+            for s in range(0, len(batch), mb):
+                part = batch.select(list(range(s, min(s + mb, len(batch)))))
+                lp = self.policy.log_probs(
+                    self.policy.collate(part.encodings), part.completion_ids, part.mask,
+                    model=model, temperature=self.cfg.rollout.temperature, with_entropy=False, device=self.device,
+                ).logp
+                out.append(torch.nn.functional.pad(lp.float().cpu(), (0, batch.completion_ids.shape[1] - lp.shape[1])))
+        return torch.cat(out)
+
+    def _reference_context(self):
+        if self.ref_model is not None:
+            return self.ref_model, nullcontext()
+        return self.engine.module, self.engine.module.disable_adapter()
+
+    def compute_advantages(self, batch: RolloutBatch, beta: float) -> None:
+        a = self.cfg.algorithm
+        if beta > 0.0:
+            ref, ctx = self._reference_context()
+            with ctx:
+                batch.logp_ref = self._score(batch, ref)
+        rewards = batch.rewards
+        if beta > 0.0 and a.kl_placement == "reward":
+            from mmpo.core import kl_to_reward
+
+            logp = self._score(batch, self.engine.module)
+            kl = self.kl_fn(logp, batch.logp_ref)
+            rewards = kl_to_reward(rewards, kl, batch.mask, beta)
+        opts = dict(a.advantage_options)
+        if "advantage" in self.states:
+            opts["state"] = self.states["advantage"]
+            if a.advantage == "dcpo_sas":
+                opts.setdefault("prompt_keys", [s.id for s in batch.samples])
+        batch.advantages = self.advantage_fn(rewards, batch.group_ids, **opts).float()
+        if self.cfg.trainer.update_epochs > 1 or self._minibatch_size() < len(batch):
+            batch.logp_old = self._score(batch, self.engine.module)
+
+    # ------------------------------------------------------------------------------------------
+    # phase 3: clipped policy-gradient updates
+    def _micro_weight(self, micro: RolloutBatch, minibatch: RolloutBatch) -> float:
+        """Share of a micro batch in its minibatch, so accumulated losses equal the minibatch's."""
+        if self.cfg.algorithm.loss_agg == "token-mean":
+            return float(micro.mask.sum()) / max(1.0, float(minibatch.mask.sum()))
+        if self.cfg.algorithm.loss_agg == "otm":
+            return 1.0
+        return len(micro) / len(minibatch)
+
+    def update(self, batch: RolloutBatch, beta: float, step: int) -> dict[str, float]:
+        a, t = self.cfg.algorithm, self.cfg.trainer
+        sums: dict[str, float] = {}
+        counts = 0
+        n = len(batch)
+        for epoch in range(t.update_epochs):
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + epoch)
+            order = torch.randperm(n, generator=g) if (t.update_epochs > 1 or self._minibatch_size() < n) else torch.arange(n)
+            for ms in range(0, n, self._minibatch_size()):
+                minibatch = batch.select(order[ms : ms + self._minibatch_size()])
+                for us in range(0, len(minibatch), self._micro_batch_size()):
+                    micro = minibatch.select(list(range(us, min(us + self._micro_batch_size(), len(minibatch)))))
+                    loss, metrics = self._micro_loss(micro, beta)
+                    # a non-finite loss never reaches the weights: the engine skips the update
+                    self.engine.backward(loss * self._micro_weight(micro, minibatch))
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    counts += 1
+                result = self.engine.step()
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + (result.grad_norm if math.isfinite(result.grad_norm) else 0.0)
+                if result.skipped:
+                    self.bad_steps += 1
+                    sums["skipped_updates"] = sums.get("skipped_updates", 0.0) + 1
+                    if self.bad_steps >= t.max_bad_steps:
+                        raise TrainingError(
+                            f"{self.bad_steps} updates in a row had a non-finite loss or gradient "
+                            f"(trainer.max_bad_steps={t.max_bad_steps}); stopping at step {step}. "
+                            "Lower trainer.lr, set trainer.max_grad_norm, or check the rewards."
+                        )
+                else:
+                    self.bad_steps = 0
+        n_opt = self._optimizer_steps_per_step()
+        out = {k: v / counts for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")}
+        out["grad_norm"] = sums.get("grad_norm", 0.0) / n_opt
+        out["skipped_updates"] = sums.get("skipped_updates", 0.0)
+        return out
+
+    def _micro_loss(self, micro: RolloutBatch, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+        a = self.cfg.algorithm
+        mask = micro.mask.to(self.device)
+        with self.engine.autocast():
+            out = self.policy.log_probs(
+                self.policy.collate(micro.encodings), micro.completion_ids, micro.mask,
+                temperature=self.cfg.rollout.temperature, with_entropy=True, device=self.device,
+            )
+        logp = out.logp
+        logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else logp.detach()
+        adv = micro.advantages.to(self.device)
+        loss_mat, lm = self.loss_fn(logp, logp_old, adv, mask, **a.loss_options)
+        max_len = self.cfg.rollout.max_new_tokens
+        pg = aggregate(loss_mat, mask, a.loss_agg, max_len=max_len)
+        loss = pg
+        metrics = {"pg_loss": float(pg.detach())}
+        metrics.update({k: float(v) for k, v in lm.items()})
+        if micro.logp_ref is not None:
+            kl = self.kl_fn(logp, micro.logp_ref.to(self.device))
+            kl_value = aggregate(kl, mask, a.loss_agg, max_len=max_len)
+            if a.kl_placement == "loss":
+                loss = loss + beta * kl_value
+            metrics["kl"] = float(kl_value.detach())
+        entropy = aggregate(out.entropy, mask, a.loss_agg, max_len=max_len)
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * entropy
+        metrics["entropy"] = float(entropy.detach())
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Greedy decoding on held-out samples; metrics as ``eval/<name>``."""
+        e = self.cfg.eval
+        if e.num_samples == 0:
+            return {}
+        if self._eval_samples is None:
+            self._eval_samples = self.task.eval_samples(e.num_samples)
+        samples = self._eval_samples
+        rank, world = self.engine.rank, self.engine.world_size
+        per_rank = math.ceil(len(samples) / world)
+        mine = samples[rank * per_rank : (rank + 1) * per_rank]
+        state = torch.get_rng_state()
+        with self.engine.gathered_params():
+            texts = generate_greedy(
+                self.policy, self.engine.module, mine or samples[:1],
+                max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                batch_size=e.batch_size, device=self.device,
+            )[: len(mine)]
+        torch.set_rng_state(state)
+        all_texts = [t for chunk in self.engine.all_gather_object(texts) for t in chunk]
+        metrics = self.task.eval_metrics(samples[: len(all_texts)], all_texts)
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+    def save_checkpoint(self) -> Path:
+        """Everything an exact resume needs, written atomically; keeps the last K."""
+        with ckpt.atomic_checkpoint(self.run_dir, self.step, enabled=self.engine.is_main, barrier=self.engine.barrier) as folder:
+            self.engine.save(folder / "engine")
+            if self.engine.is_main:
+                state = {
+                    "step": self.step,
+                    "bad_steps": self.bad_steps,
+                    "last_kl": self.last_kl,
+                    "sampler": self.sampler.state_dict(),
+                    "states": {k: v.state_dict() for k, v in self.states.items()},
+                }
+                ckpt.save_json(folder / "trainer_state.json", state)
+            ckpt.save_rng(folder, name=f"rng_rank{self.engine.rank}")
+        if self.engine.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+        return ckpt.checkpoint_dir(self.run_dir, self.step)
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        self.engine.load(folder / "engine")
+        state = ckpt.load_json(folder / "trainer_state.json")
+        self.step = int(state["step"])
+        self.bad_steps = int(state["bad_steps"])
+        self.last_kl = float(state["last_kl"])
+        self.sampler.load_state_dict(state["sampler"])
+        for k, v in state["states"].items():
+            self.states[k].load_state_dict(v)
+        name = f"rng_rank{self.engine.rank}"
+        ckpt.load_rng(folder, name=name if (folder / f"{name}.json").exists() else "rng_rank0")
+        self.resumed_from = folder
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        clock = StepClock()
+        t0 = time.perf_counter()
+        beta = self._beta(step)
+        batch, stats = self.rollout(clock)
+        t1 = time.perf_counter()
+        with self.phase_hook("update"):
+            self.compute_advantages(batch, beta)
+            metrics = self.update(batch, beta, step)
+        clock.update = time.perf_counter() - t1
+        if "kl" in metrics:
+            self.last_kl = metrics["kl"]
+        metrics.update(stats)
+        metrics.update(
+            {
+                "reward_mean_trained": float(batch.rewards.mean()),
+                "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+                "advantage_abs_mean": float(batch.advantages.abs().mean()),
+                "response_length": float(batch.mask.sum(1).float().mean()),
+                "truncated_frac": float(batch.truncated.float().mean()),
+                "beta": beta,
+                "lr": self.engine.lr(),
+            }
+        )
+        metrics.setdefault("kl", 0.0)  # KL to the reference; 0 when beta is 0 (no reference pass)
+        metrics.update({"rollout_s": clock.rollout, "reward_s": clock.reward, "update_s": clock.update})
+        metrics["step_time_s"] = time.perf_counter() - t0
+        return {k: self.engine.all_reduce_mean(v) if k not in TIMING_KEYS else v for k, v in metrics.items()}
+
+    def train(self) -> dict[str, Any]:
+        """Run until ``trainer.max_steps`` (resuming from the newest checkpoint in the run folder)."""
+        t = self.cfg.trainer
+        started = time.perf_counter()
+        if self.step == 0 and t.eval_at_start:
+            self.tracker.log(0, self.evaluate())
+        last_eval: dict[str, float] = {}
+        while self.step < t.max_steps:
+            metrics = self.train_step(self.step)
+            self.step += 1
+            at_end = self.step == t.max_steps
+            out_of_time = bool(t.time_limit_s) and time.perf_counter() - started > t.time_limit_s
+            if (t.eval_every and self.step % t.eval_every == 0) or at_end or out_of_time:
+                te = time.perf_counter()
+                last_eval = self.evaluate()
+                metrics.update(last_eval)
+                metrics["eval_s"] = time.perf_counter() - te
+            if self.step % t.log_every == 0 or at_end or last_eval:
+                self.tracker.log(self.step, metrics)
+            if (t.save_every and self.step % t.save_every == 0) or at_end or out_of_time:
+                self.save_checkpoint()
+            if out_of_time:
+                break
+        self.engine.save_pretrained(self.run_dir / "model")
+        if self.engine.is_main:
+            self.policy.processor.save_pretrained(self.run_dir / "model")
+        plot = self.tracker.close()
+        return {"run_dir": str(self.run_dir), "plot": str(plot) if plot else None, "eval": last_eval, "step": self.step}
+

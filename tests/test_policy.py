@@ -1,0 +1,98 @@
+"""The token policy: log-probs equal a plain forward, are padding-invariant, chunking-invariant."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmpo.models import load_model
+from mmpo.policies.batching import completion_mask_from_ids
+from mmpo.policies.causal_lm import CausalLMPolicy
+from mmpo.rollout.engines.hf import GenerationSettings, HFGenerateEngine
+from mmpo.tasks import build_task
+
+
+def _policy(kind: str, chunk: int = 0) -> CausalLMPolicy:
+    model, proc, info = load_model(f"tiny:{kind}", seed=0)
+    return CausalLMPolicy(
+        model, proc, is_vlm=info.is_vlm, never_sample_ids=info.special_token_ids,
+        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id, logprob_chunk_size=chunk,
+    )
+
+
+def _samples(n: int, is_vlm: bool):
+    task = build_task("synthetic_vqa", {"num_train": 32}, seed=1)
+    samples = [task.train_sample(i) for i in range(n)]
+    if not is_vlm:  # text-only prompts of different lengths
+        for i, s in enumerate(samples):
+            s.messages = [{"role": "user", "content": "word " * (3 + 4 * i) + "answer?"}]
+    return samples
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2_vl"])
+def test_rollout_logprobs_match_a_plain_forward(kind):
+    torch.manual_seed(0)
+    pol = _policy(kind)
+    samples = _samples(3, pol.is_vlm)
+    encs = [pol.encode(s.messages) for s in samples]
+    inputs = pol.collate(encs)
+    ids, mask, truncated = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(6), device=torch.device("cpu"))
+    assert ids.shape[0] == 3 and mask[:, 0].all()
+    # never-sampled special tokens do not appear among valid tokens
+    assert not torch.isin(ids[mask], torch.tensor(pol.never_sample_ids)).any()
+
+    got = pol.log_probs(inputs, ids, mask).logp
+    for row in range(3):  # unbatched, unpadded reference: full forward, log-softmax, gather
+        enc = encs[row]
+        n = int(mask[row].sum())
+        full_ids = torch.cat([enc["input_ids"], ids[row : row + 1, :n]], dim=1)
+        kwargs = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        if "mm_token_type_ids" in enc:
+            kwargs["mm_token_type_ids"] = torch.nn.functional.pad(enc["mm_token_type_ids"], (0, n))
+        with torch.no_grad():
+            logits = pol.model(input_ids=full_ids, **kwargs).logits[0].float()
+        logits[:, pol.never_sample_ids] = float("-inf")
+        P = enc["input_ids"].shape[1]
+        ref = torch.log_softmax(logits[P - 1 : P - 1 + n], -1).gather(-1, ids[row, :n, None]).squeeze(-1)
+        torch.testing.assert_close(got[row, :n], ref, atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(got[row]).all()  # padding after EOS is scored finitely
+
+
+def test_chunked_vocab_projection_matches_one_chunk_with_gradients():
+    torch.manual_seed(0)
+    pol_a, pol_b = _policy("qwen2_vl", chunk=1), _policy("qwen2_vl", chunk=64)
+    samples = _samples(2, True)
+    inputs = pol_a.collate([pol_a.encode(s.messages) for s in samples])
+    ids = torch.randint(0, 300, (2, 5))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    outs = []
+    for pol in (pol_a, pol_b):
+        out = pol.log_probs(inputs, ids, mask)
+        (out.logp.sum() + out.entropy.sum()).backward()
+        grad = pol.model.get_output_embeddings().weight.grad.clone()
+        outs.append((out.logp.detach(), out.entropy.detach(), grad))
+    for x, y in zip(outs[0], outs[1]):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    # entropy of a distribution over V tokens is within [0, log V]
+    assert (outs[0][1] >= 0).all() and (outs[0][1] <= torch.log(torch.tensor(512.0)) + 1e-4).all()
+
+
+def test_temperature_scales_logits():
+    pol = _policy("qwen2")
+    samples = _samples(1, False)
+    inputs = pol.collate([pol.encode(s.messages) for s in samples])
+    ids = torch.tensor([[5, 6, 7]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        lp1 = pol.log_probs(inputs, ids, mask, temperature=1.0)
+        lp_hot = pol.log_probs(inputs, ids, mask, temperature=1e6)
+    # at a huge temperature every allowed token is equally likely: log(1 / (V - specials))
+    allowed = 512 - len(pol.never_sample_ids)
+    torch.testing.assert_close(lp_hot.logp, torch.full_like(lp_hot.logp, -torch.log(torch.tensor(float(allowed)))), atol=1e-4, rtol=0)
+    assert not torch.allclose(lp1.logp, lp_hot.logp)
+
+
+def test_completion_mask_stops_at_first_eos():
+    ids = torch.tensor([[4, 9, 2, 9], [4, 4, 4, 4], [9, 1, 1, 1]])
+    mask, truncated = completion_mask_from_ids(ids, [9])
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert truncated.tolist() == [False, True, False]
