@@ -190,6 +190,7 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     tiny_overrides: dict[str, Any] | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[Any, Any, ModelInfo]:
     """Load ``(model, processor_or_tokenizer, info)`` from a local folder or ``tiny:<kind>``.
 
@@ -215,8 +216,9 @@ def load_model(
     model_cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     proc_cls = AutoProcessor if vlm else AutoTokenizer
     try:
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         with quiet_hf_progress():
-            model = model_cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+            model = model_cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
             proc = proc_cls.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"Cannot load model folder '{path}' ({model_type or 'no model_type'}): {e}") from e

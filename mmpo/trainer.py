@@ -29,7 +29,9 @@ from mmpo.evaluate import generate_greedy
 from mmpo.models import load_model
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES
+from mmpo.rollout import filters
 from mmpo.rollout.batch import RolloutBatch
+from mmpo.rollout.filters import check_filters, dynamic_options
 from mmpo.rollout.engines.hf import GenerationSettings
 from mmpo.tasks import Sample, build_task
 from mmpo.tracking import Tracker
@@ -62,8 +64,22 @@ class Trainer:
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device)
 
+        # -- task and objective first: config mistakes fail before any model loads --------
+        self.task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        a = cfg.algorithm
+        self.advantage_fn = ADVANTAGES.get(a.advantage)
+        self.loss_fn = POLICY_LOSSES.get(a.loss)
+        self.kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
+        self.kl_schedule = KL_SCHEDULES.get(a.kl_schedule)
+        check_options(self.advantage_fn, a.advantage_options, "algorithm.advantage_options", ("state", "prompt_keys"))
+        check_options(self.loss_fn, a.loss_options, "algorithm.loss_options")
+        check_options(self.kl_schedule, a.kl_options, "algorithm.kl_options", ("state", "kl"))
+        check_filters(a.filters)
         # -- model, reference, engine -------------------------------------------------------
-        model, processor, info = load_model(cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny)
+        # the model stays in eval mode: no dropout, so sampled and trained log-probs agree
+        model, processor, info = load_model(
+            cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny, attn_implementation=cfg.model.attn_implementation
+        )
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.uses_kl = self._kl_can_be_on()
@@ -109,20 +125,10 @@ class Trainer:
             logprob_chunk_size=cfg.rollout.logprob_chunk_size,
         )
         self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy)
-
-        # -- task, data, objective -----------------------------------------------------------
-        self.task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
         self.sampler = PromptSampler(
             self.task.num_train(), seed=cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
         )
-        a = cfg.algorithm
-        self.advantage_fn = ADVANTAGES.get(a.advantage)
-        self.loss_fn = POLICY_LOSSES.get(a.loss)
-        self.kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
-        self.kl_schedule = KL_SCHEDULES.get(a.kl_schedule)
-        check_options(self.advantage_fn, a.advantage_options, "algorithm.advantage_options", ("state", "prompt_keys"))
-        check_options(self.loss_fn, a.loss_options, "algorithm.loss_options")
-        check_options(self.kl_schedule, a.kl_options, "algorithm.kl_options", ("state", "kl"))
+
         self.states: dict[str, Any] = {}
         for key, fn in (("advantage", self.advantage_fn), ("kl_schedule", self.kl_schedule)):
             cls = state_class(fn)
@@ -215,7 +221,7 @@ class Trainer:
             if not a.dynamic_sampling:
                 kept.append(batch)
                 break
-            keep = GROUP_FILTERS.get("dynamic")(batch.rewards, batch.group_ids)
+            keep = GROUP_FILTERS.get("dynamic")(batch.rewards, batch.group_ids, **dynamic_options(a.filters))
             if keep.any():
                 kept.append(batch.select(torch.nonzero(keep).flatten()))
                 n_groups += int(keep.sum()) // r.group_size
@@ -253,8 +259,10 @@ class Trainer:
             return self.ref_model, nullcontext()
         return self.engine.module, self.engine.module.disable_adapter()
 
-    def compute_advantages(self, batch: RolloutBatch, beta: float) -> None:
+    def compute_advantages(self, batch: RolloutBatch, beta: float) -> RolloutBatch:
+        """Advantages (after reward-side filters); returns the batch that will be trained on."""
         a = self.cfg.algorithm
+        batch = filters.before_advantage(batch, a.filters, self.cfg.rollout.max_new_tokens)
         if beta > 0.0:
             ref, ctx = self._reference_context()
             with ctx:
@@ -272,8 +280,10 @@ class Trainer:
             if a.advantage == "dcpo_sas":
                 opts.setdefault("prompt_keys", [s.id for s in batch.samples])
         batch.advantages = self.advantage_fn(rewards, batch.group_ids, **opts).float()
+        batch = filters.after_advantage(batch, a.filters)
         if self.cfg.trainer.update_epochs > 1 or self._minibatch_size() < len(batch):
             batch.logp_old = self._score(batch, self.engine.module)
+        return batch
 
     # ------------------------------------------------------------------------------------------
     # phase 3: clipped policy-gradient updates
@@ -286,17 +296,31 @@ class Trainer:
         return len(micro) / len(minibatch)
 
     def update(self, batch: RolloutBatch, beta: float, step: int) -> dict[str, float]:
-        a, t = self.cfg.algorithm, self.cfg.trainer
+        """``update_epochs`` passes of clipped policy-gradient steps over the batch.
+
+        The number of optimizer steps and of micro batches per step come from the config, not
+        from the batch, so every rank makes the same collective calls even when filters left
+        ranks with different row counts; the rows are spread over those slots.
+        """
+        t = self.cfg.trainer
         sums: dict[str, float] = {}
         counts = 0
         n = len(batch)
+        n_minibatches = math.ceil(self._rows_per_step() / self._minibatch_size())
+        n_micro = self._grad_accum_steps()
+        shuffle = t.update_epochs > 1 or n_minibatches > 1
         for epoch in range(t.update_epochs):
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + epoch)
-            order = torch.randperm(n, generator=g) if (t.update_epochs > 1 or self._minibatch_size() < n) else torch.arange(n)
-            for ms in range(0, n, self._minibatch_size()):
-                minibatch = batch.select(order[ms : ms + self._minibatch_size()])
-                for us in range(0, len(minibatch), self._micro_batch_size()):
-                    micro = minibatch.select(list(range(us, min(us + self._micro_batch_size(), len(minibatch)))))
+            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            for mb_rows in _split(order, n_minibatches):
+                minibatch = batch.select(mb_rows if len(mb_rows) else order[:1])
+                for micro_rows in _split(torch.arange(len(minibatch)), n_micro):
+                    if len(micro_rows) == 0 or len(mb_rows) == 0:  # keep collectives aligned
+                        micro = minibatch.select([0])
+                        loss, _ = self._micro_loss(micro, beta)
+                        self.engine.backward(loss * 0.0)
+                        continue
+                    micro = minibatch.select(micro_rows)
                     loss, metrics = self._micro_loss(micro, beta)
                     # a non-finite loss never reaches the weights: the engine skips the update
                     self.engine.backward(loss * self._micro_weight(micro, minibatch))
@@ -316,9 +340,8 @@ class Trainer:
                         )
                 else:
                     self.bad_steps = 0
-        n_opt = self._optimizer_steps_per_step()
-        out = {k: v / counts for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")}
-        out["grad_norm"] = sums.get("grad_norm", 0.0) / n_opt
+        out = {k: v / max(1, counts) for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")}
+        out["grad_norm"] = sums.get("grad_norm", 0.0) / (t.update_epochs * n_minibatches)
         out["skipped_updates"] = sums.get("skipped_updates", 0.0)
         return out
 
@@ -418,7 +441,7 @@ class Trainer:
         batch, stats = self.rollout(clock)
         t1 = time.perf_counter()
         with self.phase_hook("update"):
-            self.compute_advantages(batch, beta)
+            batch = self.compute_advantages(batch, beta)
             metrics = self.update(batch, beta, step)
         clock.update = time.perf_counter() - t1
         if "kl" in metrics:
@@ -469,3 +492,8 @@ class Trainer:
         plot = self.tracker.close()
         return {"run_dir": str(self.run_dir), "plot": str(plot) if plot else None, "eval": last_eval, "step": self.step}
 
+
+def _split(rows: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """``rows`` cut into ``parts`` contiguous, nearly equal chunks (some empty when rows < parts)."""
+    sizes = [len(rows) // parts + (1 if i < len(rows) % parts else 0) for i in range(parts)]
+    return list(torch.split(rows, sizes))

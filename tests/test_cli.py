@@ -62,3 +62,31 @@ def test_tiny_writes_a_loadable_folder(tmp_path, capsys):
 def test_python_dash_m_is_the_same_command():
     out = subprocess.run([sys.executable, "-m", "mmpo", "tasks"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "synthetic_vqa" in out.stdout
+
+
+@pytest.mark.slow
+def test_eval_writes_predictions_and_accuracy(tmp_path, capsys):
+    import json
+
+    code = main(["eval", QUICK, "checkpoint=tiny:qwen2_vl", f"output_dir={tmp_path}", "eval.num_samples=6",
+                 "model.tiny={initializer_range: 0.1, head_init_std: 0.01}"])
+    assert code == 0
+    rows = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"id", "prediction", "answer"} <= rows[0].keys()
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["chance"] == pytest.approx((2 * 0.25 + 2 / 3 + 2 * 0.25) / 6)
+    assert main(["eval", QUICK, f"checkpoint={tmp_path / 'nothing'}"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_reports_phases(capsys, tmp_path):
+    import json
+
+    code = main(["bench", QUICK, "rollout.prompts_per_step=2", "rollout.group_size=4", "eval.num_samples=0",
+                 "--steps", "2", "--warmup", "1"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("s_per_step", "rollout_s", "reward_s", "update_s", "peak_mb", "device"):
+        assert key in row
+    assert row["s_per_step"] >= row["rollout_s"] + row["update_s"] - 1e-6
+    assert all(v > 0 for v in row["peak_mb"].values())

@@ -96,3 +96,30 @@ def test_completion_mask_stops_at_first_eos():
     mask, truncated = completion_mask_from_ids(ids, [9])
     assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False]]
     assert truncated.tolist() == [False, True, False]
+
+
+def test_several_images_and_video_frames_in_one_prompt():
+    """Two images and a 4-frame video in one chat prompt: image/video pad tokens match the
+    vision features, and log-probs equal those of a batch of one (padding-invariant)."""
+    from PIL import Image
+
+    pol = _policy("qwen2_vl")
+    red, blue = Image.new("RGB", (56, 56), (200, 30, 30)), Image.new("RGB", (84, 56), (30, 30, 200))
+    frames = [Image.new("RGB", (56, 56), (10 * i, 100, 50)) for i in range(4)]
+    rich = [{"role": "user", "content": [
+        {"type": "image", "image": red}, {"type": "image", "image": blue},
+        {"type": "video", "video": frames, "min_pixels": 56 * 56, "max_pixels": 56 * 56},
+        {"type": "text", "text": "Compare them."}]}]
+    plain = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "Colour?"}]}]
+    enc_rich, enc_plain = pol.encode(rich), pol.encode(plain)
+    tok = pol.tokenizer
+    n_img = int((enc_rich["input_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum())
+    n_vid = int((enc_rich["input_ids"] == tok.convert_tokens_to_ids("<|video_pad|>")).sum())
+    assert n_img == int(enc_rich["image_grid_thw"].prod(-1).sum()) // 4 == 4 + 6
+    assert n_vid == int(enc_rich["video_grid_thw"].prod(-1).sum()) // 4 == 8
+    ids = torch.tensor([[30, 31, 32], [40, 41, 42]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        both = pol.log_probs(pol.collate([enc_rich, enc_plain]), ids, mask).logp
+        alone = pol.log_probs(pol.collate([enc_rich]), ids[:1], mask[:1]).logp
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)

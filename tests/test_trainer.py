@@ -96,3 +96,20 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_overrides
     err = capsys.readouterr().err
     assert "non-finite" in err and "max_bad_steps=2" in err
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").glob("step_*"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["model.lora={r: 4, alpha: 8}"]], ids=["frozen_copy", "lora_disabled_adapter"])
+def test_kl_to_reference_is_logged_and_starts_at_zero(tmp_path, tiny_overrides, extra):
+    """beta > 0: the reference is a frozen copy, or (LoRA) the base model with the adapter off.
+    At the first step policy == reference, so the KL is 0; after updates it is positive."""
+    run = tmp_path / "kl"
+    args = ["train", QUICK, f"output_dir={run}", "trainer.max_steps=3", "algorithm.kl_options={beta: 0.04}",
+            "algorithm.dynamic_sampling=false", "trainer.lr=1e-2", *tiny_overrides, *extra]
+    assert main(args) == 0
+    lines = {l["step"]: l for l in _lines(run) if l["step"] > 0}
+    assert lines[1]["beta"] == pytest.approx(0.04)
+    assert lines[1]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert lines[3]["kl"] > 1e-6
+    if extra:  # LoRA: only adapter weights train; the saved model carries the adapter
+        assert (run / "model" / "adapter_config.json").exists()

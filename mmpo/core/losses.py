@@ -82,6 +82,15 @@ def _check_dual_clip(c: float | None) -> None:
         raise ConfigError(f"dual_clip (clip_ratio_c) must be > 1.0, got {c}")
 
 
+def _apply_dual_clip(
+    loss: Tensor, adv: Tensor, ratio: Tensor, mask: Tensor, dual_clip: float | None
+) -> tuple[Tensor, Tensor]:
+    """Dual clip (verl): for A<0 the loss is at most -A*c. Returns (loss, cells where it bound)."""
+    if dual_clip is None:
+        return loss, torch.zeros_like(mask)
+    return torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss), (adv < 0) & (ratio > dual_clip)
+
+
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip(
     logp: Tensor,
@@ -108,10 +117,7 @@ def ppo_clip(
     loss = torch.maximum(pg1, pg2)
     low = (adv < 0) & (ratio < 1 - eps_low)
     high = (adv > 0) & (ratio > 1 + eps_high)
-    dual = torch.zeros_like(mask)
-    if dual_clip is not None:
-        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
-        dual = (adv < 0) & (ratio > dual_clip)
+    loss, dual = _apply_dual_clip(loss, adv, ratio, mask, dual_clip)
     return _finish(loss, mask), _metrics(
         ratio, log_ratio, mask, clip_frac_low=low, clip_frac_high=high, dual_clip_frac=dual
     )
@@ -232,10 +238,7 @@ def ce_gppo(
         -beta1 * (1 - eps_low) * unit * adv,
         torch.where(high, -beta2 * (1 + eps_high) * unit * adv, -ratio * adv),
     )
-    dual = torch.zeros_like(mask)
-    if dual_clip is not None:
-        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
-        dual = (adv < 0) & (ratio > dual_clip)
+    loss, dual = _apply_dual_clip(loss, adv, ratio, mask, dual_clip)
     return _finish(loss, mask), _metrics(
         ratio, log_ratio, mask, clip_frac_low=low, clip_frac_high=high, dual_clip_frac=dual
     )

@@ -35,7 +35,9 @@ def random_scene(rng: random.Random, image_size: int) -> Scene:
     cell = image_size // 2
     count = rng.randint(1, 4)
     cells = tuple(sorted(rng.sample(range(4), count)))
-    lo, hi = int(cell * 0.55), int(cell * 0.8)
+    # shapes nearly fill their cell (a 2x2 grid of 28-pixel cells is a 2x2 grid of image
+    # tokens for Qwen2-VL), with a little jitter in size and position
+    lo, hi = int(cell * 0.75), int(cell * 0.85)
     sizes = tuple(rng.randint(lo, hi) for _ in cells)
     offsets = tuple((rng.randint(0, cell - s), rng.randint(0, cell - s)) for s in sizes)
     return Scene(rng.choice(list(COLOURS)), rng.choice(SHAPES), cells, sizes, offsets)
