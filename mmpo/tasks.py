@@ -7,7 +7,6 @@ the entry-point group ``mmpo.tasks`` (this project's own live in ``tasks/``, ins
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,7 +14,6 @@ from typing import Any, ClassVar
 import torch
 
 from mmpo.core.registry import Registry
-from mmpo.errors import UnknownNameError
 
 
 @dataclass
@@ -127,8 +125,4 @@ def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
     return cls(cfg, seed=seed)
 
 
-def task_config_fields(cls: type[Task]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls.Config)]
-
-
-__all__ = ["Sample", "RewardOutput", "Task", "TASKS", "load_plugins", "get_task_class", "build_task", "UnknownNameError"]
+__all__ = ["Sample", "RewardOutput", "Task", "TASKS", "load_plugins", "get_task_class", "build_task"]
