@@ -69,6 +69,7 @@ def test_eval_writes_predictions_and_accuracy(tmp_path, capsys):
     import json
 
     code = main(["eval", QUICK, "checkpoint=tiny:qwen2_vl", f"output_dir={tmp_path}", "eval.num_samples=6",
+                 "task.question_types=[colour,shape,count]",
                  "model.tiny={initializer_range: 0.1, head_init_std: 0.01}"])
     assert code == 0
     rows = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]

@@ -105,7 +105,8 @@ def test_kl_to_reference_is_logged_and_starts_at_zero(tmp_path, tiny_overrides, 
     At the first step policy == reference, so the KL is 0; after updates it is positive."""
     run = tmp_path / "kl"
     args = ["train", QUICK, f"output_dir={run}", "trainer.max_steps=3", "algorithm.kl_options={beta: 0.04}",
-            "algorithm.dynamic_sampling=false", "trainer.lr=1e-2", *tiny_overrides, *extra]
+            "algorithm.dynamic_sampling=false", "trainer.lr=1e-2", "trainer.update_epochs=1", "trainer.minibatch_size=0",
+            *tiny_overrides, *extra]
     assert main(args) == 0
     lines = {l["step"]: l for l in _lines(run) if l["step"] > 0}
     assert lines[1]["beta"] == pytest.approx(0.04)
