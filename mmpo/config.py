@@ -144,6 +144,10 @@ def _check_path(kind: Any, value: Any, key: str) -> None:
             if kind == "tiny_or_path"
             else ""
         )
+        parent = os.path.dirname(os.path.normpath(str(value)))
+        if kind == "tiny_or_path" and os.path.basename(os.path.normpath(str(value))) == "model" and parent:
+            # a later stage of a recipe starts from an earlier run's final model (e.g. Patho-R1 A -> B)
+            hint = f" (it is the final model of run folder {parent!r}: run that stage first, e.g. the recipe whose output_dir is {parent!r})"
         raise FieldError(
             key,
             f"key '{key}' names a path that does not exist: {value!r} "
@@ -582,8 +586,28 @@ class LoraConfig:
     dropout: float = _opt(0.0, help="Dropout on the adapter input; 0 for short RL runs.", min=0.0, max=1.0)
     target_modules: list[str] = _opt(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
-        help="Module names that get adapters; adding MLP projections (gate/up/down_proj) adapts "
+        help="Module names (name suffixes) that get adapters, matched in the LANGUAGE model only "
+        "(never inside a VLM's vision tower); adding MLP projections (gate/up/down_proj) adapts "
         "more at more memory.",
+    )
+    vision: Literal["frozen", "lora", "full"] = _opt(
+        "frozen",
+        help="VLM vision tower: 'frozen' (no adapters, no gradients: cheapest, keeps the visual "
+        "features of pre-training), 'lora' (adapters on vision_target_modules too), 'full' (the "
+        "whole tower trains, as a peft modules_to_save copy saved with the adapter: one extra "
+        "copy of the tower's weights in memory). Text LMs accept only 'frozen'.",
+    )
+    vision_target_modules: list[str] = _opt(
+        ["attn.qkv", "attn.proj"],
+        help="With vision: lora, module name suffixes inside the vision tower that get adapters "
+        "(Qwen2-VL / Qwen2.5-VL blocks: attn.qkv, attn.proj; add mlp.fc1/mlp.fc2 (Qwen2-VL) or "
+        "mlp.gate_proj/up_proj/down_proj (Qwen2.5-VL) to adapt more).",
+    )
+    save_merged: bool = _opt(
+        True,
+        help="At the end of training also write model/merged/: the base with the adapter merged "
+        "in, a plain save_pretrained folder (costs one more copy of the weights on disk and, "
+        "while writing, in CPU memory of the main rank).",
     )
 
 
@@ -604,12 +628,28 @@ class ModelConfig:
         None, help="LoRA settings; null trains all weights. With LoRA the reference is the base "
         "model with adapters disabled, so no second copy is kept."
     )
+    freeze_vision: bool = _opt(
+        False,
+        help="Full fine-tuning (lora: null): keep a VLM's vision tower fixed (requires_grad "
+        "false, no optimizer state for it): less memory, and the visual features of "
+        "pre-training stay intact. With LoRA use lora.vision instead.",
+    )
     gradient_checkpointing: bool = _opt(
         False, help="Recompute activations in backward: less memory, about 30% slower steps."
     )
     attn_implementation: str = _opt(
         "sdpa", help="transformers attention backend: 'sdpa', 'eager' or 'flash_attention_2' (GPU)."
     )
+
+    def validate_config(self, where: str) -> None:
+        if self.freeze_vision and self.lora is not None and self.lora.vision != "frozen":
+            key = _join(where, "freeze_vision")
+            raise FieldError(
+                key,
+                f"key '{key}' is true but '{_join(where, 'lora.vision')}' is {self.lora.vision!r}: "
+                "with LoRA the vision tower is set by lora.vision alone (drop freeze_vision or set "
+                "lora.vision: frozen)",
+            )
 
 
 @dataclass

@@ -31,17 +31,16 @@ def generate_greedy(
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
-    """A save_pretrained folder, or a run folder (its ``model/``), or ``tiny:<kind>``."""
+    """A save_pretrained or LoRA adapter folder, or a run folder (its ``model/``), or ``tiny:<kind>``."""
     if checkpoint.startswith("tiny:"):
         return checkpoint
     path = Path(checkpoint)
-    if (path / "model" / "config.json").exists():
-        return str(path / "model")
-    if (path / "config.json").exists():
-        return str(path)
+    for folder in (path / "model", path):
+        if (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
+            return str(folder)
     raise ConfigError(
-        f"checkpoint='{checkpoint}' is neither a save_pretrained folder (with config.json) nor a run "
-        "folder with a model/ inside."
+        f"checkpoint='{checkpoint}' is neither a save_pretrained folder (with config.json), nor a LoRA "
+        "adapter folder (with adapter_config.json), nor a run folder with a model/ inside."
     )
 
 

@@ -9,6 +9,10 @@
 ``tiny:<kind>`` first writes the tiny model (`mmpo.tiny.save_tiny`) into a cache folder, then
 loads it through exactly the same ``from_pretrained`` calls. Nothing downloads
 (``local_files_only=True`` everywhere).
+
+A LoRA adapter folder (``adapter_config.json``, no ``config.json``; what `mmpo.lora.save_lora`
+writes to a run's ``model/``) loads its ``merged/`` sub-folder when there is one, otherwise the
+base named by ``base_model_name_or_path`` with the adapter applied and merged (`load_adapter`).
 """
 from __future__ import annotations
 
@@ -195,7 +199,8 @@ def load_model(
     """Load ``(model, processor_or_tokenizer, info)`` from a local folder or ``tiny:<kind>``.
 
     path: a save_pretrained folder, or ``tiny:<kind>`` (kinds: `mmpo.tiny.TINY_KINDS`), which
-      is written once to a cache folder (`tiny_cache_root`) for `seed` and `tiny_overrides`.
+      is written once to a cache folder (`tiny_cache_root`) for `seed` and `tiny_overrides`, or
+      a LoRA adapter folder (its ``merged/`` when present, else base + adapter: `load_adapter`).
     Returns the model in eval mode on `device` in `dtype`; a processor for VLMs, a tokenizer
     for text LMs. Raises ConfigError for a missing folder, a folder without config.json or an
     unknown tiny kind.
@@ -207,6 +212,13 @@ def load_model(
         if tiny_overrides:
             raise ConfigError(f"tiny_overrides only apply to tiny:<kind> models, not to '{path}'.")
         folder = Path(path).expanduser()
+        if is_adapter_folder(folder):
+            from mmpo.lora import MERGED_DIR
+
+            if not (folder / MERGED_DIR / "config.json").is_file():
+                return load_adapter(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
+            folder = folder / MERGED_DIR
+            path = str(folder)
     config = _read_config(folder, path)
     model_type = str(config.get("model_type", ""))
     vlm = is_vlm_config(config)
@@ -226,3 +238,55 @@ def load_model(
     model.eval()
     tokenizer = getattr(proc, "tokenizer", proc)
     return model, proc, _model_info(model, tokenizer, vlm, model_type, folder)
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A peft adapter folder: ``adapter_config.json`` and no ``config.json`` of its own."""
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_adapter(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any, ModelInfo]:
+    """``(model, processor_or_tokenizer, info)``: the adapter's base with the adapter merged in.
+
+    The base is the folder named by ``base_model_name_or_path`` in ``adapter_config.json``
+    (loaded with `load_model`); ``peft.PeftModel.from_pretrained`` applies the adapter and
+    ``merge_and_unload`` returns a plain transformers model (eval mode, on `device`). The
+    processor comes from the adapter folder when it holds one, else from the base.
+    ``info.path`` is the adapter folder. Raises ConfigError when the base folder is missing.
+    """
+    import peft
+
+    from mmpo.lora import read_adapter_config
+
+    folder = Path(folder).expanduser()
+    acfg = read_adapter_config(folder)
+    base = acfg.get("base_model_name_or_path")
+    if not base or not Path(str(base)).expanduser().is_dir():
+        raise ConfigError(
+            f"LoRA adapter '{folder}' needs its base model '{base}' (base_model_name_or_path in "
+            f"{folder / 'adapter_config.json'}), and that folder does not exist. Put the base "
+            "model there (for tiny models: load the same tiny:<kind> with the same seed and "
+            "overrides once), edit base_model_name_or_path, or load the run's model/merged/ folder."
+        )
+    model, proc, info = load_model(str(base), dtype=dtype, device=device, attn_implementation=attn_implementation)
+    try:
+        with quiet_hf_progress():
+            model = peft.PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"Cannot apply LoRA adapter '{folder}' to base '{base}': {e}") from e
+    model = model.merge_and_unload()
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    if (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoProcessor, AutoTokenizer
+
+        proc_cls = AutoProcessor if info.is_vlm else AutoTokenizer
+        with quiet_hf_progress():
+            proc = proc_cls.from_pretrained(str(folder), local_files_only=True)
+    return model, proc, dataclasses.replace(info, path=str(folder))

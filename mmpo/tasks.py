@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -32,10 +32,31 @@ class Sample:
 
 @dataclass
 class RewardOutput:
-    """Rewards of N completions: the total ``rewards [N]`` and each named component ``[N]``."""
+    """Rewards of N completions: the total ``rewards [N]`` and each named component ``[N]``.
+
+    ``row_info`` holds per-row tensors ``[N]`` that travel with the rows into the update (e.g.
+    ARES's difficulty bucket, correctness and soft entropy cost, which scale the KL term).
+    """
 
     rewards: torch.Tensor
     components: dict[str, torch.Tensor] = field(default_factory=dict)
+    row_info: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutView:
+    """What a reward may read of the sampled completions beyond their text.
+
+    completion_ids [N, T], mask [N, T] bool, group_ids [N]; ``token_entropy [N, T]`` (entropy of
+    the sampling distribution at each position, float32) and ``token_texts`` (the text of each
+    sampled token, N lists of T strings) are filled when the task sets ``needs_token_entropy``.
+    """
+
+    completion_ids: torch.Tensor
+    mask: torch.Tensor
+    group_ids: torch.Tensor
+    token_entropy: torch.Tensor | None = None
+    token_texts: list[list[str]] | None = None
 
 
 class Task:
@@ -43,6 +64,8 @@ class Task:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: set (on the class or the instance) when ``reward_with_rollout`` reads token entropies
+    needs_token_entropy: bool = False
 
     @dataclass
     class Config:
@@ -51,6 +74,9 @@ class Task:
     def __init__(self, config: Any, *, seed: int = 0) -> None:
         self.config = config
         self.seed = seed
+        #: gathers a picklable object from every rank (set by the trainer under torchrun), so
+        #: that batch statistics behind a task's state agree across ranks
+        self.all_gather: Callable[[Any], list[Any]] = lambda obj: [obj]
 
     # -- data ---------------------------------------------------------------------------
     def num_train(self) -> int:
@@ -69,6 +95,19 @@ class Task:
     def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
         """Score ``completions[i]`` of ``samples[i]`` (N each; a group repeats its sample G times)."""
         raise NotImplementedError
+
+    def reward_with_rollout(self, samples: list[Sample], completions: list[str], rollout: RolloutView) -> RewardOutput:
+        """Rewards of a training rollout; override to use token-level information (default: ``reward``)."""
+        return self.reward(samples, completions)
+
+    # -- state kept across steps (saved in checkpoints) -----------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state of the task's stateful reward pieces (e.g. EMA thresholds)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"task {self.name!r} keeps no state, but the checkpoint has {sorted(state)}")
 
     def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
         """Metrics of greedy completions on held-out samples (logged as ``eval/<name>``)."""
@@ -125,4 +164,4 @@ def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
     return cls(cfg, seed=seed)
 
 
-__all__ = ["Sample", "RewardOutput", "Task", "TASKS", "load_plugins", "get_task_class", "build_task"]
+__all__ = ["Sample", "RewardOutput", "RolloutView", "Task", "TASKS", "load_plugins", "get_task_class", "build_task"]

@@ -21,10 +21,12 @@ import torch
 from mmpo import checkpoint as ckpt
 from mmpo.config import RunConfig, check_options, save_config
 from mmpo.core import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, POLICY_LOSSES, aggregate
+from mmpo.core import ares
+from mmpo.core.ares import AresKLState
 from mmpo.core.registry import state_class
 from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions, resolve_device, resolve_precision
-from mmpo.errors import TrainingError
+from mmpo.errors import ConfigError, TrainingError
 from mmpo.evaluate import generate_greedy
 from mmpo.models import load_model
 from mmpo.policies.causal_lm import CausalLMPolicy
@@ -33,7 +35,7 @@ from mmpo.rollout import filters
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.filters import check_filters, dynamic_options
 from mmpo.rollout.engines.hf import GenerationSettings
-from mmpo.tasks import Sample, build_task
+from mmpo.tasks import RolloutView, Sample, build_task
 from mmpo.tracking import Tracker
 
 TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s")
@@ -84,16 +86,17 @@ class Trainer:
             model.gradient_checkpointing_enable()
         self.uses_kl = self._kl_can_be_on()
         self.ref_model: torch.nn.Module | None = None
-        if cfg.model.lora is not None:
-            import peft
+        if cfg.model.lora is not None:  # adapters on the language model; vision tower per lora.vision
+            from mmpo.lora import apply_lora
 
-            lcfg = cfg.model.lora
-            model = peft.get_peft_model(
-                model,
-                peft.LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=lcfg.target_modules),
-            )
-        elif self.uses_kl:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            model = apply_lora(model, cfg.model.lora, is_vlm=info.is_vlm)
+        else:
+            if cfg.model.freeze_vision:
+                from mmpo.lora import freeze_vision_tower
+
+                freeze_vision_tower(model, is_vlm=info.is_vlm)
+            if self.uses_kl:
+                self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         t = cfg.trainer
         self.engine = Engine.build(
             model,
@@ -125,6 +128,7 @@ class Trainer:
             logprob_chunk_size=cfg.rollout.logprob_chunk_size,
         )
         self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy)
+        self.task.all_gather = self.engine.all_gather_object
         self.sampler = PromptSampler(
             self.task.num_train(), seed=cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
         )
@@ -207,14 +211,20 @@ class Trainer:
                 rows = [s for s in prompts for _ in range(r.group_size)]
                 encodings, ids, mask, truncated = self._generate(rows, settings)
                 texts = self.policy.decode(ids, mask)
-            t1 = time.perf_counter()
-            with self.phase_hook("reward"):
-                out = self.task.reward(rows, texts)
-            clock.rollout += t1 - t0
-            clock.reward += time.perf_counter() - t1
             group_ids = torch.arange(seen_groups, seen_groups + len(prompts)).repeat_interleave(r.group_size)
             seen_groups += len(prompts)
-            batch = RolloutBatch(rows, encodings, ids, mask, truncated, out.rewards.float(), group_ids, out.components, texts)
+            batch = RolloutBatch(rows, encodings, ids, mask, truncated, torch.zeros(len(rows)), group_ids, texts=texts)
+            view = RolloutView(ids, mask, group_ids)
+            if self.task.needs_token_entropy:
+                # sampled under the current weights, so these log-probs are also pi_old's
+                batch.logp_old, view.token_entropy = self._score(batch, self.engine.module, with_entropy=True)
+                view.token_texts = [self.policy.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+            t1 = time.perf_counter()
+            with self.phase_hook("reward"):
+                out = self.task.reward_with_rollout(rows, texts, view)
+            clock.rollout += t1 - t0
+            clock.reward += time.perf_counter() - t1
+            batch.rewards, batch.components, batch.row_info = out.rewards.float(), out.components, out.row_info
             drawn_rewards.append(batch.rewards)
             for k, v in out.components.items():
                 drawn_components.setdefault(k, []).append(v.float())
@@ -240,18 +250,24 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # phase 2: advantages (and the reference/old log-probs they may need)
-    def _score(self, batch: RolloutBatch, model: torch.nn.Module) -> torch.Tensor:
-        """``logp [N, T]`` of the batch's completions under ``model``, without gradient."""
-        out = []
+    def _score(self, batch: RolloutBatch, model: torch.nn.Module, with_entropy: bool = False):
+        """``logp [N, T]`` of the batch's completions under ``model``, without gradient
+        (and ``(logp, entropy [N, T])`` when ``with_entropy``)."""
+        out, ents = [], []
         mb = self._micro_batch_size()
+        width = batch.completion_ids.shape[1]
         with torch.no_grad(), self.engine.autocast():
             for s in range(0, len(batch), mb):
                 part = batch.select(list(range(s, min(s + mb, len(batch)))))
-                lp = self.policy.log_probs(
+                res = self.policy.log_probs(
                     self.policy.collate(part.encodings), part.completion_ids, part.mask,
-                    model=model, temperature=self.cfg.rollout.temperature, with_entropy=False, device=self.device,
-                ).logp
-                out.append(torch.nn.functional.pad(lp.float().cpu(), (0, batch.completion_ids.shape[1] - lp.shape[1])))
+                    model=model, temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device,
+                )
+                out.append(torch.nn.functional.pad(res.logp.float().cpu(), (0, width - res.logp.shape[1])))
+                if with_entropy:
+                    ents.append(torch.nn.functional.pad(res.entropy.float().cpu(), (0, width - res.entropy.shape[1])))
+        if with_entropy:
+            return torch.cat(out), torch.cat(ents)
         return torch.cat(out)
 
     def _reference_context(self):
@@ -281,7 +297,7 @@ class Trainer:
                 opts.setdefault("prompt_keys", [s.id for s in batch.samples])
         batch.advantages = self.advantage_fn(rewards, batch.group_ids, **opts).float()
         batch = filters.after_advantage(batch, a.filters)
-        if self.cfg.trainer.update_epochs > 1 or self._minibatch_size() < len(batch):
+        if batch.logp_old is None and (self.cfg.trainer.update_epochs > 1 or self._minibatch_size() < len(batch)):
             batch.logp_old = self._score(batch, self.engine.module)
         return batch
 
@@ -364,6 +380,9 @@ class Trainer:
         metrics.update({k: float(v) for k, v in lm.items()})
         if micro.logp_ref is not None:
             kl = self.kl_fn(logp, micro.logp_ref.to(self.device))
+            weights = self._row_kl_weights(micro, kl.detach(), mask)
+            if weights is not None:
+                kl = kl * weights.to(kl)[:, None]
             kl_value = aggregate(kl, mask, a.loss_agg, max_len=max_len)
             if a.kl_placement == "loss":
                 loss = loss + beta * kl_value
@@ -374,6 +393,33 @@ class Trainer:
         metrics["entropy"] = float(entropy.detach())
         metrics["loss"] = float(loss.detach())
         return loss, metrics
+
+    def _row_kl_weights(self, micro: RolloutBatch, kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Per-row KL multipliers ``[n]`` of a per-bucket KL controller (ARES ``ares_bucket``), else None.
+
+        Each micro step first feeds the controller the batch's mean KL per difficulty bucket
+        (summed over ranks, so every rank's controller moves alike), then reads the buckets' betas.
+        """
+        state = self.states.get("kl_schedule")
+        if not isinstance(state, AresKLState):
+            return None
+        info = micro.row_info
+        if "bucket" not in info:
+            raise ConfigError(
+                "algorithm.kl_schedule=ares_bucket needs a task that assigns difficulty buckets "
+                "(vlm_reasoning with task.ares enabled)"
+            )
+        buckets = info["bucket"].long()
+        seq_kl = ares.sequence_mean(kl, mask).cpu()
+        sums = torch.zeros(len(ares.BUCKETS), 2, dtype=torch.float64)
+        sums[:, 0].index_add_(0, buckets, seq_kl.double())
+        sums[:, 1].index_add_(0, buckets, torch.ones_like(seq_kl, dtype=torch.float64))
+        sums = torch.tensor(self.engine.all_gather_object(sums.tolist()), dtype=torch.float64).sum(0)
+        ares.ares_bucket_observe(state, {b: float(sums[i, 0] / sums[i, 1]) for i, b in enumerate(ares.BUCKETS) if sums[i, 1] > 0})
+        weights = ares.ares_bucket_betas(state, buckets)
+        if "soft_cost" in info and "correct" in info:
+            weights = weights * ares.second_chance_factor(buckets, info["correct"], info["soft_cost"])
+        return weights
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -413,6 +459,7 @@ class Trainer:
                     "last_kl": self.last_kl,
                     "sampler": self.sampler.state_dict(),
                     "states": {k: v.state_dict() for k, v in self.states.items()},
+                    "task": self.task.state_dict(),
                 }
                 ckpt.save_json(folder / "trainer_state.json", state)
             ckpt.save_rng(folder, name=f"rng_rank{self.engine.rank}")
@@ -429,6 +476,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         for k, v in state["states"].items():
             self.states[k].load_state_dict(v)
+        self.task.load_state_dict(state.get("task", {}))
         name = f"rng_rank{self.engine.rank}"
         ckpt.load_rng(folder, name=name if (folder / f"{name}.json").exists() else "rng_rank0")
         self.resumed_from = folder
@@ -458,6 +506,9 @@ class Trainer:
                 "lr": self.engine.lr(),
             }
         )
+        kl_state = self.states.get("kl_schedule")
+        if isinstance(kl_state, AresKLState):
+            metrics.update({f"kl_beta/{b}": float(v) for b, v in kl_state.ensure_betas().items()})
         metrics.setdefault("kl", 0.0)  # KL to the reference; 0 when beta is 0 (no reference pass)
         metrics.update({"rollout_s": clock.rollout, "reward_s": clock.reward, "update_s": clock.update})
         metrics["step_time_s"] = time.perf_counter() - t0
@@ -486,9 +537,18 @@ class Trainer:
                 self.save_checkpoint()
             if out_of_time:
                 break
-        self.engine.save_pretrained(self.run_dir / "model")
-        if self.engine.is_main:
-            self.policy.processor.save_pretrained(self.run_dir / "model")
+        if self.cfg.model.lora is not None:  # model/: adapter + processor; model/merged/: merged weights
+            from mmpo.lora import save_lora
+
+            merged, processor = self.cfg.model.lora.save_merged, self.policy.processor
+            self.engine.save_pretrained(
+                self.run_dir / "model",
+                save_fn=lambda module, folder, state: save_lora(module, folder, processor, merged=merged, state_dict=state),
+            )
+        else:
+            self.engine.save_pretrained(self.run_dir / "model")
+            if self.engine.is_main:
+                self.policy.processor.save_pretrained(self.run_dir / "model")
         plot = self.tracker.close()
         return {"run_dir": str(self.run_dir), "plot": str(plot) if plot else None, "eval": last_eval, "step": self.step}
 

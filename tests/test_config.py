@@ -372,5 +372,7 @@ def test_runconfig_save_and_load_round_trip(tmp_path: Path) -> None:
     written = yaml.safe_load(out.read_text())
     assert written["task"] == {"name": "synthetic_vqa", "num_train": 50, "colours": ["red", "green"]}
     assert written["model"]["lora"] == {"r": 8, "alpha": 32, "dropout": 0.0,
-                                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+                                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                        "vision": "frozen", "vision_target_modules": ["attn.qkv", "attn.proj"],
+                                        "save_merged": True}
     assert load_config(out) == cfg

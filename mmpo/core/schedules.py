@@ -1,7 +1,9 @@
 """Schedules for the KL coefficient beta (ALGORITHMS.md A4, B2, B10), in ``KL_SCHEDULES``.
 
-Every entry: ``fn(step: int, total_steps: int, **options) -> beta: float``. ``pi_target`` keeps
-state (``pi_target.state_cls``); pass ``state=`` to carry it across steps.
+Every entry: ``fn(step: int, total_steps: int, **options) -> beta: float``. ``pi_target`` and
+``ares_bucket`` keep state (``fn.state_cls``); pass ``state=`` to carry it across steps.
+``ares_bucket`` (ARES per-difficulty KL, :mod:`mmpo.core.ares`) returns the global coefficient;
+its per-sample multipliers come from :func:`mmpo.core.ares.ares_bucket_betas`.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from mmpo.core.ares import ares_bucket
 from mmpo.core.registry import Registry
 from mmpo.errors import ConfigError
 
@@ -116,3 +119,6 @@ def pi_target(
 
 
 pi_target.state_cls = PIControllerState
+
+
+KL_SCHEDULES.add("ares_bucket", ares_bucket)  # stateful: ares_bucket.state_cls = AresKLState

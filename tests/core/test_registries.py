@@ -13,12 +13,12 @@ REGISTRIES = {
     "ADVANTAGES": {"grpo", "drgrpo", "batch_std", "global_std", "rloo", "bnpo", "dcpo_sas", "rank_ema", "flat_batch"},
     "POLICY_LOSSES": {"ppo_clip", "gspo", "dcpo", "ce_gppo", "aspo", "no_clip_pg"},
     "KL_ESTIMATORS": {"k1", "abs", "k2", "k3", "k1+", "k3+", "gaussian"},
-    "KL_SCHEDULES": {"constant", "grpo_d", "othink_v", "pi_target"},
+    "KL_SCHEDULES": {"constant", "grpo_d", "othink_v", "pi_target", "ares_bucket"},
     "GROUP_FILTERS": {"dynamic", "overlong_filter", "soft_overlong_punishment", "cppo_prune", "ript_skip", "lspo", "d3s"},
     "AGGREGATIONS": {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "otm"},
 }
 
-STATEFUL = {("ADVANTAGES", "dcpo_sas"), ("ADVANTAGES", "rank_ema"), ("KL_SCHEDULES", "pi_target"), ("GROUP_FILTERS", "ript_skip")}
+STATEFUL = {("ADVANTAGES", "dcpo_sas"), ("ADVANTAGES", "rank_ema"), ("KL_SCHEDULES", "pi_target"), ("KL_SCHEDULES", "ares_bucket"), ("GROUP_FILTERS", "ript_skip")}
 
 
 def test_exports():
