@@ -65,13 +65,16 @@ def evaluate_checkpoint(cfg: Any, checkpoint: str | None, run_dir: Path) -> dict
         batch_size=cfg.eval.batch_size, device=device,
     )
     metrics = task.eval_metrics(samples, texts)
+    per_row = task.reward(samples, texts).components  # each prediction's reward components
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
     tmp = pred_path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
-        for s, t in zip(samples, texts):
-            f.write(json.dumps({"id": s.id, "prediction": t, "answer": s.answer}) + "\n")
+        for i, (s, t) in enumerate(zip(samples, texts)):
+            row = {"id": s.id, "prediction": t, "answer": s.answer}
+            row.update({k: float(v[i]) for k, v in per_row.items()})
+            f.write(json.dumps(row) + "\n")
     tmp.replace(pred_path)
     save_json(out_dir / "metrics.json", {"checkpoint": path, **metrics})
     return {"metrics": metrics, "predictions": str(pred_path)}

@@ -29,7 +29,7 @@ from typing import Any, Hashable
 import torch
 from torch import Tensor
 
-from mmpo.core.ares import BUCKETS, bucket_names
+from mmpo.core.ares import BUCKETS, bucket_means, bucket_names
 from mmpo.core.entropy import window_complete, window_entropy
 from mmpo.errors import DataError
 
@@ -298,13 +298,8 @@ def bucket_targets(hwe: Tensor | Sequence[float], buckets: Sequence[str] | Tenso
     per-prompt mean counts; with equal group sizes (GRPO groups) that is the sample mean.
     """
     names = bucket_names(buckets)
-    vals = _as_values(hwe, len(names), "hwe")
-    out: dict[str, int] = {}
-    for b in BUCKETS:
-        sel = [v for v, d in zip(vals, names) if d == b]
-        if sel:
-            out[b] = round(sum(sel) / len(sel))
-    return out
+    vals = torch.tensor(_as_values(hwe, len(names), "hwe"), dtype=torch.float64)
+    return {b: round(m) for b, m in bucket_means(vals, names).items()}
 
 
 def validation_targets(

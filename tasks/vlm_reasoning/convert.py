@@ -30,19 +30,12 @@ from typing import Any
 from PIL import Image
 
 from mmpo.errors import DataError
+from mmpo_tasks.vlm_reasoning.data import RowError, iter_records
 
 log = logging.getLogger(__name__)
 
 OPTION_LETTERS = "ABCDE"
 YES_NO = {"yes": "yes", "no": "no", "y": "yes", "n": "no", "true": "yes", "false": "no"}
-
-
-class RowError(Exception):
-    """A bad value in one field of one row (turned into a DataError or a skip)."""
-
-    def __init__(self, field_name: str, why: str) -> None:
-        super().__init__(f"field '{field_name}': {why}")
-        self.field_name, self.why = field_name, why
 
 
 @dataclass
@@ -59,46 +52,14 @@ class ConvertStats:
 
 
 def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    """(row number from 0, row dict) of a .parquet, .jsonl/.json (JSON lines) or .csv file.
+    """(row number from 0, row dict) of a .parquet, .jsonl/.json (JSON lines) or .csv / .tsv file.
 
-    A JSON line that does not parse yields a RowError in place of the row. Parquet is read
-    in record batches, so a large shard is never loaded whole.
+    A JSON line that does not parse, or is not an object, yields a RowError in place of the row.
     """
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # noqa: BLE001 - any reader failure means a bad file
-            raise DataError(f"{path}: cannot read as Parquet: {e}") from e
-        i = 0
-        for batch in pf.iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                yield i, row
-                i += 1
-    elif suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            i = -1
-            for line in f:
-                if not line.strip():
-                    continue
-                i += 1
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, RowError("<line>", f"not valid JSON: {e}")
-                    continue
-                yield i, row if isinstance(row, dict) else RowError("<line>", "not a JSON object")
-    elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for i, row in enumerate(reader):
-                yield i, {k.strip(): v for k, v in row.items() if k is not None}
-    else:
-        raise DataError(f"{path}: unknown file type {suffix!r} (expected .parquet, .jsonl, .json or .csv)")
+    if path.suffix.lower() not in (".parquet", ".jsonl", ".json", ".ndjson", ".csv", ".tsv"):
+        raise DataError(f"{path}: unknown file type {path.suffix!r} (expected .parquet, .jsonl, .json or .csv)")
+    for i, rec in iter_records(path, json_lines=True):
+        yield i, rec if isinstance(rec, (dict, RowError)) else RowError("<line>", "not a JSON object")
 
 
 # ---------------------------------------------------------------------------- fields

@@ -35,6 +35,7 @@ with ``skip_bad_rows`` it is skipped and the loader logs once
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import logging
@@ -207,10 +208,22 @@ def data_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(row index, record)`` of one file; a JSONL line that is not JSON yields a RowError instead."""
+def iter_records(path: Path, *, json_lines: bool = False) -> Iterator[tuple[int, Any]]:
+    """``(row index, record)`` of a .parquet, .jsonl, .json or .csv / .tsv file.
+
+    A ``.json`` file holds a list of rows (``json_lines=True`` reads it as JSON lines, as HF
+    exports do); a JSONL line that is not JSON yields a RowError instead. Parquet is read in
+    record batches, so a large shard is never loaded whole.
+    """
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            for i, rec in enumerate(reader):
+                yield i, {k.strip(): v for k, v in rec.items() if k is not None}
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
@@ -222,7 +235,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
             for rec in batch.to_pylist():
                 yield i, rec
                 i += 1
-    elif suffix == ".json":
+    elif suffix == ".json" and not json_lines:
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)

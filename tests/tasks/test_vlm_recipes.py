@@ -40,6 +40,14 @@ def test_patho_r1_stage_b_starts_from_stage_a(tmp_path):
     assert [l["step"] for l in lines if "reward_mean" in l] == [1, 2]
     assert all(l["beta"] == pytest.approx(0.04) for l in lines if "beta" in l)
     assert {"reward/accuracy", "reward/format", "eval/accuracy", "eval/chance"} <= set(lines[-1])
+    # greedy evaluation of stage A's model: predictions with their reward components, and metrics
+    assert main(["eval", str(CONFIGS / "patho_r1_grpo.yaml"), f"checkpoint={a}", f"output_dir={tmp_path / 'ev'}",
+                 "eval.num_samples=6", "rollout.max_new_tokens=4", "task.max_rows=40"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "ev" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((tmp_path / "ev" / "eval" / "metrics.json").read_text())
+    assert len(rows) == 6 and {"id", "prediction", "answer", "accuracy", "format"} <= set(rows[0])
+    assert metrics["accuracy"] == pytest.approx(sum(r["accuracy"] for r in rows) / 6)
+    assert metrics["chance"] == pytest.approx(0.5)
     lines_b = _train("patho_r1_dapo.yaml", b, "trainer.max_steps=1", "trainer.lr=1e-12", f"model.path={a / 'model'}")
     # with a vanishing learning rate, stage B ends where it started: at stage A's final weights
     wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
