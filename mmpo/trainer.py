@@ -481,6 +481,21 @@ class Trainer:
         ckpt.load_rng(folder, name=name if (folder / f"{name}.json").exists() else "rng_rank0")
         self.resumed_from = folder
 
+    def save_final_model(self) -> None:
+        """``model/``: a save_pretrained folder; with LoRA the adapter, plus ``model/merged/``."""
+        if self.cfg.model.lora is not None:
+            from mmpo.lora import save_lora
+
+            merged, processor = self.cfg.model.lora.save_merged, self.policy.processor
+            self.engine.save_pretrained(
+                self.run_dir / "model",
+                save_fn=lambda module, folder, state: save_lora(module, folder, processor, merged=merged, state_dict=state),
+            )
+        else:
+            self.engine.save_pretrained(self.run_dir / "model")
+            if self.engine.is_main:
+                self.policy.processor.save_pretrained(self.run_dir / "model")
+
     # ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         clock = StepClock()
@@ -537,18 +552,7 @@ class Trainer:
                 self.save_checkpoint()
             if out_of_time:
                 break
-        if self.cfg.model.lora is not None:  # model/: adapter + processor; model/merged/: merged weights
-            from mmpo.lora import save_lora
-
-            merged, processor = self.cfg.model.lora.save_merged, self.policy.processor
-            self.engine.save_pretrained(
-                self.run_dir / "model",
-                save_fn=lambda module, folder, state: save_lora(module, folder, processor, merged=merged, state_dict=state),
-            )
-        else:
-            self.engine.save_pretrained(self.run_dir / "model")
-            if self.engine.is_main:
-                self.policy.processor.save_pretrained(self.run_dir / "model")
+        self.save_final_model()
         plot = self.tracker.close()
         return {"run_dir": str(self.run_dir), "plot": str(plot) if plot else None, "eval": last_eval, "step": self.step}
 

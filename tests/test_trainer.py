@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,18 @@ def _train_lines(run: Path) -> dict[int, dict]:
 
 @pytest.mark.slow
 def test_resume_gives_identical_parameters_and_metrics(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["trainer.save_every=2", "trainer.keep_last=3"]
+    """A run that died after its step-2 checkpoint, started again with the same command, ends
+    exactly where a straight run ends (the recipe's cosine LR schedule included)."""
+    common = tiny_overrides + ["trainer.save_every=2", "trainer.keep_last=3", "trainer.max_steps=4"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main(["train", QUICK, f"output_dir={straight}", "trainer.max_steps=4", *common]) == 0
-    assert main(["train", QUICK, f"output_dir={split}", "trainer.max_steps=2", *common]) == 0
-    assert main(["train", QUICK, f"output_dir={split}", "trainer.max_steps=4", *common]) == 0
+    assert main(["train", QUICK, f"output_dir={straight}", *common]) == 0
+    # the crashed run: everything up to step 3's metrics line, but no step-4 checkpoint or model
+    shutil.copytree(straight, split)
+    shutil.rmtree(split / "checkpoints" / "step_00000004")
+    shutil.rmtree(split / "model")
+    lines = (split / "metrics.jsonl").read_text().splitlines()
+    (split / "metrics.jsonl").write_text("\n".join(l for l in lines if json.loads(l)["step"] <= 3) + "\n")
+    assert main(["train", QUICK, f"output_dir={split}", *common]) == 0
 
     a = load_file(str(straight / "model" / "model.safetensors"))
     b = load_file(str(split / "model" / "model.safetensors"))

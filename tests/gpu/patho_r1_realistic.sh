@@ -4,6 +4,9 @@
 # (256 vision tokens per prompt). Prints one JSON line: s/step and peak GPU MB per phase.
 #   bash tests/gpu/patho_r1_realistic.sh [override ...]
 # env: LM_LAYERS (36), VIS_LAYERS (32) (the real 3B), PREC (bf16), MAX_NEW (128), STEPS (3)
+# Micro batches of 8 rows with activation checkpointing: with the whole 64-row minibatch in one
+# micro batch (the recipe's default) the first step ran out of memory on an H200 (138 GB allocated,
+# in a Qwen2.5-VL MLP forward: 64 rows of ~400 tokens plus 64 x 1024 image patches at once).
 # Needs a CUDA machine with torch, transformers, peft, qwen-vl-utils and the project installed
 # (`pip install -e .`); the demo data are built into $MMPO_CACHE on first use.
 set -euo pipefail
@@ -16,4 +19,5 @@ SIZES="$SIZES mrope_section: [16, 24, 24], vision_depth: $VIS_LAYERS, vision_emb
 SIZES="$SIZES vision_intermediate_size: 3420, max_pixels: 12845056}"
 exec ${MMPO:-mmpo} bench configs/patho_r1_grpo.yaml "model.tiny=$SIZES" precision=$PREC \
   task.min_pixels=200704 task.max_pixels=200704 rollout.max_new_tokens=${MAX_NEW:-128} \
+  trainer.micro_batch_size=${MICRO:-8} model.gradient_checkpointing=true \
   eval.num_samples=0 "$@" --steps ${STEPS:-3} --warmup 1

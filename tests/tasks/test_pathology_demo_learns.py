@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_grpo_learns_tissue_and_stain_from_random_weights(tmp_path):
     run = tmp_path / "pd"
     code = main(["train", str(ROOT / "configs" / "pathology_demo.yaml"), f"output_dir={run}",
-                 "trainer.max_steps=50", "trainer.eval_every=0", "trainer.save_every=0"])
+                 "trainer.max_steps=100", "trainer.eval_every=0",
+                 "trainer.save_every=0"])
     assert code == 0
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = lines[0], lines[-1]
