@@ -333,7 +333,7 @@ class Trainer:
                 for micro_rows in _split(torch.arange(len(minibatch)), n_micro):
                     if len(micro_rows) == 0 or len(mb_rows) == 0:  # keep collectives aligned
                         micro = minibatch.select([0])
-                        loss, _ = self._micro_loss(micro, beta)
+                        loss, _ = self._micro_loss(micro, beta, padding=True)
                         self.engine.backward(loss * 0.0)
                         continue
                     micro = minibatch.select(micro_rows)
@@ -361,7 +361,9 @@ class Trainer:
         out["skipped_updates"] = sums.get("skipped_updates", 0.0)
         return out
 
-    def _micro_loss(self, micro: RolloutBatch, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    def _micro_loss(self, micro: RolloutBatch, beta: float, padding: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro batch; ``padding`` marks a stand-in row whose loss is multiplied by 0
+        (it keeps the collective calls aligned across ranks but must not feed any statistics)."""
         a = self.cfg.algorithm
         mask = micro.mask.to(self.device)
         with self.engine.autocast():
@@ -380,7 +382,7 @@ class Trainer:
         metrics.update({k: float(v) for k, v in lm.items()})
         if micro.logp_ref is not None:
             kl = self.kl_fn(logp, micro.logp_ref.to(self.device))
-            weights = self._row_kl_weights(micro, kl.detach(), mask)
+            weights = self._row_kl_weights(micro, kl.detach(), mask, padding)
             if weights is not None:
                 kl = kl * weights.to(kl)[:, None]
             kl_value = aggregate(kl, mask, a.loss_agg, max_len=max_len)
@@ -394,7 +396,9 @@ class Trainer:
         metrics["loss"] = float(loss.detach())
         return loss, metrics
 
-    def _row_kl_weights(self, micro: RolloutBatch, kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    def _row_kl_weights(
+        self, micro: RolloutBatch, kl: torch.Tensor, mask: torch.Tensor, padding: bool = False
+    ) -> torch.Tensor | None:
         """Per-row KL multipliers ``[n]`` of a per-bucket KL controller (ARES ``ares_bucket``), else None.
 
         Each micro step first feeds the controller the batch's mean KL per difficulty bucket
@@ -412,8 +416,9 @@ class Trainer:
         buckets = info["bucket"].long()
         seq_kl = ares.sequence_mean(kl, mask).cpu()
         sums = torch.zeros(len(ares.BUCKETS), 2, dtype=torch.float64)
-        sums[:, 0].index_add_(0, buckets, seq_kl.double())
-        sums[:, 1].index_add_(0, buckets, torch.ones_like(seq_kl, dtype=torch.float64))
+        if not padding:  # a padding row still joins the gather, with nothing to add
+            sums[:, 0].index_add_(0, buckets, seq_kl.double())
+            sums[:, 1].index_add_(0, buckets, torch.ones_like(seq_kl, dtype=torch.float64))
         sums = torch.tensor(self.engine.all_gather_object(sums.tolist()), dtype=torch.float64).sum(0)
         ares.ares_bucket_observe(state, {b: float(sums[i, 0] / sums[i, 1]) for i, b in enumerate(ares.BUCKETS) if sums[i, 1] > 0})
         weights = ares.ares_bucket_betas(state, buckets)

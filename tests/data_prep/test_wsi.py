@@ -17,10 +17,8 @@ from mmpo_tasks.vlm_reasoning.pathology_demo import SVS_NAME, find_data_dir
 
 @pytest.fixture(scope="module")
 def svs() -> Path:
-    try:
-        return find_data_dir() / SVS_NAME
-    except DataError as e:
-        pytest.skip(str(e))
+    """The real SVS slide region (bundled in tasks/vlm_reasoning/demo_sources, so always present)."""
+    return find_data_dir() / SVS_NAME
 
 
 @pytest.fixture(scope="module")
