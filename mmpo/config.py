@@ -689,6 +689,26 @@ class RolloutConfig:
         0, help="Sequences per chunk when computing log-softmax over the vocabulary; bounds memory "
         "for large vocabularies. 0 = choose automatically.", min=0
     )
+    engine_options: dict[str, Any] = _opt(
+        {},
+        help="Engine-specific options. vllm: python (interpreter of the vLLM environment), "
+        "mode ('server' or 'colocate'), port, max_model_len, gpu_memory_utilization, ...",
+    )
+    prefix_sharing: bool = _opt(
+        True,
+        help="Prefix Grouper: in the log-prob passes (policy, reference, old), encode each "
+        "prompt once per group and attend its G completions to it through a KV cache, instead "
+        "of G times. Outputs and gradients equal the plain forward; saves most for long "
+        "prompts (images) and large G.",
+    )
+    is_correction: Literal["none", "token_tis", "token_mis"] = _opt(
+        "none",
+        help="Importance-sampling correction for engines whose sampling log-probs differ from the "
+        "trainer's (vLLM, bf16): 'token_tis' weights each token's loss by min(pi_old/pi_rollout, "
+        "is_cap) (truncated IS, as in verl/TRL); 'token_mis' drops tokens whose ratio exceeds "
+        "is_cap. Needs an engine that reports log-probs.",
+    )
+    is_cap: float = _opt(2.0, help="Cap C of the rollout importance ratio (see is_correction).", gt=0.0)
 
 
 @dataclass

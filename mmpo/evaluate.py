@@ -25,8 +25,8 @@ def generate_greedy(
     for s in range(0, len(samples), batch_size):
         part = samples[s : s + batch_size]
         inputs = policy.collate([policy.encode(x.messages) for x in part])
-        ids, mask, _ = engine.generate(model, inputs, settings, device=device)
-        texts.extend(policy.decode(ids, mask))
+        gen = engine.generate(model, inputs, settings, device=device)
+        texts.extend(policy.decode(gen.completion_ids, gen.mask))
     return texts
 
 

@@ -290,3 +290,22 @@ def load_adapter(
         with quiet_hf_progress():
             proc = proc_cls.from_pretrained(str(folder), local_files_only=True)
     return model, proc, dataclasses.replace(info, path=str(folder))
+
+
+def mark_checkpointed_layers(model: torch.nn.Module) -> int:
+    """Let gradient checkpointing act on a model kept in eval mode; returns the layers marked.
+
+    transformers checkpoints a layer only when ``layer.training`` is set, but the trainer keeps
+    the model in eval mode (no dropout, so sampled and trained log-probs agree). Setting the flag
+    on the checkpointed layers alone (not their children) turns recomputation on without
+    touching dropout. Generation's ``model.eval()`` clears it again, so call this before each update.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    marked = 0
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and getattr(module, "gradient_checkpointing", False):
+            module.training = True
+            marked += 1
+    return marked
+

@@ -28,17 +28,17 @@ from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions, resolve_device, resolve_precision
 from mmpo.errors import ConfigError, TrainingError
 from mmpo.evaluate import generate_greedy
-from mmpo.models import load_model
+from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES
 from mmpo.rollout import filters
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.filters import check_filters, dynamic_options
-from mmpo.rollout.engines.hf import GenerationSettings
+from mmpo.rollout.engines.base import Generation, GenerationSettings
 from mmpo.tasks import RolloutView, Sample, build_task
 from mmpo.tracking import Tracker
 
-TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s")
+TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s", "weight_sync_s")
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +83,8 @@ class Trainer:
             cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny, attn_implementation=cfg.model.attn_implementation
         )
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
         self.uses_kl = self._kl_can_be_on()
         self.ref_model: torch.nn.Module | None = None
         if cfg.model.lora is not None:  # adapters on the language model; vision tower per lora.vision
@@ -127,7 +128,7 @@ class Trainer:
             pad_token_id=info.pad_token_id,
             logprob_chunk_size=cfg.rollout.logprob_chunk_size,
         )
-        self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy)
+        self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy, cfg.rollout.engine_options)
         self.task.all_gather = self.engine.all_gather_object
         self.sampler = PromptSampler(
             self.task.num_train(), seed=cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
@@ -188,12 +189,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # phase 1: rollout and reward
-    def _generate(self, samples: list[Sample], settings: GenerationSettings) -> tuple[list[dict], torch.Tensor, torch.Tensor, torch.Tensor]:
-        encodings = [self.policy.encode(s.messages) for s in samples]
-        inputs = self.policy.collate(encodings)
-        with self.engine.gathered_params():
-            ids, mask, truncated = self.rollout_engine.generate(self.engine.module, inputs, settings, device=self.device)
-        return encodings, ids, mask, truncated
+    def _generate(self, prompts: list[Sample], settings: GenerationSettings) -> tuple[list[dict], Generation]:
+        """G completions of each prompt; each prompt is encoded once and its encoding shared by
+        its G rows (the log-prob passes recognise a group's shared prefix by that identity)."""
+        G = self.cfg.rollout.group_size
+        unique = [self.policy.encode(s.messages) for s in prompts]
+        inputs = self.policy.collate(unique)
+        ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
+        with ctx:
+            gen = self.rollout_engine.generate(self.engine.module, inputs, settings, device=self.device, num_samples=G)
+        return [enc for enc in unique for _ in range(G)], gen
 
     def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:
         """Sample G completions for each prompt and score them (with DAPO dynamic sampling if on)."""
@@ -209,11 +214,15 @@ class Trainer:
             with self.phase_hook("rollout"):
                 prompts = [self.task.train_sample(i) for i in self.sampler.next(r.prompts_per_step)]
                 rows = [s for s in prompts for _ in range(r.group_size)]
-                encodings, ids, mask, truncated = self._generate(rows, settings)
+                encodings, gen = self._generate(prompts, settings)
+                ids, mask = gen.completion_ids, gen.mask
                 texts = self.policy.decode(ids, mask)
             group_ids = torch.arange(seen_groups, seen_groups + len(prompts)).repeat_interleave(r.group_size)
             seen_groups += len(prompts)
-            batch = RolloutBatch(rows, encodings, ids, mask, truncated, torch.zeros(len(rows)), group_ids, texts=texts)
+            batch = RolloutBatch(
+                rows, encodings, ids, mask, gen.truncated, torch.zeros(len(rows)), group_ids, texts=texts,
+                logp_rollout=gen.logprobs,
+            )
             view = RolloutView(ids, mask, group_ids)
             if self.task.needs_token_entropy:
                 # sampled under the current weights, so these log-probs are also pi_old's
@@ -259,8 +268,8 @@ class Trainer:
         with torch.no_grad(), self.engine.autocast():
             for s in range(0, len(batch), mb):
                 part = batch.select(list(range(s, min(s + mb, len(batch)))))
-                res = self.policy.log_probs(
-                    self.policy.collate(part.encodings), part.completion_ids, part.mask,
+                res = self.policy.score(
+                    part.encodings, part.completion_ids, part.mask, share_prefix=self.cfg.rollout.prefix_sharing,
                     model=model, temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device,
                 )
                 out.append(torch.nn.functional.pad(res.logp.float().cpu(), (0, width - res.logp.shape[1])))
@@ -367,19 +376,23 @@ class Trainer:
         a = self.cfg.algorithm
         mask = micro.mask.to(self.device)
         with self.engine.autocast():
-            out = self.policy.log_probs(
-                self.policy.collate(micro.encodings), micro.completion_ids, micro.mask,
+            out = self.policy.score(
+                micro.encodings, micro.completion_ids, micro.mask, share_prefix=self.cfg.rollout.prefix_sharing,
                 temperature=self.cfg.rollout.temperature, with_entropy=True, device=self.device,
             )
         logp = out.logp
         logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else logp.detach()
         adv = micro.advantages.to(self.device)
         loss_mat, lm = self.loss_fn(logp, logp_old, adv, mask, **a.loss_options)
+        rollout_metrics: dict[str, float] = {}
+        if micro.logp_rollout is not None:
+            loss_mat, rollout_metrics = self._rollout_correction(loss_mat, logp_old, micro.logp_rollout.to(self.device), mask)
         max_len = self.cfg.rollout.max_new_tokens
         pg = aggregate(loss_mat, mask, a.loss_agg, max_len=max_len)
         loss = pg
         metrics = {"pg_loss": float(pg.detach())}
         metrics.update({k: float(v) for k, v in lm.items()})
+        metrics.update(rollout_metrics)
         if micro.logp_ref is not None:
             kl = self.kl_fn(logp, micro.logp_ref.to(self.device))
             weights = self._row_kl_weights(micro, kl.detach(), mask, padding)
@@ -395,6 +408,27 @@ class Trainer:
         metrics["entropy"] = float(entropy.detach())
         metrics["loss"] = float(loss.detach())
         return loss, metrics
+
+    def _rollout_correction(
+        self, loss_mat: torch.Tensor, logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Compare the engine's sampling log-probs with the trainer's ``pi_old`` (all ``[n, T]``)
+        and, with ``rollout.is_correction``, reweight the per-token loss by the rollout
+        importance ratio ``pi_old / pi_rollout`` (truncated at ``is_cap`` or masked above it)."""
+        r = self.cfg.rollout
+        m = mask.float()
+        n_tok = m.sum().clamp(min=1.0)
+        diff = (logp_old - logp_rollout).detach()
+        metrics = {"rollout/logprob_abs_diff": float((diff.abs() * m).sum() / n_tok)}
+        ratio = diff.clamp(max=20.0).exp()
+        metrics["rollout/is_ratio_mean"] = float((ratio * m).sum() / n_tok)
+        if r.is_correction == "token_tis":
+            loss_mat = loss_mat * ratio.clamp(max=r.is_cap)
+        elif r.is_correction == "token_mis":
+            keep = (ratio <= r.is_cap).to(loss_mat.dtype)
+            metrics["rollout/is_masked_frac"] = float(((1.0 - keep) * m).sum() / n_tok)
+            loss_mat = loss_mat * keep
+        return loss_mat, metrics
 
     def _row_kl_weights(
         self, micro: RolloutBatch, kl: torch.Tensor, mask: torch.Tensor, padding: bool = False
@@ -509,8 +543,15 @@ class Trainer:
         batch, stats = self.rollout(clock)
         t1 = time.perf_counter()
         with self.phase_hook("update"):
+            if self.cfg.model.gradient_checkpointing:
+                mark_checkpointed_layers(self.engine.module)
             batch = self.compute_advantages(batch, beta)
             metrics = self.update(batch, beta, step)
+            if self.rollout_engine.holds_weights:  # the next rollout must sample from the new weights
+                ts = time.perf_counter()
+                with self.engine.gathered_params():
+                    self.rollout_engine.sync_weights(self.engine.module)
+                metrics["weight_sync_s"] = time.perf_counter() - ts
         clock.update = time.perf_counter() - t1
         if "kl" in metrics:
             self.last_kl = metrics["kl"]
@@ -558,6 +599,7 @@ class Trainer:
             if out_of_time:
                 break
         self.save_final_model()
+        self.rollout_engine.close()
         plot = self.tracker.close()
         return {"run_dir": str(self.run_dir), "plot": str(plot) if plot else None, "eval": last_eval, "step": self.step}
 

@@ -35,7 +35,8 @@ def test_rollout_logprobs_match_a_plain_forward(kind):
     samples = _samples(3, pol.is_vlm)
     encs = [pol.encode(s.messages) for s in samples]
     inputs = pol.collate(encs)
-    ids, mask, truncated = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(6), device=torch.device("cpu"))
+    gen = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(6), device=torch.device("cpu"))
+    ids, mask = gen.completion_ids, gen.mask
     assert ids.shape[0] == 3 and mask[:, 0].all()
     # never-sampled special tokens do not appear among valid tokens
     assert not torch.isin(ids[mask], torch.tensor(pol.never_sample_ids)).any()

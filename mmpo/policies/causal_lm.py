@@ -5,14 +5,21 @@ frames, through qwen-vl-utils) into model inputs; ``log_probs`` computes per-tok
 and entropies of given completions. The vocabulary projection runs only over completion
 positions and in chunks (with activation checkpointing when gradients are needed), so float32
 logits for the whole batch never exist at once.
+
+``score`` is the entry point of the trainer: rows whose prompt encoding is the same object (the
+G rows of a group) share one prefix pass (Prefix Grouper): the prompt, with its image tokens, is
+encoded once, its KV cache is gathered to the group's rows, and the completions attend to it.
+Values and gradients equal the plain forward; prompt and vision-tower compute drop by G times.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from mmpo.policies.batching import append_completions, collate_prompts, to_device
 
@@ -46,6 +53,18 @@ def _chunk_logprobs(
     p = logp_all.exp()
     entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
     return logp, entropy
+
+
+@dataclass
+class Prefill:
+    """Prompts run once through the decoder: ``last_hidden [k, H]`` (predicts the first new
+    token), the KV ``cache`` (batch k), the prompt ``mask [k, P]`` and ``start [k]``, the
+    position of the first token after each prompt."""
+
+    last_hidden: torch.Tensor
+    cache: DynamicCache
+    mask: torch.Tensor
+    start: torch.Tensor
 
 
 class CausalLMPolicy:
@@ -119,6 +138,43 @@ class CausalLMPolicy:
             return None
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def score(
+        self,
+        encodings: list[dict[str, torch.Tensor]],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        share_prefix: bool = True,
+        **kwargs: Any,
+    ) -> TokenLogProbs:
+        """Log-probs of ``completion_ids [n, T]`` after the per-row prompt ``encodings`` (length n).
+
+        With ``share_prefix``, rows whose encoding is the same object are scored through one
+        prefix pass (``log_probs_shared_prefix``); without repeats, or without it, the plain
+        forward. ``kwargs`` as in ``log_probs``.
+        """
+        index: dict[int, int] = {}
+        unique: list[dict[str, torch.Tensor]] = []
+        rows = []
+        for enc in encodings:
+            if id(enc) not in index:
+                index[id(enc)] = len(unique)
+                unique.append(enc)
+            rows.append(index[id(enc)])
+        if share_prefix and len(unique) < len(encodings) and self.prefix_sharing_possible(kwargs.get("model")):
+            return self.log_probs_shared_prefix(
+                self.collate(unique), torch.tensor(rows, dtype=torch.long), completion_ids, completion_mask, **kwargs
+            )
+        return self.log_probs(self.collate(encodings), completion_ids, completion_mask, **kwargs)
+
+    def prefix_sharing_possible(self, model: torch.nn.Module | None = None) -> bool:
+        """False while gradient checkpointing is active: transformers drops the KV cache inside
+        checkpointed layers, so the completions could not attend to the prefix."""
+        model = model if model is not None else self.model
+        if not torch.is_grad_enabled():
+            return True
+        return not any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+
     def log_probs(
         self,
         prompt_inputs: dict[str, torch.Tensor],
@@ -150,9 +206,95 @@ class CausalLMPolicy:
         hidden = decoder(input_ids=full["input_ids"], use_cache=False, **kwargs).last_hidden_state
         # hidden at position P-1+t predicts completion token t
         hidden = hidden[:, P - 1 : P - 1 + T]
+        return self._project(hidden, head, full["input_ids"][:, P : P + T], completion_mask, temperature, with_entropy)
+
+    def log_probs_shared_prefix(
+        self,
+        prefix_inputs: dict[str, torch.Tensor],
+        row_prefix: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        model: torch.nn.Module | None = None,
+        temperature: float = 1.0,
+        with_entropy: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TokenLogProbs:
+        """``log_probs`` with each distinct prompt encoded once (Prefix Grouper).
+
+        prefix_inputs: ``k`` distinct collated prompts ``[k, P]`` (left-padded, with their media);
+        row_prefix ``[n]``: which prompt each completion row follows. The prefix pass fills a KV
+        cache ``[k, heads, P, d]``; it is gathered to ``[n, heads, P, d]`` (the gather's backward sums
+        the G rows' gradients into the shared prefix) and the completion pass attends to it, at
+        the positions the plain forward would use (text: after the valid prompt tokens; Qwen-VL
+        M-RoPE: after the prompt's largest position, the rope delta). Returns as ``log_probs``.
+        """
+        model = model if model is not None else self.model
+        device = device or next(model.parameters()).device
+        row_prefix = row_prefix.to(device)
+        comp_ids = completion_ids.to(device)
+        T = comp_ids.shape[1]
+        decoder, head = self._decoder_and_head(model)
+        pre = self.prefill(decoder, to_device(prefix_inputs, device, dtype))
+        # the prompt's last hidden state predicts completion token 0 (prompts are left-padded)
+        hidden = pre.last_hidden[row_prefix].unsqueeze(1)
+        if T > 1:  # completion tokens 0..T-2 predict tokens 1..T-1
+            pre.cache.reorder_cache(row_prefix)
+            comp_mask = completion_mask.to(device).long()[:, : T - 1]
+            rest = decoder(
+                input_ids=comp_ids[:, : T - 1],
+                attention_mask=torch.cat([pre.mask[row_prefix], comp_mask], dim=1),
+                position_ids=self.continuation_positions(pre.start[row_prefix], 0, T - 1),
+                cache=pre.cache, use_cache=True,
+            ).last_hidden_state
+            hidden = torch.cat([hidden, rest], dim=1)
+        return self._project(hidden, head, comp_ids, completion_mask, temperature, with_entropy)
+
+    def prefill(self, decoder: torch.nn.Module, prefix: dict[str, torch.Tensor]) -> "Prefill":
+        """Run ``k`` collated (left-padded) prompts ``[k, P]`` through the decoder into a KV cache."""
+        mask = prefix["attention_mask"].long()
+        valid = mask.sum(-1)  # [k] prompt tokens without padding
+        if self.is_vlm:
+            pos, deltas = self._rope_index(decoder, prefix)
+            # text after the prompt continues at (largest prompt position + 1) = valid + delta
+            start = valid + deltas.view(-1).to(valid.device)
+        else:
+            pos, start = self.position_ids(mask), valid
+        cache = DynamicCache()
+        kwargs = {k: v for k, v in prefix.items() if k != "input_ids"}
+        out = decoder(input_ids=prefix["input_ids"], position_ids=pos, cache=cache, use_cache=True, **kwargs)
+        return Prefill(last_hidden=out.last_hidden_state[:, -1], cache=cache, mask=mask, start=start)
+
+    def continuation_positions(self, start: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+        """Positions of tokens ``offset .. offset+length-1`` after prompts whose first continuation
+        position is ``start [m]``: ``[m, length]`` (text) or ``[3, m, length]`` (M-RoPE: text tokens
+        advance all three axes together)."""
+        pos = start[:, None] + torch.arange(offset, offset + length, device=start.device)[None, :]
+        return pos.unsqueeze(0).expand(3, -1, -1) if self.is_vlm else pos
+
+    def _rope_index(self, decoder: torch.nn.Module, prefix: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE positions ``[3, k, P]`` and deltas ``[k, 1]`` of collated VLM prompts."""
+        fn = decoder.get_rope_index
+        accepted = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in prefix.items() if k in accepted and k != "input_ids"}
+        return fn(prefix["input_ids"], **kwargs)
+
+    def _project(
+        self,
+        hidden: torch.Tensor,
+        head: torch.nn.Module,
+        targets: torch.Tensor,
+        completion_mask: torch.Tensor,
+        temperature: float,
+        with_entropy: bool,
+    ) -> TokenLogProbs:
+        """Chunked vocabulary projection: ``hidden [n, T, H]`` -> log-probs of ``targets [n, T]``."""
+        device = hidden.device
+        T = targets.shape[1]
         # padding after EOS may be a never-sampled id (-inf log-prob): score EOS there instead, so
         # every entry is finite; callers mask these positions anyway
-        targets = full["input_ids"][:, P : P + T].masked_fill(~completion_mask.to(device).bool(), self.eos_token_ids[0])
+        targets = targets.to(device).masked_fill(~completion_mask.to(device).bool(), self.eos_token_ids[0])
         never = torch.tensor(self.never_sample_ids, device=device, dtype=torch.long) if self.never_sample_ids else None
         chunk = self.logprob_chunk_size or max(1, min(T, 2**16 // max(1, head.weight.shape[0] // 64)))
         logps, ents = [], []

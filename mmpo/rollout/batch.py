@@ -16,7 +16,8 @@ class RolloutBatch:
     samples, encodings: per row (a group repeats its sample / prompt encoding G times).
     completion_ids [N, T], mask [N, T] bool, truncated [N] bool, rewards [N],
     components {name: [N]}, group_ids [N] long, advantages [N] (set after scoring),
-    logp_old / logp_ref [N, T] (optional, filled by the trainer); row_info {name: [N]} (per-row
+    logp_old / logp_ref [N, T] (optional, filled by the trainer); logp_rollout [N, T] (the
+    rollout engine's own sampling log-probs, when it reports them); row_info {name: [N]} (per-row
     data from the task's reward, e.g. ARES difficulty buckets).
     """
 
@@ -32,6 +33,7 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None
     logp_old: torch.Tensor | None = None
     logp_ref: torch.Tensor | None = None
+    logp_rollout: torch.Tensor | None = None
     row_info: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
