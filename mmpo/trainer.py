@@ -24,6 +24,7 @@ from mmpo.core import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, PO
 from mmpo.core import ares
 from mmpo.core.ares import AresKLState
 from mmpo.core.registry import state_class
+from mmpo.core.rollout_correction import rollout_is_weights
 from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions, resolve_device, resolve_precision
 from mmpo.errors import ConfigError, TrainingError
@@ -198,6 +199,11 @@ class Trainer:
         ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
         with ctx:
             gen = self.rollout_engine.generate(self.engine.module, inputs, settings, device=self.device, num_samples=G)
+        if gen.logprobs is None and self.cfg.rollout.is_correction != "none":
+            raise ConfigError(
+                f"rollout.is_correction={self.cfg.rollout.is_correction} needs sampling log-probs, but rollout "
+                f"engine '{self.cfg.rollout.engine}' with options {self.cfg.rollout.engine_options} reports none"
+            )
         return [enc for enc in unique for _ in range(G)], gen
 
     def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:
@@ -413,21 +419,11 @@ class Trainer:
         self, loss_mat: torch.Tensor, logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Compare the engine's sampling log-probs with the trainer's ``pi_old`` (all ``[n, T]``)
-        and, with ``rollout.is_correction``, reweight the per-token loss by the rollout
-        importance ratio ``pi_old / pi_rollout`` (truncated at ``is_cap`` or masked above it)."""
+        and, with ``rollout.is_correction``, reweight the per-token loss by the rollout ratio."""
         r = self.cfg.rollout
-        m = mask.float()
-        n_tok = m.sum().clamp(min=1.0)
-        diff = (logp_old - logp_rollout).detach()
-        metrics = {"rollout/logprob_abs_diff": float((diff.abs() * m).sum() / n_tok)}
-        ratio = diff.clamp(max=20.0).exp()
-        metrics["rollout/is_ratio_mean"] = float((ratio * m).sum() / n_tok)
-        if r.is_correction == "token_tis":
-            loss_mat = loss_mat * ratio.clamp(max=r.is_cap)
-        elif r.is_correction == "token_mis":
-            keep = (ratio <= r.is_cap).to(loss_mat.dtype)
-            metrics["rollout/is_masked_frac"] = float(((1.0 - keep) * m).sum() / n_tok)
-            loss_mat = loss_mat * keep
+        weights, metrics = rollout_is_weights(logp_old, logp_rollout, mask, r.is_correction, r.is_cap)
+        if r.is_correction != "none":
+            loss_mat = loss_mat * weights
         return loss_mat, metrics
 
     def _row_kl_weights(

@@ -95,3 +95,26 @@ def test_same_seed_same_samples_and_top_k_limits_the_support():
     gen = engine.generate(pol.model, inputs, GenerationSettings(1, top_k=2), device=CPU, num_samples=64)
     first = set(gen.completion_ids[:, 0].tolist())
     assert first <= top2 and len(first) == 2
+
+
+@pytest.mark.slow
+def test_training_logs_the_rollout_logprob_check_and_applies_is_correction(tmp_path, tiny_overrides):
+    """The engine's sampling log-probs and the trainer's recomputation agree (float32, CPU), so
+    the truncated-IS weights are 1 and the run matches one without correction."""
+    import json
+    from pathlib import Path
+
+    from mmpo.cli import main
+
+    quick = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    lines = {}
+    for mode in ("none", "token_tis"):
+        run = tmp_path / mode
+        args = ["train", quick, f"output_dir={run}", "trainer.max_steps=2", f"rollout.is_correction={mode}", *tiny_overrides]
+        assert main(args) == 0
+        lines[mode] = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] > 0]
+    for line in lines["token_tis"]:
+        assert line["rollout/logprob_abs_diff"] < 1e-5
+        assert line["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    for a, b in zip(lines["none"], lines["token_tis"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
