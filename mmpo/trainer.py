@@ -209,7 +209,7 @@ class Trainer:
     def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:
         """Sample G completions for each prompt and score them (with DAPO dynamic sampling if on)."""
         r, a = self.cfg.rollout, self.cfg.algorithm
-        settings = GenerationSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        settings = GenerationSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k, min_new_tokens=r.min_new_tokens)
         kept: list[RolloutBatch] = []
         drawn_rewards: list[torch.Tensor] = []
         drawn_components: dict[str, list[torch.Tensor]] = {}

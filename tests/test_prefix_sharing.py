@@ -148,3 +148,16 @@ def test_training_with_and_without_prefix_sharing_gives_the_same_model(tmp_path,
         if k in start:
             moved = max(moved, float((v - start[k]).abs().max()))
     assert moved > 1e-4
+
+
+def test_bench_prefix_sharing_reports_both_passes_per_group_size(capsys):
+    import json
+
+    assert main(["bench", "--prefix-sharing", "--image-size", "112", "--group-sizes", "2,4", "--max-new-tokens", "3", "--steps", "1"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert [r["G"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["image_tokens"] == (112 // 28) ** 2 and r["prompt_tokens"] > r["image_tokens"]
+        for k in ("plain_ref_pass_s", "shared_ref_pass_s", "plain_policy_pass_s", "shared_policy_pass_s"):
+            assert r[k] > 0
+        assert r["ref_pass_speedup"] == pytest.approx(r["plain_ref_pass_s"] / r["shared_ref_pass_s"], rel=0.02)

@@ -118,3 +118,25 @@ def test_training_logs_the_rollout_logprob_check_and_applies_is_correction(tmp_p
         assert line["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     for a, b in zip(lines["none"], lines["token_tis"]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_inverse_cdf_sampler_matches_the_probabilities_and_skips_zero_mass():
+    from mmpo.rollout.engines.hf import _sample
+
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]]).repeat(100_000, 1)
+    freq = torch.bincount(_sample(probs), minlength=5).float() / 100_000
+    assert freq[0] == 0 and freq[2] == 0
+    assert (freq - probs[0]).abs().max() < 0.01  # ~6 standard errors
+
+
+def test_min_new_tokens_keeps_eos_out_until_then():
+    torch.manual_seed(1)
+    pol = _policy("qwen2")
+    _favour_eos(pol, 8.0)  # EOS would almost always come first
+    inputs = pol.collate(_encodings(pol, 2))
+    gen = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(8, min_new_tokens=5), device=CPU, num_samples=4)
+    assert (gen.mask.sum(1) >= 6).all()  # 5 forced tokens, then EOS (counted in the mask)
+    assert (gen.mask.sum(1) <= 7).any()
+    free = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(8), device=CPU, num_samples=4)
+    assert (free.mask.sum(1) <= 2).float().mean() > 0.5

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from mmpo.policies.batching import append_completions, collate_prompts, to_device
 
@@ -62,7 +63,7 @@ class Prefill:
     position of the first token after each prompt."""
 
     last_hidden: torch.Tensor
-    cache: DynamicCache
+    cache: Cache
     mask: torch.Tensor
     start: torch.Tensor
 
@@ -251,8 +252,11 @@ class CausalLMPolicy:
             hidden = torch.cat([hidden, rest], dim=1)
         return self._project(hidden, head, comp_ids, completion_mask, temperature, with_entropy)
 
-    def prefill(self, decoder: torch.nn.Module, prefix: dict[str, torch.Tensor]) -> "Prefill":
-        """Run ``k`` collated (left-padded) prompts ``[k, P]`` through the decoder into a KV cache."""
+    def prefill(
+        self, decoder: torch.nn.Module, prefix: dict[str, torch.Tensor], cache: Cache | None = None
+    ) -> "Prefill":
+        """Run ``k`` collated (left-padded) prompts ``[k, P]`` through the decoder into a KV cache
+        (``cache``, default a new ``DynamicCache``, which keeps autograd through the prompt)."""
         mask = prefix["attention_mask"].long()
         valid = mask.sum(-1)  # [k] prompt tokens without padding
         if self.is_vlm:
@@ -261,7 +265,7 @@ class CausalLMPolicy:
             start = valid + deltas.view(-1).to(valid.device)
         else:
             pos, start = self.position_ids(mask), valid
-        cache = DynamicCache()
+        cache = cache if cache is not None else DynamicCache()
         kwargs = {k: v for k, v in prefix.items() if k != "input_ids"}
         out = decoder(input_ids=prefix["input_ids"], position_ids=pos, cache=cache, use_cache=True, **kwargs)
         return Prefill(last_hidden=out.last_hidden_state[:, -1], cache=cache, mask=mask, start=start)

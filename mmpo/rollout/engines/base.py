@@ -20,6 +20,7 @@ class GenerationSettings:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    min_new_tokens: int = 0  # EOS cannot be sampled before this many tokens
 
 
 @dataclass
