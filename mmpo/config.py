@@ -658,8 +658,9 @@ class RolloutConfig:
 
     engine: str = _opt(
         "hf",
-        help="Rollout engine: 'hf' (transformers generate, CPU/GPU) or 'vllm' (GPU, faster, "
-        "separate install).",
+        help="Rollout engine: 'hf' (KV-cache sampling loop on the trained module; one prefill per "
+        "group, per-row early exit; CPU/GPU) or 'vllm' (a vLLM server in its own environment, "
+        "`make vllm-env`, weights synced after each update; pays off on GPU with real model sizes).",
         registry="mmpo.rollout:ROLLOUT_ENGINES",
     )
     group_size: int = _opt(

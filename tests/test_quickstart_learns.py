@@ -1,6 +1,6 @@
 """The quickstart recipe learns to read the image (a shortened run: colour questions only).
 
-The full recipe (colour + count, 400 steps) is `make quickstart`; its results for 3 seeds are
+The full recipe (colour + count, 250 steps) is `make quickstart`; its results for 3 seeds are
 in the README. This test guards the whole learning path (rollout, reward, GRPO update) on CPU.
 """
 from __future__ import annotations
