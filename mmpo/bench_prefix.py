@@ -30,10 +30,7 @@ def run_prefix_bench(
     """Seconds of one log-prob pass over a group, with and without prefix sharing."""
     pixels = image_size * image_size
     model, proc, info = load_model("tiny:qwen2_vl", seed=seed, tiny_overrides={"max_pixels": pixels})
-    pol = CausalLMPolicy(
-        model, proc, is_vlm=True, never_sample_ids=info.special_token_ids,
-        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id,
-    )
+    pol = CausalLMPolicy.from_info(model, proc, info)
     task = build_task("synthetic_vqa", {"num_train": 4, "image_size": image_size}, seed=seed)
     enc = pol.encode(task.train_sample(0).messages)
     prompt_tokens = int(enc["input_ids"].shape[1])

@@ -54,10 +54,7 @@ def evaluate_checkpoint(cfg: Any, checkpoint: str | None, run_dir: Path) -> dict
     model, processor, info = load_model(
         path, seed=cfg.seed, tiny_overrides=cfg.model.tiny if path.startswith("tiny:") else None, device=device
     )
-    policy = CausalLMPolicy(
-        model, processor, is_vlm=info.is_vlm, never_sample_ids=info.special_token_ids,
-        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id,
-    )
+    policy = CausalLMPolicy.from_info(model, processor, info)
     task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
     samples = task.eval_samples(cfg.eval.num_samples)
     texts = generate_greedy(

@@ -120,14 +120,8 @@ class Trainer:
         self.device = self.engine.device
         if self.ref_model is not None:
             self.ref_model.to(self.device)
-        self.policy = CausalLMPolicy(
-            self.engine.module,
-            processor,
-            is_vlm=info.is_vlm,
-            never_sample_ids=info.special_token_ids,
-            eos_token_ids=info.eos_token_ids,
-            pad_token_id=info.pad_token_id,
-            logprob_chunk_size=cfg.rollout.logprob_chunk_size,
+        self.policy = CausalLMPolicy.from_info(
+            self.engine.module, processor, info, logprob_chunk_size=cfg.rollout.logprob_chunk_size
         )
         self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy, cfg.rollout.engine_options)
         self.task.all_gather = self.engine.all_gather_object

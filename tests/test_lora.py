@@ -25,8 +25,7 @@ ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 def _image_inputs(model, processor, info) -> dict[str, torch.Tensor]:
     """One chat prompt with a 56x56 image: input_ids [1, P], pixel_values [patches, dim], ..."""
-    pol = CausalLMPolicy(model, processor, is_vlm=True, never_sample_ids=info.special_token_ids,
-                         eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id)
+    pol = CausalLMPolicy.from_info(model, processor, info)
     img = Image.new("RGB", (56, 56), (200, 30, 30))
     return pol.encode([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Colour?"}]}])
 

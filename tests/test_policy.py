@@ -13,10 +13,7 @@ from mmpo.tasks import build_task
 
 def _policy(kind: str, chunk: int = 0) -> CausalLMPolicy:
     model, proc, info = load_model(f"tiny:{kind}", seed=0)
-    return CausalLMPolicy(
-        model, proc, is_vlm=info.is_vlm, never_sample_ids=info.special_token_ids,
-        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id, logprob_chunk_size=chunk,
-    )
+    return CausalLMPolicy.from_info(model, proc, info, logprob_chunk_size=chunk)
 
 
 def _samples(n: int, is_vlm: bool):

@@ -14,10 +14,7 @@ CPU = torch.device("cpu")
 
 def _policy(kind: str) -> CausalLMPolicy:
     model, proc, info = load_model(f"tiny:{kind}", seed=0)
-    return CausalLMPolicy(
-        model, proc, is_vlm=info.is_vlm, never_sample_ids=info.special_token_ids,
-        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id,
-    )
+    return CausalLMPolicy.from_info(model, proc, info)
 
 
 def _encodings(pol: CausalLMPolicy, n: int) -> list[dict]:

@@ -48,10 +48,7 @@ EOS_W, NEVER_W, CERTAIN_W = 0.6, 1.5, 4.0  # LM-head column-0 weights (x ~8 afte
 def _tiny_policy(**overrides):
     model, tok, info = load_model("tiny:qwen2", **overrides)
     model.eval()
-    policy = CausalLMPolicy(
-        model, tok, is_vlm=False, never_sample_ids=info.special_token_ids,
-        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id,
-    )
+    policy = CausalLMPolicy.from_info(model, tok, info)
     return model, policy
 
 

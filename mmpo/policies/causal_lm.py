@@ -101,6 +101,14 @@ class CausalLMPolicy:
         self.pad_token_id = pad_token_id
         self.logprob_chunk_size = logprob_chunk_size
 
+    @classmethod
+    def from_info(cls, model: torch.nn.Module, processor: Any, info: Any, **kwargs: Any) -> "CausalLMPolicy":
+        """The policy of a model as ``mmpo.models.load_model`` returns it (``info``: its ModelInfo)."""
+        return cls(
+            model, processor, is_vlm=info.is_vlm, never_sample_ids=info.special_token_ids,
+            eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id, **kwargs,
+        )
+
     # -- prompts --------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Encode one chat prompt (with the generation prompt appended); batch dimension 1."""

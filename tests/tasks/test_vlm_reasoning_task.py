@@ -104,10 +104,7 @@ def policy():
     from mmpo.policies.causal_lm import CausalLMPolicy
 
     model, processor, info = load_model("tiny:qwen2_vl")
-    return CausalLMPolicy(
-        model, processor, is_vlm=True, never_sample_ids=info.special_token_ids,
-        eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id,
-    )
+    return CausalLMPolicy.from_info(model, processor, info)
 
 
 def test_two_images_encode_within_max_pixels(data, policy):
