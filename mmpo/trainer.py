@@ -244,7 +244,9 @@ class Trainer:
             if keep.any():
                 kept.append(batch.select(torch.nonzero(keep).flatten()))
                 n_groups += int(keep.sum()) // r.group_size
-            if n_groups >= r.prompts_per_step or draws >= a.max_draws:
+            done = n_groups >= r.prompts_per_step or draws >= a.max_draws
+            # every rank draws equally often: generation under ZeRO-3 and some rewards are collectives
+            if all(self.engine.all_gather_object(done)):
                 break
         if a.dynamic_sampling and not kept:  # every group was uniform: train on the last draw (zero advantage)
             kept.append(batch)
