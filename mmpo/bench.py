@@ -67,11 +67,11 @@ class PhaseMemory:
 
 def run_bench(cfg: Any, run_dir: Path, *, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
     """Train ``warmup + steps`` steps in a scratch folder and report medians of the measured ones."""
-    from mmpo.trainer import Trainer
+    from mmpo.tasks import trainer_class_for
 
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=warmup + steps, save_every=0))
     with tempfile.TemporaryDirectory(prefix="mmpo-bench-") as tmp:
-        trainer = Trainer(cfg, Path(tmp))
+        trainer = trainer_class_for(cfg.task.name)(cfg, Path(tmp))
         mem = PhaseMemory(trainer.device)
         trainer.phase_hook = mem.phase
         rows: list[dict[str, float]] = []
@@ -90,12 +90,14 @@ def run_bench(cfg: Any, run_dir: Path, *, steps: int = 5, warmup: int = 1) -> di
         "model": cfg.model.path,
         "device": device_name,
         "precision": trainer.engine.precision,
-        "rows_per_step": trainer._rows_per_step(),
+        "rows_per_step": trainer.rows_per_step() if hasattr(trainer, "rows_per_step") else trainer._rows_per_step(),
         "steps": steps,
         "s_per_step": round(med["step_time_s"], 4),
         "rollout_s": round(med["rollout_s"], 4),
         "reward_s": round(med["reward_s"], 4),
         "update_s": round(med["update_s"], 4),
+        # the whole step as a multiple of sampling the group alone (diffusion: the SDE rollout)
+        "step_over_rollout": round(med["step_time_s"] / max(med["rollout_s"], 1e-9), 2),
         "peak_mb": {p: round(mem.peak.get(p, 0.0), 1) for p in PHASES},
         "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_rss",
     }

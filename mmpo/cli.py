@@ -28,11 +28,11 @@ def _load(config: str, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmpo.trainer import Trainer
+    from mmpo.tasks import trainer_class_for
 
     cfg = _load(args.config, args.overrides)
     run_dir = _run_dir(cfg, args.config)
-    trainer = Trainer(cfg, run_dir)
+    trainer = trainer_class_for(cfg.task.name)(cfg, run_dir)
     if trainer.resumed_from is not None and trainer.engine.is_main:
         print(f"resuming from {trainer.resumed_from}", flush=True)
     result = trainer.train()
@@ -61,10 +61,12 @@ def _split_checkpoint(overrides: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from mmpo.evaluate import evaluate_checkpoint
+    from mmpo.tasks import trainer_class_for
 
     checkpoint, overrides = _split_checkpoint(args.overrides)
     cfg = _load(args.config, overrides)
-    result = evaluate_checkpoint(cfg, checkpoint, _run_dir(cfg, args.config))
+    own = getattr(trainer_class_for(cfg.task.name), "evaluate_checkpoint", None)  # e.g. diffusion tasks
+    result = (own or evaluate_checkpoint)(cfg, checkpoint, _run_dir(cfg, args.config))
     print(json.dumps(result["metrics"]))
     print(f"predictions: {result['predictions']}")
     return 0
@@ -147,6 +149,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
+    from mmpo.tiny_diffusion import TINY_DIFFUSION_KINDS, save_tiny_pipeline
+
+    if args.kind in TINY_DIFFUSION_KINDS:  # a diffusers pipeline folder
+        path = save_tiny_pipeline(args.kind, args.folder, seed=args.seed)
+        print(f"Wrote tiny '{args.kind}' diffusers pipeline (seed {args.seed}) to {path}: "
+              f"{', '.join(sorted(p.name for p in path.iterdir()))}.")
+        return 0
     from mmpo.tiny import tiny_main
 
     return tiny_main(args.kind, args.folder, seed=args.seed)
@@ -196,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
     ls = sub.add_parser("tasks", help="list registered task plugins")
     ls.set_defaults(fn=cmd_tasks)
-    ty = sub.add_parser("tiny", help="write an offline tiny model: mmpo tiny KIND FOLDER")
+    ty = sub.add_parser("tiny", help="write an offline tiny model or pipeline: mmpo tiny KIND FOLDER (qwen2, qwen3, qwen2_vl, qwen2_5_vl, sd3, flux, sd)")
     ty.add_argument("kind")
     ty.add_argument("folder")
     ty.add_argument("--seed", type=int, default=0)

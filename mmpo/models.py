@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -99,36 +99,46 @@ def _tiny_folder(kind: str, seed: int, overrides: dict[str, Any], builder: Any) 
     return tiny_cache_root() / f"{kind}-seed{seed}-{h.hexdigest()[:12]}"
 
 
-def ensure_tiny(kind: str, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
-    """Write tiny model `kind` to its cache folder unless it is there; returns the folder.
+def write_cache_folder(folder: Path, marker: str, write: Callable[[Path], Any], what: str = "Tiny model") -> Path:
+    """Run ``write(tmp)`` unless ``folder/marker`` exists, then rename ``tmp`` to `folder`.
 
-    Written into a temporary folder next to it and renamed, so concurrent processes are safe:
-    the first rename wins and the others discard their copy.
+    ``tmp`` is a fresh folder next to `folder`, so concurrent processes are safe: the first
+    rename wins and the others discard their copy. A `folder` without `marker` (an interrupted
+    write) raises a ConfigError asking to delete it.
     """
-    from mmpo.tiny import TINY_KINDS, save_tiny
-
-    overrides = dict(overrides or {})
-    builder = TINY_KINDS.get(kind)  # UnknownNameError (a ConfigError) lists the valid kinds
-    folder = _tiny_folder(kind, seed, overrides, builder)
-    if (folder / "config.json").is_file():
+    if (folder / marker).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        save_tiny(kind, tmp, seed=seed, **overrides)
+        write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private
         try:
             os.rename(tmp, folder)
         except OSError:
-            if not (folder / "config.json").is_file():  # not another process's finished copy
+            if not (folder / marker).is_file():  # not another process's finished copy
                 raise ConfigError(
-                    f"Tiny model cache folder '{folder}' exists without config.json (an interrupted "
+                    f"{what} cache folder '{folder}' exists without {marker} (an interrupted "
                     "write?); delete it and try again."
                 ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def ensure_tiny(kind: str, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
+    """Write tiny model `kind` to its cache folder unless it is there; returns the folder.
+
+    Written into a temporary folder next to it and renamed (`write_cache_folder`), so
+    concurrent processes are safe: the first rename wins and the others discard their copy.
+    """
+    from mmpo.tiny import TINY_KINDS, save_tiny
+
+    overrides = dict(overrides or {})
+    builder = TINY_KINDS.get(kind)  # UnknownNameError (a ConfigError) lists the valid kinds
+    folder = _tiny_folder(kind, seed, overrides, builder)
+    return write_cache_folder(folder, "config.json", lambda tmp: save_tiny(kind, tmp, seed=seed, **overrides))
 
 
 def _read_config(folder: Path, shown: str) -> dict[str, Any]:

@@ -71,6 +71,15 @@ class Task:
     class Config:
         pass
 
+    @classmethod
+    def trainer_class(cls) -> type:
+        """The trainer that runs this task (default: the token-policy GRPO trainer); a plugin whose
+        action units are not tokens (denoising steps, initial noise, env actions) returns its own
+        subclass of :class:`mmpo.loop.TrainerBase`."""
+        from mmpo.trainer import Trainer
+
+        return Trainer
+
     def __init__(self, config: Any, *, seed: int = 0) -> None:
         self.config = config
         self.seed = seed
@@ -155,6 +164,11 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS.get(name)
 
 
+def trainer_class_for(task_name: str) -> type:
+    """The trainer class of task ``task_name`` (see :meth:`Task.trainer_class`)."""
+    return get_task_class(task_name).trainer_class()
+
+
 def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
     """Instantiate task ``name`` with its options validated against the task's ``Config``."""
     from mmpo.config import from_dict
@@ -164,4 +178,4 @@ def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
     return cls(cfg, seed=seed)
 
 
-__all__ = ["Sample", "RewardOutput", "RolloutView", "Task", "TASKS", "load_plugins", "get_task_class", "build_task"]
+__all__ = ["Sample", "RewardOutput", "RolloutView", "Task", "TASKS", "load_plugins", "get_task_class", "build_task", "trainer_class_for"]

@@ -8,26 +8,23 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mmpo import checkpoint as ckpt
-from mmpo.config import RunConfig, check_options, save_config
-from mmpo.core import ADVANTAGES, GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, POLICY_LOSSES, aggregate
+from mmpo.config import RunConfig, check_options
+from mmpo.core import GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, aggregate
 from mmpo.core import ares
 from mmpo.core.ares import AresKLState
 from mmpo.core.registry import state_class
 from mmpo.core.rollout_correction import rollout_is_weights
-from mmpo.data import PromptSampler
-from mmpo.engine import Engine, EngineOptions, resolve_device, resolve_precision
-from mmpo.errors import ConfigError, TrainingError
+from mmpo.engine import Engine, EngineOptions
+from mmpo.errors import ConfigError
+from mmpo.loop import TrainerBase
 from mmpo.evaluate import generate_greedy
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
@@ -36,17 +33,7 @@ from mmpo.rollout import filters
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.filters import check_filters, dynamic_options
 from mmpo.rollout.engines.base import Generation, GenerationSettings
-from mmpo.tasks import RolloutView, Sample, build_task
-from mmpo.tracking import Tracker
-
-TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s", "weight_sync_s")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
+from mmpo.tasks import RolloutView, Sample
 
 @dataclass
 class StepClock:
@@ -57,25 +44,15 @@ class StepClock:
     update: float = 0.0
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """GRPO-family trainer for token policies (text LMs and VLMs)."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        seed_everything(cfg.seed)
-        device = resolve_device(cfg.device)
-        precision = resolve_precision(cfg.precision, device)
-
         # -- task and objective first: config mistakes fail before any model loads --------
-        self.task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        device, precision = self._setup(cfg, run_dir)
         a = cfg.algorithm
-        self.advantage_fn = ADVANTAGES.get(a.advantage)
-        self.loss_fn = POLICY_LOSSES.get(a.loss)
         self.kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
         self.kl_schedule = KL_SCHEDULES.get(a.kl_schedule)
-        check_options(self.advantage_fn, a.advantage_options, "algorithm.advantage_options", ("state", "prompt_keys"))
-        check_options(self.loss_fn, a.loss_options, "algorithm.loss_options")
         check_options(self.kl_schedule, a.kl_options, "algorithm.kl_options", ("state", "kl"))
         check_filters(a.filters)
         # -- model, reference, engine -------------------------------------------------------
@@ -125,9 +102,7 @@ class Trainer:
         )
         self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy, cfg.rollout.engine_options)
         self.task.all_gather = self.engine.all_gather_object
-        self.sampler = PromptSampler(
-            self.task.num_train(), seed=cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
-        )
+        self._make_sampler()
 
         self.states: dict[str, Any] = {}
         for key, fn in (("advantage", self.advantage_fn), ("kl_schedule", self.kl_schedule)):
@@ -135,20 +110,9 @@ class Trainer:
             if cls is not None:
                 self.states[key] = cls()
         self._eval_samples: list[Sample] | None = None
-        self.phase_hook = lambda name: nullcontext()  # `mmpo bench` attributes memory to phases
 
-        # -- bookkeeping ----------------------------------------------------------------------
-        self.step = 0
-        self.bad_steps = 0
         self.last_kl = 0.0
-        self.resumed_from: Path | None = None
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if latest is not None:
-            self._load_checkpoint(latest)
-        if self.engine.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.tracker = Tracker(self.run_dir, cfg.trainer.max_steps, start_step=self.step, enabled=self.engine.is_main)
+        self._start()
 
     # ------------------------------------------------------------------------------------------
     # sizes
@@ -354,19 +318,10 @@ class Trainer:
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v
                     counts += 1
-                result = self.engine.step()
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + (result.grad_norm if math.isfinite(result.grad_norm) else 0.0)
-                if result.skipped:
-                    self.bad_steps += 1
+                grad_norm, skipped = self.optimizer_step(step)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+                if skipped:
                     sums["skipped_updates"] = sums.get("skipped_updates", 0.0) + 1
-                    if self.bad_steps >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"{self.bad_steps} updates in a row had a non-finite loss or gradient "
-                            f"(trainer.max_bad_steps={t.max_bad_steps}); stopping at step {step}. "
-                            "Lower trainer.lr, set trainer.max_grad_norm, or check the rewards."
-                        )
-                else:
-                    self.bad_steps = 0
         out = {k: v / max(1, counts) for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")}
         out["grad_norm"] = sums.get("grad_norm", 0.0) / (t.update_epochs * n_minibatches)
         out["skipped_updates"] = sums.get("skipped_updates", 0.0)
@@ -479,38 +434,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
-    def save_checkpoint(self) -> Path:
-        """Everything an exact resume needs, written atomically; keeps the last K."""
-        with ckpt.atomic_checkpoint(self.run_dir, self.step, enabled=self.engine.is_main, barrier=self.engine.barrier) as folder:
-            self.engine.save(folder / "engine")
-            if self.engine.is_main:
-                state = {
-                    "step": self.step,
-                    "bad_steps": self.bad_steps,
-                    "last_kl": self.last_kl,
-                    "sampler": self.sampler.state_dict(),
-                    "states": {k: v.state_dict() for k, v in self.states.items()},
-                    "task": self.task.state_dict(),
-                }
-                ckpt.save_json(folder / "trainer_state.json", state)
-            ckpt.save_rng(folder, name=f"rng_rank{self.engine.rank}")
-        if self.engine.is_main:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
-        return ckpt.checkpoint_dir(self.run_dir, self.step)
+    def trainer_state(self) -> dict[str, Any]:
+        return {**super().trainer_state(), "last_kl": self.last_kl}
 
-    def _load_checkpoint(self, folder: Path) -> None:
-        self.engine.load(folder / "engine")
-        state = ckpt.load_json(folder / "trainer_state.json")
-        self.step = int(state["step"])
-        self.bad_steps = int(state["bad_steps"])
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        super().load_trainer_state(state)
         self.last_kl = float(state["last_kl"])
-        self.sampler.load_state_dict(state["sampler"])
-        for k, v in state["states"].items():
-            self.states[k].load_state_dict(v)
-        self.task.load_state_dict(state.get("task", {}))
-        name = f"rng_rank{self.engine.rank}"
-        ckpt.load_rng(folder, name=name if (folder / f"{name}.json").exists() else "rng_rank0")
-        self.resumed_from = folder
 
     def save_final_model(self) -> None:
         """``model/``: a save_pretrained folder; with LoRA the adapter, plus ``model/merged/``."""
@@ -565,35 +494,10 @@ class Trainer:
         metrics.setdefault("kl", 0.0)  # KL to the reference; 0 when beta is 0 (no reference pass)
         metrics.update({"rollout_s": clock.rollout, "reward_s": clock.reward, "update_s": clock.update})
         metrics["step_time_s"] = time.perf_counter() - t0
-        return {k: self.engine.all_reduce_mean(v) if k not in TIMING_KEYS else v for k, v in metrics.items()}
+        return self.reduce_metrics(metrics)
 
-    def train(self) -> dict[str, Any]:
-        """Run until ``trainer.max_steps`` (resuming from the newest checkpoint in the run folder)."""
-        t = self.cfg.trainer
-        started = time.perf_counter()
-        if self.step == 0 and t.eval_at_start:
-            self.tracker.log(0, self.evaluate())
-        last_eval: dict[str, float] = {}
-        while self.step < t.max_steps:
-            metrics = self.train_step(self.step)
-            self.step += 1
-            at_end = self.step == t.max_steps
-            out_of_time = bool(t.time_limit_s) and time.perf_counter() - started > t.time_limit_s
-            if (t.eval_every and self.step % t.eval_every == 0) or at_end or out_of_time:
-                te = time.perf_counter()
-                last_eval = self.evaluate()
-                metrics.update(last_eval)
-                metrics["eval_s"] = time.perf_counter() - te
-            if self.step % t.log_every == 0 or at_end or last_eval:
-                self.tracker.log(self.step, metrics)
-            if (t.save_every and self.step % t.save_every == 0) or at_end or out_of_time:
-                self.save_checkpoint()
-            if out_of_time:
-                break
-        self.save_final_model()
+    def close(self) -> None:
         self.rollout_engine.close()
-        plot = self.tracker.close()
-        return {"run_dir": str(self.run_dir), "plot": str(plot) if plot else None, "eval": last_eval, "step": self.step}
 
 
 def _split(rows: torch.Tensor, parts: int) -> list[torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Run under torchrun: train a config with the real Trainer, then every rank writes its full
+"""Run under torchrun: train a config with its task's real trainer, then every rank writes its full
 parameters (gathered under ZeRO-3) to OUT/rank{R}.safetensors.
 
     torchrun --nproc-per-node 2 tests/helpers/train_and_dump.py OUT CONFIG [key=value ...]
@@ -12,13 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 from mmpo.config import load_config
-from mmpo.trainer import Trainer
+from mmpo.tasks import trainer_class_for
 
 
 def main() -> None:
     out, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, Path(cfg.output_dir))
+    trainer = trainer_class_for(cfg.task.name)(cfg, Path(cfg.output_dir))
     trainer.train()
     with trainer.engine.gathered_params():
         params = {n: p.detach().float().cpu().clone() for n, p in trainer.engine.module.named_parameters()}

@@ -1,0 +1,217 @@
+"""The shared half of the diffusion trainers: a loaded pipeline, a group of images per prompt,
+image rewards, group-relative advantages, evaluation with PNG grids, and saving.
+
+Subclasses decide what the policy is (the denoiser's SDE steps, Flow/Chunk-GRPO; or the
+initial-noise distribution, FIND): ``build_trainable``, ``rollout`` (sample + reward),
+``update`` and ``save_final_model``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmpo.config import RunConfig
+from mmpo.core.registry import state_class
+from mmpo.diffusion.images import save_image_grid
+from mmpo.diffusion.pipeline import DiffusionModel, PromptEmbeds
+from mmpo.engine import Engine, EngineOptions
+from mmpo.errors import ConfigError
+from mmpo.loop import TrainerBase, seeded_generator
+from mmpo.tasks import RewardOutput, Sample
+
+
+class DiffusionTrainerBase(TrainerBase):
+    """See the module docstring. The task must be a ``TextToImageTask`` (``reward_images``)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+        device, precision = self._setup(cfg, run_dir)
+        if not hasattr(self.task, "reward_images"):
+            raise ConfigError(f"task {cfg.task.name!r} does not produce image rewards; it cannot run on a diffusion trainer")
+        a = cfg.algorithm
+        if a.dynamic_sampling or a.filters:
+            raise ConfigError("algorithm.dynamic_sampling / algorithm.filters are not supported by the diffusion trainers yet")
+        # frozen parts in bf16 under bf16 precision; the trained weights stay float32 (autocast)
+        weights_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.model = DiffusionModel.load(
+            cfg.model.path, device=device, dtype=weights_dtype, seed=cfg.seed, tiny_overrides=cfg.model.tiny
+        )
+        s = self.task.config.sampling
+        self.height = s.height or self.model.default_size()
+        self.width = s.width or self.model.default_size()
+        self.model.latent_shape(self.height, self.width)  # checks the size early
+        trainable = self.build_trainable()
+        t = cfg.trainer
+        self.engine = Engine.build(
+            trainable,
+            EngineOptions(
+                lr=t.lr, weight_decay=t.weight_decay, adam_betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
+                lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
+                total_steps=t.max_steps * t.update_epochs * self.minibatches(), grad_accum_steps=1,
+                micro_batch_size=self.micro_batch_size(), device=cfg.device, precision=precision,
+                deepspeed_config=cfg.deepspeed,
+            ),
+        )
+        self.device = self.engine.device
+        self.task.all_gather = self.engine.all_gather_object
+        self._make_sampler()
+        self.states: dict[str, Any] = {}
+        cls = state_class(self.advantage_fn)
+        if cls is not None:
+            self.states["advantage"] = cls()
+        self._start()
+
+    # -- sizes ------------------------------------------------------------------------------------
+    def rows_per_step(self) -> int:
+        return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+
+    def minibatches(self) -> int:
+        mb = self.cfg.trainer.minibatch_size or self.rows_per_step()
+        return -(-self.rows_per_step() // mb)
+
+    def micro_batch_size(self) -> int:
+        return self.cfg.trainer.micro_batch_size or self.cfg.trainer.minibatch_size or self.rows_per_step()
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def build_trainable(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def generate(self, samples: list[Sample], cond: PromptEmbeds, *, eval_mode: bool, generator: torch.Generator) -> Any:
+        """Sample one image per row of ``samples``; returns an object with ``.images [N, 3, H, W]``."""
+        raise NotImplementedError
+
+    # -- shared pieces ------------------------------------------------------------------------------
+    def condition(self, samples: list[Sample]) -> PromptEmbeds:
+        return self.model.encode([s.meta["prompt"] for s in samples], negative_prompt=self.task.config.sampling.negative_prompt)
+
+    def draw_prompts(self) -> tuple[list[Sample], torch.Tensor]:
+        """``prompts_per_step`` samples, each repeated G times (prompt-major), and ``group_ids [N]``."""
+        r = self.cfg.rollout
+        prompts = [self.task.train_sample(i) for i in self.sampler.next(r.prompts_per_step)]
+        rows = [p for p in prompts for _ in range(r.group_size)]
+        return rows, torch.arange(len(prompts)).repeat_interleave(r.group_size)
+
+    def score(self, images: torch.Tensor, rows: list[Sample]) -> RewardOutput:
+        out = self.task.reward_images(images, rows)
+        if not torch.isfinite(out.rewards).all():
+            bad = [rows[i].meta["prompt"] for i in torch.nonzero(~torch.isfinite(out.rewards)).flatten().tolist()]
+            raise ConfigError(f"a reward component returned a non-finite reward for prompts {bad[:3]}")
+        return out
+
+    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, rows: list[Sample]) -> torch.Tensor:
+        opts = dict(self.cfg.algorithm.advantage_options)
+        if "advantage" in self.states:
+            opts["state"] = self.states["advantage"]
+            if self.cfg.algorithm.advantage == "dcpo_sas":
+                opts.setdefault("prompt_keys", [s.meta["prompt"] for s in rows])
+        return self.advantage_fn(rewards.float(), group_ids, **opts).float()
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def eval_images(self, n: int) -> tuple[list[Sample], torch.Tensor]:
+        """The first ``n`` evaluation prompts and their deterministic images ``[n, 3, H, W]``, each
+        from fixed noise (seeded by ``task.eval_seed`` and its position, whatever the world size);
+        the global RNG is left untouched. Collective under several processes."""
+        e = self.cfg.eval
+        samples = self.task.eval_samples(n)
+        rank, world = self.engine.rank, self.engine.world_size
+        per_rank = -(-len(samples) // world)
+        first = rank * per_rank
+        mine = samples[first : first + per_rank]
+        todo = mine or samples[:1]  # every rank runs the same collectives
+        images = []
+        state = torch.get_rng_state()
+        with torch.no_grad(), self.engine.gathered_params():
+            for s in range(0, len(todo), e.batch_size):
+                part = todo[s : s + e.batch_size]
+                gen = seeded_generator(self.task.config.eval_seed + first + s, self.device)
+                images.append(self.generate(part, self.condition(part), eval_mode=True, generator=gen).images.cpu())
+        torch.set_rng_state(state)
+        gathered = self.engine.all_gather_object(torch.cat(images)[: len(mine)])
+        return samples, torch.cat([g for g in gathered if len(g)])[: len(samples)]
+
+    def evaluate(self) -> dict[str, float]:
+        """Reward components of the evaluation images as ``eval/<name>``, and a PNG grid
+        ``images/eval_step<k>.png`` (one image per prompt)."""
+        if self.cfg.eval.num_samples == 0:
+            return {}
+        samples, images = self.eval_images(self.cfg.eval.num_samples)
+        out = self.task.reward_images(images, samples)
+        if self.engine.is_main:
+            save_image_grid(images, self.run_dir / "images" / f"eval_step{self.step:06d}.png")
+        metrics = {"reward": float(out.rewards.mean())}
+        metrics.update({k: float(v.float().mean()) for k, v in out.components.items()})
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    # -- `mmpo eval` ----------------------------------------------------------------------------------
+    @classmethod
+    def eval_config(cls, cfg: RunConfig, model_dir: Path) -> RunConfig:
+        """The run config with which a trained ``model_dir`` (a run's ``model/``) is evaluated."""
+        return cfg
+
+    def load_final_model(self, model_dir: Path) -> None:
+        """Load what :meth:`save_final_model` wrote beyond ``eval_config``'s model path."""
+
+    @classmethod
+    def evaluate_checkpoint(cls, cfg: RunConfig, checkpoint: str | None, run_dir: Path) -> dict[str, Any]:
+        """``mmpo eval`` of a diffusion recipe: deterministic images of the evaluation prompts from the
+        trained model of ``checkpoint`` (a run folder or its ``model/``; default: the config's
+        untrained model.path), scored by the task's rewards. Writes ``<run_dir>/eval/``:
+        ``images.png`` (a grid), ``predictions.jsonl`` (each prompt's reward components) and
+        ``metrics.json``."""
+        import dataclasses
+        import json
+        import tempfile
+
+        from mmpo.checkpoint import save_json
+
+        model_dir = None
+        if checkpoint:
+            path = Path(checkpoint)
+            model_dir = path / "model" if (path / "model").is_dir() else path
+            if not model_dir.is_dir():
+                raise ConfigError(f"checkpoint='{checkpoint}' is neither a run folder (with model/) nor a model folder")
+            cfg = cls.eval_config(cfg, model_dir)
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=1))
+        with tempfile.TemporaryDirectory(prefix="mmpo-eval-") as tmp:
+            trainer = type(cls.__name__, (cls,), {"track": False})(cfg, Path(tmp))
+            if model_dir is not None:
+                trainer.load_final_model(model_dir)
+            samples, images = trainer.eval_images(cfg.eval.num_samples)
+            out = trainer.task.reward_images(images, samples)
+        out_dir = Path(run_dir) / "eval"
+        save_image_grid(images, out_dir / "images.png")
+        pred_path = out_dir / "predictions.jsonl"
+        tmp_path = pred_path.with_suffix(".jsonl.tmp")
+        with open(tmp_path, "w") as f:
+            for i, s in enumerate(samples):
+                row = {"id": s.id, "prompt": s.meta["prompt"], "reward": float(out.rewards[i])}
+                row.update({k: float(v[i]) for k, v in out.components.items()})
+                f.write(json.dumps(row) + "\n")
+        tmp_path.replace(pred_path)
+        metrics = {"reward": float(out.rewards.mean()), **{k: float(v.float().mean()) for k, v in out.components.items()}}
+        save_json(out_dir / "metrics.json", {"checkpoint": str(model_dir or cfg.model.path), **metrics})
+        return {"metrics": metrics, "predictions": str(pred_path), "images": str(out_dir / "images.png")}
+
+    # -- one step -----------------------------------------------------------------------------------
+    def rollout(self) -> tuple[Any, dict[str, float]]:
+        raise NotImplementedError
+
+    def update(self, batch: Any, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        with self.phase_hook("rollout"):
+            batch, metrics = self.rollout()
+        t1 = time.perf_counter()
+        with self.phase_hook("update"):
+            metrics.update(self.update(batch, step))
+        metrics["update_s"] = time.perf_counter() - t1
+        metrics["step_time_s"] = time.perf_counter() - t0
+        metrics["lr"] = self.engine.lr()
+        return self.reduce_metrics(metrics)
+
+
+__all__ = ["DiffusionTrainerBase"]

@@ -1,0 +1,211 @@
+"""Image reward components for text-to-image RL (diffusion plugins), registered in ``IMAGE_REWARDS``.
+
+Every component is a class built from keyword options (a dataclass) and called as
+
+    ``component(images [N, 3, H, W] float32 RGB in [0, 1], prompts: N strings, metas: N dicts) -> [N]``
+
+returning float32 rewards (higher is better) on the images' device. ``metas[i]`` holds the
+per-prompt data of row ``i`` (e.g. ``{"color": "red"}`` from a JSONL prompt file).
+
+A config lists components as ``rewards: [{name: target_color, weight: 1.0, meta_key: color}, ...]``;
+:func:`build_image_rewards` validates the list and returns an :class:`ImageRewardSet` whose call
+computes every component and combines them with :func:`mmpo.rewards.combine.weighted_sum`
+(every component is logged under its key: ``key:`` if given, else its name, with suffixes
+``_1, _2, ...`` when a name occurs more than once).
+
+Registered here (importing this module registers them all; open_clip and requests are imported
+only when a component needs them): ``target_color``, ``brightness``, ``shape_at``
+(:mod:`mmpo.rewards.image_verifiable`), ``clip_score`` (:mod:`mmpo.rewards.clip_score`),
+``reward_server`` (:mod:`mmpo.rewards.reward_server`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from mmpo.core.registry import Registry
+from mmpo.errors import ConfigError, UnknownNameError
+from mmpo.rewards.combine import weighted_sum
+from mmpo.tasks import RewardOutput
+
+IMAGE_REWARDS: Registry = Registry("image reward")
+Metas = Sequence[Mapping[str, Any]]  # N per-prompt dicts
+_SPEC_KEYS = ("name", "weight", "key")
+
+
+class OptionError(ConfigError):
+    """A component option has a wrong value; ``str()`` is ``"<option>: <why>"``."""
+
+    def __init__(self, option: str, why: str) -> None:
+        self.option, self.why = option, why
+        super().__init__(f"{option}: {why}")
+
+
+class ImageReward:
+    """Base class of image reward components (subclasses are dataclasses of their options)."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metas: Metas) -> torch.Tensor:
+        """images [N, 3, H, W] float in [0, 1], N prompts, N metas -> rewards [N] float32."""
+        raise NotImplementedError
+
+
+def component_options(cls: type) -> tuple[list[str], list[str]]:
+    """(all option names, required option names) of a component class (its dataclass init fields)."""
+    fields = [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+    missing = dataclasses.MISSING
+    required = [f.name for f in fields if f.default is missing and f.default_factory is missing]
+    return [f.name for f in fields], required
+
+
+# ---- option checks shared by the components (raise OptionError naming the option) ----
+
+
+def float_option(value: Any, option: str, lo: float | None = None, hi: float | None = None) -> float:
+    """A finite number within [lo, hi] (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise OptionError(option, f"must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise OptionError(option, f"must be in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def int_option(value: Any, option: str, lo: int = 1) -> int:
+    """An integer >= lo (bools are rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise OptionError(option, f"must be an integer >= {lo}, got {value!r}")
+    return value
+
+
+def str_option(value: Any, option: str, optional: bool = False) -> str | None:
+    """A non-empty string (or None when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise OptionError(option, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_batch(images: torch.Tensor, prompts: Sequence[str], metas: Metas | None) -> list[Mapping[str, Any]]:
+    """Validate a batch (images [N, 3, H, W] floating, N prompts, N metas); returns the metas (``None`` -> N ``{}``)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a tensor [N, 3, H, W] (RGB in [0, 1]), got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+    n = images.shape[0]
+    if len(prompts) != n:
+        raise ValueError(f"got {n} images but {len(prompts)} prompts")
+    metas = [{} for _ in range(n)] if metas is None else list(metas)
+    if len(metas) != n:
+        raise ValueError(f"got {n} images but {len(metas)} metas")
+    bad = [i for i, m in enumerate(metas) if not isinstance(m, Mapping)]
+    if bad:
+        raise ValueError(f"metas must be dicts; metas[{bad[0]}] is {type(metas[bad[0]]).__name__}")
+    return metas
+
+
+class ImageRewardSet:
+    """Weighted image reward components; ``__call__`` -> :class:`mmpo.tasks.RewardOutput`.
+
+    ``components`` maps each key (the name logged) to its component, ``weights`` each key to
+    its weight. ``rewards [N] = sum_k weights[k] * components[k](images, prompts, metas)``.
+    """
+
+    def __init__(self, components: Mapping[str, ImageReward], weights: Mapping[str, float]) -> None:
+        self.components, self.weights = dict(components), dict(weights)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metas: Metas | None = None) -> RewardOutput:
+        """images [N, 3, H, W] in [0, 1], N prompts, N metas (or None) -> RewardOutput (rewards [N], components)."""
+        metas = check_batch(images, prompts, metas)
+        n, out = images.shape[0], {}
+        for key, comp in self.components.items():
+            r = torch.as_tensor(comp(images, list(prompts), metas))
+            if tuple(r.shape) != (n,):
+                raise ValueError(f"image reward '{key}' returned shape {tuple(r.shape)}, expected [{n}]")
+            out[key] = r.to(device=images.device, dtype=torch.float32)
+        return weighted_sum(out, self.weights)
+
+    def __repr__(self) -> str:
+        return f"ImageRewardSet({', '.join(f'{k}*{w:g}' for k, w in self.weights.items())})"
+
+
+def build_image_rewards(specs: Sequence[Mapping[str, Any]], where: str = "task.rewards") -> ImageRewardSet:
+    """Build an :class:`ImageRewardSet` from config specs ``[{name, weight=1.0, key=None, **options}]``.
+
+    Every problem is a ConfigError naming ``<where>[i]`` (and the key): not a dict, missing or
+    unknown ``name``, bad ``weight``, unknown option (listing the valid ones), missing required
+    option, bad option value, duplicate ``key``.
+    """
+    if isinstance(specs, Mapping) or not isinstance(specs, Sequence) or isinstance(specs, str) or not specs:
+        raise ConfigError(f"{where} must be a non-empty list of {{name: ..., weight: ...}} entries, got {specs!r}")
+    built: list[tuple[str, str | None, ImageReward, float]] = []
+    for i, spec in enumerate(specs):
+        at = f"{where}[{i}]"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{at} must be a mapping like {{name: target_color, weight: 1.0}}, got {spec!r}")
+        if "name" not in spec:
+            raise ConfigError(f"{at}.name is missing; valid names: {', '.join(IMAGE_REWARDS.names())}")
+        name = spec["name"]
+        try:
+            cls = IMAGE_REWARDS.get(name)
+        except UnknownNameError as exc:
+            raise UnknownNameError(f"{at}.name: {exc}") from None
+        try:
+            weight = float_option(spec.get("weight", 1.0), "weight")
+            key = str_option(spec.get("key"), "key", optional=True)
+        except OptionError as exc:
+            raise ConfigError(f"{at}.{exc}") from None
+        options = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
+        valid, required = component_options(cls)
+        for k in options:
+            if k not in valid:
+                raise ConfigError(
+                    f"{at}.{k}: unknown option of image reward '{name}'; valid options: "
+                    f"{', '.join([*_SPEC_KEYS, *valid])}"
+                )
+        absent = [k for k in required if k not in options]
+        if absent:
+            raise ConfigError(f"{at}.{absent[0]} is required for image reward '{name}'")
+        try:
+            comp = cls(**options)
+        except OptionError as exc:
+            raise ConfigError(f"{at}.{exc.option}: {exc.why}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{at} ({name}): {exc}") from None
+        built.append((name, key, comp, weight))
+
+    explicit = [k for _, k, _, _ in built if k is not None]
+    dup = [k for k, c in Counter(explicit).items() if c > 1]
+    if dup:
+        raise ConfigError(f"{where}: key {dup[0]!r} is used by more than one reward; keys must be unique")
+    counts = Counter(name for name, key, _, _ in built if key is None)
+    seen: Counter = Counter()
+    components: dict[str, ImageReward] = {}
+    weights: dict[str, float] = {}
+    for i, (name, key, comp, weight) in enumerate(built):
+        if key is None:
+            seen[name] += 1
+            key = f"{name}_{seen[name]}" if counts[name] > 1 else name
+        if key in components:
+            raise ConfigError(f"{where}[{i}]: reward key {key!r} clashes with another reward; set distinct `key:`s")
+        components[key], weights[key] = comp, weight
+    return ImageRewardSet(components, weights)
+
+
+# Register the components (their modules import IMAGE_REWARDS and the helpers defined above).
+from mmpo.rewards import clip_score, image_verifiable, reward_server  # noqa: E402,F401
+
+__all__ = [
+    "IMAGE_REWARDS",
+    "ImageReward",
+    "ImageRewardSet",
+    "Metas",
+    "OptionError",
+    "build_image_rewards",
+    "check_batch",
+    "component_options",
+]

@@ -1,0 +1,1 @@
+"""Diffusion plugins: Chunk-GRPO / Flow-GRPO on the denoiser, FIND on the initial noise."""
