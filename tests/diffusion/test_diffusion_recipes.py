@@ -244,3 +244,20 @@ def test_chunk_sizes_not_summing_to_the_steps(tmp_path, capsys):
 def test_missing_prompts_file(tmp_path, capsys):
     err = _error(capsys, "chunk_grpo", tmp_path, f"task.prompts={tmp_path / 'nowhere.jsonl'}")
     assert "task.prompts" in err and "nowhere.jsonl" in err and "does not exist" in err
+
+
+@pytest.mark.slow
+def test_flow_grpo_with_clip_score_and_a_colour_reward_logs_both_and_their_weighted_sum(tmp_path):
+    """CLIP score (open_clip, local weights) and a verifiable reward in one run: each component is
+    logged, and the reward is their weighted sum (checked on the evaluation images)."""
+    from mmpo.rewards.clip_score import build_tiny_clip
+
+    config, weights = build_tiny_clip(tmp_path / "clip")
+    rewards = (f"task.rewards=[{{name: clip_score, model: {config}, weights: {weights}, weight: 0.5}}, "
+               "{name: target_color, meta_key: color, weight: 2.0}]")
+    lines = _train("flow_grpo", tmp_path / "run", rewards, "trainer.max_steps=1")
+    for line in (lines[0], lines[-1]):
+        assert line["eval/reward"] == pytest.approx(0.5 * line["eval/clip_score"] + 2.0 * line["eval/target_color"], abs=1e-5)
+        assert -1.0 <= line["eval/clip_score"] <= 1.0
+    assert {"reward/clip_score", "reward/target_color"} <= set(lines[-1])
+    assert lines[-1]["reward_mean"] == pytest.approx(0.5 * lines[-1]["reward/clip_score"] + 2.0 * lines[-1]["reward/target_color"], abs=1e-5)

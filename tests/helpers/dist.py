@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -50,3 +51,19 @@ def run_torchrun(
             return result
         failures.append(f"attempt {attempt + 1}: exit code {proc.returncode}\n{out[-3000:]}")
     raise AssertionError("torchrun failed:\n" + "\n\n".join(failures))
+
+
+def train_two_ranks_and_compare(out: Path, config: Path, overrides: list[str]) -> dict:
+    """Train ``config`` on 2 processes with tests/helpers/train_and_dump.py, check that both ranks
+    end with identical parameters, and return rank 0's ``{name: tensor}``."""
+    import torch
+    from safetensors.torch import load_file
+
+    script = Path(__file__).resolve().parent / "train_and_dump.py"
+    done = lambda: (out / "rank0.safetensors").exists() and (out / "rank1.safetensors").exists()  # noqa: E731
+    run_torchrun([script, out, config, *overrides], nproc=2, timeout=400, retries=1, done=done)
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    assert r0.keys() == r1.keys() and len(r0) > 10
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    return r0
