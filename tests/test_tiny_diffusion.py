@@ -15,7 +15,7 @@ from mmpo.tiny_diffusion import (
     save_tiny_pipeline,
 )
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402 (the diffusion extra is part of dev)
 
 PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sd": "StableDiffusionPipeline"}
 LATENT = {"sd3": (16, 8, 8), "flux": (16, 8, 8), "sd": (4, 8, 8)}  # for a 32 px image

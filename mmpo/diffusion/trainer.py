@@ -49,7 +49,7 @@ class DiffusionTrainerBase(TrainerBase):
             EngineOptions(
                 lr=t.lr, weight_decay=t.weight_decay, adam_betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
                 lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-                total_steps=t.max_steps * t.update_epochs * self.minibatches(), grad_accum_steps=1,
+                total_steps=t.max_steps * t.update_epochs * self.minibatches(), grad_accum_steps=self.backwards_per_update(),
                 micro_batch_size=self.micro_batch_size(), device=cfg.device, precision=precision,
                 deepspeed_config=cfg.deepspeed,
             ),
@@ -73,6 +73,16 @@ class DiffusionTrainerBase(TrainerBase):
 
     def micro_batch_size(self) -> int:
         return self.cfg.trainer.micro_batch_size or self.cfg.trainer.minibatch_size or self.rows_per_step()
+
+    def micro_batches(self) -> int:
+        """Micro batches per minibatch: a fixed count, so every rank (and DeepSpeed's gradient
+        accumulation) sees the same number of backward calls whatever rows a step keeps."""
+        mb = self.cfg.trainer.minibatch_size or self.rows_per_step()
+        return -(-mb // self.micro_batch_size())
+
+    def backwards_per_update(self) -> int:
+        """``engine.backward`` calls per optimizer step (DeepSpeed's gradient accumulation steps)."""
+        return self.micro_batches()
 
     # -- hooks --------------------------------------------------------------------------------------
     def build_trainable(self) -> torch.nn.Module:

@@ -45,6 +45,7 @@ class DenoisingPolicy:
     def step(
         self, denoiser: torch.nn.Module, x: Tensor, schedule: Schedule, i: int, cond: PromptEmbeds, *,
         prev_sample: Tensor | None = None, stochastic: bool = True, generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> StepOutput:
         """Step ``i`` from ``x [B, C, h, w]``: samples ``x_{i+1}`` (or scores ``prev_sample``).
         Carries the denoiser's gradient when called outside ``no_grad``."""
@@ -54,23 +55,29 @@ class DenoisingPolicy:
             return flow_sde_step(
                 out, x, float(s[i]), float(s[i + 1]), sigma_max=float(s[1]),
                 noise_level=self.noise_level if stochastic else 0.0, prev_sample=prev_sample, generator=generator,
+                noise=noise,
             )
         a_t, a_prev = ddim_alphas_at(schedule, i)
         return ddim_step(
             out, x, a_t, a_prev, eta=self.eta if stochastic else 0.0, prediction_type=self.model.prediction_type,
-            prev_sample=prev_sample, generator=generator,
+            prev_sample=prev_sample, generator=generator, noise=noise,
         )
 
     @torch.no_grad()
     def sample(
         self, denoiser: torch.nn.Module, cond: PromptEmbeds, x_T: Tensor, schedule: Schedule, *,
-        stochastic: bool = True, generator: torch.Generator | None = None,
+        stochastic: bool = True, generator: torch.Generator | None = None, noise: Tensor | None = None,
     ) -> Trajectory:
-        """Run all ``S`` steps from ``x_T [B, C, h, w]``; rows of ``cond`` match rows of ``x_T``."""
+        """Run all ``S`` steps from ``x_T [B, C, h, w]``; rows of ``cond`` match rows of ``x_T``.
+        ``noise [B, S, C, h, w]`` (standard normal) fixes each step's noise; else it is drawn
+        from ``generator`` (or the global RNG)."""
         xs, logps = [x_T.float()], []
         x = x_T.float()
         for i in range(schedule.num_steps):
-            out = self.step(denoiser, x, schedule, i, cond, stochastic=stochastic, generator=generator)
+            out = self.step(
+                denoiser, x, schedule, i, cond, stochastic=stochastic, generator=generator,
+                noise=None if noise is None else noise[:, i],
+            )
             x = out.prev_sample.float()
             xs.append(x)
             logps.append(out.log_prob.float())

@@ -144,7 +144,11 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
                 self.ref = copy.deepcopy(denoiser).requires_grad_(False).to(self.model.dtype)
         denoiser.train(False)
         self.chunk_sizes: list[int] | None = None
+        self.partition()  # fixes the number of chunks trained a step (the backward calls per update)
         return denoiser
+
+    def backwards_per_update(self) -> int:
+        return self.micro_batches() * len(self._trained_chunks(0))
 
     def _constant_beta(self) -> float:
         a = self.cfg.algorithm
@@ -169,10 +173,11 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
     @torch.no_grad()
     def _latent_profile(self, n: int) -> torch.Tensor:
         rows = [self.task.train_sample(i) for i in range(min(n, self.task.num_train()))]
-        gen = seeded_generator(self.cfg.seed + 77, self.device)
+        gen = seeded_generator(self.cfg.seed + 77, self.model.device)
         x = self.model.init_latents(len(rows), self.height, self.width, gen)
-        with self.engine.autocast():
-            traj = self.policy.sample(self.engine.module, self.condition(rows), x, self.schedule, stochastic=False)
+        cond = self.model.encode([r.meta["prompt"] for r in rows], negative_prompt=self.task.config.sampling.negative_prompt)
+        # runs before the engine exists: the denoiser as loaded (the profile of the initial model)
+        traj = self.policy.sample(self.model.denoiser, cond, x, self.schedule, stochastic=False)
         return relative_l1_profile(traj.latents)
 
     def trainer_state(self) -> dict[str, Any]:
@@ -189,11 +194,15 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         return (1 - schedule.alphas[:-1]).sqrt()
 
     # -- sampling --------------------------------------------------------------------------------
-    def generate(self, samples, cond, *, eval_mode, generator):
+    def generate(self, samples, cond, *, eval_mode, generator, x_T=None, noise=None):
+        """Images of ``samples``: deterministic (eval) or SDE trajectories; ``x_T`` / ``noise``
+        fix the starting latents and step noise (else drawn from ``generator``)."""
         sched = self.eval_schedule if eval_mode else self.schedule
-        x = self.model.init_latents(len(samples), self.height, self.width, generator)
+        x = self.model.init_latents(len(samples), self.height, self.width, generator) if x_T is None else x_T
         with self.engine.autocast():
-            traj = self.policy.sample(self.engine.module, cond, x, sched, stochastic=not eval_mode, generator=generator)
+            traj = self.policy.sample(
+                self.engine.module, cond, x, sched, stochastic=not eval_mode, generator=generator, noise=noise
+            )
         traj.images = self.model.decode(traj.final)
         return traj
 
@@ -203,11 +212,16 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         rows, group_ids = self.draw_prompts()
         cond = self.condition(rows)
         mb = self.micro_batch_size()
+        # all noise drawn up front, so the samples do not depend on the micro-batch size
+        x_T = self.model.init_latents(len(rows), self.height, self.width)
+        noise = torch.randn(len(rows), self.schedule.num_steps, *x_T.shape[1:]).to(x_T.device)
         parts = []
         with torch.no_grad():
             for s in range(0, len(rows), mb):
                 idx = list(range(s, min(s + mb, len(rows))))
-                parts.append(self.generate([rows[i] for i in idx], cond.rows(idx), eval_mode=False, generator=None))
+                parts.append(self.generate(
+                    [rows[i] for i in idx], cond.rows(idx), eval_mode=False, generator=None, x_T=x_T[idx], noise=noise[idx]
+                ))
         traj = Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]))
         images = torch.cat([p.images for p in parts])
         t1 = time.perf_counter()
@@ -226,17 +240,18 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
 
     # -- update ----------------------------------------------------------------------------------
     def _trained_chunks(self, step: int) -> list[tuple[int, int]]:
-        """Step ranges of the chunks trained this step (clipped to timestep_fraction; weighted
-        sampling picks a subset)."""
+        """Step ranges of the chunks trained this step: those with steps before
+        int(num_steps * timestep_fraction) (clipped there); weighted sampling picks ``per_step`` of
+        them. The count is the same every step."""
         c: ChunkGRPOConfig = self.task.config
         sizes = self.partition()
         last = max(1, int(self.schedule.num_steps * c.timestep_fraction))
-        chosen = list(range(len(sizes)))
-        if c.chunks.weighted_sampling:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-            chosen = sample_chunks(self.noise_levels(self.schedule), sizes, c.chunks.per_step, c.chunks.power, gen)
-        bounds = chunk_bounds(sizes)
-        return [(a, min(b, last)) for j, (a, b) in enumerate(bounds) if j in chosen and a < last]
+        eligible = [(a, min(b, last)) for a, b in chunk_bounds(sizes) if a < last]
+        if not c.chunks.weighted_sampling:
+            return eligible
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        chosen = sample_chunks(self.noise_levels(self.schedule), [b - a for a, b in eligible], c.chunks.per_step, c.chunks.power, gen)
+        return [eligible[j] for j in chosen]
 
     @contextmanager
     def _reference(self) -> Iterator[torch.nn.Module]:
@@ -263,16 +278,15 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + epoch)
             order = keep[torch.randperm(len(keep), generator=g)]
             for mb_rows in torch.tensor_split(order, n_mb):
-                if len(mb_rows) == 0:
-                    mb_rows, pad_mb = order[:1], True
-                else:
-                    pad_mb = pad
-                for micro in torch.split(mb_rows, self.micro_batch_size()):
-                    weight = 0.0 if pad_mb else len(micro) / len(mb_rows) / len(chunks)
+                for micro in torch.tensor_split(mb_rows, self.micro_batches()):
+                    # an empty slot still runs (weight 0): same backward calls on every rank
+                    pad_micro = pad or len(micro) == 0
+                    rows = order[:1] if len(micro) == 0 else micro
+                    weight = 0.0 if pad_micro else len(micro) / len(mb_rows) / len(chunks)
                     for start, end in chunks:
-                        loss, m = self._chunk_loss(batch, micro, start, end)
+                        loss, m = self._chunk_loss(batch, rows, start, end)
                         self.engine.backward(loss * weight)
-                        if not pad_mb:
+                        if not pad_micro:
                             for k, v in m.items():
                                 sums[k] = sums.get(k, 0.0) + v
                             count += 1

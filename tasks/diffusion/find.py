@@ -198,7 +198,8 @@ class FindTrainer(DiffusionTrainerBase):
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + epoch)
             order = torch.randperm(n, generator=g)
             for mb in torch.tensor_split(order, n_mb):
-                for micro in torch.split(mb, self.micro_batch_size()):
+                for part in torch.tensor_split(mb, self.micro_batches()):
+                    micro = part if len(part) else order[:1]  # an empty slot runs with weight 0
                     mu, sigma = self._policy_params(batch.index[micro], batch.cond[micro])
                     logp = diag_gaussian_log_prob(batch.x_T[micro].to(self.device), mu, sigma)[:, None]
                     mask = torch.ones_like(logp, dtype=torch.bool)
@@ -208,10 +209,11 @@ class FindTrainer(DiffusionTrainerBase):
                     pg = aggregate(loss_mat, mask, a.loss_agg, max_len=1)
                     reg = NoisePolicy.regulariser(mu, sigma).mean()
                     loss = pg + reg_w * reg
-                    self.engine.backward(loss * (len(micro) / len(mb)))
-                    for k, v in {"pg_loss": float(pg.detach()), "reg": float(reg.detach()), "loss": float(loss.detach()), **lm}.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    count += 1
+                    self.engine.backward(loss * (len(part) / len(mb)))
+                    if len(part):
+                        for k, v in {"pg_loss": float(pg.detach()), "reg": float(reg.detach()), "loss": float(loss.detach()), **lm}.items():
+                            sums[k] = sums.get(k, 0.0) + float(v)
+                        count += 1
                 grad_norm, skipped = self.optimizer_step(step)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
         out = {k: v / max(1, count) for k, v in sums.items() if k != "grad_norm"}

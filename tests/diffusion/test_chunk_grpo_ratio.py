@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 
 from mmpo.config import load_config  # noqa: E402
 from mmpo.core.kl import gaussian_kl  # noqa: E402

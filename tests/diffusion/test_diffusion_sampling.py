@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
 
 from mmpo.diffusion.pipeline import DiffusionModel  # noqa: E402
 from mmpo.policies.denoising import DenoisingPolicy  # noqa: E402
