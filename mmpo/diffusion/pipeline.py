@@ -264,25 +264,32 @@ class DiffusionModel:
 class _FlowModel(DiffusionModel):
     def schedule(self, num_steps: int, height: int, width: int) -> Schedule:
         sched = self.pipe.scheduler
-        kwargs: dict[str, Any] = {}
         if getattr(sched.config, "use_dynamic_shifting", False):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            _, h, w = self.latent_shape(height, width)
-            seq_len = (h // 2) * (w // 2) if self.family == "flux" else h * w
-            kwargs["mu"] = calculate_shift(
-                seq_len, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-                sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15),
-            )
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
-            sched.set_timesteps(device="cpu", **kwargs)
+            self._set_shifted_timesteps(num_steps, *self.latent_shape(height, width)[1:])
         else:
             sched.set_timesteps(num_steps, device="cpu")
         return Schedule("flow", sched.timesteps.clone().float(), sigmas=sched.sigmas.clone().float())
 
+    def _set_shifted_timesteps(self, num_steps: int, h: int, w: int) -> None:
+        """Resolution-dependent shift ``mu`` (SD3.5, Flux), as the family's pipeline sets it."""
+        raise NotImplementedError
+
+    def _mu(self, seq_len: int, default_max_shift: float) -> float:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        c = self.pipe.scheduler.config
+        return calculate_shift(
+            seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5), c.get("max_shift", default_max_shift),
+        )
+
 
 class SD3Model(_FlowModel):
     family = "sd3"
+
+    def _set_shifted_timesteps(self, num_steps: int, h: int, w: int) -> None:
+        p = int(self.denoiser.config.patch_size)
+        self.pipe.scheduler.set_timesteps(num_steps, device="cpu", mu=self._mu((h // p) * (w // p), 1.16))
 
     def _encode_text(self, prompt: str) -> tuple[Tensor, Tensor | None]:
         emb, _, pooled, _ = self.pipe.encode_prompt(
@@ -300,6 +307,10 @@ class SD3Model(_FlowModel):
 
 class FluxModel(_FlowModel):
     family = "flux"
+
+    def _set_shifted_timesteps(self, num_steps: int, h: int, w: int) -> None:
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        self.pipe.scheduler.set_timesteps(device="cpu", sigmas=sigmas, mu=self._mu((h // 2) * (w // 2), 1.15))
 
     def _latent_channels(self) -> int:
         return int(self.denoiser.config.in_channels) // 4

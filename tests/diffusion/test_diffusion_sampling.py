@@ -173,3 +173,23 @@ def test_rescoring_under_other_weights_changes_the_log_prob(models, kind):
         new = policy.step(moved, traj.latents[:, 0], schedule, 0, cond, prev_sample=traj.latents[:, 1]).log_prob
     torch.testing.assert_close(same, traj.log_probs[:, 0], rtol=0, atol=1e-5)
     assert (new - same).abs().max() > 1e-4
+
+
+def test_sd3_with_dynamic_shifting_uses_the_pipelines_schedule():
+    """SD3.5-style schedulers shift by the image's patch count (no explicit sigmas, unlike Flux):
+    our schedule and images must follow the pipeline's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = DiffusionModel.load("tiny:sd3")
+    model.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        model.pipe.scheduler.config, use_dynamic_shifting=True, base_image_seq_len=4, max_image_seq_len=64
+    )
+    prompts = ["a red square"]
+    x_T = model.init_latents(1, H, W, torch.Generator().manual_seed(0))
+    ours = model.decode(DenoisingPolicy(model, guidance_scale=4.5).sample(
+        model.denoiser, model.encode(prompts), x_T, model.schedule(3, H, W), stochastic=False
+    ).final)
+    with torch.no_grad():
+        ref = model.pipe(prompts, latents=x_T.clone(), num_inference_steps=3, guidance_scale=4.5,
+                         height=H, width=W, output_type="pt").images
+    torch.testing.assert_close(ours, ref.float(), rtol=0, atol=1e-5)
