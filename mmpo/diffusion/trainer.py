@@ -88,8 +88,9 @@ class DiffusionTrainerBase(TrainerBase):
     def build_trainable(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def generate(self, samples: list[Sample], cond: PromptEmbeds, *, eval_mode: bool, generator: torch.Generator) -> Any:
-        """Sample one image per row of ``samples``; returns an object with ``.images [N, 3, H, W]``."""
+    def generate(self, samples: list[Sample], cond: PromptEmbeds, *, eval_mode: bool, generator: torch.Generator) -> torch.Tensor:
+        """One image per row of ``samples`` -> ``[N, 3, H, W]`` in [0, 1] (deterministic sampler when
+        ``eval_mode``), noise drawn from ``generator``."""
         raise NotImplementedError
 
     # -- shared pieces ------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ class DiffusionTrainerBase(TrainerBase):
             for s in range(0, len(todo), e.batch_size):
                 part = todo[s : s + e.batch_size]
                 gen = seeded_generator(self.task.config.eval_seed + first + s, self.device)
-                images.append(self.generate(part, self.condition(part), eval_mode=True, generator=gen).images.cpu())
+                images.append(self.generate(part, self.condition(part), eval_mode=True, generator=gen).cpu())
         torch.set_rng_state(state)
         gathered = self.engine.all_gather_object(torch.cat(images)[: len(mine)])
         return samples, torch.cat([g for g in gathered if len(g)])[: len(samples)]

@@ -60,12 +60,10 @@ class ChunkGRPOConfig(TextToImageConfig):
         c, steps = self.chunks, self.sampling.num_steps
         key = f"{where}.chunks" if where else "chunks"
         if c.mode == "fixed":
-            sizes = list(c.sizes)
-            if not sizes or any(int(n) < 1 for n in sizes) or sum(int(n) for n in sizes) != steps:
-                raise FieldError(
-                    f"{key}.sizes", f"key '{key}.sizes' = {sizes} must be positive chunk sizes that sum to the {steps} "
-                    f"sampling steps ({where or 'task'}.sampling.num_steps)",
-                )
+            try:
+                check_partition(c.sizes, steps, key=f"{key}.sizes")
+            except ConfigError as e:
+                raise FieldError(f"{key}.sizes", f"key {e} ({where or 'task'}.sampling.num_steps)") from None
         elif c.mode == "profile" and c.num_chunks > steps:
             raise FieldError(
                 f"{key}.num_chunks", f"key '{key}.num_chunks' = {c.num_chunks} must be at most the {steps} sampling steps",
@@ -194,17 +192,17 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         return (1 - schedule.alphas[:-1]).sqrt()
 
     # -- sampling --------------------------------------------------------------------------------
-    def generate(self, samples, cond, *, eval_mode, generator, x_T=None, noise=None):
-        """Images of ``samples``: deterministic (eval) or SDE trajectories; ``x_T`` / ``noise``
-        fix the starting latents and step noise (else drawn from ``generator``)."""
-        sched = self.eval_schedule if eval_mode else self.schedule
-        x = self.model.init_latents(len(samples), self.height, self.width, generator) if x_T is None else x_T
+    def _sample(self, cond: PromptEmbeds, x_T: torch.Tensor, schedule: Schedule, *, stochastic: bool,
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Trajectory:
         with self.engine.autocast():
-            traj = self.policy.sample(
-                self.engine.module, cond, x, sched, stochastic=not eval_mode, generator=generator, noise=noise
+            return self.policy.sample(
+                self.engine.module, cond, x_T, schedule, stochastic=stochastic, generator=generator, noise=noise
             )
-        traj.images = self.model.decode(traj.final)
-        return traj
+
+    def generate(self, samples, cond, *, eval_mode, generator):
+        x = self.model.init_latents(len(samples), self.height, self.width, generator)
+        sched = self.eval_schedule if eval_mode else self.schedule
+        return self.model.decode(self._sample(cond, x, sched, stochastic=not eval_mode, generator=generator).final)
 
     def rollout(self) -> tuple[DenoiseBatch, dict[str, float]]:
         """G SDE trajectories per prompt (sampled in micro batches), decoded and scored."""
@@ -215,15 +213,15 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         # all noise drawn up front, so the samples do not depend on the micro-batch size
         x_T = self.model.init_latents(len(rows), self.height, self.width)
         noise = torch.randn(len(rows), self.schedule.num_steps, *x_T.shape[1:]).to(x_T.device)
-        parts = []
+        parts, images = [], []
         with torch.no_grad():
             for s in range(0, len(rows), mb):
                 idx = list(range(s, min(s + mb, len(rows))))
-                parts.append(self.generate(
-                    [rows[i] for i in idx], cond.rows(idx), eval_mode=False, generator=None, x_T=x_T[idx], noise=noise[idx]
-                ))
+                part = self._sample(cond.rows(idx), x_T[idx], self.schedule, stochastic=True, noise=noise[idx])
+                parts.append(part)
+                images.append(self.model.decode(part.final))
         traj = Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]))
-        images = torch.cat([p.images for p in parts])
+        images = torch.cat(images)
         t1 = time.perf_counter()
         out = self.score(images, rows)
         adv = self.advantages(out.rewards, group_ids, rows)

@@ -135,9 +135,7 @@ class FindTrainer(DiffusionTrainerBase):
         with torch.no_grad():
             mu, sigma = self._policy_params(self._index(samples), self._prompt_features(samples))
             x_T = NoisePolicy.sample(mu, sigma, generator)
-        result = type("Generated", (), {})()
-        result.images = self._decode(samples, x_T, self.eval_schedule if eval_mode else self.schedule)
-        return result
+        return self._decode(samples, x_T, self.eval_schedule if eval_mode else self.schedule)
 
     def rollout(self) -> tuple[NoiseBatch, dict[str, float]]:
         c: FindConfig = self.task.config
