@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mmpo-installed
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test test-fast install clean vllm-env
+.PHONY: quickstart test test-fast install clean vllm-env vla-demo
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow"
+
+# RIPT-VLA on BabyAI: bot demonstrations -> SFT -> RIPT, then both evaluated on held-out seeds
+VLA_DEMOS ?= runs/data/babyai_gotoredball
+vla-demo: $(STAMP)
+	test -f $(VLA_DEMOS)/demos.jsonl || $(PY) data_prep/babyai_demos.py --episodes 20 --max-steps 16 --out $(VLA_DEMOS)
+	$(VENV)/bin/mmpo train configs/ript_vla_babyai.yaml task.sft.demos=$(VLA_DEMOS)
+	$(VENV)/bin/mmpo eval configs/ript_vla_babyai.yaml checkpoint=runs/ript_vla_babyai/sft/model output_dir=runs/ript_vla_babyai/eval_sft
+	$(VENV)/bin/mmpo eval configs/ript_vla_babyai.yaml checkpoint=runs/ript_vla_babyai output_dir=runs/ript_vla_babyai/eval_ript
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,189 @@
+"""Generate BabyAI / MiniGrid demonstrations offline with BabyAI's own bot (no download, no GPU).
+
+    python data_prep/babyai_demos.py --out DIR [--env BabyAI-GoToRedBallNoDists-v0] [--episodes 10]
+        [--seed-start 0] [--tile-size 8] [--observation minigrid_partial] [--max-steps 64] [--overwrite]
+
+Episode i runs ``BabyAIBot`` from ``reset(seed=s)`` for seeds ``s = seed-start, seed-start+1, ...``;
+only successful episodes (terminated with a positive reward) are kept: a seed whose bot episode
+fails is listed in ``skipped_seeds`` and the next seed is tried, up to 10 x episodes seeds. The
+images are made by the training-time ``EnvRunner.observe`` of the same ``EnvSpec``, so they are
+exactly what the policy sees. Layout of DIR (written in ``DIR.tmp-<pid>``, then renamed into place):
+
+- ``frames/ep00003_t012.png``: the observation image the bot acted on at step 12 of episode 3;
+- ``demos.jsonl``: one line per step, ``{"episode", "seed", "t", "image" (relative to DIR),
+  "instruction", "action" (env action id), "action_name" (MiniGrid ``Actions`` name)}``;
+- ``meta.json``: ``{"env" (the EnvSpec), "episodes", "steps", "seeds", "skipped_seeds",
+  "mean_length", "generator"}``.
+
+Read it back with ``mmpo_tasks.vla.data.load_demos(DIR)``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmpo.errors import ConfigError, DataError, MMPOError
+from mmpo.rollout.env_runner import EnvRunner, EnvSpec, make_env
+
+GENERATOR = "minigrid.utils.baby_ai_bot.BabyAIBot"
+SEED_ATTEMPTS_PER_EPISODE = 10
+
+
+@dataclasses.dataclass
+class _BotEpisode:
+    seed: int
+    images: list[np.ndarray]
+    instructions: list[str]
+    actions: list[int]
+    success: bool
+
+
+def _run_bot(runner: EnvRunner, env: Any, seed: int) -> _BotEpisode:
+    """One bot episode from ``reset(seed)``; the image of step t is the observation the bot acted on."""
+    from minigrid.utils.baby_ai_bot import BabyAIBot
+
+    obs = runner._reset(env, seed)
+    bot = BabyAIBot(env.unwrapped)
+    limit = runner._max_steps(env)
+    ep = _BotEpisode(seed=seed, images=[], instructions=[], actions=[], success=False)
+    while len(ep.actions) < limit:
+        seen = runner.observe(env, obs)
+        try:
+            action = int(bot.replan())
+        except Exception:  # the bot gives up on some layouts (e.g. unreachable goals): a failed seed
+            return ep
+        ep.images.append(seen.image)
+        ep.instructions.append(seen.instruction)
+        ep.actions.append(action)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        if terminated or truncated:
+            ep.success = bool(terminated and float(reward) > 0)
+            break
+    return ep
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
+def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Write ``episodes`` successful bot episodes of ``spec`` to ``out`` (layout: module docstring);
+    returns the meta dict (also written as ``out/meta.json``)."""
+    if episodes < 1:
+        raise ConfigError(f"--episodes must be at least 1, got {episodes}")
+    if seed_start < 0:
+        raise ConfigError(f"--seed-start must be >= 0, got {seed_start}")
+    if spec.tile_size < 1 or spec.max_steps < 0:
+        raise ConfigError(f"--tile-size must be >= 1 and --max-steps >= 0, got {spec.tile_size} and {spec.max_steps}")
+    out = Path(out)
+    _check_out(out, overwrite)
+
+    runner = EnvRunner(spec)
+    env = make_env(spec)
+    kept: list[_BotEpisode] = []
+    skipped: list[int] = []
+    attempts = SEED_ATTEMPTS_PER_EPISODE * episodes
+    try:
+        for seed in range(seed_start, seed_start + attempts):
+            ep = _run_bot(runner, env, seed)
+            if ep.success:
+                kept.append(ep)
+            else:
+                skipped.append(seed)
+            if len(kept) == episodes:
+                break
+    finally:
+        env.close()
+    if len(kept) < episodes:
+        raise DataError(
+            f"{spec.id}: the bot succeeded in only {len(kept)} of {attempts} seeds "
+            f"({seed_start}..{seed_start + attempts - 1}); {episodes} successful episodes were asked for "
+            f"(raise --max-steps, or choose a level the bot solves)"
+        )
+
+    steps = sum(len(ep.actions) for ep in kept)
+    meta: dict[str, Any] = {
+        "env": dataclasses.asdict(spec),
+        "episodes": len(kept),
+        "steps": steps,
+        "seeds": [ep.seed for ep in kept],
+        "skipped_seeds": skipped,
+        "mean_length": steps / len(kept),
+        "generator": GENERATOR,
+    }
+
+    from minigrid.core.actions import Actions
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        (tmp / "frames").mkdir(parents=True)
+        with open(tmp / "demos.jsonl", "w", encoding="utf-8") as f:
+            for i, ep in enumerate(kept):
+                for t, (image, text, action) in enumerate(zip(ep.images, ep.instructions, ep.actions)):
+                    rel = f"frames/ep{i:05d}_t{t:03d}.png"
+                    _save_png(image, tmp / rel)
+                    row = {"episode": i, "seed": ep.seed, "t": t, "image": rel, "instruction": text,
+                           "action": action, "action_name": Actions(action).name}
+                    f.write(json.dumps(row) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _check_out(out, overwrite)  # again: something may have appeared meanwhile
+        old = None
+        if out.exists():
+            old = out.parent / f"{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="BabyAI-GoToRedBallNoDists-v0", help="gymnasium id (default BabyAI-GoToRedBallNoDists-v0)")
+    p.add_argument("--episodes", type=int, default=10, help="successful episodes to write (default 10)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed; episodes use the seeds after it (default 0)")
+    p.add_argument("--tile-size", type=int, default=8, help="MiniGrid pixels per tile (default 8)")
+    p.add_argument("--observation", default="minigrid_partial", choices=["minigrid_partial", "minigrid_full"],
+                   help="image the policy sees (default minigrid_partial)")
+    p.add_argument("--max-steps", type=int, default=64, help="step limit per episode; 0 = the env's own (default 64)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    a = p.parse_args(argv)
+    spec = EnvSpec(id=a.env, observation=a.observation, tile_size=a.tile_size, max_steps=a.max_steps)
+    try:
+        meta = generate_demos(spec, a.episodes, a.seed_start, Path(a.out), overwrite=a.overwrite)
+    except MMPOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"{a.out}: {meta['episodes']} episode(s), {meta['steps']} step(s), mean length {meta['mean_length']:.2f}, "
+        f"{len(meta['skipped_seeds'])} failed seed(s) skipped ({a.env})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

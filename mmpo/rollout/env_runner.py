@@ -1,0 +1,292 @@
+"""Rollouts in gymnasium environments whose observation is an RGB image plus a text instruction
+(VLA robotics, GUI environments).
+
+A *context* is an environment seed: every one of its K rollouts starts from ``reset(seed=s)``,
+the same initial state. Contexts x K environments are stepped together; at each step the policy
+acts on all running ones at once and returns, per row, the env action and its *action units*
+(token ids or action dimensions) with their log-probs. Episodes keep those per step for the
+update.
+
+MiniGrid / BabyAI levels (``minigrid``) give ``image`` through their RGB observation wrappers
+and the instruction as ``mission``; any environment with ``render_mode="rgb_array"`` gives the
+image by rendering, with a fixed instruction from the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from mmpo.errors import ConfigError
+
+
+@dataclass
+class SeedRange:
+    """Environment seeds ``start, start+1, ..., start+count-1``."""
+
+    start: int = field(default=0, metadata={"help": "First seed.", "min": 0})
+    count: int = field(default=100, metadata={"help": "Number of seeds.", "min": 1})
+
+    def seeds(self) -> list[int]:
+        return list(range(self.start, self.start + self.count))
+
+
+def check_disjoint(
+    train: Sequence[int], held_out: Sequence[int], what: str = "eval_seeds", other: str = "the training seeds (task.train_seeds)"
+) -> None:
+    """Refuse held-out contexts that are also training contexts (the success rate would not be held out)."""
+    both = sorted(set(train) & set(held_out))
+    if both:
+        shown = ", ".join(map(str, both[:8])) + (" ..." if len(both) > 8 else "")
+        raise ConfigError(
+            f"task.{what} overlap {other} in {len(both)} seed(s) ({shown}); "
+            f"choose a disjoint range (e.g. task.{what}.start >= {max(train) + 1})"
+        )
+
+
+@dataclass
+class EnvSpec:
+    """Which environment, how its observation becomes (image, instruction), and what success is."""
+
+    id: str = field(default="BabyAI-GoToRedBallNoDists-v0", metadata={"help": "gymnasium id (MiniGrid / BabyAI levels register on `import minigrid`)."})
+    kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of gymnasium.make."})
+    observation: Literal["minigrid_partial", "minigrid_full", "render"] = field(
+        default="minigrid_partial",
+        metadata={"help": "'minigrid_partial' / 'minigrid_full': MiniGrid's RGBImgPartialObsWrapper / RGBImgObsWrapper; 'render': env.render() with render_mode='rgb_array'."},
+    )
+    tile_size: int = field(default=8, metadata={"help": "MiniGrid pixels per tile (7x7 partial view -> 56 px at 8).", "min": 1})
+    image_size: int = field(default=0, metadata={"help": "Resize the image to this square size (pixels); 0 keeps it.", "min": 0})
+    instruction: str = field(default="", metadata={"help": "Instruction text when the observation has none (e.g. 'swing the pendulum upright')."})
+    instruction_key: str = field(default="mission", metadata={"help": "Observation key holding the instruction (MiniGrid: mission)."})
+    max_steps: int = field(default=0, metadata={"help": "Policy steps per episode; 0 = the environment's own limit.", "min": 0})
+    success: Literal["terminated_positive", "info_success", "return_above"] = field(
+        default="terminated_positive",
+        metadata={"help": "'terminated_positive': the episode terminated with a positive reward (MiniGrid); 'info_success': info['success'] was true; 'return_above': the return reached success_threshold."},
+    )
+    success_threshold: float = field(default=0.0, metadata={"help": "Return threshold of success='return_above'."})
+    noop_action: Any = field(default=None, metadata={"help": "Env action run for an invalid policy output; null: the env is not stepped (the step still counts)."})
+
+
+@dataclass
+class Observation:
+    """What the policy sees: ``image [H, W, 3]`` uint8 and the instruction."""
+
+    image: np.ndarray
+    instruction: str
+
+
+@dataclass
+class ActionBatch:
+    """A policy's decision for B observations.
+
+    actions: the env action of each row, None where the output was invalid (a no-op);
+    units [B, U]: the action units (token ids, or action dimensions for a continuous head);
+    logp [B, U] float32: log-prob of each unit under the sampling policy; mask [B, U] bool;
+    encodings: one opaque model input per row, kept for the update.
+    """
+
+    actions: list[Any]
+    units: torch.Tensor
+    logp: torch.Tensor
+    mask: torch.Tensor
+    encodings: list[Any]
+
+
+class ActingPolicy(Protocol):
+    def act(self, observations: list[Observation], *, generator: torch.Generator, greedy: bool = False) -> ActionBatch: ...
+
+
+@dataclass
+class StepRecord:
+    """One policy step: its model input, action units ``[U]``, their log-probs ``[U]`` and mask ``[U]``."""
+
+    encoding: Any
+    units: torch.Tensor
+    logp: torch.Tensor
+    mask: torch.Tensor
+    valid: bool
+
+
+@dataclass
+class Episode:
+    seed: int
+    rollout: int
+    steps: list[StepRecord] = field(default_factory=list)
+    env_return: float = 0.0
+    success: bool = False
+    invalid_actions: int = 0
+    instruction: str = ""
+    frames: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.steps)
+
+
+def make_env(spec: EnvSpec, *, render: bool = False) -> Any:
+    """``gymnasium.make(spec.id)`` with the wrappers that put an RGB image in the observation."""
+    import gymnasium as gym
+
+    if spec.id.startswith(("MiniGrid", "BabyAI")):
+        import minigrid  # noqa: F401  (registers the MiniGrid / BabyAI ids)
+    kwargs = dict(spec.kwargs)
+    if spec.observation == "render" or render:
+        kwargs.setdefault("render_mode", "rgb_array")
+    try:
+        env = gym.make(spec.id, **kwargs)
+    except gym.error.Error as e:
+        raise ConfigError(f"task.env.id={spec.id!r}: {e}") from e
+    if spec.observation.startswith("minigrid"):
+        from minigrid.wrappers import RGBImgObsWrapper, RGBImgPartialObsWrapper
+
+        if not hasattr(env.unwrapped, "grid"):
+            raise ConfigError(f"task.env.observation={spec.observation!r} needs a MiniGrid environment, not {spec.id!r}")
+        wrapper = RGBImgPartialObsWrapper if spec.observation == "minigrid_partial" else RGBImgObsWrapper
+        env = wrapper(env, tile_size=spec.tile_size)
+    return env
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    if not size or image.shape[0] == image.shape[1] == size:
+        return image
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+class EnvRunner:
+    """Runs K rollouts per context (seed) of one environment spec, all environments in lockstep.
+
+    ``run`` is deterministic given the seeds and the policy's generator: every rollout of a
+    context starts from ``reset(seed=context)``.
+    """
+
+    def __init__(self, spec: EnvSpec) -> None:
+        self.spec = spec
+        self._envs: list[Any] = []
+        make_env(spec).close()  # a bad id or wrapper fails at construction
+
+    def _pool(self, n: int) -> list[Any]:
+        while len(self._envs) < n:
+            self._envs.append(make_env(self.spec))
+        return self._envs[:n]
+
+    def observe(self, env: Any, obs: Any) -> Observation:
+        """The (image, instruction) of a raw observation."""
+        spec = self.spec
+        if spec.observation == "render":
+            image = env.render()
+        elif isinstance(obs, dict) and "image" in obs:
+            image = obs["image"]
+        else:
+            raise ConfigError(f"task.env: the observation of {spec.id!r} has no 'image'; use observation: render")
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ConfigError(f"task.env: {spec.id!r} gave an image of shape {image.shape}, not [H, W, 3]")
+        text = spec.instruction
+        if isinstance(obs, dict) and spec.instruction_key in obs:
+            text = str(obs[spec.instruction_key])
+        return Observation(image=_resize(image.astype(np.uint8), spec.image_size), instruction=text)
+
+    @staticmethod
+    def frame(env: Any, observation: Observation) -> np.ndarray:
+        """A frame for videos: MiniGrid's full top view when it has one, else the observation image."""
+        get_frame = getattr(env.unwrapped, "get_frame", None)
+        if callable(get_frame):
+            try:
+                return np.asarray(get_frame(highlight=True, tile_size=16))
+            except TypeError:
+                pass
+        return observation.image
+
+    def _reset(self, env: Any, seed: int) -> Any:
+        with contextlib.redirect_stdout(io.StringIO()):  # MiniGrid prints rejected placements
+            obs, _ = env.reset(seed=int(seed))
+        return obs
+
+    def _max_steps(self, env: Any) -> int:
+        if self.spec.max_steps:
+            return self.spec.max_steps
+        limit = getattr(env.spec, "max_episode_steps", None) or getattr(env.unwrapped, "max_steps", None)
+        if not limit:
+            raise ConfigError(f"task.env.max_steps must be set: {self.spec.id!r} has no step limit of its own")
+        return int(limit)
+
+    def _success(self, terminated: bool, reward: float, info: dict[str, Any], ep: Episode) -> bool:
+        rule = self.spec.success
+        if rule == "terminated_positive":
+            return bool(terminated and reward > 0)
+        if rule == "info_success":
+            return ep.success or bool(info.get("success", False))
+        return False  # return_above is decided at the end
+
+    def run(
+        self,
+        policy: ActingPolicy,
+        contexts: Sequence[int],
+        rollouts_per_context: int,
+        *,
+        generator: torch.Generator,
+        greedy: bool = False,
+        record_frames: bool = False,
+    ) -> list[Episode]:
+        """Episodes of ``rollouts_per_context`` rollouts per seed in ``contexts``, context-major
+        (``[c0 r0, c0 r1, ..., c1 r0, ...]``)."""
+        n = len(contexts) * rollouts_per_context
+        if n == 0:
+            return []
+        envs = self._pool(n)
+        episodes: list[Episode] = []
+        current: list[Observation] = []
+        for i, env in enumerate(envs):
+            seed = int(contexts[i // rollouts_per_context])
+            obs = self.observe(env, self._reset(env, seed))
+            ep = Episode(seed=seed, rollout=i % rollouts_per_context, instruction=obs.instruction)
+            if record_frames:
+                ep.frames.append(self.frame(env, obs))
+            episodes.append(ep)
+            current.append(obs)
+        limits = [self._max_steps(env) for env in envs]
+        running = list(range(n))
+        while running:
+            batch = policy.act([current[i] for i in running], generator=generator, greedy=greedy)
+            still = []
+            for row, i in enumerate(running):
+                env, ep = envs[i], episodes[i]
+                action = batch.actions[row]
+                valid = action is not None
+                ep.steps.append(
+                    StepRecord(batch.encodings[row], batch.units[row], batch.logp[row], batch.mask[row], valid)
+                )
+                terminated = truncated = False
+                if not valid:
+                    ep.invalid_actions += 1
+                if valid or self.spec.noop_action is not None:
+                    obs, reward, terminated, truncated, info = env.step(action if valid else self.spec.noop_action)
+                    ep.env_return += float(reward)
+                    ep.success = self._success(terminated, float(reward), info, ep)
+                    current[i] = self.observe(env, obs)
+                if record_frames:  # one frame per step (an un-stepped no-op repeats the last)
+                    ep.frames.append(self.frame(env, current[i]) if valid or self.spec.noop_action is not None else ep.frames[-1])
+                if not (terminated or truncated or ep.length >= limits[i]):
+                    still.append(i)
+            running = still
+        if self.spec.success == "return_above":
+            for ep in episodes:
+                ep.success = ep.env_return >= self.spec.success_threshold
+        return episodes
+
+    def close(self) -> None:
+        for env in self._envs:
+            env.close()
+        self._envs = []
+
+
+__all__ = [
+    "ActingPolicy", "ActionBatch", "EnvRunner", "EnvSpec", "Episode", "Observation", "SeedRange",
+    "StepRecord", "check_disjoint", "make_env",
+]
