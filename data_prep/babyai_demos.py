@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mmpo.checkpoint import atomic_folder
 from mmpo.errors import ConfigError, DataError, MMPOError
 from mmpo.rollout.env_runner import EnvRunner, EnvSpec, make_env
 
@@ -131,12 +130,8 @@ def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Pat
 
     from minigrid.core.actions import Actions
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / "frames").mkdir(parents=True)
+    with atomic_folder(out, before_replace=lambda: _check_out(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
+        (tmp / "frames").mkdir()
         with open(tmp / "demos.jsonl", "w", encoding="utf-8") as f:
             for i, ep in enumerate(kept):
                 for t, (image, text, action) in enumerate(zip(ep.images, ep.instructions, ep.actions)):
@@ -146,17 +141,6 @@ def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Pat
                            "action": action, "action_name": Actions(action).name}
                     f.write(json.dumps(row) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _check_out(out, overwrite)  # again: something may have appeared meanwhile
-        old = None
-        if out.exists():
-            old = out.parent / f"{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -152,6 +152,35 @@ def atomic_checkpoint(
         barrier()
 
 
+@contextlib.contextmanager
+def atomic_folder(final: str | Path, *, before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
+    """Build a folder atomically: yields an empty sibling ``<name>.tmp-<pid>``; when the block
+    ends without error it replaces ``final`` (an old ``final`` is moved to ``<name>.old-<pid>``
+    first and then deleted), so readers see the old folder or the new one, never a partial one.
+    On error the temporary folder is removed and ``final`` is untouched. ``before_replace`` runs
+    just before the swap (e.g. to re-check that ``final`` may be overwritten)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if before_replace is not None:
+            before_replace()
+        old = None
+        if final.exists():
+            old = final.parent / f"{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _finalise(tmp: Path, final: Path, step: int) -> None:
     """Mark ``tmp`` complete, flush it to disk and rename it to ``final``."""
     marker = {"step": step, "time": time.time()}

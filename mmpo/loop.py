@@ -68,6 +68,19 @@ class TrainerBase:
         self.phase_hook: Any = lambda name: nullcontext()  # `mmpo bench` attributes memory to phases
         return device, precision
 
+    @staticmethod
+    def algorithm_states(**fns: Any) -> dict[str, Any]:
+        """A fresh state for every stateful core function given (``advantage=fn, kl_schedule=fn``),
+        keyed by the argument name; stateless ones get none."""
+        from mmpo.core.registry import state_class
+
+        out: dict[str, Any] = {}
+        for key, fn in fns.items():
+            cls = state_class(fn)
+            if cls is not None:
+                out[key] = cls()
+        return out
+
     def _make_sampler(self) -> None:
         """The resumable prompt sampler, sharded over ranks."""
         self.sampler = PromptSampler(self.task.num_train(), seed=self.cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size)

@@ -20,7 +20,6 @@ from mmpo.config import RunConfig, check_options
 from mmpo.core import GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, aggregate
 from mmpo.core import ares
 from mmpo.core.ares import AresKLState
-from mmpo.core.registry import state_class
 from mmpo.core.rollout_correction import rollout_is_weights
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import ConfigError
@@ -104,11 +103,7 @@ class Trainer(TrainerBase):
         self.task.all_gather = self.engine.all_gather_object
         self._make_sampler()
 
-        self.states: dict[str, Any] = {}
-        for key, fn in (("advantage", self.advantage_fn), ("kl_schedule", self.kl_schedule)):
-            cls = state_class(fn)
-            if cls is not None:
-                self.states[key] = cls()
+        self.states: dict[str, Any] = self.algorithm_states(advantage=self.advantage_fn, kl_schedule=self.kl_schedule)
         self._eval_samples: list[Sample] | None = None
 
         self.last_kl = 0.0

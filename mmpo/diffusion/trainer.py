@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from mmpo.config import RunConfig
-from mmpo.core.registry import state_class
 from mmpo.diffusion.images import save_image_grid
 from mmpo.diffusion.pipeline import DiffusionModel, PromptEmbeds
 from mmpo.engine import Engine, EngineOptions
@@ -57,10 +56,7 @@ class DiffusionTrainerBase(TrainerBase):
         self.device = self.engine.device
         self.task.all_gather = self.engine.all_gather_object
         self._make_sampler()
-        self.states: dict[str, Any] = {}
-        cls = state_class(self.advantage_fn)
-        if cls is not None:
-            self.states["advantage"] = cls()
+        self.states: dict[str, Any] = self.algorithm_states(advantage=self.advantage_fn)
         self._start()
 
     # -- sizes ------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpo.checkpoint import latest_checkpoint, save_json
+from mmpo.checkpoint import atomic_folder, latest_checkpoint, save_json
 from mmpo.config import RunConfig
 from mmpo.core import aggregate
 from mmpo.core.sampling import RiptSkipState
@@ -180,15 +179,8 @@ class RiptTrainer(TrainerBase):
         t0 = time.perf_counter()
         result = supervised_train(self.policy_module, examples, self.demo_nll, self.tc.sft, seed=self.cfg.seed, desc="sft (demonstrations)")
         result.update(self._demo_info, sft_s=time.perf_counter() - t0)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_folder(out_dir) as tmp:
             self.policy.save(tmp)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.replace(out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         save_json(out_dir.parent / "metrics.json", result)
         return result
 
