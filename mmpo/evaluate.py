@@ -30,6 +30,28 @@ def generate_greedy(
     return texts
 
 
+def run_agent(
+    policy: CausalLMPolicy, model: torch.nn.Module, task: Any, samples: list[Sample], *, max_new_tokens: int,
+    batch_size: int, device: torch.device, greedy: bool = True, settings: dict[str, Any] | None = None,
+) -> list[Any]:
+    """Multi-turn trajectories (greedy by default) of ``samples`` with the task's tools, each
+    from its first rollout prompt; the global torch RNG is left untouched."""
+    from mmpo.rollout.agent_loop import AgentLoop, AgentSettings
+
+    opts = {**task.agent_settings(), **(settings or {})}
+    loop = AgentLoop(policy, HFGenerateEngine(policy), task.tools(), AgentSettings(max_new_tokens=max_new_tokens, greedy=greedy, **opts))
+    state = torch.get_rng_state()
+    out: list[Any] = []
+    try:
+        for s in range(0, len(samples), batch_size):
+            part = samples[s : s + batch_size]
+            encodings = [policy.encode(task.rollout_messages(x, 0)) for x in part]
+            out.extend(loop.run(model, encodings, [task.tool_context(x) for x in part], device=device))
+    finally:
+        torch.set_rng_state(state)
+    return out
+
+
 def resolve_checkpoint(checkpoint: str) -> str:
     """A save_pretrained or LoRA adapter folder, or a run folder (its ``model/``), or ``tiny:<kind>``."""
     if checkpoint.startswith("tiny:"):
@@ -57,12 +79,16 @@ def evaluate_checkpoint(cfg: Any, checkpoint: str | None, run_dir: Path) -> dict
     policy = CausalLMPolicy.from_info(model, processor, info)
     task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
     samples = task.eval_samples(cfg.eval.num_samples)
-    texts = generate_greedy(
-        policy, model, samples, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-        batch_size=cfg.eval.batch_size, device=device,
-    )
-    metrics = task.eval_metrics(samples, texts)
-    per_row = task.reward(samples, texts).components  # each prediction's reward components
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    if task.tools():  # multi-turn: the whole conversation is the prediction
+        trajs = run_agent(policy, model, task, samples, max_new_tokens=max_new, batch_size=cfg.eval.batch_size, device=device)
+        texts = ["".join(t.turn_texts) for t in trajs]
+        metrics = task.eval_trajectories(samples, trajs)
+        per_row = task.reward_trajectories(samples, trajs).components
+    else:
+        texts = generate_greedy(policy, model, samples, max_new_tokens=max_new, batch_size=cfg.eval.batch_size, device=device)
+        metrics = task.eval_metrics(samples, texts)
+        per_row = task.reward(samples, texts).components  # each prediction's reward components
     out_dir = Path(run_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"

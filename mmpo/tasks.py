@@ -118,6 +118,37 @@ class Task:
         if state:
             raise ValueError(f"task {self.name!r} keeps no state, but the checkpoint has {sorted(state)}")
 
+    # -- multi-turn agent tasks -----------------------------------------------------------
+    def tools(self) -> list[Any]:
+        """Tools the model may call (``mmpo.rollout.tools.Tool``). A task with tools is rolled
+        out by the multi-turn agent loop (``mmpo.rollout.agent_loop``)."""
+        return []
+
+    def agent_settings(self) -> dict[str, Any]:
+        """Keyword arguments of ``AgentSettings`` (max_turns, tool_timeout_s, max_concurrency, ...)."""
+        return {}
+
+    def rollout_messages(self, sample: Sample, k: int) -> list[dict[str, Any]]:
+        """The prompt of the k-th rollout of ``sample``'s group (default: the same for all;
+        FrameMind's DRFS starts each rollout from a different frame sampling)."""
+        return sample.messages
+
+    def tool_context(self, sample: Sample) -> dict[str, Any]:
+        """What ``sample``'s tools may read (e.g. its own video); never taken from the model."""
+        return {}
+
+    def reward_trajectories(self, samples: list[Sample], trajectories: list[Any]) -> RewardOutput:
+        """Rewards of multi-turn trajectories (``AgentTrajectory``; default: ``reward`` of the
+        last turn's text)."""
+        return self.reward(samples, [t.turn_texts[-1] if t.turn_texts else "" for t in trajectories])
+
+    def eval_trajectories(self, samples: list[Sample], trajectories: list[Any]) -> dict[str, float]:
+        """Metrics of greedy multi-turn trajectories on held-out samples (``eval/<name>``)."""
+        out = self.reward_trajectories(samples, trajectories)
+        metrics = {"reward": float(out.rewards.float().mean())}
+        metrics.update({k: float(v.float().mean()) for k, v in out.components.items()})
+        return metrics
+
     def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
         """Metrics of greedy completions on held-out samples (logged as ``eval/<name>``)."""
         out = self.reward(samples, completions)

@@ -24,11 +24,12 @@ from mmpo.core.rollout_correction import rollout_is_weights
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import ConfigError
 from mmpo.loop import TrainerBase
-from mmpo.evaluate import generate_greedy
+from mmpo.evaluate import generate_greedy, run_agent
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES
 from mmpo.rollout import filters
+from mmpo.rollout.agent_loop import AgentLoop, AgentSettings, trajectory_tensors
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.filters import check_filters, dynamic_options
 from mmpo.rollout.engines.base import Generation, GenerationSettings
@@ -100,6 +101,16 @@ class Trainer(TrainerBase):
             self.engine.module, processor, info, logprob_chunk_size=cfg.rollout.logprob_chunk_size
         )
         self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy, cfg.rollout.engine_options)
+        self.agent: AgentLoop | None = None
+        tools = self.task.tools()
+        if tools:  # multi-turn rollouts: generate -> tool call -> observation -> ...
+            if self.task.needs_token_entropy:
+                raise ConfigError(f"task {cfg.task.name!r}: token-entropy rewards are not available for multi-turn rollouts")
+            r = cfg.rollout
+            self.agent = AgentLoop(
+                self.policy, self.rollout_engine, tools,
+                AgentSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, **self.task.agent_settings()),
+            )
         self.task.all_gather = self.engine.all_gather_object
         self._make_sampler()
 
@@ -159,6 +170,24 @@ class Trainer(TrainerBase):
             )
         return [enc for enc in unique for _ in range(G)], gen
 
+    def _agent_rollout(self, prompts: list[Sample], rows: list[Sample], group_ids: torch.Tensor) -> tuple[RolloutBatch, list[Any]]:
+        """G multi-turn trajectories of each prompt (the k-th from the task's k-th rollout prompt),
+        as a batch of whole conversations (see ``RolloutBatch``)."""
+        G = self.cfg.rollout.group_size
+        encodings = [self.policy.encode(self.task.rollout_messages(p, k)) for p in prompts for k in range(G)]
+        contexts = [self.task.tool_context(p) for p in prompts for _ in range(G)]
+        assert self.agent is not None
+        ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
+        with ctx:
+            trajs = self.agent.run(self.engine.module, encodings, contexts, device=self.device)
+        t = trajectory_tensors(trajs, self.policy.pad_token_id)
+        batch = RolloutBatch(
+            rows, [tr.encoding for tr in trajs], t["completion_ids"], t["mask"], torch.tensor([tr.truncated for tr in trajs]),
+            torch.zeros(len(rows)), group_ids, texts=["".join(tr.turn_texts) for tr in trajs], logp_rollout=t["logprobs"],
+            conversation_lengths=t["lengths"],
+        )
+        return batch, trajs
+
     def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:
         """Sample G completions for each prompt and score them (with DAPO dynamic sampling if on)."""
         r, a = self.cfg.rollout, self.cfg.algorithm
@@ -173,23 +202,29 @@ class Trainer(TrainerBase):
             with self.phase_hook("rollout"):
                 prompts = [self.task.train_sample(i) for i in self.sampler.next(r.prompts_per_step)]
                 rows = [s for s in prompts for _ in range(r.group_size)]
-                encodings, gen = self._generate(prompts, settings)
-                ids, mask = gen.completion_ids, gen.mask
-                texts = self.policy.decode(ids, mask)
-            group_ids = torch.arange(seen_groups, seen_groups + len(prompts)).repeat_interleave(r.group_size)
-            seen_groups += len(prompts)
-            batch = RolloutBatch(
-                rows, encodings, ids, mask, gen.truncated, torch.zeros(len(rows)), group_ids, texts=texts,
-                logp_rollout=gen.logprobs,
-            )
-            view = RolloutView(ids, mask, group_ids)
-            if self.task.needs_token_entropy:
-                # sampled under the current weights, so these log-probs are also pi_old's
-                batch.logp_old, view.token_entropy = self._score(batch, self.engine.module, with_entropy=True)
-                view.token_texts = [self.policy.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+                group_ids = torch.arange(seen_groups, seen_groups + len(prompts)).repeat_interleave(r.group_size)
+                seen_groups += len(prompts)
+                if self.agent is not None:
+                    batch, trajs = self._agent_rollout(prompts, rows, group_ids)
+                else:
+                    encodings, gen = self._generate(prompts, settings)
+                    ids, mask = gen.completion_ids, gen.mask
+                    texts = self.policy.decode(ids, mask)
+                    batch = RolloutBatch(
+                        rows, encodings, ids, mask, gen.truncated, torch.zeros(len(rows)), group_ids, texts=texts,
+                        logp_rollout=gen.logprobs,
+                    )
+                    view = RolloutView(ids, mask, group_ids)
+                    if self.task.needs_token_entropy:
+                        # sampled under the current weights, so these log-probs are also pi_old's
+                        batch.logp_old, view.token_entropy = self._score(batch, self.engine.module, with_entropy=True)
+                        view.token_texts = [self.policy.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
             t1 = time.perf_counter()
             with self.phase_hook("reward"):
-                out = self.task.reward_with_rollout(rows, texts, view)
+                if self.agent is not None:
+                    out = self.task.reward_trajectories(rows, trajs)
+                else:
+                    out = self.task.reward_with_rollout(rows, texts, view)
             clock.rollout += t1 - t0
             clock.reward += time.perf_counter() - t1
             batch.rewards, batch.components, batch.row_info = out.rewards.float(), out.components, out.row_info
@@ -229,16 +264,20 @@ class Trainer(TrainerBase):
         with torch.no_grad(), self.engine.autocast():
             for s in range(0, len(batch), mb):
                 part = batch.select(list(range(s, min(s + mb, len(batch)))))
-                res = self.policy.score(
-                    part.encodings, part.completion_ids, part.mask, share_prefix=self.cfg.rollout.prefix_sharing,
-                    model=model, temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device,
-                )
+                res = self._token_logprobs(part, model, with_entropy)
                 out.append(torch.nn.functional.pad(res.logp.float().cpu(), (0, width - res.logp.shape[1])))
                 if with_entropy:
                     ents.append(torch.nn.functional.pad(res.entropy.float().cpu(), (0, width - res.entropy.shape[1])))
         if with_entropy:
             return torch.cat(out), torch.cat(ents)
         return torch.cat(out)
+
+    def _token_logprobs(self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool) -> Any:
+        """Log-probs (and entropies) of ``part``'s completion tokens under ``model`` (None: the policy's)."""
+        kw = dict(model=model, temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device)
+        if part.conversation_lengths is not None:  # multi-turn: score the whole conversations
+            return self.policy.score_conversations(part.encodings, part.conversation_lengths, part.completion_ids, part.mask, **kw)
+        return self.policy.score(part.encodings, part.completion_ids, part.mask, share_prefix=self.cfg.rollout.prefix_sharing, **kw)
 
     def _reference_context(self):
         if self.ref_model is not None:
@@ -328,10 +367,7 @@ class Trainer(TrainerBase):
         a = self.cfg.algorithm
         mask = micro.mask.to(self.device)
         with self.engine.autocast():
-            out = self.policy.score(
-                micro.encodings, micro.completion_ids, micro.mask, share_prefix=self.cfg.rollout.prefix_sharing,
-                temperature=self.cfg.rollout.temperature, with_entropy=True, device=self.device,
-            )
+            out = self._token_logprobs(micro, None, with_entropy=True)
         logp = out.logp
         logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else logp.detach()
         adv = micro.advantages.to(self.device)
@@ -415,6 +451,15 @@ class Trainer(TrainerBase):
         rank, world = self.engine.rank, self.engine.world_size
         per_rank = math.ceil(len(samples) / world)
         mine = samples[rank * per_rank : (rank + 1) * per_rank]
+        if self.agent is not None:
+            with self.engine.gathered_params():
+                trajs = run_agent(
+                    self.policy, self.engine.module, self.task, mine or samples[:1],
+                    max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens, batch_size=e.batch_size, device=self.device,
+                )[: len(mine)]
+            all_trajs = [t for chunk in self.engine.all_gather_object(trajs) for t in chunk]
+            metrics = self.task.eval_trajectories(samples[: len(all_trajs)], all_trajs)
+            return {f"eval/{k}": v for k, v in metrics.items()}
         state = torch.get_rng_state()
         with self.engine.gathered_params():
             texts = generate_greedy(

@@ -176,6 +176,39 @@ class CausalLMPolicy:
             )
         return self.log_probs(self.collate(encodings), completion_ids, completion_mask, **kwargs)
 
+    def score_conversations(
+        self,
+        encodings: list[dict[str, torch.Tensor]],
+        lengths: torch.Tensor,
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        model: torch.nn.Module | None = None,
+        temperature: float = 1.0,
+        with_entropy: bool = True,
+        device: torch.device | None = None,
+        **_: Any,
+    ) -> TokenLogProbs:
+        """Log-probs ``[n, T]`` of multi-turn rows: ``encodings[i]`` is a whole conversation whose
+        last ``lengths[i]`` tokens follow the prompt (model turns and observations, with their
+        images); ``completion_ids [n, T]`` holds those tokens left-aligned. One forward over the
+        conversations; position ``p`` predicts token ``p + 1``. Rows are left-padded, so row i's
+        tokens after its prompt start at column ``L - lengths[i]``."""
+        model = model if model is not None else self.model
+        device = device or next(model.parameters()).device
+        full = to_device(self.collate(list(encodings)), device)
+        decoder, head = self._decoder_and_head(model)
+        kwargs = {k: v for k, v in full.items() if k != "input_ids"}
+        pos = self.position_ids(full["attention_mask"])
+        if pos is not None:
+            kwargs["position_ids"] = pos
+        hidden = decoder(input_ids=full["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        L, T = hidden.shape[1], completion_ids.shape[1]
+        start = L - lengths.to(device).long()  # first post-prompt column of each row
+        idx = (start[:, None] - 1 + torch.arange(T, device=device)[None, :]).clamp(max=L - 1)
+        hidden = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        return self._project(hidden, head, completion_ids.to(device), completion_mask, temperature, with_entropy)
+
     def prefix_sharing_possible(self, model: torch.nn.Module | None = None) -> bool:
         """False while gradient checkpointing is active: transformers drops the KV cache inside
         checkpointed layers, so the completions could not attend to the prefix."""

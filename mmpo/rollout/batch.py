@@ -19,6 +19,10 @@ class RolloutBatch:
     logp_old / logp_ref [N, T] (optional, filled by the trainer); logp_rollout [N, T] (the
     rollout engine's own sampling log-probs, when it reports them); row_info {name: [N]} (per-row
     data from the task's reward, e.g. ARES difficulty buckets).
+
+    Multi-turn rows (agent rollouts): ``encodings[i]`` is the whole conversation (prompt, model
+    turns and observations); ``conversation_lengths [N]`` counts its tokens after the prompt,
+    which ``completion_ids`` holds left-aligned, with ``mask`` True only on the model's tokens.
     """
 
     samples: list[Sample]
@@ -35,15 +39,18 @@ class RolloutBatch:
     logp_ref: torch.Tensor | None = None
     logp_rollout: torch.Tensor | None = None
     row_info: dict[str, torch.Tensor] = field(default_factory=dict)
+    conversation_lengths: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def select(self, idx: torch.Tensor | list[int]) -> "RolloutBatch":
-        """Rows ``idx`` (completion width trimmed to the longest valid row)."""
+        """Rows ``idx`` (completion width trimmed after the last valid token of any row)."""
         idx_t = torch.as_tensor(idx, dtype=torch.long)
         il = idx_t.tolist()
-        width = int(self.mask[idx_t].sum(1).max().item()) if len(il) else 0
+        m = self.mask[idx_t]
+        # the last True column + 1 (masks of multi-turn rows have gaps where observations are)
+        width = int((m.long() * torch.arange(1, m.shape[1] + 1)).max().item()) if len(il) and m.numel() else 0
         width = max(width, 1)
         out: dict[str, Any] = {}
         for f in fields(self):

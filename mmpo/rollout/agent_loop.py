@@ -1,0 +1,248 @@
+"""Multi-turn agent rollouts: generate -> parse a tool call -> invoke -> append the observation
+(text and/or images) -> generate again, until an answer or the turn cap. Batched over all rows
+(a whole group, or several), on any rollout engine.
+
+Token bookkeeping. Each row keeps one growing encoding of its whole conversation: the prompt,
+then per turn the model's sampled tokens (kept as sampled, never re-tokenised) and the
+observation, encoded by the processor from a chat-template snippet (its image pads expanded, its
+``pixel_values`` / ``image_grid_thw`` appended after the earlier images, so image features stay
+in the order of their tokens). ``action_mask`` marks the model's tokens: only they are trained;
+observation tokens are attended to but masked out of the loss.
+
+Tools run asynchronously (asyncio) with a per-call timeout and a concurrency limit; a malformed
+call, a tool that raises or one that hangs yields an error observation the model sees, and the
+rollout goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from mmpo.policies.batching import TOKEN_KEYS
+from mmpo.rollout.engines.base import GenerationSettings, RolloutEngine
+from mmpo.rollout.tools import Tool, ToolCall, ToolCallError, ToolResult, parse_answer, parse_tool_calls
+
+OBSERVATION_TEMPLATE = "\n<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@dataclass
+class AgentSettings:
+    max_turns: int = 4
+    max_new_tokens: int = 64  # per turn
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    tool_timeout_s: float = 10.0
+    max_concurrency: int = 8
+    max_calls_per_turn: int = 1
+    observation_template: str = OBSERVATION_TEMPLATE
+
+
+@dataclass
+class AgentTrajectory:
+    """One row's conversation. ``encoding``: prompt + everything after it (batch dim 1);
+    ``action_mask`` / ``logprobs`` cover the tokens after the first ``prompt_len`` (True / the
+    sampling log-prob on the model's tokens, False / 0 on observation tokens)."""
+
+    encoding: dict[str, torch.Tensor]
+    prompt_len: int
+    action_mask: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    turn_texts: list[str] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
+    num_turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0  # tools that raised, timed out or refused their arguments
+    malformed_calls: int = 0  # calls that could not be parsed or validated
+    answer: str | None = None
+    truncated: bool = False  # a turn hit max_new_tokens without ending
+
+    @property
+    def length(self) -> int:
+        return len(self.action_mask)
+
+
+def append_encoding(enc: dict[str, torch.Tensor], ids: torch.Tensor, more: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``enc`` followed by token ``ids [L]`` (attended), plus the media of ``more`` (the
+    processor's output for those tokens) appended after ``enc``'s."""
+    out = dict(enc)
+    ids = ids.to(enc["input_ids"].dtype).reshape(1, -1)
+    out["input_ids"] = torch.cat([enc["input_ids"], ids], dim=1)
+    out["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(ids, dtype=enc["attention_mask"].dtype)], dim=1)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in enc:
+            extra = more[key] if more is not None and key in more else torch.zeros_like(ids)
+            out[key] = torch.cat([enc[key], extra.to(enc[key].dtype).reshape(1, -1)], dim=1)
+    for key, value in (more or {}).items():
+        if key in TOKEN_KEYS or not torch.is_tensor(value):
+            continue
+        out[key] = torch.cat([enc[key], value], dim=0) if key in enc else value
+    return out
+
+
+class AgentLoop:
+    """Runs multi-turn rollouts of a ``CausalLMPolicy`` through a rollout engine with ``tools``."""
+
+    def __init__(self, policy: Any, engine: RolloutEngine, tools: Sequence[Tool] | dict[str, Tool], settings: AgentSettings) -> None:
+        self.policy = policy
+        self.engine = engine
+        self.tools = dict(tools) if isinstance(tools, dict) else {t.name: t for t in tools}
+        self.settings = settings
+
+    # -- observations --------------------------------------------------------------------------
+    def encode_observation(self, result: ToolResult) -> dict[str, torch.Tensor]:
+        """The processor's encoding of an observation snippet (text and images)."""
+        s = self.settings
+        content = result.text + "".join(IMAGE_PLACEHOLDER for _ in result.images)
+        text = s.observation_template.format(content=content)
+        proc = self.policy.processor
+        if result.images and self.policy.is_vlm:
+            enc = proc(text=[text], images=list(result.images), return_tensors="pt")
+        else:
+            tok = self.policy.tokenizer
+            enc = tok([text], return_tensors="pt", add_special_tokens=False)
+        return {k: v for k, v in enc.items() if torch.is_tensor(v)}
+
+    # -- tools -----------------------------------------------------------------------------------
+    async def _call(self, call: ToolCall, context: dict[str, Any], sem: asyncio.Semaphore) -> ToolResult:
+        tool = self.tools[call.name]
+        async with sem:
+            try:
+                if inspect.iscoroutinefunction(tool.run):
+                    coro = tool.run(call.arguments, context)
+                else:
+                    coro = asyncio.to_thread(tool.run, call.arguments, context)
+                result = await asyncio.wait_for(coro, timeout=self.settings.tool_timeout_s)
+            except asyncio.TimeoutError:
+                return ToolResult(f"error: {call.name} timed out after {self.settings.tool_timeout_s:g} s", error=True)
+            except Exception as e:  # a failing tool must never stop training
+                return ToolResult(f"error: {call.name} failed: {type(e).__name__}: {str(e)[:200]}", error=True)
+        if not isinstance(result, ToolResult):
+            return ToolResult(f"error: {call.name} returned {type(result).__name__}, not a ToolResult", error=True)
+        return result
+
+    def run_tools(self, jobs: list[tuple[int, ToolCall, dict[str, Any]]]) -> dict[int, list[ToolResult]]:
+        """Run ``(row, call, context)`` jobs concurrently; results per row in call order."""
+
+        async def main() -> list[ToolResult]:
+            sem = asyncio.Semaphore(self.settings.max_concurrency)
+            return await asyncio.gather(*(self._call(call, ctx, sem) for _, call, ctx in jobs))
+
+        results = asyncio.run(main()) if jobs else []
+        out: dict[int, list[ToolResult]] = {}
+        for (row, _, _), res in zip(jobs, results):
+            out.setdefault(row, []).append(res)
+        return out
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(
+        self,
+        model: torch.nn.Module,
+        encodings: Sequence[dict[str, torch.Tensor]],
+        contexts: Sequence[dict[str, Any]],
+        *,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> list[AgentTrajectory]:
+        """One trajectory per prompt encoding (rows are independent; repeat an encoding G times
+        for a group). ``contexts[i]`` is what row i's tools may use (e.g. its video)."""
+        s = self.settings
+        pol = self.policy
+        trajs = [AgentTrajectory(encoding=dict(e), prompt_len=int(e["input_ids"].shape[1])) for e in encodings]
+        gen = GenerationSettings(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, greedy=s.greedy)
+        active = list(range(len(trajs)))
+        for turn in range(s.max_turns):
+            if not active:
+                break
+            out = self.engine.generate(model, pol.collate([trajs[i].encoding for i in active]), gen, device=device, dtype=dtype)
+            jobs: list[tuple[int, ToolCall, dict[str, Any]]] = []
+            errors: dict[int, str] = {}
+            still = []
+            for row, i in enumerate(active):
+                t = trajs[i]
+                m = out.mask[row].bool()
+                ids = out.completion_ids[row][m]
+                lps = out.logprobs[row][m] if out.logprobs is not None else torch.zeros(len(ids))
+                t.encoding = append_encoding(t.encoding, ids)
+                t.action_mask += [True] * len(ids)
+                t.logprobs += [float(x) for x in lps]
+                t.num_turns += 1
+                text = pol.decode(out.completion_ids[row : row + 1], out.mask[row : row + 1])[0]
+                t.turn_texts.append(text)
+                if bool(out.truncated[row]):
+                    t.truncated = True
+                    continue
+                answer = parse_answer(text)
+                if answer is not None:
+                    t.answer = answer
+                    continue
+                if "<tool_call>" not in text and "</tool_call>" not in text:
+                    continue  # neither an answer nor a call: the rollout ends
+                try:
+                    calls = parse_tool_calls(text, self.tools, max_calls=s.max_calls_per_turn)
+                except ToolCallError as e:
+                    t.malformed_calls += 1
+                    errors[i] = f"error: {e}"
+                    still.append(i)
+                    continue
+                t.tool_calls += len(calls)
+                jobs += [(i, c, contexts[i]) for c in calls]
+                still.append(i)
+            if turn == s.max_turns - 1:
+                break  # no observation after the last turn
+            results = self.run_tools(jobs)
+            for i in still:
+                t = trajs[i]
+                if i in errors:
+                    res = ToolResult(errors[i], error=True)
+                else:
+                    parts = results.get(i, [])
+                    t.tool_errors += sum(r.error for r in parts)
+                    res = ToolResult("\n".join(r.text for r in parts), [im for r in parts for im in r.images], any(r.error for r in parts))
+                obs = self.encode_observation(res)
+                t.encoding = append_encoding(t.encoding, obs["input_ids"][0], obs)
+                n_obs = int(obs["input_ids"].shape[1])
+                t.action_mask += [False] * n_obs
+                t.logprobs += [0.0] * n_obs
+                t.observations.append(res.text)
+            active = still
+        return trajs
+
+
+def trajectory_tensors(trajs: Sequence[AgentTrajectory], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The tokens after each prompt, left-aligned: ``completion_ids [n, T]`` (pad after a row's
+    end), ``mask [n, T]`` (True on the model's tokens), ``logprobs [n, T]`` (their sampling
+    log-probs, 0 elsewhere), ``lengths [n]`` (tokens after the prompt, observations included)."""
+    T = max(1, max(t.length for t in trajs))
+    ids = torch.full((len(trajs), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(trajs), T, dtype=torch.bool)
+    lps = torch.zeros(len(trajs), T)
+    for i, t in enumerate(trajs):
+        if t.length:
+            ids[i, : t.length] = t.encoding["input_ids"][0, t.prompt_len :]
+            mask[i, : t.length] = torch.tensor(t.action_mask)
+            lps[i, : t.length] = torch.tensor(t.logprobs)
+    return {"completion_ids": ids, "mask": mask, "logprobs": lps, "lengths": torch.tensor([t.length for t in trajs])}
+
+
+def score_trajectories(
+    policy: Any, trajs: Sequence[AgentTrajectory], *, model: torch.nn.Module | None = None, temperature: float = 1.0,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs ``[n, T]`` (with grad) of every token after the prompts, and the ``mask [n, T]``
+    of the model's tokens (train on those only); one forward over the whole conversations."""
+    t = trajectory_tensors(trajs, policy.pad_token_id)
+    out = policy.score_conversations(
+        [tr.encoding for tr in trajs], t["lengths"], t["completion_ids"], t["mask"], model=model,
+        temperature=temperature, with_entropy=False, device=device,
+    )
+    return out.logp, t["mask"]
+
+
+__all__ = ["AgentLoop", "AgentSettings", "AgentTrajectory", "append_encoding", "score_trajectories", "trajectory_tensors"]
