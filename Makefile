@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mmpo-installed
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test test-fast install clean vllm-env vla-demo
+.PHONY: quickstart test test-fast install clean vllm-env vla-demo framemind-demo
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ vla-demo: $(STAMP)
 	$(VENV)/bin/mmpo train configs/ript_vla_babyai.yaml task.sft.demos=$(VLA_DEMOS)
 	$(VENV)/bin/mmpo eval configs/ript_vla_babyai.yaml checkpoint=runs/ript_vla_babyai/sft/model output_dir=runs/ript_vla_babyai/eval_sft
 	$(VENV)/bin/mmpo eval configs/ript_vla_babyai.yaml checkpoint=runs/ript_vla_babyai output_dir=runs/ript_vla_babyai/eval_ript
+
+# FrameMind on synthetic clips: cold start on expert tool-use conversations -> DRFS-GRPO -> eval
+framemind-demo: $(STAMP)
+	test -f runs/framemind_warm/config.json || $(PY) -m mmpo_tasks.video_frames.warm_start configs/framemind.yaml --out runs/framemind_warm
+	$(VENV)/bin/mmpo train configs/framemind.yaml model.path=runs/framemind_warm 'model.tiny={}'
+	$(VENV)/bin/mmpo eval configs/framemind.yaml checkpoint=runs/framemind
 
 clean:
 	rm -rf runs .pytest_cache

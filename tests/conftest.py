@@ -7,6 +7,14 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# decord's bundled libpng breaks pygame's PNG loading (gymnasium's Pendulum render) when it loads
+# first; the readers import it after pygame (tasks/video_frames/video.py::_import_decord), and
+# some tests import decord directly, so pygame's image module loads first for the whole session
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+try:
+    import pygame.image  # noqa: F401
+except ImportError:
+    pass
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -46,14 +46,15 @@ class SyntheticVideoConfig:
     size: int = field(default=64, metadata={"help": "Frame side in pixels.", "min": 16})
     num_events: int = field(default=3, metadata={"help": "Shapes shown per clip.", "min": 1})
     kinds: list[str] = field(default_factory=lambda: ["colour_at"], metadata={"help": "Question kinds: colour_at, first_shape, when_colour, count."})
+    shuffle_options: bool = field(default=True, metadata={"help": "Shuffle colour options per question (false: always red, green, blue, yellow, so a tiny model can tie a colour to a letter)."})
 
 
 @dataclass
 class FrameMindReward:
     accuracy: float = field(default=1.0, metadata={"help": "Weight of the correct answer.", "min": 0.0})
-    format: float = field(default=0.2, metadata={"help": "Weight of a well-formed <answer>LETTER</answer>.", "min": 0.0})
+    format: float = field(default=0.2, metadata={"help": "Weight of a well-formed <answer>LETTER</answer> with no malformed tool call.", "min": 0.0})
     tool: float = field(default=0.2, metadata={"help": "Weight of at least one successful tool call.", "min": 0.0})
-    turn_bonus: float = field(default=0.5, metadata={"help": "lambda_turn: bonus when the rollout used min_turns..max_turns turns (FrameMind: 0.5 for 2-3).", "min": 0.0})
+    turn_bonus: float = field(default=0.5, metadata={"help": "lambda_turn: bonus when the rollout used bonus_turns turns with a working tool call (FrameMind: 0.5 for 2-3).", "min": 0.0})
     bonus_turns: list[int] = field(default_factory=lambda: [2, 3], metadata={"help": "Turn counts that earn the bonus (FrameMind: 2-3)."})
     shaping_needs_correct: bool = field(default=True, metadata={"help": "Tool and turn terms count only for a correct answer (false: the paper's unconditional terms)."})
 
@@ -92,7 +93,10 @@ def synthetic_folder(cfg: SyntheticVideoConfig, seed: int, n: int) -> Path:
     folder = tiny_cache_root() / "video_qa" / f"synthetic-{key}"
     return write_cache_folder(
         folder, "qa.jsonl",
-        lambda out: synthetic_dataset(out, n, seed, kinds=cfg.kinds, duration_s=cfg.duration_s, fps=cfg.fps, size=cfg.size, num_events=cfg.num_events),
+        lambda out: synthetic_dataset(
+            out, n, seed, kinds=cfg.kinds, duration_s=cfg.duration_s, fps=cfg.fps, size=cfg.size, num_events=cfg.num_events,
+            shuffle_options=cfg.shuffle_options,
+        ),
         what="Synthetic video set",
     )
 
@@ -188,10 +192,14 @@ class FrameMindTask(Task):
         comp: dict[str, list[float]] = {k: [] for k in ("accuracy", "format", "tool_use", "turn_bonus", "turns", "tool_calls", "tool_errors", "malformed_calls")}
         for s, t in zip(samples, trajectories):
             letter = self._letter(t.answer, s)
+            used_tool = t.tool_calls - t.tool_errors > 0
             comp["accuracy"].append(float(letter is not None and letter == s.answer))
-            comp["format"].append(float(letter is not None))
-            comp["tool_use"].append(float(t.tool_calls - t.tool_errors > 0))
-            comp["turn_bonus"].append(float(t.num_turns in w.bonus_turns))
+            # well-formed: an option letter in <answer>, and no malformed call on the way
+            comp["format"].append(float(letter is not None and t.malformed_calls == 0))
+            comp["tool_use"].append(float(used_tool))
+            # the turns must have been spent on working tool calls: a malformed call followed by
+            # an answer is two turns too, and was learned as a shortcut to the bonus
+            comp["turn_bonus"].append(float(used_tool and t.num_turns in w.bonus_turns))
             comp["turns"].append(float(t.num_turns))
             comp["tool_calls"].append(float(t.tool_calls))
             comp["tool_errors"].append(float(t.tool_errors))

@@ -51,11 +51,26 @@ def resize_longer(image: Image.Image, size: int | None) -> Image.Image:
     return image.resize(new, Image.Resampling.BICUBIC)
 
 
+def _import_decord() -> Any:
+    """``import decord``, after pygame's image module when pygame is installed: decord bundles a
+    libpng that, loaded first, shadows the one of pygame's SDL_image, and every later
+    ``pygame.image.load`` in the process fails ("Error reading the PNG file"; e.g. gymnasium's
+    Pendulum render). Loaded in this order both work in one process (tested)."""
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    try:
+        import pygame.image  # noqa: F401
+    except ImportError:
+        pass
+    import decord
+
+    return decord
+
+
 class _DecordBackend:
     name = "decord"
 
     def __init__(self, path: str, num_threads: int) -> None:
-        import decord
+        decord = _import_decord()
 
         self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)
         self.num_frames = len(self._vr)
@@ -385,7 +400,9 @@ def _choice(rng: np.random.Generator, correct: str, options: list[str], *, keep_
     return options, LETTERS[options.index(correct)]
 
 
-def event_questions(events: list[dict[str, Any]], duration_s: float, rng: np.random.Generator) -> list[dict[str, Any]]:
+def event_questions(
+    events: list[dict[str, Any]], duration_s: float, rng: np.random.Generator, *, shuffle_options: bool = True
+) -> list[dict[str, Any]]:
     """One question of each kind in ``QUESTION_KINDS`` about ``events``, each ``{"kind", "question",
     "options", "answer" (letter), "answer_text"}``. Each needs the right frames: the colour shown
     at an event's middle, the shape of the earliest event, the 1 s window of a colour's event
@@ -396,7 +413,7 @@ def event_questions(events: list[dict[str, Any]], duration_s: float, rng: np.ran
 
     e = events[int(rng.integers(len(events)))]
     mid = (e["start_s"] + e["end_s"]) / 2
-    options, answer = _choice(rng, e["color"], list(COLORS))
+    options, answer = _choice(rng, e["color"], list(COLORS), keep_order=not shuffle_options)
     out.append({"kind": "colour_at", "question": f"What colour is the shape shown at about {_fmt_s(mid)} s?",
                 "options": options, "answer": answer, "answer_text": e["color"]})
 
@@ -424,7 +441,7 @@ def event_questions(events: list[dict[str, Any]], duration_s: float, rng: np.ran
 
 
 def synthetic_event_video(path: str | os.PathLike[str], *, seed: int, duration_s: float = 8, fps: float = 4,
-                          size: int = 64, num_events: int = 3) -> dict[str, Any]:
+                          size: int = 64, num_events: int = 3, shuffle_options: bool = True) -> dict[str, Any]:
     """Write a ``size`` x ``size`` clip of ``duration_s`` s at ``fps`` to ``path``: a grey background
     with per-frame noise where ``num_events`` (1..4) shapes, each of its own colour and shape, are
     shown for 1 s each at random, non-overlapping times (starts on a 0.5 s grid).
@@ -466,7 +483,7 @@ def synthetic_event_video(path: str | os.PathLike[str], *, seed: int, duration_s
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
     write_video(frames, path, fps)
     return {"path": str(path), "fps": float(fps), "duration_s": float(duration_s), "num_frames": num_frames,
-            "size": size, "events": events, "questions": event_questions(events, float(duration_s), rng)}
+            "size": size, "events": events, "questions": event_questions(events, float(duration_s), rng, shuffle_options=shuffle_options)}
 
 
 def synthetic_dataset(

@@ -49,16 +49,17 @@ def test_composite_reward_on_constructed_trajectories():
         _traj(wrong, turns=3, calls=2),            # wrong: shaping does not pay
         _traj(None, turns=3, calls=1, errors=1),   # no answer, the only call failed
         _traj("Z", turns=1),                       # not an option letter
+        _traj(right, turns=2, malformed=1),        # a malformed call is not a tool turn
     ]
-    out = task.reward_trajectories([s] * 5, trajs)
+    out = task.reward_trajectories([s] * 6, trajs)
     c = out.components
-    assert c["accuracy"].tolist() == [1, 1, 0, 0, 0]
-    assert c["format"].tolist() == [1, 1, 1, 0, 0]
-    assert c["tool_use"].tolist() == [1, 0, 1, 0, 0]
-    assert c["turn_bonus"].tolist() == [1, 0, 1, 1, 0]
-    assert out.rewards.tolist() == pytest.approx([1 + 0.2 + 0.2 + 0.5, 1.2, 0.2, 0.0, 0.0])
+    assert c["accuracy"].tolist() == [1, 1, 0, 0, 0, 1]
+    assert c["format"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert c["tool_use"].tolist() == [1, 0, 1, 0, 0, 0]
+    assert c["turn_bonus"].tolist() == [1, 0, 1, 0, 0, 0]
+    assert out.rewards.tolist() == pytest.approx([1 + 0.2 + 0.2 + 0.5, 1.2, 0.2, 0.0, 0.0, 1.0])
     loose = build_task("framemind", {**OPTS, "reward": {"shaping_needs_correct": False}})
-    assert loose.reward_trajectories([s] * 5, trajs).rewards.tolist() == pytest.approx([1.9, 1.2, 0.2 + 0.2 + 0.5, 0.5, 0.0])
+    assert loose.reward_trajectories([s] * 6, trajs).rewards.tolist() == pytest.approx([1.9, 1.2, 0.2 + 0.2 + 0.5, 0.0, 0.0, 1.0])
 
 
 def test_grpo_steps_with_multi_turn_rollouts_and_eval(tmp_path):
@@ -83,3 +84,33 @@ def test_bad_ladder_is_refused():
         build_task("framemind", {**OPTS, "initial_setting": 5})
     with pytest.raises(ConfigError, match="3 events need duration_s >= 5 s; got 4"):
         build_task("framemind", {"synthetic": {"num_events": 3, "duration_s": 4.0}})
+
+
+def test_warm_start_builds_expert_conversations_with_real_observations(tmp_path):
+    """Expert conversations run the real tools (observations with the clip's frames) and the
+    cold start fits the expert's tokens only."""
+    import torch
+
+    from mmpo.config import load_config
+    from mmpo.models import load_model
+    from mmpo.policies.causal_lm import CausalLMPolicy
+    from mmpo.sft import SFTConfig
+    from mmpo_tasks.video_frames.warm_start import expert_trajectories, warm_start
+
+    cfg = load_config(CONFIG, SMALL)
+    task = build_task(cfg.task.name, cfg.task.options)
+    model, proc, info = load_model(cfg.model.path, tiny_overrides=cfg.model.tiny)
+    pol = CausalLMPolicy.from_info(model, proc, info)
+    trajs = expert_trajectories(task, pol, model, examples=6, tool_fraction=0.5, seed=1)
+    with_tool = [t for t in trajs if t.tool_calls]
+    assert with_tool and len(with_tool) < 6
+    for t, i in zip(trajs, range(6)):
+        s = task.train_sample(i % task.num_train())
+        assert t.answer == s.answer and t.tool_errors == 0 and t.malformed_calls == 0
+    t = with_tool[0]
+    assert t.num_turns == 2 and "8 frame(s) of 0.0-4.0 s" in t.observations[0]
+    n_prompt_images = int(t.encoding["image_grid_thw"].shape[0]) - 8  # video_clip returned 8 frames
+    assert n_prompt_images >= 1
+    out = warm_start(cfg, str(tmp_path / "warm"), examples=8, tool_fraction=0.5, sft=SFTConfig(epochs=2, batch_size=4, lr=1e-3))
+    assert out["loss_last_epoch"] < out["loss_first_epoch"]
+    assert (tmp_path / "warm" / "config.json").is_file() and (tmp_path / "warm" / "warm_start.json").is_file()

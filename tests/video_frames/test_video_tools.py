@@ -381,3 +381,23 @@ def test_tools_are_safe_across_threads(event_video: dict[str, Any]) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert list(pool.map(job, range(32))) == [ev["color"]] * 32
     assert len(cache) == 1
+
+
+def test_decord_and_pygame_png_loading_coexist(tmp_path):
+    """decord's bundled libpng must not break pygame's PNG loading (gymnasium's Pendulum render)
+    in the same process: a fresh interpreter reads a video with decord, then renders Pendulum."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np, sys\n"
+        "from mmpo_tasks.video_frames.video import VideoReader, write_video\n"
+        f"p = write_video([np.zeros((32, 32, 3), np.uint8)] * 4, {str(tmp_path / 'v.mp4')!r}, 4)\n"
+        "r = VideoReader(p, backend='decord'); r.frames_at([0.0])\n"
+        "import gymnasium as gym\n"
+        "e = gym.make('Pendulum-v1', render_mode='rgb_array'); e.reset(seed=0)\n"
+        "print(e.render().shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(500, 500, 3)" in out.stdout
