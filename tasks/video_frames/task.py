@@ -128,6 +128,11 @@ class FrameMindTask(Task):
             self.train_rows, self.eval_rows = self.train_rows[:-cut], self.train_rows[-cut:]
         if not self.train_rows:
             raise DataError(f"task.data: no usable training row ({len(self.skipped)} skipped)")
+        if self.skipped:  # bad rows never stop a run; say how many and why (first few)
+            import sys
+
+            shown = "; ".join(str(x["error"]) for x in self.skipped[:3])
+            print(f"framemind: skipped {len(self.skipped)} row(s) with a missing or unreadable video or bad fields: {shown}", file=sys.stderr)
 
     # -- samples --------------------------------------------------------------------------------
     def _sample(self, row: dict[str, Any], evaluation: bool) -> Sample:

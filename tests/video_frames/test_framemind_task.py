@@ -114,3 +114,26 @@ def test_warm_start_builds_expert_conversations_with_real_observations(tmp_path)
     out = warm_start(cfg, str(tmp_path / "warm"), examples=8, tool_fraction=0.5, sft=SFTConfig(epochs=2, batch_size=4, lr=1e-3))
     assert out["loss_last_epoch"] < out["loss_first_epoch"]
     assert (tmp_path / "warm" / "config.json").is_file() and (tmp_path / "warm" / "warm_start.json").is_file()
+
+
+def test_bad_rows_are_skipped_with_a_count(tmp_path, capsys):
+    """A corrupt and a missing video skip their rows (the run goes on) and are reported."""
+    import json as _json
+
+    from mmpo_tasks.video_frames.video import synthetic_event_video
+
+    info = synthetic_event_video(tmp_path / "ok.mp4", seed=1, duration_s=4.0, num_events=1)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
+    q = info["questions"][0]
+    rows = [
+        {"id": "ok", "video": "ok.mp4", "question": q["question"], "options": q["options"], "answer": q["answer"]},
+        {"id": "corrupt", "video": "bad.mp4", "question": "?", "options": ["a", "b"], "answer": "A"},
+        {"id": "missing", "video": "nope.mp4", "question": "?", "options": ["a", "b"], "answer": "A"},
+    ]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    task = build_task("framemind", {"data": str(data), "eval_data": str(data)})
+    assert [r["id"] for r in task.train_rows] == ["ok"]
+    assert {x["id"] for x in task.skipped} == {"corrupt", "missing"}
+    err = capsys.readouterr().err
+    assert "framemind: skipped 4 row(s)" in err  # 2 in the training file, 2 in the eval file
