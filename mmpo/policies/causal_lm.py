@@ -176,6 +176,16 @@ class CausalLMPolicy:
             )
         return self.log_probs(self.collate(encodings), completion_ids, completion_mask, **kwargs)
 
+    def _hidden_states(self, model: torch.nn.Module, full: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
+        """One decoder pass over collated inputs (on the model's device): last hidden states
+        ``[n, L, H]`` and the LM head."""
+        decoder, head = self._decoder_and_head(model)
+        kwargs = {k: v for k, v in full.items() if k != "input_ids"}
+        pos = self.position_ids(full["attention_mask"])
+        if pos is not None:
+            kwargs["position_ids"] = pos
+        return decoder(input_ids=full["input_ids"], use_cache=False, **kwargs).last_hidden_state, head
+
     def score_conversations(
         self,
         encodings: list[dict[str, torch.Tensor]],
@@ -197,12 +207,7 @@ class CausalLMPolicy:
         model = model if model is not None else self.model
         device = device or next(model.parameters()).device
         full = to_device(self.collate(list(encodings)), device)
-        decoder, head = self._decoder_and_head(model)
-        kwargs = {k: v for k, v in full.items() if k != "input_ids"}
-        pos = self.position_ids(full["attention_mask"])
-        if pos is not None:
-            kwargs["position_ids"] = pos
-        hidden = decoder(input_ids=full["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        hidden, head = self._hidden_states(model, full)
         L, T = hidden.shape[1], completion_ids.shape[1]
         start = L - lengths.to(device).long()  # first post-prompt column of each row
         idx = (start[:, None] - 1 + torch.arange(T, device=device)[None, :]).clamp(max=L - 1)
@@ -240,12 +245,7 @@ class CausalLMPolicy:
         full = to_device(full, device, dtype)
         P = prompt_inputs["input_ids"].shape[1]
         T = completion_ids.shape[1]
-        decoder, head = self._decoder_and_head(model)
-        pos = self.position_ids(full["attention_mask"])
-        kwargs = {k: v for k, v in full.items() if k != "input_ids"}
-        if pos is not None:
-            kwargs["position_ids"] = pos
-        hidden = decoder(input_ids=full["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        hidden, head = self._hidden_states(model, full)
         # hidden at position P-1+t predicts completion token t
         hidden = hidden[:, P - 1 : P - 1 + T]
         return self._project(hidden, head, full["input_ids"][:, P : P + T], completion_mask, temperature, with_entropy)
