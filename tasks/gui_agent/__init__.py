@@ -1,0 +1,1 @@
+"""GUI agent plugins: HiconAgent (HCPO) on GUI episode datasets and ScreenExplorer on a live browser."""
