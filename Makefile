@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.14.1 torchvision==0.29.1
 	$(PIP) -e ".[dev]"
+	@# MiniWoB++ (tests/gui_agent) runs in Debian's chromium + chromium-driver
+	@command -v chromedriver >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || echo "warning: install chromium and chromium-driver for the MiniWoB++ tests"
 	@touch $(STAMP)
 
 install: $(STAMP)
