@@ -61,6 +61,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from mmpo.data import RecordError, read_records
 from mmpo.errors import DataError, MMPOError
 from mmpo_tasks.gui_agent.actions import Action
 from mmpo_tasks.gui_agent.episodes import GuiEpisode, GuiStep, check_relative, save_episodes
@@ -72,34 +73,6 @@ AITW_CODES = {3: "type", 4: "dual_point", 5: "back", 6: "home", 7: "enter", 10: 
 
 class _Skip(Exception):
     """An episode that cannot be converted (the message says why)."""
-
-
-def _read_rows(src: Path) -> list[Any]:
-    """The records of a .json (list or one object), .jsonl or .parquet file; DataError when unreadable."""
-    if not src.is_file():
-        raise DataError(f"{src}: file not found")
-    suffix = src.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(src).to_pylist()
-        text = src.read_text(encoding="utf-8")
-        if suffix == ".jsonl":
-            rows: list[Any] = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        rows.append(_Skip(f"line {n}: not valid JSON ({e.msg})"))
-            return rows
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{src}: not valid JSON: {e}") from None
-    except Exception as e:  # OSError, UnicodeDecodeError, pyarrow errors
-        raise DataError(f"{src}: cannot read: {e}") from None
-    return data if isinstance(data, list) else [data]
 
 
 def _num(value: Any, key: str) -> float:
@@ -168,7 +141,7 @@ def _convert(src: str | os.PathLike[str], image_root: str | os.PathLike[str], ou
     except ValueError:
         raise DataError(f"--image-root {root} is not inside the output file's folder {out.parent}; the layout keeps "
                         "screenshots inside it (write --out into the image root or a folder above it)") from None
-    records = _read_rows(src_p)
+    records = read_records(src_p, allow_object=True)
     screens = _Screens(root, out.parent)
     done, skipped, ids = [], [], set()
     for n, rid, make in episodes(records, screens):
@@ -193,8 +166,8 @@ def _per_record(records: list[Any], make: Callable[[int, dict[str, Any]], GuiEpi
                 id_key: str) -> Iterable[tuple[int, Any, Callable[[], GuiEpisode]]]:
     for n, rec in enumerate(records, 1):
         def build(n: int = n, rec: Any = rec) -> GuiEpisode:
-            if isinstance(rec, _Skip):
-                raise rec
+            if isinstance(rec, RecordError):
+                raise _Skip(str(rec))
             if not isinstance(rec, dict):
                 raise _Skip(f"expected an object, got {type(rec).__name__}")
             return make(n, rec)
@@ -378,8 +351,8 @@ def convert_aitw(src: str | os.PathLike[str], image_root: str | os.PathLike[str]
         for eid, rows in groups.items():
             def build(eid: str = eid, rows: list[tuple[int, Any]] = rows) -> GuiEpisode:
                 n0, first = rows[0]
-                if isinstance(first, _Skip):
-                    raise first
+                if isinstance(first, RecordError):
+                    raise _Skip(str(first))
                 if eid.startswith("\0"):
                     raise _Skip(f"key 'episode_id': must be a string or an integer, got "
                                 f"{first.get('episode_id') if isinstance(first, dict) else first!r:.60}")

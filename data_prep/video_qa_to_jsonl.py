@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from mmpo.data import RecordError, read_records
 from mmpo.errors import DataError, MMPOError
 from mmpo_tasks.video_frames.data import LETTERS, MAX_OPTIONS, MIN_OPTIONS, answer_letter
 
@@ -49,38 +50,6 @@ _PREFIX = re.compile(r"^\s*(?:\(([A-H])\)|([A-H])\s*[.):])\s*")
 
 class _Skip(Exception):
     """A row that cannot be converted (the message says why)."""
-
-
-def _read_rows(src: Path) -> list[Any]:
-    """The records of a .json (list), .jsonl or .parquet file; DataError when it is unreadable."""
-    if not src.is_file():
-        raise DataError(f"{src}: file not found")
-    suffix = src.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(src).to_pylist()
-        text = src.read_text(encoding="utf-8")
-        if suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        rows.append(_Skip(f"line {n}: not valid JSON ({e.msg})"))
-            return rows
-        data = json.loads(text)
-    except DataError:
-        raise
-    except json.JSONDecodeError as e:
-        raise DataError(f"{src}: not valid JSON: {e}") from None
-    except Exception as e:  # OSError, UnicodeDecodeError, pyarrow errors
-        raise DataError(f"{src}: cannot read: {e}") from None
-    if not isinstance(data, list):
-        raise DataError(f"{src}: expected a JSON list of rows, got {type(data).__name__}")
-    return data
 
 
 def _str(rec: dict[str, Any], key: str) -> str:
@@ -118,13 +87,13 @@ def _write(rows: Iterator[dict[str, Any]] | list[dict[str, Any]], out: Path) -> 
 
 
 def _convert(src: Path, out: Path, make: Callable[[int, dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-    records = _read_rows(src)
+    records = read_records(src)
     rows, skipped, ids = [], [], set()
     for n, rec in enumerate(records, 1):
         rid = None
         try:
-            if isinstance(rec, _Skip):
-                raise rec
+            if isinstance(rec, RecordError):
+                raise _Skip(str(rec))
             if not isinstance(rec, dict):
                 raise _Skip(f"expected an object, got {type(rec).__name__}")
             row = make(n, rec)

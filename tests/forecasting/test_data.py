@@ -31,10 +31,8 @@ from mmpo_tasks.forecasting.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-# The copy bundled with the task (see its README for the source); the shared data folder otherwise.
-_CANDIDATES = (ROOT / "tasks" / "forecasting" / "data_sources" / "beijing_pm25.csv", Path("/work/shared/data/beijing_pm25.csv"))
-REAL_CSV = next((p for p in _CANDIDATES if p.is_file()), _CANDIDATES[0])
-needs_real = pytest.mark.skipif(not REAL_CSV.is_file(), reason=f"{REAL_CSV} (UCI Beijing PM2.5 Data) not present")
+# the copy bundled with the task (see its README for the source): part of the repository
+REAL_CSV = ROOT / "tasks" / "forecasting" / "data_sources" / "beijing_pm25.csv"
 HEADER = ["No", "year", "month", "day", "hour", "pm2.5", "DEWP", "TEMP", "PRES", "cbwd", "Iws", "Is", "Ir"]
 
 
@@ -82,14 +80,11 @@ def small_csv(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def real() -> dict[str, Any]:
-    if not REAL_CSV.is_file():
-        pytest.skip(f"{REAL_CSV} not present")
     frame, inserted = read_pm25_csv(REAL_CSV)
     series, norm = load_splits(REAL_CSV, train_years=[2010, 2011, 2012], val_years=[2013], test_years=[2014])
     return {"frame": frame, "inserted": inserted, "series": series, "norm": norm, "raw": pd.read_csv(REAL_CSV)}
 
 
-@needs_real
 def test_real_csv_counts(real: dict[str, Any]) -> None:
     frame, series = real["frame"], real["series"]
     assert len(frame) == 43_824 and not real["inserted"].any() and frame.attrs["hours_inserted"] == 0
@@ -107,7 +102,6 @@ def test_real_csv_counts(real: dict[str, Any]) -> None:
         assert (s.covariates[:, 6:10].sum(1) == 1).all()  # one wind direction per hour
 
 
-@needs_real
 def test_real_normalizer_is_pandas_mean_std_of_training_years(real: dict[str, Any]) -> None:
     raw, norm = real["raw"], real["norm"]
     train = raw[raw["year"].between(2010, 2012)]
@@ -125,7 +119,6 @@ def test_real_normalizer_is_pandas_mean_std_of_training_years(real: dict[str, An
     assert abs(float(np.nanmean(s.target))) < 1e-5 and abs(float(np.nanstd(s.target, ddof=1)) - 1) < 1e-5
 
 
-@needs_real
 def test_normalizer_uses_training_rows_only(real: dict[str, Any], tmp_path: Path) -> None:
     frame = real["frame"].copy()
     is2014 = frame.index.year == 2014
@@ -351,7 +344,6 @@ def test_duplicate_timestamp(tmp_path: Path) -> None:
     assert str(path) in msg and "duplicate timestamp 2010-01-01 03:00 on line 5 and line 7" in msg and "once" in msg
 
 
-@needs_real
 def test_overlapping_years(small_csv: Path) -> None:
     frame = load_pm25_csv(small_csv)
     with pytest.raises(ConfigError) as e:
@@ -378,7 +370,6 @@ def _assert_same(a: dict[str, PM25Series], b: dict[str, PM25Series]) -> None:
         assert a[k].feature_names == b[k].feature_names and a[k].normalizer == b[k].normalizer
 
 
-@needs_real
 def test_cli_round_trip(real: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     main = _cli()
     out = tmp_path / "pm25"
@@ -409,7 +400,6 @@ def test_cli_round_trip(real: dict[str, Any], tmp_path: Path, capsys: pytest.Cap
     assert (out / "stats.json").is_file()  # refused, untouched
 
 
-@needs_real
 def test_cli_round_trip_with_absent_hours(real: dict[str, Any], tmp_path: Path) -> None:
     raw = real["raw"]
     drop = ((raw["year"] == 2011) & (raw["month"] == 3) & (raw["day"] == 1) & (raw["hour"] < 6)) | (
