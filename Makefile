@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mmpo-installed
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test test-fast install clean vllm-env vla-demo framemind-demo
+.PHONY: quickstart test test-fast install clean vllm-env vla-demo framemind-demo miniwob-demo hicon-demo
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,18 @@ framemind-demo: $(STAMP)
 	test -f runs/framemind_warm/config.json || $(PY) -m mmpo_tasks.video_frames.warm_start configs/framemind.yaml --out runs/framemind_warm
 	$(VENV)/bin/mmpo train configs/framemind.yaml model.path=runs/framemind_warm 'model.tiny={}'
 	$(VENV)/bin/mmpo eval configs/framemind.yaml checkpoint=runs/framemind
+
+# GUI agents on live MiniWoB++ (headless Chromium): GRPO from a random tiny VLM, eval before/after
+miniwob-demo: $(STAMP)
+	$(VENV)/bin/mmpo train configs/miniwob_grpo.yaml
+	$(VENV)/bin/mmpo eval configs/miniwob_grpo.yaml checkpoint=runs/miniwob_grpo output_dir=runs/miniwob_grpo/eval_grpo
+
+# HiconAgent (HCPO) on episodes recorded from the scripted MiniWoB solver: warm start, then HCPO
+HICON_DATA ?= runs/data/miniwob_gui
+hicon-demo: $(STAMP)
+	test -f $(HICON_DATA)/episodes.jsonl || $(PY) data_prep/miniwob_episodes.py --out $(HICON_DATA) --tasks enter-text click-test-2 focus-text --seeds 0:30 --only-success
+	test -f runs/hicon_warm/config.json || $(PY) -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml task.data=$(HICON_DATA)/episodes.jsonl --out runs/hicon_warm
+	$(VENV)/bin/mmpo train configs/hiconagent.yaml task.data=$(HICON_DATA)/episodes.jsonl model.path=runs/hicon_warm 'model.tiny={}'
 
 clean:
 	rm -rf runs .pytest_cache

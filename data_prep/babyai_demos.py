@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from mmpo.checkpoint import atomic_folder
+from mmpo.checkpoint import atomic_folder, check_output_folder
+from mmpo.rollout.recording import save_png
 from mmpo.errors import ConfigError, DataError, MMPOError
 from mmpo.rollout.env_runner import EnvRunner, EnvSpec, make_env
 
@@ -69,17 +70,6 @@ def _run_bot(runner: EnvRunner, env: Any, seed: int) -> _BotEpisode:
     return ep
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
 def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -92,7 +82,7 @@ def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Pat
     if spec.tile_size < 1 or spec.max_steps < 0:
         raise ConfigError(f"--tile-size must be >= 1 and --max-steps >= 0, got {spec.tile_size} and {spec.max_steps}")
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output_folder(out, overwrite)
 
     runner = EnvRunner(spec)
     env = make_env(spec)
@@ -130,13 +120,13 @@ def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Pat
 
     from minigrid.core.actions import Actions
 
-    with atomic_folder(out, before_replace=lambda: _check_out(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
+    with atomic_folder(out, before_replace=lambda: check_output_folder(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
         (tmp / "frames").mkdir()
         with open(tmp / "demos.jsonl", "w", encoding="utf-8") as f:
             for i, ep in enumerate(kept):
                 for t, (image, text, action) in enumerate(zip(ep.images, ep.instructions, ep.actions)):
                     rel = f"frames/ep{i:05d}_t{t:03d}.png"
-                    _save_png(image, tmp / rel)
+                    save_png(image, tmp / rel)
                     row = {"episode": i, "seed": ep.seed, "t": t, "image": rel, "instruction": text,
                            "action": action, "action_name": Actions(action).name}
                     f.write(json.dumps(row) + "\n")

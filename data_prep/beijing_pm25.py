@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mmpo.checkpoint import atomic_folder
-from mmpo.errors import ConfigError, MMPOError
+from mmpo.checkpoint import atomic_folder, check_output_folder
+from mmpo.errors import MMPOError
 from mmpo_tasks.forecasting.data import (
     FRAME_COLUMNS,
     PM25,
@@ -44,12 +44,6 @@ from mmpo_tasks.forecasting.data import (
 
 THRESHOLDS = (35, 75)  # µg/m³: WHO 2005 interim target 1 / China's Grade II 24-h limit
 
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
 def _counts(frame: pd.DataFrame, inserted: np.ndarray) -> dict[str, Any]:
@@ -74,7 +68,7 @@ def prepare(
     docstring); returns the stats dict."""
     out = Path(out)
     sets = check_year_sets(split.train_years, split.val_years, split.test_years)
-    _check_out(out, overwrite)
+    check_output_folder(out, overwrite)
     frame, inserted_all = read_pm25_csv(csv)
     frames = split_by_time(frame, sets["train"], sets["val"], sets["test"])
     normalizer = Normalizer.fit(frames["train"])
@@ -98,7 +92,7 @@ def prepare(
     table = table.reset_index()  # "time" column first
     table["cbwd"] = table["cbwd"].astype("string")
 
-    with atomic_folder(out, before_replace=lambda: _check_out(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
+    with atomic_folder(out, before_replace=lambda: check_output_folder(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
         table.to_parquet(tmp / "series.parquet", index=False)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     return stats

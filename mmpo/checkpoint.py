@@ -152,6 +152,18 @@ def atomic_checkpoint(
         barrier()
 
 
+def check_output_folder(out: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder that is a file, or that holds files without ``overwrite``
+    (the data-prep CLIs' ``--out`` / ``--overwrite``)."""
+    from mmpo.errors import ConfigError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+
+
 @contextlib.contextmanager
 def atomic_folder(final: str | Path, *, before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
     """Build a folder atomically: yields an empty sibling ``<name>.tmp-<pid>``; when the block

@@ -77,6 +77,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_against(args)
     if args.prefix_sharing:
         return _bench_prefix(args)
+    if args.config == "ahc":
+        return _bench_ahc(args)
     if args.config is None:
         raise MMPOError("mmpo bench needs a CONFIG (or --against trl, which builds its own settings)")
     from mmpo.bench import run_bench
@@ -139,6 +141,22 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ahc(args: argparse.Namespace) -> int:
+    """``mmpo bench ahc``: one JSON line per drop layer (full vs history-compressed policy pass)."""
+    from mmpo.bench_ahc import run_ahc_bench
+
+    if args.overrides:
+        raise MMPOError("mmpo bench ahc builds its own model and prompt; pass no overrides")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = run_ahc_bench(image_size=args.image_size or 224, repeats=args.steps or 3)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return 0
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from mmpo.tasks import TASKS
 
@@ -177,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds per step and peak memory, split into rollout / reward / update; "
         "--against trl: mmpo vs TRL's GRPOTrainer on the same tiny model",
     )
-    b.add_argument("config", nargs="?", help="a run config (not with --against)")
+    b.add_argument(
+        "config", nargs="?",
+        help="a run config (not with --against); or 'ahc': full vs history-compressed (HiconAgent AHC) policy pass",
+    )
     b.add_argument("overrides", nargs="*")
     b.add_argument("--steps", type=int, default=None, help="measured steps (default 5)")
     b.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 1; 2 with --against)")

@@ -253,6 +253,24 @@ def _as_number(value: Any) -> float | int | None:
     return None
 
 
+def _overlay(default: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` on top of the field's default instance, section by section: keys a section leaves
+    out keep the values of the field's default (e.g. a task's own default environment), not the
+    section class's defaults."""
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return data
+    out: dict[str, Any] = dict(data)
+    for f in dataclasses.fields(default):
+        if not f.init or f.metadata.get("extra"):
+            continue
+        current = getattr(default, f.name)
+        if f.name not in data:
+            out[f.name] = to_dict(current)
+        elif isinstance(data[f.name], dict) and dataclasses.is_dataclass(current):
+            out[f.name] = _overlay(current, data[f.name])
+    return out
+
+
 def _build(cls: type[C], data: Any, where: str) -> C:
     if not isinstance(data, dict):
         what = f"key '{where}'" if where else "the config"
@@ -287,7 +305,10 @@ def _build(cls: type[C], data: Any, where: str) -> C:
                     key, f"missing required key '{key}'" + (f" ({help_text})" if help_text else "")
                 )
             continue
-        value = _convert(hints[f.name], data[f.name], key)
+        raw = data[f.name]
+        if isinstance(raw, dict) and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[f.name]):
+            raw = _overlay(f.default_factory(), raw)
+        value = _convert(hints[f.name], raw, key)
         meta = f.metadata
         if "registry" in meta and value is not None:
             _check_registry(meta["registry"], value, key)

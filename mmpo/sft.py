@@ -93,3 +93,35 @@ def supervised_train(
 
 
 __all__ = ["SFTConfig", "supervised_train"]
+
+
+@dataclass
+class CompletionExample:
+    """A prompt encoding (as ``CausalLMPolicy.encode`` returns it) and the target completion's
+    token ids ``[T]`` (EOS appended)."""
+
+    encoding: dict[str, torch.Tensor]
+    ids: torch.Tensor
+
+
+def completion_examples(policy: Any, prompts: Sequence[list[dict[str, Any]]], targets: Sequence[str]) -> list[CompletionExample]:
+    """Encode chat ``prompts`` and their target texts for :func:`completion_nll`."""
+    tok = policy.tokenizer
+    out = []
+    for messages, text in zip(prompts, targets):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [policy.eos_token_ids[0]]
+        out.append(CompletionExample(policy.encode(messages), torch.tensor(ids, dtype=torch.long)))
+    return out
+
+
+def completion_nll(policy: Any, batch: list[CompletionExample], model: nn.Module | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood per target token of a batch of :class:`CompletionExample`."""
+    T = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), T), policy.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.ids)] = e.ids
+        mask[i, : len(e.ids)] = 1
+    out = policy.log_probs(policy.collate([e.encoding for e in batch]), ids, mask, model=model, with_entropy=False)
+    m = mask.to(out.logp.device).float()
+    return -(out.logp * m).sum() / m.sum()

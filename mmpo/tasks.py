@@ -128,6 +128,14 @@ class Task:
         """Keyword arguments of ``AgentSettings`` (max_turns, tool_timeout_s, max_concurrency, ...)."""
         return {}
 
+    #: set when ``rollout_messages`` gives the rollouts of one group different prompts; the token
+    #: trainer then encodes each rollout's prompt (single-turn tasks; agent tasks always do)
+    rollout_prompts_differ: bool = False
+
+    def begin_step(self, step: int, total_steps: int) -> None:
+        """Called by the token trainer before each training step's rollout (step counted from 1);
+        for schedules that depend on training progress (HiconAgent's DCS)."""
+
     def rollout_messages(self, sample: Sample, k: int) -> list[dict[str, Any]]:
         """The prompt of the k-th rollout of ``sample``'s group (default: the same for all;
         FrameMind's DRFS starts each rollout from a different frame sampling)."""

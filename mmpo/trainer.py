@@ -156,19 +156,26 @@ class Trainer(TrainerBase):
     # phase 1: rollout and reward
     def _generate(self, prompts: list[Sample], settings: GenerationSettings) -> tuple[list[dict], Generation]:
         """G completions of each prompt; each prompt is encoded once and its encoding shared by
-        its G rows (the log-prob passes recognise a group's shared prefix by that identity)."""
+        its G rows (the log-prob passes recognise a group's shared prefix by that identity).
+        A task with ``rollout_prompts_differ`` gives each rollout its own prompt
+        (``rollout_messages(sample, k)``)."""
         G = self.cfg.rollout.group_size
-        unique = [self.policy.encode(s.messages) for s in prompts]
-        inputs = self.policy.collate(unique)
+        if self.task.rollout_prompts_differ:  # e.g. HiconAgent's DCS: each rollout sees its own history
+            encodings = [self.policy.encode(self.task.rollout_messages(p, k)) for p in prompts for k in range(G)]
+            inputs, per_prompt = self.policy.collate(encodings), 1
+        else:
+            unique = [self.policy.encode(s.messages) for s in prompts]
+            encodings = [enc for enc in unique for _ in range(G)]
+            inputs, per_prompt = self.policy.collate(unique), G
         ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
         with ctx:
-            gen = self.rollout_engine.generate(self.engine.module, inputs, settings, device=self.device, num_samples=G)
+            gen = self.rollout_engine.generate(self.engine.module, inputs, settings, device=self.device, num_samples=per_prompt)
         if gen.logprobs is None and self.cfg.rollout.is_correction != "none":
             raise ConfigError(
                 f"rollout.is_correction={self.cfg.rollout.is_correction} needs sampling log-probs, but rollout "
                 f"engine '{self.cfg.rollout.engine}' with options {self.cfg.rollout.engine_options} reports none"
             )
-        return [enc for enc in unique for _ in range(G)], gen
+        return encodings, gen
 
     def _agent_rollout(self, prompts: list[Sample], rows: list[Sample], group_ids: torch.Tensor) -> tuple[RolloutBatch, list[Any]]:
         """G multi-turn trajectories of each prompt (the k-th from the task's k-th rollout prompt),
@@ -500,6 +507,7 @@ class Trainer(TrainerBase):
     def train_step(self, step: int) -> dict[str, float]:
         clock = StepClock()
         t0 = time.perf_counter()
+        self.task.begin_step(step + 1, self.cfg.trainer.max_steps)
         beta = self._beta(step)
         batch, stats = self.rollout(clock)
         t1 = time.perf_counter()

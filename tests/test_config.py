@@ -376,3 +376,29 @@ def test_runconfig_save_and_load_round_trip(tmp_path: Path) -> None:
                                         "vision": "frozen", "vision_target_modules": ["attn.qkv", "attn.proj"],
                                         "save_merged": True}
     assert load_config(out) == cfg
+
+
+@dataclass
+class _Range:
+    start: int = 0
+    count: int = 10
+
+
+@dataclass
+class _Section:
+    name: str = "a"
+    inner: _Range = field(default_factory=_Range)
+
+
+@dataclass
+class _WithFactories:
+    held_out: _Range = field(default_factory=lambda: _Range(100, 5))
+    section: _Section = field(default_factory=lambda: _Section("b", _Range(7, 3)))
+
+
+def test_a_partial_section_keeps_the_fields_default_not_the_class_default() -> None:
+    """``held_out: {count: 9}`` keeps the field's default start (100), not the class's (0), at any depth."""
+    cfg = from_dict(_WithFactories, {"held_out": {"count": 9}, "section": {"inner": {"count": 1}}})
+    assert cfg.held_out == _Range(100, 9)
+    assert cfg.section == _Section("b", _Range(7, 1))
+    assert from_dict(_WithFactories, {}) == _WithFactories()

@@ -22,7 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from mmpo.errors import ConfigError
 from mmpo.policies.batching import append_completions, collate_prompts, to_device
+from mmpo.policies.history_compression import compressed_hidden_states, history_image_mask
 
 
 @dataclass
@@ -154,13 +156,15 @@ class CausalLMPolicy:
         completion_mask: torch.Tensor,
         *,
         share_prefix: bool = True,
+        compress_layer: int | None = None,
         **kwargs: Any,
     ) -> TokenLogProbs:
         """Log-probs of ``completion_ids [n, T]`` after the per-row prompt ``encodings`` (length n).
 
         With ``share_prefix``, rows whose encoding is the same object are scored through one
         prefix pass (``log_probs_shared_prefix``); without repeats, or without it, the plain
-        forward. ``kwargs`` as in ``log_probs``.
+        forward. ``compress_layer`` (history compression, see ``log_probs``) always takes the
+        plain forward. ``kwargs`` as in ``log_probs``.
         """
         index: dict[int, int] = {}
         unique: list[dict[str, torch.Tensor]] = []
@@ -170,16 +174,39 @@ class CausalLMPolicy:
                 index[id(enc)] = len(unique)
                 unique.append(enc)
             rows.append(index[id(enc)])
-        if share_prefix and len(unique) < len(encodings) and self.prefix_sharing_possible(kwargs.get("model")):
+        if (
+            share_prefix and compress_layer is None and len(unique) < len(encodings)
+            and self.prefix_sharing_possible(kwargs.get("model"))
+        ):
             return self.log_probs_shared_prefix(
                 self.collate(unique), torch.tensor(rows, dtype=torch.long), completion_ids, completion_mask, **kwargs
             )
-        return self.log_probs(self.collate(encodings), completion_ids, completion_mask, **kwargs)
+        return self.log_probs(
+            self.collate(encodings), completion_ids, completion_mask, compress_layer=compress_layer, **kwargs
+        )
 
-    def _hidden_states(self, model: torch.nn.Module, full: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module]:
+    def _hidden_states(
+        self, model: torch.nn.Module, full: dict[str, torch.Tensor], compress_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.nn.Module]:
         """One decoder pass over collated inputs (on the model's device): last hidden states
-        ``[n, L, H]`` and the LM head."""
+        ``[n, L, H]`` and the LM head.
+
+        With ``compress_layer`` (VLMs only), the history screenshots (all images of a row but its
+        last) are dropped from that decoder layer on (``history_compression``): the hidden states
+        are ``[n, L2, H]``, re-packed left-padded, each row's tail in the last columns.
+        """
         decoder, head = self._decoder_and_head(model)
+        if compress_layer is not None:
+            if not self.is_vlm:
+                raise ConfigError(
+                    f"compress_layer={compress_layer!r} drops history screenshots and needs a VLM; "
+                    "this policy's model is text-only (set compress_layer=None)."
+                )
+            cfg = decoder.config
+            drop = history_image_mask(
+                full["input_ids"], cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id
+            )
+            return compressed_hidden_states(decoder, full, drop, compress_layer).hidden, head
         kwargs = {k: v for k, v in full.items() if k != "input_ids"}
         pos = self.position_ids(full["attention_mask"])
         if pos is not None:
@@ -233,11 +260,14 @@ class CausalLMPolicy:
         with_entropy: bool = True,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        compress_layer: int | None = None,
     ) -> TokenLogProbs:
         """Per-token log-probs of ``completion_ids [n, T]`` given collated prompts ``[n, P]``.
 
         ``model`` defaults to the policy model (pass the reference model or a DeepSpeed engine's
-        module to score under it). Returns ``logp [n, T]`` and ``entropy [n, T]`` (float32).
+        module to score under it). ``compress_layer``: score under HiconAgent's compressed
+        branch, history screenshots dropped from that decoder layer on (VLMs; ConfigError, a
+        ValueError, for text LMs). Returns ``logp [n, T]`` and ``entropy [n, T]`` (float32).
         """
         model = model if model is not None else self.model
         device = device or next(model.parameters()).device
@@ -245,9 +275,14 @@ class CausalLMPolicy:
         full = to_device(full, device, dtype)
         P = prompt_inputs["input_ids"].shape[1]
         T = completion_ids.shape[1]
-        hidden, head = self._hidden_states(model, full)
-        # hidden at position P-1+t predicts completion token t
-        hidden = hidden[:, P - 1 : P - 1 + T]
+        hidden, head = self._hidden_states(model, full, compress_layer)
+        # hidden at position P-1+t predicts completion token t; compression keeps the rows' tails
+        # in the last columns of its re-packed length L2 (= P + T when nothing is dropped)
+        if compress_layer is None:
+            hidden = hidden[:, P - 1 : P - 1 + T]
+        else:
+            L2 = hidden.shape[1]
+            hidden = hidden[:, L2 - T - 1 : L2 - 1]
         return self._project(hidden, head, full["input_ids"][:, P : P + T], completion_mask, temperature, with_entropy)
 
     def log_probs_shared_prefix(

@@ -245,22 +245,29 @@ class LaplaceHeadPolicy(VLAPolicyBase):
 
     def save(self, folder: Any, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The VLM as a save_pretrained folder plus ``action_head.safetensors`` (config in its metadata)."""
-        import json
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        state = state_dict if state_dict is not None else self.module.state_dict()
-        vlm_state = {k[len("vlm."):]: v for k, v in state.items() if k.startswith("vlm.")}
-        head_state = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("head.")}
-        self.module.vlm.save_pretrained(folder, state_dict=vlm_state)
-        self.lm.processor.save_pretrained(folder)
-        save_file(head_state, str(folder / HEAD_FILE), metadata={"config": json.dumps(self.module.head.config)})
+        save_with_head(self, folder, state_dict)
 
 
-def load_action_head(folder: Any, hidden_size: int, action_dim: int, **defaults: Any) -> LaplaceActionHead:
-    """The head saved beside a VLM folder, or a fresh one (``defaults``) when there is none."""
+def save_with_head(policy: Any, folder: Any, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save a head policy's ``module`` (``VLAWithHead``): the VLM as a save_pretrained folder (with
+    the processor) and the head as ``action_head.safetensors``, its config in the metadata."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = state_dict if state_dict is not None else policy.module.state_dict()
+    vlm_state = {k[len("vlm."):]: v for k, v in state.items() if k.startswith("vlm.")}
+    head_state = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("head.")}
+    policy.module.vlm.save_pretrained(folder, state_dict=vlm_state)
+    policy.lm.processor.save_pretrained(folder)
+    save_file(head_state, str(folder / HEAD_FILE), metadata={"config": json.dumps(policy.module.head.config)})
+
+
+def read_head(folder: Any, kind: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """``(config, state)`` of the ``kind`` head saved beside a VLM folder; None when there is none.
+    ConfigError when the saved head is of another kind."""
     import json
     from pathlib import Path
 
@@ -271,17 +278,31 @@ def load_action_head(folder: Any, hidden_size: int, action_dim: int, **defaults:
 
     path = Path(folder) / HEAD_FILE
     if not path.is_file():
-        return LaplaceActionHead(hidden_size, action_dim, **defaults)
+        return None
     with safe_open(str(path), "pt") as f:
         config = json.loads((f.metadata() or {}).get("config", "{}"))
+    saved = config.pop("kind", "laplace")
+    if saved != kind:
+        raise ConfigError(f"{path}: a {saved!r} action head; this policy needs a {kind!r} head")
+    return config, load_file(str(path))
+
+
+def load_action_head(folder: Any, hidden_size: int, action_dim: int, **defaults: Any) -> LaplaceActionHead:
+    """The head saved beside a VLM folder, or a fresh one (``defaults``) when there is none."""
+    from mmpo.errors import ConfigError
+
+    saved = read_head(folder, "laplace")
+    if saved is None:
+        return LaplaceActionHead(hidden_size, action_dim, **defaults)
+    config, state = saved
     if config.get("hidden_size") != hidden_size or config.get("action_dim") != action_dim:
-        raise ConfigError(f"{path}: head for hidden {config.get('hidden_size')} / {config.get('action_dim')} actions, the policy needs {hidden_size} / {action_dim}")
+        raise ConfigError(f"{folder}/{HEAD_FILE}: head for hidden {config.get('hidden_size')} / {config.get('action_dim')} actions, the policy needs {hidden_size} / {action_dim}")
     head = LaplaceActionHead(**config)
-    head.load_state_dict(load_file(str(path)))
+    head.load_state_dict(state)
     return head
 
 
 __all__ = [
     "DEFAULT_PROMPT", "HEAD_FILE", "LaplaceActionHead", "LaplaceHeadPolicy", "TokenActionPolicy", "VLAWithHead",
-    "laplace_log_prob", "load_action_head", "observation_messages",
+    "laplace_log_prob", "load_action_head", "observation_messages", "read_head", "save_with_head",
 ]

@@ -54,9 +54,9 @@ class EnvSpec:
 
     id: str = field(default="BabyAI-GoToRedBallNoDists-v0", metadata={"help": "gymnasium id (MiniGrid / BabyAI levels register on `import minigrid`)."})
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of gymnasium.make."})
-    observation: Literal["minigrid_partial", "minigrid_full", "render"] = field(
+    observation: Literal["minigrid_partial", "minigrid_full", "render", "image"] = field(
         default="minigrid_partial",
-        metadata={"help": "'minigrid_partial' / 'minigrid_full': MiniGrid's RGBImgPartialObsWrapper / RGBImgObsWrapper; 'render': env.render() with render_mode='rgb_array'."},
+        metadata={"help": "'minigrid_partial' / 'minigrid_full': MiniGrid's RGBImgPartialObsWrapper / RGBImgObsWrapper; 'render': env.render() with render_mode='rgb_array'; 'image': the observation's own 'image' entry (e.g. mmpo/MiniWoB-v0)."},
     )
     tile_size: int = field(default=8, metadata={"help": "MiniGrid pixels per tile (7x7 partial view -> 56 px at 8).", "min": 1})
     image_size: int = field(default=0, metadata={"help": "Resize the image to this square size (pixels); 0 keeps it.", "min": 0})
@@ -69,6 +69,10 @@ class EnvSpec:
     )
     success_threshold: float = field(default=0.0, metadata={"help": "Return threshold of success='return_above'."})
     noop_action: Any = field(default=None, metadata={"help": "Env action run for an invalid policy output; null: the env is not stepped (the step still counts)."})
+    max_envs: int = field(
+        default=0,
+        metadata={"help": "At most this many environments run at once (rollouts beyond it run in later waves); 0 = one per rollout. Bounds the browsers of a GUI environment.", "min": 0},
+    )
 
 
 @dataclass
@@ -102,13 +106,17 @@ class ActingPolicy(Protocol):
 
 @dataclass
 class StepRecord:
-    """One policy step: its model input, action units ``[U]``, their log-probs ``[U]`` and mask ``[U]``."""
+    """One policy step: its model input, action units ``[U]``, their log-probs ``[U]`` and mask
+    ``[U]``; the env action taken (None for a no-op), the env's reward and ``info`` of the step."""
 
     encoding: Any
     units: torch.Tensor
     logp: torch.Tensor
     mask: torch.Tensor
     valid: bool
+    env_action: Any = None
+    reward: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +129,9 @@ class Episode:
     invalid_actions: int = 0
     instruction: str = ""
     frames: list[np.ndarray] = field(default_factory=list)
+    #: with ``keep_observations``: the observation before each step and the last one (``length + 1``)
+    observations: list[Observation] = field(default_factory=list)
+    reset_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -150,7 +161,8 @@ def make_env(spec: EnvSpec, *, render: bool = False) -> Any:
     return env
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """``image [H, W, 3]`` resized (bilinear) to ``[size, size, 3]``; unchanged when ``size`` is 0."""
     if not size or image.shape[0] == image.shape[1] == size:
         return image
     from PIL import Image
@@ -190,7 +202,7 @@ class EnvRunner:
         text = spec.instruction
         if isinstance(obs, dict) and spec.instruction_key in obs:
             text = str(obs[spec.instruction_key])
-        return Observation(image=_resize(image.astype(np.uint8), spec.image_size), instruction=text)
+        return Observation(image=resize_square(image.astype(np.uint8), spec.image_size), instruction=text)
 
     @staticmethod
     def frame(env: Any, observation: Observation) -> np.ndarray:
@@ -203,10 +215,14 @@ class EnvRunner:
                 pass
         return observation.image
 
-    def _reset(self, env: Any, seed: int) -> Any:
+    def reset_env(self, env: Any, seed: int) -> tuple[Any, dict[str, Any]]:
+        """``env.reset(seed=seed)``: the raw observation and info."""
         with contextlib.redirect_stdout(io.StringIO()):  # MiniGrid prints rejected placements
-            obs, _ = env.reset(seed=int(seed))
-        return obs
+            obs, info = env.reset(seed=int(seed))
+        return obs, info
+
+    def _reset(self, env: Any, seed: int) -> Any:
+        return self.reset_env(env, seed)[0]
 
     def _max_steps(self, env: Any) -> int:
         if self.spec.max_steps:
@@ -233,21 +249,39 @@ class EnvRunner:
         generator: torch.Generator,
         greedy: bool = False,
         record_frames: bool = False,
+        keep_observations: bool = False,
     ) -> list[Episode]:
         """Episodes of ``rollouts_per_context`` rollouts per seed in ``contexts``, context-major
-        (``[c0 r0, c0 r1, ..., c1 r0, ...]``)."""
-        n = len(contexts) * rollouts_per_context
+        (``[c0 r0, c0 r1, ..., c1 r0, ...]``); in waves of ``spec.max_envs`` environments when set."""
+        rows = [(int(c), k) for c in contexts for k in range(rollouts_per_context)]
+        wave = self.spec.max_envs or len(rows)
+        episodes: list[Episode] = []
+        for s in range(0, len(rows), max(1, wave)):
+            episodes += self._run_wave(policy, rows[s : s + wave], generator, greedy, record_frames, keep_observations)
+        if self.spec.success == "return_above":
+            for ep in episodes:
+                ep.success = ep.env_return >= self.spec.success_threshold
+        return episodes
+
+    def _run_wave(
+        self, policy: ActingPolicy, rows: list[tuple[int, int]], generator: torch.Generator, greedy: bool,
+        record_frames: bool, keep_observations: bool,
+    ) -> list[Episode]:
+        """One episode per ``(seed, rollout)`` row, all environments in lockstep."""
+        n = len(rows)
         if n == 0:
             return []
         envs = self._pool(n)
         episodes: list[Episode] = []
         current: list[Observation] = []
-        for i, env in enumerate(envs):
-            seed = int(contexts[i // rollouts_per_context])
-            obs = self.observe(env, self._reset(env, seed))
-            ep = Episode(seed=seed, rollout=i % rollouts_per_context, instruction=obs.instruction)
+        for (seed, k), env in zip(rows, envs):
+            raw, info = self.reset_env(env, seed)
+            obs = self.observe(env, raw)
+            ep = Episode(seed=seed, rollout=k, instruction=obs.instruction, reset_info=dict(info) if keep_observations else {})
             if record_frames:
                 ep.frames.append(self.frame(env, obs))
+            if keep_observations:
+                ep.observations.append(obs)
             episodes.append(ep)
             current.append(obs)
         limits = [self._max_steps(env) for env in envs]
@@ -259,9 +293,8 @@ class EnvRunner:
                 env, ep = envs[i], episodes[i]
                 action = batch.actions[row]
                 valid = action is not None
-                ep.steps.append(
-                    StepRecord(batch.encodings[row], batch.units[row], batch.logp[row], batch.mask[row], valid)
-                )
+                rec = StepRecord(batch.encodings[row], batch.units[row], batch.logp[row], batch.mask[row], valid, env_action=action)
+                ep.steps.append(rec)
                 terminated = truncated = False
                 if not valid:
                     ep.invalid_actions += 1
@@ -270,23 +303,29 @@ class EnvRunner:
                     ep.env_return += float(reward)
                     ep.success = self._success(terminated, float(reward), info, ep)
                     current[i] = self.observe(env, obs)
+                    rec.reward = float(reward)
+                    if keep_observations:
+                        rec.info = dict(info)
+                if keep_observations:
+                    ep.observations.append(current[i])
                 if record_frames:  # one frame per step (an un-stepped no-op repeats the last)
                     ep.frames.append(self.frame(env, current[i]) if valid or self.spec.noop_action is not None else ep.frames[-1])
                 if not (terminated or truncated or ep.length >= limits[i]):
                     still.append(i)
             running = still
-        if self.spec.success == "return_above":
-            for ep in episodes:
-                ep.success = ep.env_return >= self.spec.success_threshold
         return episodes
 
     def close(self) -> None:
-        for env in self._envs:
-            env.close()
+        """Close every environment; in parallel, since a browser environment takes a while to quit."""
+        import concurrent.futures
+
+        if self._envs:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(self._envs))) as pool:
+                list(pool.map(lambda env: env.close(), self._envs))
         self._envs = []
 
 
 __all__ = [
     "ActingPolicy", "ActionBatch", "EnvRunner", "EnvSpec", "Episode", "Observation", "SeedRange",
-    "StepRecord", "check_disjoint", "make_env",
+    "StepRecord", "check_disjoint", "make_env", "resize_square",
 ]

@@ -8,6 +8,13 @@ from typing import Sequence
 import numpy as np
 
 
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    """Write ``image [H, W, 3]`` uint8 as a PNG."""
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
+
+
 def save_episode_video(frames: Sequence[np.ndarray], path: str | Path, *, fps: int = 4) -> Path:
     """Write ``frames`` to ``path``: ``.gif`` with Pillow, ``.mp4`` (H.264) with PyAV.
 

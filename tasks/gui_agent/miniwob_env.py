@@ -6,6 +6,10 @@ elements. Actions are ``mmpo_tasks.gui_agent.actions.Action``: ``click(x, y)`` (
 screenshot) and ``click_element(ref)`` map to MiniWoB's CLICK_COORDS / CLICK_ELEMENT,
 ``type(text)`` to TYPE_TEXT; the others (and malformed actions) are no-ops here.
 
+Rewards are MiniWoB's (benchmark mode): ``raw`` (default: +1 success, -1 failure, not scaled by
+time) or ``time_decayed`` (MiniWoB's original reward, scaled by the elapsed share of the
+episode's time limit). MiniWoB's 10 s episode limit is lifted unless ``episode_time_limit_s``.
+
 A browser that crashes or hangs (any WebDriver error, or a call slower than ``timeout_s``) is
 closed and restarted; the episode is marked failed (``info["env_error"]``, reward 0) and the next
 ``reset`` starts on a fresh browser. ``close`` quits the driver and its browser.
@@ -39,13 +43,17 @@ class GuiObservation:
 class MiniWobEnv:
     """One MiniWoB++ task (e.g. ``click-test-2``), restarted when its browser fails."""
 
-    def __init__(self, task: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, task: str, *, timeout_s: float = 30.0, reward: str = "raw", episode_time_limit_s: float | None = None) -> None:
         for k, v in DEFAULTS.items():
             os.environ.setdefault(k, v)
         import miniwob  # noqa: F401  (registers the miniwob/* ids)
 
+        if reward not in ("raw", "time_decayed"):
+            raise ValueError(f"MiniWobEnv reward={reward!r}: use 'raw' or 'time_decayed'")
         self.task = task
         self.timeout_s = timeout_s
+        self.reward = reward
+        self.episode_time_limit_s = episode_time_limit_s
         self.env: Any = None
         self.restarts = 0
         self._pids: set[int] = set()  # the driver and its browser processes
@@ -54,8 +62,16 @@ class MiniWobEnv:
     # -- browser lifecycle ---------------------------------------------------------------------
     def _make(self) -> Any:
         import gymnasium
+        from miniwob.reward import get_original_reward, get_raw_reward
 
-        return gymnasium.make(f"miniwob/{self.task}-v1", render_mode=None)
+        processor = get_raw_reward if self.reward == "raw" else get_original_reward
+        env = gymnasium.make(f"miniwob/{self.task}-v1", render_mode=None, reward_processor=processor)
+        # MiniWoB ends an episode after 10 s of wall time; with many browsers stepped in lockstep
+        # that clock measures the batch, not the agent, so it is lifted unless asked for
+        limit_ms = int(1000 * self.episode_time_limit_s) if self.episode_time_limit_s else 2**31 - 1
+        self._call(lambda: env.reset(seed=0))  # loads the page; the limit holds from the next episode
+        self._call(lambda: env.unwrapped.instance.driver.execute_script(f"core.EPISODE_MAX_TIME = {limit_ms};"))
+        return env
 
     def _call(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` with the timeout (a hung browser raises TimeoutError)."""

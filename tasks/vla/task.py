@@ -22,9 +22,9 @@ from mmpo.policies.vla import DEFAULT_PROMPT
 class VLAPolicyConfig:
     """How the VLM acts."""
 
-    action_space: Literal["discrete", "binned", "laplace"] = field(
+    action_space: Literal["discrete", "binned", "laplace", "pointer"] = field(
         default="discrete",
-        metadata={"help": "'discrete': one reserved token per env action; 'binned': continuous actions as one bin token per dimension (OpenVLA); 'laplace': an MLP-ResNet Laplace head on the last hidden state (OpenVLA-OFT, RIPT)."},
+        metadata={"help": "'discrete': one reserved token per env action; 'binned': continuous actions as one bin token per dimension (OpenVLA); 'laplace': an MLP-ResNet Laplace head on the last hidden state (OpenVLA-OFT, RIPT); 'pointer': a 2-D point (a GUI click) as the choice of one image token, scored against the last hidden state (GUI-Actor style)."},
     )
     actions: list[str] = field(
         default_factory=lambda: ["left", "right", "forward"],
@@ -43,7 +43,8 @@ class VLAPolicyConfig:
     logp_reduce: Literal["sum", "per_dim"] = field(
         default="sum", metadata={"help": "'laplace': one unit per step with log p summed over dimensions (RIPT sum_on_action_dim), or one unit per dimension."}
     )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of action tokens.", "gt": 0.0})
+    pointer_dim: int = field(default=64, metadata={"help": "'pointer': query/key size of the pointer head.", "min": 1})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of action tokens (and of the pointer's cells).", "gt": 0.0})
     action_vocab: Literal["full", "actions"] = field(
         default="full",
         metadata={"help": "'full': sample from the whole vocabulary, a non-action token is an invalid action (a no-op, logged); 'actions': sample and score over the action tokens only (like a VQ codebook policy: no invalid outputs, and pushing an action down cannot leak mass to text tokens)."},
@@ -69,7 +70,7 @@ class RiptConfig:
 class DemoConfig(SFTConfig):
     """The supervised stage before RIPT (skipped when ``demos`` is empty)."""
 
-    demos: str = field(default="", metadata={"help": "Folder written by data_prep/babyai_demos.py (demos.jsonl + frames/); empty: no SFT stage."})
+    demos: str = field(default="", metadata={"help": "ript_vla: folder written by data_prep/babyai_demos.py (demos.jsonl + frames/); miniwob_grpo / screenexplorer: GUI episodes (data_prep/miniwob_episodes.py folder or episodes.jsonl). Empty: no SFT stage."})
     max_episodes: int = field(default=0, metadata={"help": "Use the first N demonstration episodes; 0 = all.", "min": 0})
 
 

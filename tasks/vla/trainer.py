@@ -36,7 +36,7 @@ from mmpo.loop import TrainerBase, seeded_generator
 from mmpo.models import load_model
 from mmpo.policies.action_codecs import BinnedActions, DiscreteActions, add_action_tokens
 from mmpo.policies.causal_lm import CausalLMPolicy
-from mmpo.policies.vla import LaplaceActionHead, LaplaceHeadPolicy, TokenActionPolicy, VLAWithHead, load_action_head
+from mmpo.policies.vla import LaplaceActionHead, LaplaceHeadPolicy, TokenActionPolicy, VLAWithHead, load_action_head, observation_messages
 from mmpo.rollout.context_rounds import collect_round
 from mmpo.rollout.env_runner import EnvRunner, Episode, Observation, check_disjoint
 from mmpo.sft import supervised_train
@@ -85,6 +85,8 @@ def build_vla_policy(model: torch.nn.Module, processor: Any, info: Any, tc: Ript
         return LaplaceHeadPolicy(
             lm, VLAWithHead(model, head), low, high, scale_multiplier=p.scale_multiplier, reduce=p.logp_reduce, prompt_template=p.prompt_template
         )
+    if p.action_space == "pointer":
+        return build_pointer_policy(model, processor, info, tc, runner, model_dir)
     if p.action_space == "discrete":
         codec: Any = DiscreteActions(p.actions, p.action_values or _env_action_values(runner, p.actions))
     else:
@@ -96,6 +98,25 @@ def build_vla_policy(model: torch.nn.Module, processor: Any, info: Any, tc: Ript
         info = dataclasses.replace(info, special_token_ids=[i for i in range(info.vocab_size) if i not in allowed])
     lm = CausalLMPolicy.from_info(model, processor, info)
     return TokenActionPolicy(lm, codec, temperature=p.temperature, prompt_template=p.prompt_template)
+
+
+def build_pointer_policy(model: torch.nn.Module, processor: Any, info: Any, tc: RiptVlaConfig, runner: EnvRunner, model_dir: str | None) -> Any:
+    """A pointer policy over the image-token grid of the environment's (fixed-size) observations."""
+    from mmpo.policies.pointer import PointerPolicy, load_pointer_head
+
+    p = tc.policy
+    low, high = _box_bounds(runner, p.low, p.high)
+    if len(low) != 2:
+        raise ConfigError(f"task.policy.action_space=pointer points at 2-D positions; {runner.spec.id!r} has {len(low)}-D actions")
+    if not runner.spec.image_size:
+        raise ConfigError("task.policy.action_space=pointer needs a fixed observation size: set task.env.image_size (e.g. 224)")
+    hidden = model.config.get_text_config().hidden_size
+    head = load_pointer_head(model_dir, hidden, p.pointer_dim)
+    lm = CausalLMPolicy.from_info(model, processor, info)
+    probe = lm.encode(observation_messages(Observation(np.zeros((runner.spec.image_size,) * 2 + (3,), np.uint8), ""), p.prompt_template))
+    merge = int(getattr(model.config.vision_config, "spatial_merge_size", 2))
+    _, h, w = (int(v) for v in probe["image_grid_thw"][0])
+    return PointerPolicy(lm, VLAWithHead(model, head), (h // merge, w // merge), low, high, temperature=p.temperature, prompt_template=p.prompt_template)
 
 
 class RiptTrainer(TrainerBase):
@@ -188,13 +209,17 @@ class RiptTrainer(TrainerBase):
     def episode_reward(self, ep: Episode) -> float:
         return float(ep.success) if self.tc.ript.reward == "success" else ep.env_return
 
+    def run_episodes(self, seeds: list[int], generator: torch.Generator) -> list[Episode]:
+        """K rollouts of each context seed (context-major)."""
+        return self.runner.run(self.policy, seeds, self.cfg.rollout.group_size, generator=generator)
+
     def collect(self, step: int) -> tuple[list[list[Episode]], dict[str, float]]:
         """Kept contexts, each a list of K episodes, and rollout statistics (``collect_round``)."""
         r, rc = self.cfg.rollout, self.tc.ript
         gen = seeded_generator(self.cfg.seed * 1_000_003 + step)
         res = collect_round(
             lambda n: [self.task.train_seeds[i] for i in self.sampler.next(n)],
-            lambda seeds: self.runner.run(self.policy, seeds, r.group_size, generator=gen),
+            lambda seeds: self.run_episodes(seeds, gen),
             self.episode_reward,
             lambda e: e.success,
             target=r.prompts_per_step, group_size=r.group_size, max_draws=rc.max_draws,
@@ -225,6 +250,13 @@ class RiptTrainer(TrainerBase):
         adv = self.advantage_fn(rewards, group_ids, **self.cfg.algorithm.advantage_options).float()
         return rewards, adv
 
+    def step_advantages(self, kept: list[list[Episode]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards ``[C*K]`` and the advantage of every env step ``[S]`` (episode-major): each step
+        carries its episode's advantage."""
+        rewards, adv = self.advantages(kept)
+        episodes = [e for g in kept for e in g]
+        return rewards, torch.cat([torch.full((ep.length,), float(A)) for ep, A in zip(episodes, adv.tolist())])
+
     def rows_per_step(self) -> int:
         """Episodes per step when every drawn context is kept (contexts x K)."""
         return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
@@ -235,10 +267,11 @@ class RiptTrainer(TrainerBase):
         rows = self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
         return math.ceil(rows / (self.cfg.trainer.minibatch_size or rows))
 
-    def update(self, kept: list[list[Episode]], adv: torch.Tensor, step: int) -> dict[str, float]:
+    def update(self, kept: list[list[Episode]], step_adv: torch.Tensor, step: int) -> dict[str, float]:
         """PPO epochs: each epoch splits the kept episodes into ``minibatches()`` optimizer steps;
-        every step of an episode is a row carrying the episode's advantage; rows are scored in
-        micro batches of ``trainer.micro_batch_size`` env steps (0: the whole minibatch)."""
+        every step of an episode is a row carrying its advantage (``step_adv [S]``, episode-major);
+        rows are scored in micro batches of ``trainer.micro_batch_size`` env steps (0: the whole
+        minibatch)."""
         t, a = self.cfg.trainer, self.cfg.algorithm
         episodes = [e for g in kept for e in g]
         first = [0]
@@ -248,7 +281,7 @@ class RiptTrainer(TrainerBase):
         units = torch.stack([s.units for s in records])
         mask = torch.stack([s.mask for s in records])
         logp_old = torch.stack([s.logp for s in records]).float()
-        advs = torch.cat([torch.full((ep.length,), float(A)) for ep, A in zip(episodes, adv.tolist())])[:, None].expand_as(logp_old)
+        advs = step_adv.float()[:, None].expand_as(logp_old)
         sums: dict[str, float] = {}
         count = updates = 0
         for epoch in range(t.update_epochs):
@@ -288,11 +321,11 @@ class RiptTrainer(TrainerBase):
         metrics["rollout_s"] = t1 - t0
         metrics["reward_s"] = 0.0  # rewards come from the environment during the rollout
         if kept:
-            rewards, adv = self.advantages(kept)
+            rewards, step_adv = self.step_advantages(kept)
             metrics["reward"] = float(rewards.mean())
-            metrics["advantage_abs"] = float(adv.abs().mean())
+            metrics["advantage_abs"] = float(step_adv.abs().mean())
             with self.phase_hook("update"):
-                metrics.update(self.update(kept, adv, step))
+                metrics.update(self.update(kept, step_adv, step))
         else:
             metrics["optimizer_steps"] = 0.0  # no context carried signal this step
         metrics["update_s"] = time.perf_counter() - t1

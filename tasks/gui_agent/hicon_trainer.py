@@ -1,0 +1,114 @@
+"""HCPO's trainer: the token trainer with two branches of one policy (ALGORITHMS.md B5).
+
+- The rollout samples with the normal model (each rollout with its DCS prompt, see the task).
+- The *compressed* branch scores the completions with the history screenshots' hidden states
+  dropped at decoder layer ``task.ahc.drop_layer`` (``mmpo.policies.history_compression``); its
+  log-probs at sampling time are pi_old, as in HiconAgent.
+- The *uncompressed* branch is the normal model; the reference is the unmodified model (full
+  prompt, no compression).
+- Loss per token (``mmpo.core.hcpo``): PG_clip(pi_c) + PG(pi_u, ratio 1) + beta [KL(pi_c||ref) +
+  KL(pi_u||ref) + alignment_coef KL(pi_c||sg(pi_u))], beta = ``algorithm.kl_options.beta``
+  (HiconAgent: 0.01), aggregated by ``algorithm.loss_agg``.
+
+Metrics add the forward time of the compressed and the full scoring pass inside the update
+(``ahc/compressed_s``, ``ahc/full_s``, ``ahc/time_ratio``); ``mmpo bench ahc`` measures FLOPs and
+time of both branches on a fixed prompt.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mmpo.config import RunConfig
+from mmpo.core import aggregate
+from mmpo.core.hcpo import hcpo_loss
+from mmpo.errors import ConfigError
+from mmpo.rollout.batch import RolloutBatch
+from mmpo.trainer import Trainer
+
+
+class HiconTrainer(Trainer):
+    """See the module docstring."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+        super().__init__(cfg, run_dir)
+        self.ahc = self.task.config.ahc
+        if self.ahc.enabled:
+            if not self.policy.is_vlm:
+                raise ConfigError(f"task.ahc.enabled: history compression drops screenshot tokens; model.path={cfg.model.path!r} is text-only")
+            layers = self.engine.module.config.get_text_config().num_hidden_layers
+            if not 0 <= self.ahc.drop_layer < layers:
+                raise ConfigError(f"task.ahc.drop_layer={self.ahc.drop_layer} must be below the model's {layers} decoder layers")
+        self._branch = "compressed" if self.ahc.enabled else "full"
+        self._timing = {"compressed": 0.0, "full": 0.0}
+
+    @contextmanager
+    def branch(self, name: str) -> Iterator[None]:
+        """Score with the ``compressed`` or the ``full`` branch inside the block."""
+        before, self._branch = self._branch, name
+        try:
+            yield
+        finally:
+            self._branch = before
+
+    def _token_logprobs(self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool) -> Any:
+        if self._branch != "compressed":
+            return super()._token_logprobs(part, model, with_entropy)
+        return self.policy.score(
+            part.encodings, part.completion_ids, part.mask, share_prefix=False, model=model, temperature=self.cfg.rollout.temperature,
+            with_entropy=with_entropy, device=self.device, compress_layer=self.ahc.drop_layer,
+        )
+
+    def _reference_context(self):
+        model, ctx = super()._reference_context()
+        stack = ExitStack()
+        stack.enter_context(ctx)
+        stack.enter_context(self.branch("full"))  # the reference is the unmodified model
+        return model, stack
+
+    def _micro_loss(self, micro: RolloutBatch, beta: float, padding: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.ahc.enabled:
+            return super()._micro_loss(micro, beta, padding)
+        a = self.cfg.algorithm
+        mask = micro.mask.to(self.device)
+        with self.engine.autocast():
+            t0 = time.perf_counter()
+            comp = self._token_logprobs(micro, None, with_entropy=True)
+            t1 = time.perf_counter()
+            with self.branch("full"):
+                full = self._token_logprobs(micro, None, with_entropy=False)
+        self._timing["compressed"] += t1 - t0
+        self._timing["full"] += time.perf_counter() - t1
+        logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else comp.logp.detach()
+        logp_ref = micro.logp_ref.to(self.device) if micro.logp_ref is not None else None
+        loss_mat, lm = hcpo_loss(
+            comp.logp, full.logp, logp_old, micro.advantages.to(self.device), mask, beta=beta,
+            alignment_coef=self.ahc.alignment_coef, logp_ref=logp_ref, loss=a.loss, loss_options=a.loss_options,
+            kl_estimator=a.kl_estimator,
+        )
+        loss = aggregate(loss_mat, mask, a.loss_agg, max_len=self.cfg.rollout.max_new_tokens)
+        metrics = {"loss": float(loss.detach()), **{k: float(v) for k, v in lm.items()}}
+        if "kl_c" in lm:
+            metrics["kl"] = lm["kl_c"]  # KL of the sampling (compressed) branch to the reference
+        entropy = aggregate(comp.entropy, mask, a.loss_agg, max_len=self.cfg.rollout.max_new_tokens)
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * entropy
+        metrics["entropy"] = float(entropy.detach())
+        return loss, metrics
+
+    def train_step(self, step: int) -> dict[str, float]:
+        self._timing = {"compressed": 0.0, "full": 0.0}
+        metrics = super().train_step(step)
+        if self.ahc.enabled:
+            metrics["ahc/compressed_s"] = self._timing["compressed"]
+            metrics["ahc/full_s"] = self._timing["full"]
+            if self._timing["full"] > 0:
+                metrics["ahc/time_ratio"] = self._timing["compressed"] / self._timing["full"]
+        return metrics
+
+
+__all__ = ["HiconTrainer"]

@@ -1,0 +1,72 @@
+"""Supervised warm start of a GUI agent on its episode data, before HCPO.
+
+A random (tiny) VLM never writes ``<action>click(x, y)</action>`` by chance. This fits the model to
+the reference action of every training step (the prompt with the full history, as the task builds
+it; target ``<action>...</action>``) with ``mmpo.sft`` and saves a save_pretrained folder for
+``mmpo train configs/hiconagent.yaml model.path=<out>``.
+
+    python -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml --out runs/hicon_warm [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mmpo.checkpoint import atomic_folder
+from mmpo.errors import MMPOError
+from mmpo.sft import SFTConfig, completion_examples, completion_nll, supervised_train
+
+
+def target_text(action: Any) -> str:
+    """The completion the model is fitted to for a reference action."""
+    return f"<action>{action.to_text()}</action>"
+
+
+def warm_start(cfg: Any, out: str, sft: SFTConfig) -> dict[str, Any]:
+    from mmpo.loop import seed_everything
+    from mmpo.models import load_model
+    from mmpo.policies.causal_lm import CausalLMPolicy
+    from mmpo.tasks import build_task
+
+    seed_everything(cfg.seed)
+    task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+    model, processor, info = load_model(cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny)
+    policy = CausalLMPolicy.from_info(model, processor, info)
+    samples = [task.train_sample(i) for i in range(task.num_train())]
+    examples = completion_examples(policy, [s.messages for s in samples], [target_text(s.meta["action"]) for s in samples])
+    result = supervised_train(model, examples, lambda batch: completion_nll(policy, batch), sft, seed=cfg.seed, desc="warm start (GUI steps)")
+    model.eval()
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        result.update(examples=len(examples))
+        (Path(tmp) / "warm_start.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmpo.config import load_config
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="the HiconAgent recipe (its task and model.path)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        res = warm_start(cfg, a.out, SFTConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr))
+    except MMPOError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{a.out}: {res['examples']} GUI steps, loss {res['loss_first_epoch']:.3f} -> {res['loss_last_epoch']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
