@@ -18,6 +18,7 @@ step success rate, action-type accuracy and episode success (every step of an ep
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from mmpo_tasks.gui_agent.actions import parse_action
 from mmpo_tasks.gui_agent.episodes import GuiEpisode, GuiStep, load_episodes
 from mmpo_tasks.gui_agent.history import keep_recent, sample_history_length
 from mmpo_tasks.gui_agent.rewards import GuiRewardConfig, episode_success, step_rewards
+
+IMAGE_CACHE = 4096  # resized screenshots kept in memory (a prompt reuses its episode's earlier screens)
 
 SYSTEM_PROMPT = (
     "You operate a GUI. Given the task, the previous steps and the current screen, reply with "
@@ -99,18 +102,23 @@ class HiconAgentTask(Task):
         self.eval_index = [(i, t) for i, e in enumerate(self.eval_episodes) for t in range(len(e.steps))]
         self.step = 1
         self.total_steps = config.dcs_total_steps or 1
-        self._images: dict[str, Any] = {}
+        self._images: OrderedDict[str, Any] = OrderedDict()
 
     # -- prompts ---------------------------------------------------------------------------------
     def _image(self, path: str) -> Any:
-        if path not in self._images:
-            from PIL import Image
+        """The screenshot at ``path``, resized; the most recent ``IMAGE_CACHE`` are kept in memory."""
+        if path in self._images:
+            self._images.move_to_end(path)
+            return self._images[path]
+        from PIL import Image
 
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                scale = self.config.image_size / max(im.size)
-                size = (max(28, round(im.size[0] * scale)), max(28, round(im.size[1] * scale)))
-                self._images[path] = im.resize(size, Image.BILINEAR)
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = self.config.image_size / max(im.size)
+            size = (max(28, round(im.size[0] * scale)), max(28, round(im.size[1] * scale)))
+            self._images[path] = im.resize(size, Image.BILINEAR)
+        if len(self._images) > IMAGE_CACHE:
+            self._images.popitem(last=False)
         return self._images[path]
 
     def messages(self, episode: GuiEpisode, t: int, history: int) -> list[dict[str, Any]]:
