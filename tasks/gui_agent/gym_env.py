@@ -61,6 +61,8 @@ class MiniWobGymEnv(gymnasium.Env):
         self._envs: dict[str, MiniWobEnv] = {}
         self.task: str = self.tasks[0]
         self.current: GuiObservation | None = None
+        self._acted_on: np.ndarray | None = None  # the screen the last action was taken on
+        self._action: Action | None = None
 
     def _check_tasks(self) -> None:
         from importlib import resources
@@ -89,6 +91,7 @@ class MiniWobGymEnv(gymnasium.Env):
                 self.task, timeout_s=self.timeout_s, reward=self.reward, episode_time_limit_s=self.episode_time_limit_s
             )
         self.current = self._envs[self.task].reset(task_seed)
+        self._acted_on, self._action = None, None
         return self._observation(self.current), {"dom": self.current.dom, "task": self.task, "screen_size": self.current.screen_size}
 
     def to_action(self, action: Any) -> Action:
@@ -108,6 +111,7 @@ class MiniWobGymEnv(gymnasium.Env):
         if self.current is None:
             raise RuntimeError("MiniWobGymEnv.step before reset")
         gui = self.to_action(action)
+        self._acted_on, self._action = self.current.screenshot, gui
         obs, reward, done, info = self._envs[self.task].step(gui, self.current.screen_size)
         info = dict(info, task=self.task, malformed=gui.malformed, success=reward > 0)
         if obs is None:  # the browser failed: the episode ends, failed, on its last screen
@@ -118,6 +122,20 @@ class MiniWobGymEnv(gymnasium.Env):
         info["dom"] = obs.dom
         info["screen_size"] = obs.screen_size
         return self._observation(obs), float(reward), bool(done), False, info
+
+    def get_frame(self, **_: Any) -> np.ndarray:
+        """A frame for episode videos: the screen the last action was taken on with the click
+        marked (a red ring), or the current screen right after a reset."""
+        if self._acted_on is None:
+            return self.current.screenshot if self.current is not None else np.zeros((210, 160, 3), np.uint8)
+        from PIL import Image, ImageDraw
+
+        image = Image.fromarray(self._acted_on)
+        a = self._action
+        if a is not None and a.kind == "click":
+            x, y, r = a.x * image.width, a.y * image.height, 6
+            ImageDraw.Draw(image).ellipse((x - r, y - r, x + r, y + r), outline=(255, 0, 0), width=2)
+        return np.asarray(image)
 
     def render(self) -> np.ndarray | None:
         return None if self.current is None else self.current.screenshot

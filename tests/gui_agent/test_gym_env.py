@@ -35,8 +35,13 @@ def test_seed_picks_the_task_and_clicks_earn_the_raw_reward(no_leftover_browser)
         obs, info = env.reset(seed=6)
         assert info["task"] == "click-test-2" and obs["image"].shape == (210, 160, 3) and "Click button" in obs["instruction"]
         assert info["screen_size"] == (160, 210) and info["dom"]
-        _, r, term, _, info = env.step(np.array(_solver_click(env)))  # a click as [x, y]
+        before = env.get_frame()
+        x, y = _solver_click(env)
+        _, r, term, _, info = env.step(np.array([x, y]))  # a click as [x, y]
         assert term and r == 1.0 and info["success"]  # raw reward: 1 for success, not scaled by time
+        frame = env.get_frame()  # the screen clicked on, the click ringed in red
+        assert frame.shape == before.shape and tuple(frame[round(y * 210), round(x * 160) + 6]) == (255, 0, 0)
+        assert np.array_equal(np.delete(frame, np.s_[round(y * 210) - 9 : round(y * 210) + 9], 0), np.delete(before, np.s_[round(y * 210) - 9 : round(y * 210) + 9], 0))
         env.reset(seed=7)
         x, y = _solver_click(env)
         _, r, term, _, info = env.step(f"click({x:.4f}, {y:.4f})")  # the same as action text
