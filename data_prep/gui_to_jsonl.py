@@ -61,7 +61,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from mmpo.data import RecordError, read_records
+from mmpo.data import RecordError, print_conversion_summary, read_records
 from mmpo.errors import DataError, MMPOError
 from mmpo_tasks.gui_agent.actions import Action
 from mmpo_tasks.gui_agent.episodes import GuiEpisode, GuiStep, check_relative, save_episodes
@@ -395,11 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except MMPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for s in stats["skipped"][:5]:
-        print(f"skipped: {s['error']}", file=sys.stderr)
-    if len(stats["skipped"]) > 5:
-        print(f"... and {len(stats['skipped']) - 5} more skipped", file=sys.stderr)
-    print(f"{stats['out']}: {stats['written']} episode(s) written, {len(stats['skipped'])} skipped")
+    print_conversion_summary(stats, "episode")
     return 0
 
 

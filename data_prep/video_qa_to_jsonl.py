@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mmpo.data import RecordError, read_records
+from mmpo.data import RecordError, print_conversion_summary, read_records
 from mmpo.errors import DataError, MMPOError
 from mmpo_tasks.video_frames.data import LETTERS, MAX_OPTIONS, MIN_OPTIONS, answer_letter
 
@@ -199,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except MMPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for s in stats["skipped"][:5]:
-        print(f"skipped: {s['error']}", file=sys.stderr)
-    if len(stats["skipped"]) > 5:
-        print(f"... and {len(stats['skipped']) - 5} more skipped", file=sys.stderr)
-    print(f"{stats['out']}: {stats['written']} row(s) written, {len(stats['skipped'])} skipped")
+    print_conversion_summary(stats, "row")
     return 0
 
 

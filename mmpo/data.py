@@ -95,3 +95,17 @@ def read_records(path: str | Path, *, allow_object: bool = False) -> list[Any]:
     if allow_object:
         return [data]
     raise DataError(f"{src}: expected a JSON list of rows, got {type(data).__name__}")
+
+
+def print_conversion_summary(stats: dict[str, Any], unit: str, shown: int = 5) -> None:
+    """A data-prep converter's report: the first ``shown`` skipped records' errors (stderr), then
+    ``<out>: N <unit>(s) written, M skipped``. ``stats`` holds ``out``, ``written`` and ``skipped``
+    (a list of ``{"error": ...}``)."""
+    import sys
+
+    skipped = stats["skipped"]
+    for s in skipped[:shown]:
+        print(f"skipped: {s['error']}", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"... and {len(skipped) - shown} more skipped", file=sys.stderr)
+    print(f"{stats['out']}: {stats['written']} {unit}(s) written, {len(skipped)} skipped")
