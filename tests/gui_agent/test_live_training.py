@@ -62,6 +62,12 @@ def test_screenexplorer_rewards_steps_and_checkpoints_its_world_model(tmp_path, 
     state = torch.load(ckpt / "world_model.pt", weights_only=True)
     steps_seen = sum(l["rollout/episode_length"] * 4 for l in lines[1:])  # 2 contexts x 2 rollouts a step
     assert state["buffer"]["pre_img"].shape[0] == round(steps_seen)  # every transition joined the buffer
+    # a resumed run starts from the saved world model and buffer, and adds to them
+    assert main(["train", cfg, f"output_dir={run}", "trainer.max_steps=3", "trainer.save_every=2", "task.actor_warmup_steps=1", *SMALL]) == 0
+    resumed = torch.load(sorted(run.glob("checkpoints/step_*"))[-1] / "world_model.pt", weights_only=True)
+    added = round(_lines(run)[-1]["rollout/episode_length"] * 4)
+    assert resumed["buffer"]["pre_img"].shape[0] == round(steps_seen) + added
+    torch.testing.assert_close(resumed["buffer"]["pre_img"][: round(steps_seen)], state["buffer"]["pre_img"])
 
 
 def test_solver_episodes_are_hiconagent_data(tmp_path, no_leftover_browser):
