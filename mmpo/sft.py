@@ -125,3 +125,32 @@ def completion_nll(policy: Any, batch: list[CompletionExample], model: nn.Module
     out = policy.log_probs(policy.collate([e.encoding for e in batch]), ids, mask, model=model, with_entropy=False)
     m = mask.to(out.logp.device).float()
     return -(out.logp * m).sum() / m.sum()
+
+
+def warm_start_setup(cfg: Any) -> tuple[Any, nn.Module, Any, Any]:
+    """``(task, model, processor, policy)`` of a run config, seeded, for a supervised warm start
+    before RL (the model from ``model.path``, a ``CausalLMPolicy`` around it)."""
+    from mmpo.loop import seed_everything
+    from mmpo.models import load_model
+    from mmpo.policies.causal_lm import CausalLMPolicy
+    from mmpo.tasks import build_task
+
+    seed_everything(cfg.seed)
+    task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+    model, processor, info = load_model(cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny)
+    return task, model, processor, CausalLMPolicy.from_info(model, processor, info)
+
+
+def save_warm_start(model: nn.Module, processor: Any, out: str, result: dict[str, Any]) -> None:
+    """Write ``out`` atomically: the model and processor as a save_pretrained folder (for
+    ``model.path=<out>``) and ``warm_start.json`` with the training result."""
+    import json
+    from pathlib import Path
+
+    from mmpo.checkpoint import atomic_folder
+
+    model.eval()
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (Path(tmp) / "warm_start.json").write_text(json.dumps(result, indent=1))

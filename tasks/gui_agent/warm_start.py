@@ -10,14 +10,11 @@ it; target ``<action>...</action>``) with ``mmpo.sft`` and saves a save_pretrain
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from mmpo.checkpoint import atomic_folder
 from mmpo.errors import MMPOError
-from mmpo.sft import SFTConfig, completion_examples, completion_nll, supervised_train
+from mmpo.sft import SFTConfig, completion_examples, completion_nll, save_warm_start, supervised_train, warm_start_setup
 
 
 def target_text(action: Any) -> str:
@@ -26,24 +23,12 @@ def target_text(action: Any) -> str:
 
 
 def warm_start(cfg: Any, out: str, sft: SFTConfig) -> dict[str, Any]:
-    from mmpo.loop import seed_everything
-    from mmpo.models import load_model
-    from mmpo.policies.causal_lm import CausalLMPolicy
-    from mmpo.tasks import build_task
-
-    seed_everything(cfg.seed)
-    task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
-    model, processor, info = load_model(cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny)
-    policy = CausalLMPolicy.from_info(model, processor, info)
+    task, model, processor, policy = warm_start_setup(cfg)
     samples = [task.train_sample(i) for i in range(task.num_train())]
     examples = completion_examples(policy, [s.messages for s in samples], [target_text(s.meta["action"]) for s in samples])
     result = supervised_train(model, examples, lambda batch: completion_nll(policy, batch), sft, seed=cfg.seed, desc="warm start (GUI steps)")
-    model.eval()
-    with atomic_folder(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        result.update(examples=len(examples))
-        (Path(tmp) / "warm_start.json").write_text(json.dumps(result, indent=1))
+    result.update(examples=len(examples))
+    save_warm_start(model, processor, out, result)
     return result
 
 

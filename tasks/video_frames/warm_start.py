@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmpo.checkpoint import atomic_folder
 from mmpo.errors import MMPOError
 from mmpo.rollout.agent_loop import AgentLoop, AgentSettings, AgentTrajectory, score_trajectories
-from mmpo.sft import SFTConfig, supervised_train
+from mmpo.sft import SFTConfig, save_warm_start, supervised_train, warm_start_setup
 
 
 def expert_script(row: dict[str, Any], answer: str, use_tool: bool, num_frames: int) -> list[str]:
@@ -53,15 +52,7 @@ def expert_trajectories(task: Any, policy: Any, model: torch.nn.Module, *, examp
 
 
 def warm_start(cfg: Any, out: str, *, examples: int, tool_fraction: float, sft: SFTConfig) -> dict[str, Any]:
-    from mmpo.loop import seed_everything
-    from mmpo.models import load_model
-    from mmpo.policies.causal_lm import CausalLMPolicy
-    from mmpo.tasks import build_task
-
-    seed_everything(cfg.seed)
-    task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
-    model, processor, info = load_model(cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny)
-    policy = CausalLMPolicy.from_info(model, processor, info)
+    task, model, processor, policy = warm_start_setup(cfg)
     trajs = expert_trajectories(task, policy, model, examples=examples, tool_fraction=tool_fraction, seed=cfg.seed)
     bad = [t for t in trajs if t.tool_errors or t.malformed_calls or t.answer is None]
     if bad:
@@ -72,12 +63,8 @@ def warm_start(cfg: Any, out: str, *, examples: int, tool_fraction: float, sft: 
         return -(logp * mask).sum() / mask.sum()
 
     result = supervised_train(model, trajs, loss_fn, sft, seed=cfg.seed, desc="warm start (expert trajectories)")
-    model.eval()
-    with atomic_folder(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
     result.update(examples=len(trajs), tool_fraction=float(np.mean([t.tool_calls > 0 for t in trajs])))
-    (__import__("pathlib").Path(out) / "warm_start.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=1))
+    save_warm_start(model, processor, out, result)
     return result
 
 

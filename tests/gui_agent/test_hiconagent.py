@@ -129,3 +129,14 @@ def test_the_token_trainer_encodes_each_rollouts_own_history(tmp_path):
         assert len(lengths) > 1  # early in training DCS mixes history lengths inside the batch
     finally:
         trainer.close()
+
+
+def test_warm_start_writes_a_model_folder_that_trains_on(tmp_path):
+    from mmpo_tasks.gui_agent.warm_start import main as warm_main
+
+    data = make_episodes(tmp_path, n=6, steps=2)
+    out = tmp_path / "warm"
+    assert warm_main([CONFIG, f"task.data={data}", "task.image_size=56", "--out", str(out), "--epochs", "3"]) == 0
+    result = json.loads((out / "warm_start.json").read_text())
+    assert (out / "config.json").is_file() and result["examples"] > 0
+    assert result["loss_last_epoch"] < result["loss_first_epoch"]  # the reference actions are being fitted
