@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mmpo-installed
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test test-fast install clean vllm-env vla-demo framemind-demo miniwob-demo hicon-demo
+.PHONY: quickstart test test-fast install clean vllm-env vla-demo framemind-demo miniwob-demo hicon-demo demos
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ hicon-demo: $(STAMP)
 	test -f $(HICON_DATA)/episodes.jsonl || $(PY) data_prep/miniwob_episodes.py --out $(HICON_DATA) --tasks enter-text click-test-2 focus-text --seeds 0:30 --only-success
 	test -f runs/hicon_warm/config.json || $(PY) -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml task.data=$(HICON_DATA)/episodes.jsonl --out runs/hicon_warm
 	$(VENV)/bin/mmpo train configs/hiconagent.yaml task.data=$(HICON_DATA)/episodes.jsonl model.path=runs/hicon_warm 'model.tiny={}'
+
+# Every CPU demo of the README rerun from scratch: one table of the held-out metric at start and
+# end against the README's claim, with wall times (runs/demos/demos.md). Not CI: about an hour.
+# make demos DEMOS_ARGS="--only quickstart" (or --smoke, --list; see scripts/demos.py --help)
+demos: $(STAMP)
+	$(PY) scripts/demos.py $(DEMOS_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -67,7 +67,7 @@ class PhaseMemory:
 
 def run_bench(cfg: Any, run_dir: Path, *, steps: int = 5, warmup: int = 1) -> dict[str, Any]:
     """Train ``warmup + steps`` steps in a scratch folder and report medians of the measured ones."""
-    from mmpo.tasks import trainer_class_for
+    from mmpo.trainers import trainer_class_for
 
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=warmup + steps, save_every=0))
     with tempfile.TemporaryDirectory(prefix="mmpo-bench-") as tmp:
@@ -90,7 +90,7 @@ def run_bench(cfg: Any, run_dir: Path, *, steps: int = 5, warmup: int = 1) -> di
         "model": cfg.model.path,
         "device": device_name,
         "precision": trainer.engine.precision,
-        "rows_per_step": trainer.rows_per_step() if hasattr(trainer, "rows_per_step") else trainer._rows_per_step(),
+        "rows_per_step": trainer.rows_per_step(),
         "steps": steps,
         "s_per_step": round(med["step_time_s"], 4),
         "rollout_s": round(med["rollout_s"], 4),

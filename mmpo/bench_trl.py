@@ -122,16 +122,27 @@ def vowel_fraction(text: str) -> float:
     return sum(c in VOWELS for c in text) / len(text) if text else 0.0
 
 
-def make_prompt(setting: str, index: int, image_size: int) -> tuple[str, Any]:
-    """(question text, PIL image or None) of prompt ``index``: a synthetic_vqa colour question
-    (the same text length for every prompt); the vlm setting adds the rendered scene."""
-    from mmpo_tasks.synthetic_vqa.data import question, random_scene, render
+#: the benchmark's own question (the same text, so the same length, for every prompt)
+QUESTION = "What colour are the shapes? Options: red, green, blue, yellow. Answer with one option."
+BENCH_COLOURS = ((220, 40, 40), (40, 180, 60), (50, 80, 230), (230, 210, 40))
 
+
+def make_prompt(setting: str, index: int, image_size: int) -> tuple[str, Any]:
+    """(question text, PIL image or None) of prompt ``index``: a colour question about 1-4
+    squares on a dark ground; the vlm setting adds the image (seeded by ``index``)."""
+    from PIL import Image, ImageDraw
+
+    if setting != "vlm":
+        return QUESTION, None
     rng = random.Random(f"bench-trl-{index}")
-    scene = random_scene(rng, image_size)
-    text = question(scene, "colour", "option")[0]
-    image = render(scene, image_size) if setting == "vlm" else None
-    return text, image
+    img = Image.new("RGB", (image_size, image_size), (30, 30, 30))
+    draw = ImageDraw.Draw(img)
+    cell, fill = image_size // 2, rng.choice(BENCH_COLOURS)
+    for c in rng.sample(range(4), rng.randint(1, 4)):
+        size = rng.randint(int(cell * 0.75), int(cell * 0.85))
+        x0, y0 = (c % 2) * cell + rng.randint(0, cell - size), (c // 2) * cell + rng.randint(0, cell - size)
+        draw.rectangle((x0, y0, x0 + size - 1, y0 + size - 1), fill=fill)
+    return QUESTION, img
 
 
 def prepare_model(setting: str, folder: Path, spec: BenchSpec) -> Path:
@@ -268,7 +279,7 @@ def _mmpo_task_class() -> type:
     """The mmpo task of the benchmark (same prompts and reward as the TRL dataset)."""
     import torch
 
-    from mmpo.tasks import RewardOutput, Sample, Task
+    from mmpo.tasks import RewardOutput, Sample, TokenTask
 
     @dataclasses.dataclass
     class Config:
@@ -276,9 +287,9 @@ def _mmpo_task_class() -> type:
         image_size: int = 560
         num_train: int = 64
 
-    class BenchTRLTask(Task):
+    class BenchTRLTask(TokenTask):
         name = "bench_trl"
-        description = "mmpo bench --against trl: synthetic_vqa colour questions, vowel-fraction reward"
+        description = "mmpo bench --against trl: colour questions, vowel-fraction reward"
 
         def num_train(self) -> int:
             return self.config.num_train
@@ -351,7 +362,7 @@ def mmpo_run_config(spec: BenchSpec) -> Any:
 
 
 def _run_mmpo_worker(spec: BenchSpec, chan: _Channel) -> None:
-    from mmpo.trainer import Trainer
+    from mmpo.trainers.token import Trainer
 
     cfg = mmpo_run_config(spec)
     with tempfile.TemporaryDirectory(prefix="mmpo-bench-trl-") as tmp:

@@ -28,7 +28,7 @@ def _load(config: str, overrides: list[str]):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmpo.tasks import trainer_class_for
+    from mmpo.trainers import trainer_class_for
 
     cfg = _load(args.config, args.overrides)
     run_dir = _run_dir(cfg, args.config)
@@ -60,13 +60,28 @@ def _split_checkpoint(overrides: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmpo.evaluate import evaluate_checkpoint
-    from mmpo.tasks import trainer_class_for
+    """``mmpo eval CONFIG [checkpoint=RUN_OR_MODEL] [key=value ...]``: the one evaluator (see
+    :mod:`mmpo.evaluate`), sharded over ranks under torchrun; writes next to the checkpoint unless
+    ``output_dir=`` is given (then into ``<output_dir>/eval``)."""
+    from mmpo.evaluate import default_eval_dir, eval_ranks, run_evaluation, write_evaluation
+    from mmpo.trainers import trainer_class_for
 
     checkpoint, overrides = _split_checkpoint(args.overrides)
     cfg = _load(args.config, overrides)
-    own = getattr(trainer_class_for(cfg.task.name), "evaluate_checkpoint", None)  # e.g. diffusion tasks
-    result = (own or evaluate_checkpoint)(cfg, checkpoint, _run_dir(cfg, args.config))
+    if any(o.startswith("output_dir=") for o in overrides):
+        out_dir = Path(cfg.output_dir) / "eval"
+    else:
+        out_dir = default_eval_dir(checkpoint, _run_dir(cfg, args.config))
+    cls = trainer_class_for(cfg.task.name)
+    if not hasattr(cls, "checkpoint_evaluator"):  # a trainer not yet on the one evaluator
+        result = cls.evaluate_checkpoint(cfg, checkpoint, out_dir.parent)
+    else:
+        rank, world, gather = eval_ranks()
+        evaluator, label = cls.checkpoint_evaluator(cfg, checkpoint)
+        evaluated = run_evaluation(evaluator, rank=rank, world_size=world, gather=gather)
+        if rank != 0:
+            return 0
+        result = write_evaluation(out_dir, evaluated, evaluator, label)
     print(json.dumps(result["metrics"]))
     print(f"predictions: {result['predictions']}")
     return 0
@@ -174,8 +189,6 @@ def cmd_tiny(args: argparse.Namespace) -> int:
         print(f"Wrote tiny '{args.kind}' diffusers pipeline (seed {args.seed}) to {path}: "
               f"{', '.join(sorted(p.name for p in path.iterdir()))}.")
         return 0
-    from mmpo.tiny import tiny_main
-
     return tiny_main(args.kind, args.folder, seed=args.seed)
 
 
@@ -232,6 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--seed", type=int, default=0)
     ty.set_defaults(fn=cmd_tiny)
     return p
+
+
+def tiny_main(kind: str, folder: str, seed: int = 0) -> int:
+    """CLI ``mmpo tiny <kind> <folder>``: write the tiny model and print what was written."""
+    from mmpo.models import load_model
+    from mmpo.tiny import save_tiny
+
+    path = save_tiny(kind, folder, seed=seed)
+    model, _, info = load_model(str(path))
+    n_params = sum(p.numel() for p in model.parameters())
+    files = ", ".join(sorted(p.name for p in path.iterdir()))
+    print(
+        f"Wrote tiny '{kind}' (seed {seed}) to {path}: {n_params:,} parameters, "
+        f"vocab size {info.vocab_size}, {'VLM' if info.is_vlm else 'text LM'} "
+        f"(model_type {info.model_type}). Files: {files}."
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,9 +114,15 @@ def resolve_registry(spec: str) -> Any:
         raise RuntimeError(f"registry {spec!r} cannot be loaded: {exc}") from exc
 
 
+#: registry fields that also accept "auto" (the loss's / the trainer kind's default)
+AUTO_REGISTRIES = ("mmpo.core:AGGREGATIONS", "mmpo.core:KL_ESTIMATORS")
+
+
 def _check_registry(spec: str, value: Any, key: str) -> None:
     if not isinstance(value, str):
         raise FieldError(key, f"key '{key}' must be a string (a registered name), got {_show(value)}")
+    if value == "auto" and spec in AUTO_REGISTRIES:
+        return
     registry = resolve_registry(spec)
     try:
         registry.get(value)
@@ -756,17 +762,19 @@ class AlgorithmConfig:
     )
     loss_options: dict[str, Any] = _opt({}, help="Keyword options of the policy loss (e.g. eps_high).")
     loss_agg: str = _opt(
-        "token-mean",
+        "auto",
         help="How the per-unit loss becomes a scalar: 'token-mean' (DAPO; long answers weigh "
         "more), 'seq-mean-token-mean' (original GRPO, GSPO), 'seq-mean-token-sum-norm' "
-        "(Dr. GRPO), 'otm' (DCPO).",
+        "(Dr. GRPO), 'otm' (DCPO); 'auto' = the policy loss's own default (GSPO: "
+        "seq-mean-token-mean, DCPO: otm), else token-mean.",
         registry="mmpo.core:AGGREGATIONS",
     )
     kl_estimator: str = _opt(
-        "k3",
+        "auto",
         help="KL(pi||pi_ref) estimator per unit: 'k1' (unbiased value), 'k2' (correct gradient), "
         "'k3' (low variance, GRPO default; Schulman's approximations); '+' variants are "
-        "straight-through.",
+        "straight-through; 'gaussian' is the closed form on Gaussian means (denoising steps, "
+        "forecasts). 'auto' = the trainer kind's default (k3 for tokens, gaussian for densities).",
         registry="mmpo.core:KL_ESTIMATORS",
     )
     kl_schedule: str = _opt(

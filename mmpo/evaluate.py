@@ -1,103 +1,143 @@
-"""Greedy evaluation of a saved policy on a task's held-out samples (``mmpo eval``)."""
+"""The one evaluator: held-out evaluation of a policy, during training and for ``mmpo eval``.
+
+Each trainer kind supplies an :class:`Evaluator` (its held-out items, how its policy predicts
+them, how predictions become metrics); this module shards the items over ranks, gathers the rows
+and writes one layout:
+
+- ``predictions.jsonl``: one JSON object per held-out item, ``{"id", "input", "prediction",
+  "answer", <score>: float, ...}`` (``input``: the question, prompt, instruction or start time;
+  ``prediction``: the completion, image reference, actions or forecast; ``answer``: the reference
+  when there is one; then each score component of the item; keys starting with ``_`` travel
+  with the gathered rows for the metrics but are not written);
+- ``metrics.json``: the metrics over all items, with ``checkpoint`` (what was evaluated);
+- the kind's pictures (image grids, episode GIFs, forecast plots) beside them.
+
+``mmpo eval`` builds the evaluator from a checkpoint without an optimizer or a training engine
+(``Trainer.checkpoint_evaluator``) and by default writes next to the checkpoint.
+"""
 from __future__ import annotations
 
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Callable, Protocol
 
 from mmpo.checkpoint import save_json
 from mmpo.errors import ConfigError
-from mmpo.policies.causal_lm import CausalLMPolicy
-from mmpo.rollout.engines.hf import GenerationSettings, HFGenerateEngine
-from mmpo.tasks import Sample, build_task
 
 
-def generate_greedy(
-    policy: CausalLMPolicy, model: torch.nn.Module, samples: list[Sample], *, max_new_tokens: int,
-    batch_size: int, device: torch.device,
-) -> list[str]:
-    """Greedy completions (text) for ``samples``; the global torch RNG is left untouched."""
-    engine = HFGenerateEngine(policy)
-    settings = GenerationSettings(max_new_tokens, greedy=True)
-    texts: list[str] = []
-    for s in range(0, len(samples), batch_size):
-        part = samples[s : s + batch_size]
-        inputs = policy.collate([policy.encode(x.messages) for x in part])
-        gen = engine.generate(model, inputs, settings, device=device)
-        texts.extend(policy.decode(gen.completion_ids, gen.mask))
-    return texts
+class Evaluator(Protocol):
+    """What a trainer kind supplies to evaluate its policy on held-out items."""
+
+    def items(self) -> list[Any]:
+        """The held-out items, in a fixed order (samples, env seeds, prompts, start times)."""
+        ...
+
+    def predict(self, items: list[Any], offset: int) -> list[dict[str, Any]]:
+        """One row (see the module docstring) per item; ``offset`` is the index of ``items[0]``
+        among all items, so seeded sampling does not depend on how items are sharded."""
+        ...
+
+    def summarize(self, items: list[Any], rows: list[dict[str, Any]]) -> dict[str, float]:
+        """The metrics over all items."""
+        ...
+
+    def write_artifacts(self, out_dir: Path, items: list[Any], rows: list[dict[str, Any]]) -> dict[str, str]:
+        """Pictures beside the predictions (main rank only); ``{name: path}``."""
+        ...
 
 
-def run_agent(
-    policy: CausalLMPolicy, model: torch.nn.Module, task: Any, samples: list[Sample], *, max_new_tokens: int,
-    batch_size: int, device: torch.device, greedy: bool = True, settings: dict[str, Any] | None = None,
-) -> list[Any]:
-    """Multi-turn trajectories (greedy by default) of ``samples`` with the task's tools, each
-    from its first rollout prompt; the global torch RNG is left untouched."""
-    from mmpo.rollout.agent_loop import AgentLoop, AgentSettings
-
-    opts = {**task.agent_settings(), **(settings or {})}
-    loop = AgentLoop(policy, HFGenerateEngine(policy), task.tools(), AgentSettings(max_new_tokens=max_new_tokens, greedy=greedy, **opts))
-    state = torch.get_rng_state()
-    out: list[Any] = []
-    try:
-        for s in range(0, len(samples), batch_size):
-            part = samples[s : s + batch_size]
-            encodings = [policy.encode(task.rollout_messages(x, 0)) for x in part]
-            out.extend(loop.run(model, encodings, [task.tool_context(x) for x in part], device=device))
-    finally:
-        torch.set_rng_state(state)
-    return out
+@dataclass
+class EvalResult:
+    items: list[Any]
+    rows: list[dict[str, Any]]
+    metrics: dict[str, float]
 
 
-def resolve_checkpoint(checkpoint: str) -> str:
-    """A save_pretrained or LoRA adapter folder, or a run folder (its ``model/``), or ``tiny:<kind>``."""
-    if checkpoint.startswith("tiny:"):
-        return checkpoint
-    path = Path(checkpoint)
-    for folder in (path / "model", path):
-        if (folder / "config.json").exists() or (folder / "adapter_config.json").exists():
-            return str(folder)
-    raise ConfigError(
-        f"checkpoint='{checkpoint}' is neither a save_pretrained folder (with config.json), nor a LoRA "
-        "adapter folder (with adapter_config.json), nor a run folder with a model/ inside."
-    )
+def run_evaluation(
+    evaluator: Evaluator, *, rank: int = 0, world_size: int = 1, gather: Callable[[Any], list[Any]] = lambda x: [x],
+) -> EvalResult:
+    """Each rank predicts its contiguous share of the items; the rows are gathered in item order.
+    A rank without items predicts the first one and drops it: every rank makes the same
+    collective calls (generation under ZeRO-3 gathers parameters)."""
+    items = evaluator.items()
+    per_rank = math.ceil(len(items) / world_size) if items else 0
+    first = rank * per_rank
+    mine = items[first : first + per_rank]
+    rows = evaluator.predict(mine or items[:1], first if mine else 0)[: len(mine)] if items else []
+    all_rows = [r for part in gather(rows) for r in part]
+    metrics = evaluator.summarize(items[: len(all_rows)], all_rows) if all_rows else {}
+    return EvalResult(items[: len(all_rows)], all_rows, metrics)
 
 
-def evaluate_checkpoint(cfg: Any, checkpoint: str | None, run_dir: Path) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (default: the config's model.path); write predictions and metrics."""
-    from mmpo.engine import resolve_device
-    from mmpo.models import load_model
-
-    path = resolve_checkpoint(checkpoint) if checkpoint else cfg.model.path
-    device = resolve_device(cfg.device)
-    model, processor, info = load_model(
-        path, seed=cfg.seed, tiny_overrides=cfg.model.tiny if path.startswith("tiny:") else None, device=device
-    )
-    policy = CausalLMPolicy.from_info(model, processor, info)
-    task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
-    samples = task.eval_samples(cfg.eval.num_samples)
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    if task.tools():  # multi-turn: the whole conversation is the prediction
-        trajs = run_agent(policy, model, task, samples, max_new_tokens=max_new, batch_size=cfg.eval.batch_size, device=device)
-        texts = ["".join(t.turn_texts) for t in trajs]
-        metrics = task.eval_trajectories(samples, trajs)
-        per_row = task.reward_trajectories(samples, trajs).components
-    else:
-        texts = generate_greedy(policy, model, samples, max_new_tokens=max_new, batch_size=cfg.eval.batch_size, device=device)
-        metrics = task.eval_metrics(samples, texts)
-        per_row = task.reward(samples, texts).components  # each prediction's reward components
-    out_dir = Path(run_dir) / "eval"
+def write_evaluation(out_dir: Path, result: EvalResult, evaluator: Evaluator, checkpoint: str) -> dict[str, Any]:
+    """Write ``predictions.jsonl`` (atomically), ``metrics.json`` and the evaluator's pictures."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_path = out_dir / "predictions.jsonl"
     tmp = pred_path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
-        for i, (s, t) in enumerate(zip(samples, texts)):
-            row = {"id": s.id, "prediction": t, "answer": s.answer}
-            row.update({k: float(v[i]) for k, v in per_row.items()})
-            f.write(json.dumps(row) + "\n")
+        for row in result.rows:  # keys starting with "_" travel with the rows but are not written
+            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, default=_jsonable) + "\n")
     tmp.replace(pred_path)
-    save_json(out_dir / "metrics.json", {"checkpoint": path, **metrics})
-    return {"metrics": metrics, "predictions": str(pred_path)}
+    artifacts = evaluator.write_artifacts(out_dir, result.items, result.rows)
+    save_json(out_dir / "metrics.json", {"checkpoint": checkpoint, **result.metrics})
+    return {"metrics": result.metrics, "predictions": str(pred_path), **artifacts}
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def resolve_model_folder(checkpoint: str, marker: tuple[str, ...] = ("config.json", "adapter_config.json")) -> Path:
+    """The model folder of ``checkpoint``: a run folder's ``model/``, or the folder itself when it
+    holds one of ``marker`` (a save_pretrained or adapter folder). ConfigError otherwise."""
+    path = Path(checkpoint).expanduser()
+    for folder in (path / "model", path):
+        if any((folder / m).exists() for m in marker):
+            return folder
+    raise ConfigError(
+        f"checkpoint='{checkpoint}' is neither a model folder (with {' or '.join(marker)}) nor a run folder with a "
+        "model/ inside."
+    )
+
+
+def default_eval_dir(checkpoint: str | None, run_dir: Path) -> Path:
+    """Where ``mmpo eval`` writes when no ``output_dir=`` is given: next to the checkpoint
+    (``<run>/eval`` for a run folder, ``<parent>/eval_<name>`` for a model folder), or
+    ``<run_dir>/eval_base`` for the config's untrained model."""
+    if not checkpoint or checkpoint.startswith("tiny:"):
+        return Path(run_dir) / "eval_base"
+    path = Path(checkpoint).expanduser()
+    if (path / "model").is_dir():
+        return path / "eval"
+    return path.parent / f"eval_{path.name}"
+
+
+def eval_ranks() -> tuple[int, int, Callable[[Any], list[Any]]]:
+    """``(rank, world_size, gather)`` of an evaluation launched by torchrun (the process group is
+    created on first use, gloo on the CPU, nccl on CUDA); ``(0, 1, [x])`` in one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, lambda x: [x]
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    def gather(obj: Any) -> list[Any]:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    return dist.get_rank(), dist.get_world_size(), gather
+
+
+__all__ = [
+    "EvalResult", "Evaluator", "default_eval_dir", "eval_ranks", "resolve_model_folder", "run_evaluation",
+    "write_evaluation",
+]

@@ -25,7 +25,6 @@ engine's barrier meanwhile (one extra read of the base weights on the main rank)
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmpo.adapters import ADAPTER_CONFIG, MERGED_DIR, read_adapter_config  # noqa: F401  (re-exported)
 from mmpo.config import LoraConfig
 from mmpo.errors import ConfigError
 
@@ -50,9 +50,6 @@ __all__ = [
     "read_adapter_config",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-#: Sub-folder of an adapter folder that holds the merged ``save_pretrained`` model.
-MERGED_DIR = "merged"
 #: Attribute names under which VLMs keep their vision tower (Qwen2-VL: ``visual``).
 VISION_TOWER_NAMES: tuple[str, ...] = ("visual", "vision_tower", "vision_model")
 
@@ -235,10 +232,3 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.
     return out_dir
 
 
-def read_adapter_config(folder: str | Path) -> dict[str, Any]:
-    """``folder/adapter_config.json`` as a dict; ConfigError naming the file when unreadable."""
-    file = Path(folder) / ADAPTER_CONFIG
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"LoRA adapter config '{file}' cannot be read: {e}") from None

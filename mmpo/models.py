@@ -25,11 +25,14 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
+from mmpo.adapters import MERGED_DIR, read_adapter_config
 from mmpo.errors import ConfigError
+from mmpo.hf_logging import quiet_hf_progress  # noqa: F401  (re-exported)
+from mmpo.special_tokens import special_token_ids
 
 TINY_PREFIX = "tiny:"
 
@@ -55,24 +58,6 @@ class ModelInfo:
     def special(self) -> list[int]:
         """Alias of `special_token_ids`."""
         return self.special_token_ids
-
-
-@contextlib.contextmanager
-def quiet_hf_progress() -> Iterator[None]:
-    """Hide transformers' per-call "Loading weights" / "Writing model shards" bars.
-
-    They would interleave with the training progress bar; the previous setting is restored.
-    """
-    from transformers.utils import logging as hf_logging
-
-    was_on = hf_logging.is_progress_bar_enabled()
-    if was_on:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_on:
-            hf_logging.enable_progress_bar()
 
 
 def tiny_cache_root() -> Path:
@@ -169,8 +154,6 @@ def _as_list(x: Any) -> list[int]:
 
 
 def _model_info(model: Any, tokenizer: Any, is_vlm: bool, model_type: str, folder: Path) -> ModelInfo:
-    from mmpo.tiny import special_token_ids
-
     gen = getattr(model, "generation_config", None)
     eos: list[int] = []
     for i in _as_list(tokenizer.eos_token_id) + _as_list(getattr(gen, "eos_token_id", None)):
@@ -223,8 +206,6 @@ def load_model(
             raise ConfigError(f"tiny_overrides only apply to tiny:<kind> models, not to '{path}'.")
         folder = Path(path).expanduser()
         if is_adapter_folder(folder):
-            from mmpo.lora import MERGED_DIR
-
             if not (folder / MERGED_DIR / "config.json").is_file():
                 return load_adapter(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
             folder = folder / MERGED_DIR
@@ -271,8 +252,6 @@ def load_adapter(
     ``info.path`` is the adapter folder. Raises ConfigError when the base folder is missing.
     """
     import peft
-
-    from mmpo.lora import read_adapter_config
 
     folder = Path(folder).expanduser()
     acfg = read_adapter_config(folder)

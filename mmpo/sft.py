@@ -130,7 +130,7 @@ def completion_nll(policy: Any, batch: list[CompletionExample], model: nn.Module
 def warm_start_setup(cfg: Any) -> tuple[Any, nn.Module, Any, Any]:
     """``(task, model, processor, policy)`` of a run config, seeded, for a supervised warm start
     before RL (the model from ``model.path``, a ``CausalLMPolicy`` around it)."""
-    from mmpo.loop import seed_everything
+    from mmpo.trainers.loop import seed_everything
     from mmpo.models import load_model
     from mmpo.policies.causal_lm import CausalLMPolicy
     from mmpo.tasks import build_task

@@ -7,6 +7,7 @@ the entry-point group ``mmpo.tasks`` (this project's own live in ``tasks/``, ins
 """
 from __future__ import annotations
 
+import abc
 import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -59,26 +60,29 @@ class RolloutView:
     token_texts: list[list[str]] | None = None
 
 
-class Task:
-    """Base class of a task plugin. Subclasses set ``name``, ``Config`` and implement the hooks."""
+class Task(abc.ABC):
+    """Base class of a task plugin, whatever its kind of action unit. Subclasses set ``name``
+    and ``Config`` and implement the hooks of their kind: :class:`TokenTask` here for generated
+    tokens; the other kinds' hooks are the Protocols of their trainers (``mmpo.trainers``)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    #: set (on the class or the instance) when ``reward_with_rollout`` reads token entropies
-    needs_token_entropy: bool = False
+    #: names of the per-row tensors this task's rewards attach (``RewardOutput.row_info``);
+    #: checked at load against what the objective reads (e.g. ``kl_schedule: ares_bucket``)
+    row_info_keys: tuple[str, ...] = ()
+    #: whether its action units' log-probs are densities (None: the trainer kind's default)
+    unit_densities: bool | None = None
 
     @dataclass
     class Config:
         pass
 
     @classmethod
-    def trainer_class(cls) -> type:
-        """The trainer that runs this task (default: the token-policy GRPO trainer); a plugin whose
-        action units are not tokens (denoising steps, initial noise, env actions) returns its own
-        subclass of :class:`mmpo.loop.TrainerBase`."""
-        from mmpo.trainer import Trainer
-
-        return Trainer
+    def trainer_class(cls) -> type | None:
+        """The trainer that runs this task; None (the default) means the token trainer
+        (:class:`mmpo.trainers.token.Trainer`). A plugin whose action units are not tokens
+        returns the trainer of its kind (``mmpo.trainers``), or its own subclass of one."""
+        return None
 
     def __init__(self, config: Any, *, seed: int = 0) -> None:
         self.config = config
@@ -87,27 +91,10 @@ class Task:
         #: that batch statistics behind a task's state agree across ranks
         self.all_gather: Callable[[Any], list[Any]] = lambda obj: [obj]
 
-    # -- data ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def num_train(self) -> int:
-        """Number of distinct training samples (the sampler cycles through them)."""
-        raise NotImplementedError
-
-    def train_sample(self, index: int) -> Sample:
-        """The training sample at ``index`` (deterministic)."""
-        raise NotImplementedError
-
-    def eval_samples(self, n: int) -> list[Sample]:
-        """``n`` held-out samples, disjoint from the training samples."""
-        raise NotImplementedError
-
-    # -- rewards and evaluation ----------------------------------------------------------
-    def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
-        """Score ``completions[i]`` of ``samples[i]`` (N each; a group repeats its sample G times)."""
-        raise NotImplementedError
-
-    def reward_with_rollout(self, samples: list[Sample], completions: list[str], rollout: RolloutView) -> RewardOutput:
-        """Rewards of a training rollout; override to use token-level information (default: ``reward``)."""
-        return self.reward(samples, completions)
+        """Number of distinct training items (prompts, contexts, start times); the resumable
+        sampler cycles through them."""
 
     # -- state kept across steps (saved in checkpoints) -----------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -118,6 +105,35 @@ class Task:
         if state:
             raise ValueError(f"task {self.name!r} keeps no state, but the checkpoint has {sorted(state)}")
 
+
+class TokenTask(Task):
+    """A task whose action units are generated tokens (text, VLM and agent tasks): prompts in,
+    completions scored. Run by :class:`mmpo.trainers.token.Trainer`."""
+
+    #: set (on the class or the instance) when ``reward_with_rollout`` reads token entropies
+    needs_token_entropy: bool = False
+    #: set when ``rollout_messages`` gives the rollouts of one group different prompts; the token
+    #: trainer then encodes each rollout's prompt (single-turn tasks; agent tasks always do)
+    rollout_prompts_differ: bool = False
+
+    # -- data ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def train_sample(self, index: int) -> Sample:
+        """The training sample at ``index`` (deterministic)."""
+
+    @abc.abstractmethod
+    def eval_samples(self, n: int) -> list[Sample]:
+        """``n`` held-out samples, disjoint from the training samples."""
+
+    # -- rewards and evaluation ----------------------------------------------------------
+    @abc.abstractmethod
+    def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
+        """Score ``completions[i]`` of ``samples[i]`` (N each; a group repeats its sample G times)."""
+
+    def reward_with_rollout(self, samples: list[Sample], completions: list[str], rollout: RolloutView) -> RewardOutput:
+        """Rewards of a training rollout; override to use token-level information (default: ``reward``)."""
+        return self.reward(samples, completions)
+
     # -- multi-turn agent tasks -----------------------------------------------------------
     def tools(self) -> list[Any]:
         """Tools the model may call (``mmpo.rollout.tools.Tool``). A task with tools is rolled
@@ -127,10 +143,6 @@ class Task:
     def agent_settings(self) -> dict[str, Any]:
         """Keyword arguments of ``AgentSettings`` (max_turns, tool_timeout_s, max_concurrency, ...)."""
         return {}
-
-    #: set when ``rollout_messages`` gives the rollouts of one group different prompts; the token
-    #: trainer then encodes each rollout's prompt (single-turn tasks; agent tasks always do)
-    rollout_prompts_differ: bool = False
 
     def begin_step(self, step: int, total_steps: int) -> None:
         """Called by the token trainer before each training step's rollout (step counted from 1);
@@ -203,11 +215,6 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS.get(name)
 
 
-def trainer_class_for(task_name: str) -> type:
-    """The trainer class of task ``task_name`` (see :meth:`Task.trainer_class`)."""
-    return get_task_class(task_name).trainer_class()
-
-
 def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
     """Instantiate task ``name`` with its options validated against the task's ``Config``."""
     from mmpo.config import from_dict
@@ -217,4 +224,4 @@ def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
     return cls(cfg, seed=seed)
 
 
-__all__ = ["Sample", "RewardOutput", "RolloutView", "Task", "TASKS", "load_plugins", "get_task_class", "build_task", "trainer_class_for"]
+__all__ = ["Sample", "RewardOutput", "RolloutView", "Task", "TokenTask", "TASKS", "load_plugins", "get_task_class", "build_task"]

@@ -29,6 +29,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from mmpo.core.registry import Registry
 from mmpo.errors import ConfigError
+from mmpo.hf_logging import quiet_hf_progress
+from mmpo.special_tokens import SAMPLEABLE_SPECIAL_TOKENS, special_token_ids  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------- tokenizer
 
@@ -54,9 +56,6 @@ TAG_TOKENS: tuple[str, ...] = (
 )
 #: Special tokens that Qwen2-VL writes in its answers (grounding: ``<|box_start|>(x1,y1),(x2,y2)
 #: <|box_end|>``), so they stay sampleable when a real Qwen tokenizer has them.
-SAMPLEABLE_SPECIAL_TOKENS: frozenset[str] = frozenset(
-    {"<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>"}
-)
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 
@@ -213,26 +212,6 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
         model_max_length=32768,
     )
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids that must never be sampled nor scored, sorted.
-
-    Every token the tokenizer flags as special except its eos token and the grounding tokens
-    (`SAMPLEABLE_SPECIAL_TOKENS`) of real Qwen2-VL tokenizers: for the tiny tokenizer
-    ``<|endoftext|>`` (pad; distinct from eos ``<|im_end|>``), ``<|im_start|>``,
-    ``<|vision_start|>``, ``<|vision_end|>``, ``<|image_pad|>``, ``<|video_pad|>``. A sampled
-    image pad breaks the next forward ("tokens N vs features M"); a sampled im_start opens a
-    turn the policy must not write. Non-special added tokens (``<think>``, ``<tool_call>``, ...)
-    stay sampleable. Accepts a tokenizer or a processor (uses its ``.tokenizer``).
-    `mmpo.models.load_model` also drops ids that end generation and adds unused embedding rows.
-    """
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    ids = {i for i, t in tok.added_tokens_decoder.items() if t.special}
-    ids.update(i for i in tok.all_special_ids if i is not None)
-    vocab = tok.get_vocab()
-    keep = {tok.eos_token_id} | {vocab[t] for t in SAMPLEABLE_SPECIAL_TOKENS if t in vocab}
-    return sorted(ids - keep)
 
 
 _STRIP = string.whitespace + string.punctuation
@@ -543,8 +522,6 @@ def build_tiny(kind: str, seed: int = 0, **overrides: Any) -> tuple[Any, Any]:
 
 def save_tiny(kind: str, folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
     """Write tiny model `kind` to `folder` in save_pretrained layout (safetensors); returns it."""
-    from mmpo.models import quiet_hf_progress
-
     folder = Path(folder)
     model, proc = build_tiny(kind, seed=seed, **overrides)
     folder.mkdir(parents=True, exist_ok=True)
@@ -553,19 +530,3 @@ def save_tiny(kind: str, folder: str | Path, seed: int = 0, **overrides: Any) ->
     model.generation_config.save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
-
-
-def tiny_main(kind: str, folder: str, seed: int = 0) -> int:
-    """CLI ``mmpo tiny <kind> <folder>``: write the tiny model and print what was written."""
-    path = save_tiny(kind, folder, seed=seed)
-    from mmpo.models import load_model
-
-    model, _, info = load_model(str(path))
-    n_params = sum(p.numel() for p in model.parameters())
-    files = ", ".join(sorted(p.name for p in path.iterdir()))
-    print(
-        f"Wrote tiny '{kind}' (seed {seed}) to {path}: {n_params:,} parameters, "
-        f"vocab size {info.vocab_size}, {'VLM' if info.is_vlm else 'text LM'} "
-        f"(model_type {info.model_type}). Files: {files}."
-    )
-    return 0

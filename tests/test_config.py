@@ -318,7 +318,7 @@ def test_runconfig_minimal_file_gets_documented_defaults(tmp_path: Path) -> None
     cfg = load_config(path, ["trainer.max_steps=3", "rollout.group_size=4"])
     assert cfg.task == TaskConfig(name="synthetic_vqa", options={"num_train": 100})
     assert cfg.trainer.max_steps == 3 and cfg.rollout.group_size == 4
-    assert (cfg.algorithm.advantage, cfg.algorithm.loss, cfg.algorithm.loss_agg) == ("grpo", "ppo_clip", "token-mean")
+    assert (cfg.algorithm.advantage, cfg.algorithm.loss, cfg.algorithm.loss_agg) == ("grpo", "ppo_clip", "auto")
     assert cfg.algorithm.kl_options == {}
     assert cfg.trainer.adam_betas == [0.9, 0.999] and cfg.trainer.lr == 1e-5
     assert cfg.model.path == "tiny:qwen2_vl" and cfg.model.lora is None

@@ -158,7 +158,7 @@ def test_config_and_model_mistakes_are_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_saves_adapter_and_merged_that_reload_exactly_and_eval_works(tmp_path, tiny_overrides):
-    from mmpo.trainer import Trainer
+    from mmpo.trainers.token import Trainer
     from transformers import AutoModelForImageTextToText
 
     run = tmp_path / "lora"

@@ -19,9 +19,9 @@ from mmpo.tiny import (
     build_tokenizer,
     save_tiny,
     special_token_ids,
-    tiny_main,
     token_ids_decoding_to,
 )
+from mmpo.cli import tiny_main
 
 KINDS = ["qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl"]
 VLM_KINDS = ["qwen2_vl", "qwen2_5_vl"]

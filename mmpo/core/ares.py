@@ -192,6 +192,8 @@ def ares_bucket(
 
 
 ares_bucket.state_cls = AresKLState
+#: per-row tensors of the rewards it reads (the difficulty bucket of each row)
+ares_bucket.needs_row_info = ("bucket",)
 
 
 def ares_bucket_observe(state: AresKLState, bucket_kl: Mapping[str, float]) -> dict[str, float]:

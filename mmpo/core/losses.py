@@ -203,6 +203,8 @@ def dcpo(
 
 
 dcpo.default_agg_mode = "otm"
+#: its bounds come from the old token probability exp(logp_old): meaningless for log-densities
+dcpo.needs_probabilities = True
 
 
 @POLICY_LOSSES.register("ce_gppo")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpo.core.registry import did_you_mean
-from mmpo.rewards.image import (
+from mmpo.rewards.image_component import (
     IMAGE_REWARDS,
     ImageReward,
     Metas,

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from mmpo.errors import ConfigError
-from mmpo.rewards.image import IMAGE_REWARDS, ImageReward, Metas, OptionError, check_batch, float_option, str_option
+from mmpo.rewards.image_component import IMAGE_REWARDS, ImageReward, Metas, OptionError, check_batch, float_option, str_option
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),

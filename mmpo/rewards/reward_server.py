@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from mmpo.errors import DataError, MMPOError
-from mmpo.rewards.image import (
+from mmpo.rewards.image_component import (
     IMAGE_REWARDS,
     ImageReward,
     Metas,

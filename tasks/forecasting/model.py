@@ -7,10 +7,11 @@ previous value and that hour's known covariates, and predicts the mean ``mu_t``.
 
 As a policy each step samples ``a_t = mu_t + sigma * eps_t`` (sigma from the config, in
 normalised units) and feeds ``a_t`` back as the next step's input: the action unit is one
-forecast step, ``log pi(a_t) = log N(a_t; mu_t, sigma^2)``. Replaying the stored actions with
-grad (teacher forcing on the actions) gives the same ``mu`` as the rollout, so stored and
-recomputed log-probs agree. The KL to a reference model is the core's closed form
-(``KL_ESTIMATORS['gaussian']``), ``(mu - mu_ref)^2 / (2 sigma^2)`` per step.
+forecast step, ``log pi(a_t) = log N(a_t; mu_t, sigma^2)`` (:func:`step_log_probs`, the series
+trainer's). Replaying the stored actions with grad (teacher forcing on the actions) gives the
+same ``mu`` as the rollout, so stored and recomputed log-probs agree. The KL to a reference model is the core's closed form
+(``KL_ESTIMATORS['gaussian']``), ``(mu - mu_ref)^2 / (2 sigma^2)`` per step, or a sample
+estimator on the actions' log-probs (``algorithm.kl_estimator``).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmpo.policies.gaussian import diag_gaussian_log_prob
+from mmpo.trainers.series import step_log_probs  # the action unit's log-density (re-exported)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -125,7 +126,7 @@ class PM25Forecaster(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "PM25Forecaster":
+    def from_pretrained(cls, folder: str | Path) -> PM25Forecaster:
         from safetensors.torch import load_file
 
         from mmpo.errors import ConfigError
@@ -138,14 +139,6 @@ class PM25Forecaster(nn.Module):
         model = cls(ForecasterConfig(**cfg))
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
         return model
-
-
-def step_log_probs(actions: torch.Tensor, mu: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``log N(a_t; mu_t, sigma^2)`` of every step ``[N, H]`` (the shared diagonal-Gaussian
-    density, one dimension per step; gradients reach ``mu``)."""
-    n, h = mu.shape
-    std = torch.full((n * h, 1), float(sigma), device=mu.device)
-    return diag_gaussian_log_prob(actions.reshape(-1, 1), mu.reshape(-1, 1), std).view(n, h)
 
 
 __all__ = ["ForecasterConfig", "PM25Forecaster", "step_log_probs"]

@@ -11,6 +11,7 @@ PI-updated from the batch's recall and FAR (``LagrangeState``, checkpointed).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,11 +99,11 @@ class LagrangeState:
         """``e_rec = recall_target - recall``, ``e_far = FAR - far_target``; each multiplier
         ``lam <- clip(lam + kp e + ki I, 0, lambda_max)`` with ``I <- I + e``. NaN metrics (no
         high hours in the batch) leave the multiplier alone."""
-        if recall == recall:
+        if not math.isnan(recall):
             e = cfg.recall_target - recall
             self.int_rec += e
             self.lam_rec = min(max(self.lam_rec + cfg.kp * e + cfg.ki * self.int_rec, 0.0), cfg.lambda_max)
-        if far == far:
+        if not math.isnan(far):
             e = far - cfg.far_target
             self.int_far += e
             self.lam_far = min(max(self.lam_far + cfg.kp * e + cfg.ki * self.int_far, 0.0), cfg.lambda_max)

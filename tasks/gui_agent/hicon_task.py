@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mmpo.errors import ConfigError
-from mmpo.tasks import RewardOutput, Sample, Task
+from mmpo.tasks import RewardOutput, Sample, TokenTask
 from mmpo_tasks.gui_agent.actions import parse_action
 from mmpo_tasks.gui_agent.episodes import GuiEpisode, GuiStep, load_episodes
 from mmpo_tasks.gui_agent.history import keep_recent, sample_history_length
@@ -69,7 +69,7 @@ def _held_out(episode_id: str, fraction: float) -> bool:
     return (zlib.crc32(episode_id.encode()) % 10_000) < fraction * 10_000
 
 
-class HiconAgentTask(Task):
+class HiconAgentTask(TokenTask):
     name = "hiconagent"
     description = "HiconAgent: GUI agent GRPO on episode data with Dynamic Context Sampling and Anchor-guided History Compression (HCPO)"
     Config = HiconConfig

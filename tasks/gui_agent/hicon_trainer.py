@@ -1,4 +1,8 @@
-"""HCPO's trainer: the token trainer with two branches of one policy (ALGORITHMS.md B5).
+"""HCPO's trainer: the token trainer with two branches of one policy (HiconAgent, arXiv 2512.01763).
+
+It overrides the token trainer's public hooks only: ``token_logprobs`` (which branch scores),
+``reference_context`` (the reference scores the full prompt) and ``unit_terms`` (the two-branch
+loss matrix); the update routine is the shared one.
 
 - The rollout samples with the normal model (each rollout with its DCS prompt, see the task).
 - The *compressed* branch scores the completions with the history screenshots' hidden states
@@ -24,11 +28,11 @@ from typing import Any, Iterator
 import torch
 
 from mmpo.config import RunConfig
-from mmpo.core import aggregate
 from mmpo.core.hcpo import hcpo_loss
 from mmpo.errors import ConfigError
 from mmpo.rollout.batch import RolloutBatch
-from mmpo.trainer import Trainer
+from mmpo.trainers.token import Trainer
+from mmpo.trainers.update import UnitTerms
 
 
 class HiconTrainer(Trainer):
@@ -55,50 +59,49 @@ class HiconTrainer(Trainer):
         finally:
             self._branch = before
 
-    def _token_logprobs(self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool) -> Any:
+    def token_logprobs(self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool) -> Any:
         if self._branch != "compressed":
-            return super()._token_logprobs(part, model, with_entropy)
+            return super().token_logprobs(part, model, with_entropy)
         return self.policy.score(
-            part.encodings, part.completion_ids, part.mask, share_prefix=False, model=model, temperature=self.cfg.rollout.temperature,
-            with_entropy=with_entropy, device=self.device, compress_layer=self.ahc.drop_layer,
+            part.encodings, part.completion_ids, part.mask, share_prefix=False, model=model,
+            temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device,
+            compress_layer=self.ahc.drop_layer,
         )
 
-    def _reference_context(self):
-        model, ctx = super()._reference_context()
+    def reference_context(self) -> tuple[torch.nn.Module, Any]:
+        model, ctx = super().reference_context()
         stack = ExitStack()
         stack.enter_context(ctx)
         stack.enter_context(self.branch("full"))  # the reference is the unmodified model
         return model, stack
 
-    def _micro_loss(self, micro: RolloutBatch, beta: float, padding: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    def unit_terms(self, micro: RolloutBatch, beta: float, padding: bool = False) -> UnitTerms:
+        """HCPO's per-token loss of both branches (``mmpo.core.hcpo``) as the loss matrix; the
+        update routine aggregates it and adds the entropy bonus of the sampling branch."""
         if not self.ahc.enabled:
-            return super()._micro_loss(micro, beta, padding)
+            return super().unit_terms(micro, beta, padding)
         a = self.cfg.algorithm
         mask = micro.mask.to(self.device)
         with self.engine.autocast():
             t0 = time.perf_counter()
-            comp = self._token_logprobs(micro, None, with_entropy=True)
+            comp = self.token_logprobs(micro, None, with_entropy=True)
             t1 = time.perf_counter()
             with self.branch("full"):
-                full = self._token_logprobs(micro, None, with_entropy=False)
+                full = self.token_logprobs(micro, None, with_entropy=False)
         self._timing["compressed"] += t1 - t0
         self._timing["full"] += time.perf_counter() - t1
         logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else comp.logp.detach()
         logp_ref = micro.logp_ref.to(self.device) if micro.logp_ref is not None else None
+        advantages = micro.advantages.to(self.device)
         loss_mat, lm = hcpo_loss(
-            comp.logp, full.logp, logp_old, micro.advantages.to(self.device), mask, beta=beta,
-            alignment_coef=self.ahc.alignment_coef, logp_ref=logp_ref, loss=a.loss, loss_options=a.loss_options,
-            kl_estimator=a.kl_estimator,
+            comp.logp, full.logp, logp_old, advantages, mask, beta=beta,
+            alignment_coef=self.ahc.alignment_coef, logp_ref=logp_ref, loss=self.algo.loss_fn, loss_options=a.loss_options,
+            kl_estimator=self.algo.kl_estimator,
         )
-        loss = aggregate(loss_mat, mask, a.loss_agg, max_len=self.cfg.rollout.max_new_tokens)
-        metrics = {"loss": float(loss.detach()), **{k: float(v) for k, v in lm.items()}}
+        metrics = {k: float(v) for k, v in lm.items()}
         if "kl_c" in lm:
             metrics["kl"] = lm["kl_c"]  # KL of the sampling (compressed) branch to the reference
-        entropy = aggregate(comp.entropy, mask, a.loss_agg, max_len=self.cfg.rollout.max_new_tokens)
-        if a.entropy_coef:
-            loss = loss - a.entropy_coef * entropy
-        metrics["entropy"] = float(entropy.detach())
-        return loss, metrics
+        return UnitTerms(comp.logp, logp_old, advantages, mask, entropy=comp.entropy, loss_matrix=loss_mat, metrics=metrics)
 
     def train_step(self, step: int) -> dict[str, float]:
         self._timing = {"compressed": 0.0, "full": 0.0}

@@ -6,17 +6,20 @@ from it; the reward is MiniWoB's task success; the group-relative advantage (``a
 screenshot and the instruction and clicks: ``click(x, y)`` is two binned tokens (x then y,
 ``task.policy.bins`` per axis, OpenVLA-style), sampled over the action tokens only.
 
-The rollout machinery is the environment trainer of ``ript_vla`` (rounds of K rollouts per
-context, dynamic sampling of contexts whose K rewards differ, evaluation on held-out seeds with a
-Wilson interval, ``mmpo eval`` with GIFs).
+The rollout machinery is the shared environment trainer (:mod:`mmpo.trainers.environment`: rounds
+of K rollouts per context, dynamic sampling of contexts whose K rewards differ, evaluation on
+held-out seeds with a Wilson interval, ``mmpo eval`` with GIFs) and its options
+(:mod:`mmpo.rollout.env_config`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo.rollout.env_runner import EnvSpec, SeedRange
 from mmpo_tasks.gui_agent.gym_env import ENV_ID
-from mmpo_tasks.vla.task import RiptConfig, RiptVlaConfig, RiptVlaTask, VLAPolicyConfig
+
+from mmpo.rollout.env_config import EnvTaskConfig, RiptConfig, VLAPolicyConfig
+from mmpo.rollout.env_runner import EnvSpec, SeedRange
+from mmpo.rollout.env_task import EnvSeedTask
 
 GUI_PROMPT = "Screen task: {instruction} Click:"
 
@@ -30,7 +33,7 @@ def miniwob_env_spec(tasks: list[str] | None = None, max_steps: int = 3, image_s
 
 
 @dataclass
-class MiniWobGrpoConfig(RiptVlaConfig):
+class MiniWobGrpoConfig(EnvTaskConfig):
     env: EnvSpec = field(default_factory=miniwob_env_spec, metadata={"help": "The MiniWoB environment (kwargs.tasks: which tasks; a seed picks one)."})
     policy: VLAPolicyConfig = field(
         default_factory=lambda: VLAPolicyConfig(action_space="binned", bins=16, action_vocab="actions", prompt_template=GUI_PROMPT),
@@ -44,7 +47,7 @@ class MiniWobGrpoConfig(RiptVlaConfig):
     eval_seeds: SeedRange = field(default_factory=lambda: SeedRange(1_000_000, 100), metadata={"help": "Held-out contexts; must not overlap train_seeds."})
 
 
-class MiniWobGrpoTask(RiptVlaTask):
+class MiniWobGrpoTask(EnvSeedTask):
     name = "miniwob_grpo"
     description = "GUI agent: GRPO on live MiniWoB++ tasks in headless Chromium (screenshot + instruction -> click)"
     Config = MiniWobGrpoConfig

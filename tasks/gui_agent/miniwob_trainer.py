@@ -1,5 +1,5 @@
-"""The trainer of ``miniwob_grpo``: the environment trainer of ``ript_vla`` whose supervised stage
-reads GUI episodes (``data_prep/miniwob_episodes.py``: the scripted solver's episodes) instead of
+"""The trainer of ``miniwob_grpo``: the shared environment trainer
+(:class:`mmpo.trainers.environment.EnvironmentTrainer`) whose supervised stage reads GUI episodes (``data_prep/miniwob_episodes.py``: the scripted solver's episodes) instead of
 BabyAI demonstrations.
 
 Every ``click(x, y)`` step of an episode becomes an example: the screenshot as the policy sees it
@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from mmpo_tasks.gui_agent.episodes import load_episodes
 
 from mmpo.errors import ConfigError
-from mmpo.rollout.env_runner import Observation, resize_square
-from mmpo_tasks.gui_agent.episodes import load_episodes
-from mmpo_tasks.vla.trainer import RiptTrainer
+from mmpo.rollout.env_runner import Episode, Observation, resize_square
+from mmpo.trainers.environment import DemoExample, EnvironmentTrainer
 
 
 def episodes_file(path: str) -> Path:
@@ -27,7 +26,7 @@ def episodes_file(path: str) -> Path:
     return p / "episodes.jsonl" if p.is_dir() else p
 
 
-class MiniWobTrainer(RiptTrainer):
+class MiniWobTrainer(EnvironmentTrainer):
     """See the module docstring."""
 
     def eval_instances(self) -> set[tuple[str, int]]:
@@ -47,15 +46,16 @@ class MiniWobTrainer(RiptTrainer):
             metrics.update({f"eval/success_rate/{t}": float(np.mean(v)) for t, v in sorted(by_task.items())})
         return metrics
 
-    def eval_episodes(self, n: int, record: int = 0) -> list[Any]:
+    def eval_episodes(self, n: int, record: int = 0) -> list[Episode]:
         self._last_eval = super().eval_episodes(n, record)
         return self._last_eval
 
-    def sft_examples(self) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
+    def sft_examples(self) -> tuple[list[DemoExample], dict[str, Any]]:
+        """Every click step of the GUI episodes of ``task.sft.demos`` as ``(encoding, units [U], mask [U])``."""
         from PIL import Image
 
         path = episodes_file(self.tc.sft.demos)
-        episodes, skipped = load_episodes(path)
+        episodes, _ = load_episodes(path)
         if self.tc.sft.max_episodes:
             episodes = episodes[: self.tc.sft.max_episodes]
         tasks = set(self.tc.env.kwargs.get("tasks") or [])
@@ -81,8 +81,7 @@ class MiniWobTrainer(RiptTrainer):
                     image = resize_square(np.asarray(im.convert("RGB")), size)
                 units, mask = self.policy.demo_units(np.array([s.action.x, s.action.y]))
                 out.append((self.policy.encode(Observation(image, ep.instruction)), units, mask))
-        self._demo_info = {"demo_episodes": len(clicks_only), "demo_steps": len(out), "demo_skipped_non_click": len(episodes) - len(clicks_only)}
-        return out
+        return out, {"demo_episodes": len(clicks_only), "demo_steps": len(out), "demo_skipped_non_click": len(episodes) - len(clicks_only)}
 
 
 __all__ = ["MiniWobTrainer", "episodes_file"]

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo.errors import ConfigError
-from mmpo.rollout.env_runner import EnvSpec
 from mmpo_tasks.gui_agent.exploration import ExplorationRewardConfig
 from mmpo_tasks.gui_agent.miniwob_task import MiniWobGrpoConfig, MiniWobGrpoTask, miniwob_env_spec
-from mmpo_tasks.vla.task import RiptConfig
+
+from mmpo.errors import ConfigError
+from mmpo.rollout.env_config import RiptConfig
+from mmpo.rollout.env_runner import EnvSpec
 
 
 @dataclass

@@ -9,7 +9,10 @@ One step:
    baseline; ``algorithm.advantage`` (``flat_batch``) over all steps of the batch;
 4. PPO epochs on the action tokens (after ``actor_warmup_steps`` world-model-only steps).
 
-The world model and its buffer are saved with each checkpoint (``world_model.pt``).
+The world model and its buffer are saved with each checkpoint (``world_model.pt``). What differs
+from the other environment tasks is expressed through the environment trainer's public hooks
+(:class:`mmpo.trainers.environment.EnvironmentTrainer`): ``build_extra_state``, ``run_episodes``,
+``episode_reward``, ``step_advantages``, ``trains_policy``, ``save_extra`` / ``load_extra``.
 """
 from __future__ import annotations
 
@@ -18,13 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from mmpo.config import RunConfig
-from mmpo.rollout.env_runner import Episode
 from mmpo_tasks.gui_agent.exploration import COMPONENTS, episode_rewards
+from mmpo_tasks.gui_agent.miniwob_trainer import MiniWobTrainer
 from mmpo_tasks.gui_agent.screen_embedding import ImageEmbedder, TextEmbedder, dom_text, text_under_box
 from mmpo_tasks.gui_agent.world_model import WorldModel
-from mmpo_tasks.gui_agent.miniwob_trainer import MiniWobTrainer
+
+from mmpo.rollout.env_runner import Episode
 
 WORLD_MODEL_FILE = "world_model.pt"
 
@@ -42,20 +44,19 @@ def action_text(env_action: Any) -> str:
 class ScreenExplorerTrainer(MiniWobTrainer):
     """See the module docstring."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
+    def build_extra_state(self) -> None:
+        """The screen embedders and the world model (before a checkpoint's ``world_model.pt`` is loaded)."""
         self._last_components: dict[str, float] = {}
-        super().__init__(cfg, run_dir)
         w = self.tc.world_model
         self.image_embedder = ImageEmbedder(w.image_grid)
         self.text_embedder = TextEmbedder(w.text_dim)
         self.world_model = WorldModel(
-            self.image_embedder.dim, w.text_dim, hidden=w.hidden, capacity=w.capacity, lr=w.lr, seed=cfg.seed
+            self.image_embedder.dim, w.text_dim, hidden=w.hidden, capacity=w.capacity, lr=w.lr, seed=self.cfg.seed
         )
-        if getattr(self, "resumed_from", None) is not None:  # _start() ran before the world model existed
-            self.load_extra(self.resumed_from)
 
     # -- rollouts: keep what the rewards read ----------------------------------------------------
     def run_episodes(self, seeds: list[int], generator: torch.Generator) -> list[Episode]:
+        """K rollouts of each seed, keeping each step's observation (the rewards read them)."""
         return self.runner.run(self.policy, seeds, self.cfg.rollout.group_size, generator=generator, keep_observations=True)
 
     def episode_reward(self, ep: Episode) -> float:
@@ -86,7 +87,9 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         }
 
     def step_advantages(self, kept: list[list[Episode]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Episode returns of the step rewards ``[C*K]`` and ``flat_batch`` advantages ``[S]``."""
+        """Episode returns of the step rewards ``[C*K]`` and the advantages ``[S]`` of the step
+        rewards (``algorithm.advantage``, ``flat_batch`` in the recipe; each step its own group,
+        its prompt key its context's seed). Fits the world model first."""
         episodes = [e for g in kept for e in g]
         trans = [self._transitions(ep) for ep in episodes]
         wm, w = self.world_model, self.tc.world_model
@@ -108,33 +111,32 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         self._last_components = {f"reward/{k}": v / n_steps for k, v in sums.items()}
         self._last_components.update({f"world_model/{k}": float(v) for k, v in fit.items()})
         group_ids = torch.arange(len(rewards))  # flat_batch ignores groups
-        adv = self.advantage_fn(rewards, group_ids, **self.cfg.algorithm.advantage_options).float()
+        keys = [str(ep.seed) for ep in episodes for _ in range(ep.length)]
+        adv = self.algo.advantages(rewards, group_ids, prompt_keys=keys)
         returns = torch.stack([r.sum() for r in step_rewards])
         return returns, adv
 
+    def trains_policy(self, step: int) -> bool:
+        """The first ``actor_warmup_steps`` steps only fit the world model."""
+        return step >= self.tc.actor_warmup_steps
+
     def train_step(self, step: int) -> dict[str, float]:
-        if step < self.tc.actor_warmup_steps:  # world model only: roll out, fit, no policy update
-            kept, metrics = self.collect(step)
-            if kept:
-                rewards, _ = self.step_advantages(kept)
-                metrics["reward"] = float(rewards.mean())
-            metrics["optimizer_steps"] = 0.0
-            metrics.update(self._last_components)
-            return metrics
+        """The environment trainer's step plus the reward components and the world model's fit."""
+        self._last_components = {}
         metrics = super().train_step(step)
         metrics.update(self._last_components)
         return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_extra(self, folder: Path) -> None:
+        """``world_model.pt``: the world model, its optimizer and its replay buffer."""
         super().save_extra(folder)
-        if hasattr(self, "world_model"):
-            torch.save(self.world_model.state_dict(), folder / WORLD_MODEL_FILE)
+        torch.save(self.world_model.state_dict(), folder / WORLD_MODEL_FILE)
 
     def load_extra(self, folder: Path) -> None:
         super().load_extra(folder)
         path = Path(folder) / WORLD_MODEL_FILE
-        if hasattr(self, "world_model") and path.is_file():
+        if path.is_file():
             self.world_model.load_state_dict(torch.load(path, weights_only=True))
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmpo.rewards import choice_accuracy, choice_format
-from mmpo.tasks import RewardOutput, Sample, Task
+from mmpo.tasks import RewardOutput, Sample, TokenTask
 from mmpo_tasks.synthetic_vqa.data import QUESTION_TYPES, Scene, question, random_scene, render
 
 
@@ -27,7 +27,7 @@ class SyntheticVQAConfig:
     )
 
 
-class SyntheticVQATask(Task):
+class SyntheticVQATask(TokenTask):
     name = "synthetic_vqa"
     description = "coloured shapes on a grid; multiple-choice colour / shape / count questions (quickstart)"
     Config = SyntheticVQAConfig

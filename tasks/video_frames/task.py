@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mmpo.errors import ConfigError, DataError
-from mmpo.tasks import RewardOutput, Sample, Task
+from mmpo.tasks import RewardOutput, Sample, TokenTask
 
 LETTERS = "ABCDEFGH"
 DEFAULT_PROMPT = (
@@ -101,7 +101,7 @@ def synthetic_folder(cfg: SyntheticVideoConfig, seed: int, n: int) -> Path:
     )
 
 
-class FrameMindTask(Task):
+class FrameMindTask(TokenTask):
     name = "framemind"
     description = "FrameMind: video QA with frame tools (video_clip, frame_at) in a multi-turn loop, DRFS-GRPO over a resolution ladder"
     Config = FrameMindConfig

@@ -17,7 +17,7 @@ from mmpo.errors import DataError
 import torch
 
 from mmpo.core.ares import bucket_codes
-from mmpo.tasks import RewardOutput, RolloutView, Sample, Task
+from mmpo.tasks import RewardOutput, RolloutView, Sample, TokenTask
 from mmpo_tasks.vlm_reasoning import ares
 from mmpo_tasks.vlm_reasoning.data import Row, load_rows
 from mmpo_tasks.vlm_reasoning.rewards import score
@@ -130,7 +130,7 @@ def _metric_name(text: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]+", "_", str(text)).strip("_") or "none"
 
 
-class VLMReasoningTask(Task):
+class VLMReasoningTask(TokenTask):
     name = "vlm_reasoning"
     description = "image / video question answering with <think>/<answer> tags (files: ours, TRL, verl, LLaVA)"
     Config = VLMReasoningConfig
@@ -140,6 +140,8 @@ class VLMReasoningTask(Task):
         self.vision = VisionSettings(config.min_pixels, config.max_pixels, config.video_fps, config.video_max_frames)
         self.train_rows, self.eval_rows = self._load_splits()
         self.needs_token_entropy = config.ares.enabled
+        #: ARES's rewards attach each row's difficulty bucket (read by kl_schedule ares_bucket)
+        self.row_info_keys = ("bucket", "correct", "soft_cost") if config.ares.enabled else ()
         self.hwe_threshold = ares.HWEThreshold(tau=config.ares.tau_init, momentum=config.ares.tau_momentum)
         self.ares_state = ares.AresRewardState(targets=dict(config.ares.targets) if config.ares.targets else None)
 

@@ -1,11 +1,10 @@
-"""Chunk-GRPO's partitions of the denoising steps (mmpo_tasks.diffusion.chunks)."""
+"""Chunk-GRPO's partitions of the denoising steps (mmpo.diffusion.chunks)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mmpo.errors import ConfigError
-from mmpo_tasks.diffusion.chunks import (
+from mmpo.diffusion.chunks import (
     check_partition,
     chunk_bounds,
     profile_partition,
@@ -13,6 +12,7 @@ from mmpo_tasks.diffusion.chunks import (
     sample_chunks,
     uniform_partition,
 )
+from mmpo.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -269,5 +269,9 @@ def test_micro_batch_size_changes_neither_the_samples_nor_the_update(tmp_path):
     a = _train("flow_grpo", tmp_path / "a", "trainer.max_steps=1", "rollout.group_size=4", "trainer.micro_batch_size=4")
     b = _train("flow_grpo", tmp_path / "b", "trainer.max_steps=1", "rollout.group_size=4", "trainer.micro_batch_size=1")
     assert a[-1]["reward_mean"] == b[-1]["reward_mean"]
-    for key in ("grad_norm", "pg_loss", "kl"):
+    for key in ("grad_norm", "kl"):
         assert a[-1][key] == pytest.approx(b[-1][key], rel=1e-4, abs=1e-9), key
+    # at ratio 1, pg_loss = -mean(A) = 0 exactly in math: what is left is float32 rounding of O(1)
+    # advantages summed in another order (the 2-epoch test in test_diffusion_objective.py compares
+    # a non-zero pg_loss at rel 1e-4)
+    assert a[-1]["pg_loss"] == pytest.approx(b[-1]["pg_loss"], abs=1e-6)

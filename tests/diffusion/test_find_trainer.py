@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-
-from mmpo.config import load_config  # noqa: E402
-from mmpo.errors import ConfigError  # noqa: E402
-from mmpo.policies.gaussian import NoisePolicy, diag_gaussian_log_prob  # noqa: E402
-from mmpo_tasks.diffusion.find import FindTrainer, NoiseBatch  # noqa: E402
+from mmpo.config import load_config
+from mmpo.errors import ConfigError
+from mmpo.policies.gaussian import NoisePolicy, diag_gaussian_log_prob
+from mmpo.trainers.noise import FindTrainer, NoiseBatch
 
 ROOT = Path(__file__).resolve().parents[2]
 UNSEEN = 'task.eval_prompts=[{prompt: "a white square in the middle", box: [0.25, 0.25, 0.75, 0.75]}, "a white square on the left"]'

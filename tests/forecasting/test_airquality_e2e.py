@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmpo_tasks.forecasting.model import ForecasterConfig, PM25Forecaster, step_log_probs
 
 from mmpo.cli import main
 from mmpo.core import KL_ESTIMATORS
-from mmpo_tasks.forecasting.model import ForecasterConfig, PM25Forecaster, step_log_probs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "airquality_grpo.yaml")
@@ -65,18 +65,35 @@ def test_mmpo_eval_prints_sft_and_grpo_side_by_side(run, capsys):
     table = (run / "eval" / "table.md").read_text()
     rows = [l for l in table.splitlines() if l.startswith("| ") and l[2].isdigit()]
     assert len(rows) == 6  # lead times 1..6
+    # the one evaluator's layout: pooled summaries in metrics.json, the lead-time table in lead_times.json
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"SFT", "GRPO"}
+    assert metrics["checkpoint"] == f"SFT={run / 'sft' / 'model'}, GRPO={run / 'model'}"
+    leads = json.loads((run / "eval" / "lead_times.json").read_text())
+    assert set(leads) == {"SFT", "GRPO"}
     for name in ("SFT", "GRPO"):
-        s = metrics[name]["summary"]
+        s = leads[name]["summary"]
         assert s["rmse"] >= s["mae"] > 0 and 0 <= s["far"] <= 1 and 0 <= s["pod"] <= 1
-        assert len(metrics[name]["by_lead"]["rmse"]) == 6
+        assert {k: metrics[f"{name}/{k}"] for k in s} == pytest.approx(s, nan_ok=True)
+        assert len(leads[name]["by_lead"]["rmse"]) == 6
         # RMSE grows with the lead time (persistence is hard to beat at 1 h, hard to keep at 6 h)
-        assert metrics[name]["by_lead"]["rmse"][0] < metrics[name]["by_lead"]["rmse"][-1]
+        assert leads[name]["by_lead"]["rmse"][0] < leads[name]["by_lead"]["rmse"][-1]
     assert (run / "eval" / "forecasts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one row per model and start time: the forecast and the truth (null where unobserved) in µg/m³
+    preds = [json.loads(l) for l in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    n = int(metrics["SFT/forecasts"])
+    assert len(preds) == 2 * n == 2 * int(metrics["GRPO/forecasts"]) and n > 1
+    assert [p["id"] for p in preds] == [f"{m}/{p['input']}" for m in ("SFT", "GRPO") for p in preds[:n]]
+    for p in preds:
+        assert set(p) == {"id", "input", "prediction", "answer", "rmse", "mae"}
+        assert len(p["prediction"]) == len(p["answer"]) == 6 and any(a is not None for a in p["answer"])
+        assert p["rmse"] >= p["mae"] >= 0 and min(p["prediction"]) > -1e-3  # the floor: 0 µg/m³
     # evaluating one forecaster folder
     assert main(["eval", CONFIG, f"checkpoint={run / 'sft' / 'model'}", f"output_dir={run / 'one'}", *SMALL]) == 0
-    assert json.loads((run / "one" / "eval" / "metrics.json").read_text())["model"]["summary"]["rmse"] == pytest.approx(metrics["SFT"]["summary"]["rmse"])
+    one = json.loads((run / "one" / "eval" / "lead_times.json").read_text())
+    assert one["model"]["summary"]["rmse"] == pytest.approx(leads["SFT"]["summary"]["rmse"])
+    assert json.loads((run / "one" / "eval" / "metrics.json").read_text())["rmse"] == pytest.approx(metrics["SFT/rmse"])
+    one_rows = [json.loads(l) for l in (run / "one" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in one_rows] == [r["input"] for r in one_rows] == [p["input"] for p in preds[:n]]
 
 
 def test_resume_continues_without_rerunning_stage_one(run, tmp_path):

@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-
-from mmpo.errors import ConfigError, DataError
 from mmpo_tasks.forecasting.data import (
     CBWD_CODES,
     FEATURE_NAMES,
@@ -29,6 +27,8 @@ from mmpo_tasks.forecasting.data import (
     split_by_time,
     valid_starts,
 )
+
+from mmpo.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[2]
 # the copy bundled with the task (see its README for the source): part of the repository
@@ -361,13 +361,14 @@ def test_overlapping_years(small_csv: Path) -> None:
 
 def _assert_same(a: dict[str, PM25Series], b: dict[str, PM25Series]) -> None:
     assert list(a) == list(b) == ["train", "val", "test"]
-    for k in a:
-        assert np.array_equal(a[k].times, b[k].times), k
-        assert np.array_equal(a[k].target, b[k].target, equal_nan=True), k
-        assert np.array_equal(a[k].mask, b[k].mask), k
-        assert np.array_equal(a[k].covariates, b[k].covariates), k
-        assert np.array_equal(a[k].weather_filled, b[k].weather_filled), k
-        assert a[k].feature_names == b[k].feature_names and a[k].normalizer == b[k].normalizer
+    for k, x in a.items():
+        y = b[k]
+        assert np.array_equal(x.times, y.times), k
+        assert np.array_equal(x.target, y.target, equal_nan=True), k
+        assert np.array_equal(x.mask, y.mask), k
+        assert np.array_equal(x.covariates, y.covariates), k
+        assert np.array_equal(x.weather_filled, y.weather_filled), k
+        assert x.feature_names == y.feature_names and x.normalizer == y.normalizer
 
 
 def test_cli_round_trip(real: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -387,7 +388,7 @@ def test_cli_round_trip(real: dict[str, Any], tmp_path: Path, capsys: pytest.Cap
     assert list(table.columns) == ["time", "pm2.5", "DEWP", "TEMP", "PRES", "cbwd", "Iws", "Is", "Ir", "weather_filled"]
     assert len(table) == 43_824 and int(table["pm2.5"].isna().sum()) == 2_067
 
-    years = dict(train_years=[2010, 2011, 2012], val_years=[2013], test_years=[2014])
+    years = {"train_years": [2010, 2011, 2012], "val_years": [2013], "test_years": [2014]}
     series, norm = load_splits(out / "series.parquet", **years)
     assert norm == real["norm"]
     _assert_same(series, real["series"])

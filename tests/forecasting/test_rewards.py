@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
-from mmpo.errors import ConfigError
 from mmpo_tasks.forecasting.rewards import ClassRewardConfig, LagrangeState, classify, classwise_reward, contingency
 from mmpo_tasks.forecasting.task import CurriculumConfig
+
+from mmpo.errors import ConfigError
 
 EDGES = [35.0, 75.0, 150.0]
 
@@ -85,7 +85,7 @@ def test_lagrangian_terms_and_pi_update():
     again.load_state_dict(state.state_dict())
     assert again == state
     # a rollout without any observed or predicted high gets no Lagrangian term
-    r0, comp0 = classwise_reward(torch.tensor([[10.0]]), torch.tensor([[10.0]]), torch.ones(1, 1, dtype=torch.bool), cfg, LagrangeState(1.0, 1.0))
+    _, comp0 = classwise_reward(torch.tensor([[10.0]]), torch.tensor([[10.0]]), torch.ones(1, 1, dtype=torch.bool), cfg, LagrangeState(1.0, 1.0))
     assert float(comp0["recall_term"]) == 0.0 and float(comp0["far_term"]) == 0.0
 
 

@@ -109,7 +109,7 @@ def test_hcpo_steps_score_both_branches_against_the_unmodified_reference(tmp_pat
 
 def test_the_token_trainer_encodes_each_rollouts_own_history(tmp_path):
     from mmpo.config import load_config
-    from mmpo.trainer import StepClock
+    from mmpo.trainers.token import StepClock
     from mmpo_tasks.gui_agent.hicon_trainer import HiconTrainer
 
     data = make_episodes(tmp_path, n=8, steps=4)

@@ -53,7 +53,7 @@ def run_torchrun(
     raise AssertionError("torchrun failed:\n" + "\n\n".join(failures))
 
 
-def train_two_ranks_and_compare(out: Path, config: Path, overrides: list[str]) -> dict:
+def train_two_ranks_and_compare(out: Path, config: Path, overrides: list[str], env: dict[str, str] | None = None) -> dict:
     """Train ``config`` on 2 processes with tests/helpers/train_and_dump.py, check that both ranks
     end with identical parameters, and return rank 0's ``{name: tensor}``."""
     import torch
@@ -61,7 +61,7 @@ def train_two_ranks_and_compare(out: Path, config: Path, overrides: list[str]) -
 
     script = Path(__file__).resolve().parent / "train_and_dump.py"
     done = lambda: (out / "rank0.safetensors").exists() and (out / "rank1.safetensors").exists()  # noqa: E731
-    run_torchrun([script, out, config, *overrides], nproc=2, timeout=400, retries=1, done=done)
+    run_torchrun([script, out, config, *overrides], nproc=2, timeout=400, retries=1, done=done, env=env)
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     assert r0.keys() == r1.keys() and len(r0) > 10
     for k in r0:

@@ -2,9 +2,13 @@
 parameters (gathered under ZeRO-3) to OUT/rank{R}.safetensors.
 
     torchrun --nproc-per-node 2 tests/helpers/train_and_dump.py OUT CONFIG [key=value ...]
+
+``MMPO_TEST_EMPTY_RANK=R:S`` (token trainer) makes the advantage-side filters leave rank R with
+no row at step S (1-based), as a filter that drops every completion of that rank would.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,11 +16,30 @@ import torch
 from safetensors.torch import save_file
 
 from mmpo.config import load_config
-from mmpo.tasks import trainer_class_for
+from mmpo.trainers import trainer_class_for
+
+
+def _empty_rank_at(spec: str) -> None:
+    from mmpo.rollout import filters
+
+    rank, step = (int(x) for x in spec.split(":"))
+    real = filters.after_advantage
+    calls = {"n": 0}
+
+    def after_advantage(batch, filters):
+        calls["n"] += 1
+        out = real(batch, filters)
+        if calls["n"] == step and int(os.environ["RANK"]) == rank:
+            return out.select([])
+        return out
+
+    filters.after_advantage = after_advantage
 
 
 def main() -> None:
     out, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    if os.environ.get("MMPO_TEST_EMPTY_RANK"):
+        _empty_rank_at(os.environ["MMPO_TEST_EMPTY_RANK"])
     cfg = load_config(config, overrides)
     trainer = trainer_class_for(cfg.task.name)(cfg, Path(cfg.output_dir))
     trainer.train()

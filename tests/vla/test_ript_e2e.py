@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("minigrid")
 pytest.importorskip("gymnasium")
 
-from mmpo.cli import main  # noqa: E402
-from mmpo.rollout.env_runner import EnvSpec  # noqa: E402
+from mmpo.cli import main
+from mmpo.rollout.env_runner import EnvSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 BABYAI = str(ROOT / "configs" / "ript_vla_babyai.yaml")
@@ -179,7 +179,8 @@ def test_eval_cli_run_and_sft_model(babyai_run: Path, tmp_path: Path) -> None:
         assert all(1 <= r["length"] <= MAX_STEPS and "red ball" in r["instruction"] for r in rows)
         gifs = sorted((outs[name] / "eval" / "videos").iterdir())
         assert [g.name for g in gifs] == [f"seed{s}.gif" for s in eval_seeds[:2]]  # task.eval_videos=2
-        assert any([_check_gif(g, r) for g, r in zip(gifs, rows)])
+        animated = [_check_gif(g, r) for g, r in zip(gifs, rows)]  # every GIF is checked
+        assert any(animated)
         if name != "sft":
             assert m["checkpoint"] == str(babyai_run / "model")
             # the same fixed sampling seed as the run's final evaluation: the same episodes
@@ -196,11 +197,13 @@ def test_eval_cli_run_and_sft_model(babyai_run: Path, tmp_path: Path) -> None:
 
 # -- 3. the SFT stage fits the demonstrations ---------------------------------------------------
 def test_sft_fits_the_demonstrations(demos: Path, tmp_path: Path) -> None:
+    from mmpo_tasks.vla.data import load_demos
+    from mmpo_tasks.vla.trainer import RiptTrainer
+
     from mmpo.config import load_config
     from mmpo.models import load_model
+    from mmpo.policies.vla_builder import build_vla_policy
     from mmpo.rollout.env_runner import EnvRunner, Observation
-    from mmpo_tasks.vla.data import load_demos
-    from mmpo_tasks.vla.trainer import RiptTrainer, build_vla_policy
 
     run = tmp_path / "fit"
     cfg = load_config(BABYAI, [f"output_dir={run}", f"task.sft.demos={demos}", *BABYAI_SMALL, "trainer.max_steps=1",

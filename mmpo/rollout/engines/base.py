@@ -12,6 +12,11 @@ from typing import Any
 
 import torch
 
+from mmpo.core.registry import Registry
+
+#: engine name -> class ``Engine(policy, options)`` (``rollout.engine`` in the config)
+ROLLOUT_ENGINES: Registry = Registry("rollout engine")
+
 
 @dataclass
 class GenerationSettings:

@@ -16,8 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper,
 from mmpo.policies.batching import completion_mask_from_ids, to_device
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.policies.kv_cache import preallocated_cache
-from mmpo.rollout import ROLLOUT_ENGINES
-from mmpo.rollout.engines.base import Generation, GenerationSettings, RolloutEngine
+from mmpo.rollout.engines.base import ROLLOUT_ENGINES, Generation, GenerationSettings, RolloutEngine
 
 __all__ = ["GenerationSettings", "HFGenerateEngine"]
 

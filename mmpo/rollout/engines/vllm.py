@@ -43,8 +43,7 @@ import torch
 
 from mmpo.errors import ConfigError
 from mmpo.policies.batching import completion_mask_from_ids
-from mmpo.rollout import ROLLOUT_ENGINES
-from mmpo.rollout.engines.base import Generation, GenerationSettings, RolloutEngine
+from mmpo.rollout.engines.base import ROLLOUT_ENGINES, Generation, GenerationSettings, RolloutEngine
 
 log = logging.getLogger(__name__)
 

@@ -1,37 +1,105 @@
 """The shared half of the diffusion trainers: a loaded pipeline, a group of images per prompt,
 image rewards, group-relative advantages, evaluation with PNG grids, and saving.
 
-Subclasses decide what the policy is (the denoiser's SDE steps, Flow/Chunk-GRPO; or the
-initial-noise distribution, FIND): ``build_trainable``, ``rollout`` (sample + reward),
-``update`` and ``save_final_model``.
+Subclasses decide what the policy is (the denoiser's SDE steps, :mod:`mmpo.trainers.denoising`;
+or the initial-noise distribution, :mod:`mmpo.trainers.noise`): ``build_trainable``,
+``generate``, ``rollout`` (sample + reward), ``update`` (through
+:meth:`~mmpo.trainers.loop.TrainerBase.update_policy`) and ``save_final_model``.
+
+The task is read through attributes only (``mmpo`` never imports the plugins): what a trainer
+needs is written down as :class:`typing.Protocol` classes (:class:`ImageTask` here, extended per
+kind) and checked once, at construction, by :func:`check_task`.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from typing_extensions import get_protocol_members
 
 from mmpo.config import RunConfig
 from mmpo.diffusion.images import save_image_grid
 from mmpo.diffusion.pipeline import DiffusionModel, PromptEmbeds
-from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import ConfigError
-from mmpo.loop import TrainerBase, seeded_generator
 from mmpo.tasks import RewardOutput, Sample
+from mmpo.trainers.kinds import TrainerKind
+from mmpo.trainers.loop import TrainerBase, seeded_generator
+from mmpo.trainers.update import UpdateShape, update_shape
+
+
+# -- the contract with the task ---------------------------------------------------------------------
+@runtime_checkable
+class SamplingSettings(Protocol):
+    """``task.config.sampling``: how images are sampled (0 height / width = the pipeline's default)."""
+
+    num_steps: int
+    eval_num_steps: int
+    guidance_scale: float
+    noise_level: float
+    eta: float
+    height: int
+    width: int
+    negative_prompt: str
+
+
+@runtime_checkable
+class ImageTaskConfig(Protocol):
+    """``task.config`` of every diffusion trainer."""
+
+    sampling: SamplingSettings
+    eval_seed: int
+
+
+@runtime_checkable
+class ImageTask(Protocol):
+    """A text-to-image task: samples carry ``meta["prompt"]``; ``reward_images`` scores images."""
+
+    config: ImageTaskConfig
+
+    def num_train(self) -> int: ...
+
+    def train_sample(self, index: int) -> Sample: ...
+
+    def eval_samples(self, n: int) -> list[Sample]: ...
+
+    def reward_images(self, images: torch.Tensor, samples: list[Sample]) -> RewardOutput:
+        """Rewards of ``images [N, 3, H, W]`` in [0, 1] for ``samples`` (N rows; a group repeats its sample)."""
+        ...
+
+
+#: ``(where, protocol)`` pairs a task must satisfy; ``where`` is a dotted path from the task
+Contract = Sequence[tuple[str, type]]
+
+
+def check_task(task: Any, contract: Contract, kind: TrainerKind) -> None:
+    """Raise ConfigError unless every object of ``contract`` (``"task"``, ``"task.config"``, ...)
+    is an instance of its Protocol, naming the task, the trainer kind and the missing members."""
+    for where, proto in contract:
+        obj = task
+        for name in where.split(".")[1:]:
+            obj = getattr(obj, name, None)
+        if not isinstance(obj, proto):
+            missing = sorted(m for m in get_protocol_members(proto) if not hasattr(obj, m))
+            raise ConfigError(
+                f"task {getattr(task, 'name', type(task).__name__)!r} cannot run on the {kind.name} trainer: "
+                f"{where} lacks {', '.join(missing) or 'members'} (the {proto.__name__} protocol of {proto.__module__})"
+            )
 
 
 class DiffusionTrainerBase(TrainerBase):
-    """See the module docstring. The task must be a ``TextToImageTask`` (``reward_images``)."""
+    """See the module docstring. ``contract`` lists the Protocols the task must satisfy."""
+
+    contract: ClassVar[Contract] = (("task", ImageTask), ("task.config", ImageTaskConfig),
+                                    ("task.config.sampling", SamplingSettings))
+    task: ImageTask  # type: ignore[assignment]
+    shape: UpdateShape
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
         device, precision = self._setup(cfg, run_dir)
-        if not hasattr(self.task, "reward_images"):
-            raise ConfigError(f"task {cfg.task.name!r} does not produce image rewards; it cannot run on a diffusion trainer")
-        a = cfg.algorithm
-        if a.dynamic_sampling or a.filters:
-            raise ConfigError("algorithm.dynamic_sampling / algorithm.filters are not supported by the diffusion trainers yet")
+        check_task(self.task, self.contract, self.kind)
         # frozen parts in bf16 under bf16 precision; the trained weights stay float32 (autocast)
         weights_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model = DiffusionModel.load(
@@ -42,43 +110,18 @@ class DiffusionTrainerBase(TrainerBase):
         self.width = s.width or self.model.default_size()
         self.model.latent_shape(self.height, self.width)  # checks the size early
         trainable = self.build_trainable()
-        t = cfg.trainer
-        self.engine = Engine.build(
-            trainable,
-            EngineOptions(
-                lr=t.lr, weight_decay=t.weight_decay, adam_betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
-                lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps,
-                total_steps=t.max_steps * t.update_epochs * self.minibatches(), grad_accum_steps=self.backwards_per_update(),
-                micro_batch_size=self.micro_batch_size(), device=cfg.device, precision=precision,
-                deepspeed_config=cfg.deepspeed,
-            ),
-        )
+        self.shape = update_shape(cfg, self.rows_per_step(), parts=self.parts())
+        self.engine = self.build_engine(trainable, precision)
         self.device = self.engine.device
-        self.task.all_gather = self.engine.all_gather_object
+        self.task.all_gather = self.engine.all_gather_object  # type: ignore[attr-defined]
         self._make_sampler()
-        self.states: dict[str, Any] = self.algorithm_states(advantage=self.advantage_fn)
+        self.states = dict(self.algo.states)
         self._start()
 
     # -- sizes ------------------------------------------------------------------------------------
-    def rows_per_step(self) -> int:
-        return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
-
-    def minibatches(self) -> int:
-        mb = self.cfg.trainer.minibatch_size or self.rows_per_step()
-        return -(-self.rows_per_step() // mb)
-
-    def micro_batch_size(self) -> int:
-        return self.cfg.trainer.micro_batch_size or self.cfg.trainer.minibatch_size or self.rows_per_step()
-
-    def micro_batches(self) -> int:
-        """Micro batches per minibatch: a fixed count, so every rank (and DeepSpeed's gradient
-        accumulation) sees the same number of backward calls whatever rows a step keeps."""
-        mb = self.cfg.trainer.minibatch_size or self.rows_per_step()
-        return -(-mb // self.micro_batch_size())
-
-    def backwards_per_update(self) -> int:
-        """``engine.backward`` calls per optimizer step (DeepSpeed's gradient accumulation steps)."""
-        return self.micro_batches()
+    def parts(self) -> int:
+        """Loss parts (backward calls) per micro batch; the same every step."""
+        return 1
 
     # -- hooks --------------------------------------------------------------------------------------
     def build_trainable(self) -> torch.nn.Module:
@@ -101,6 +144,7 @@ class DiffusionTrainerBase(TrainerBase):
         return rows, torch.arange(len(prompts)).repeat_interleave(r.group_size)
 
     def score(self, images: torch.Tensor, rows: list[Sample]) -> RewardOutput:
+        """The task's rewards of ``images [N, 3, H, W]``; a non-finite reward is a ConfigError."""
         out = self.task.reward_images(images, rows)
         if not torch.isfinite(out.rewards).all():
             bad = [rows[i].meta["prompt"] for i in torch.nonzero(~torch.isfinite(out.rewards)).flatten().tolist()]
@@ -108,12 +152,8 @@ class DiffusionTrainerBase(TrainerBase):
         return out
 
     def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, rows: list[Sample]) -> torch.Tensor:
-        opts = dict(self.cfg.algorithm.advantage_options)
-        if "advantage" in self.states:
-            opts["state"] = self.states["advantage"]
-            if self.cfg.algorithm.advantage == "dcpo_sas":
-                opts.setdefault("prompt_keys", [s.meta["prompt"] for s in rows])
-        return self.advantage_fn(rewards.float(), group_ids, **opts).float()
+        """``algorithm.advantage`` of ``rewards [N]`` over ``group_ids [N]`` -> ``[N]`` (the prompts name the rows)."""
+        return self.algo.advantages(rewards, group_ids, prompt_keys=[s.meta["prompt"] for s in rows])
 
     # -- evaluation ---------------------------------------------------------------------------------
     def eval_images(self, n: int) -> tuple[list[Sample], torch.Tensor]:
@@ -221,4 +261,4 @@ class DiffusionTrainerBase(TrainerBase):
         return self.reduce_metrics(metrics)
 
 
-__all__ = ["DiffusionTrainerBase"]
+__all__ = ["Contract", "DiffusionTrainerBase", "ImageTask", "ImageTaskConfig", "SamplingSettings", "check_task"]

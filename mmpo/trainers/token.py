@@ -1,13 +1,13 @@
-"""The training loop: rollout -> reward -> advantage -> filters -> clipped updates -> log/eval/save.
+"""The token trainer: rollout -> reward -> advantage -> filters -> clipped updates -> log/eval/save.
 
-Read it top to bottom; one method per phase (CleanRL style). Models are adapted by a policy
+Text LMs, VLMs and multi-turn agents; the action unit is a generated token. Read it top to bottom;
+one method per phase (CleanRL style). Models are adapted by a policy
 (``mmpo.policies``); the objective is the core's registered tensor functions; who steps the
 weights is the engine (plain torch or DeepSpeed ZeRO).
 """
 from __future__ import annotations
 
 import copy
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,24 +16,27 @@ from typing import Any
 
 import torch
 
-from mmpo.config import RunConfig, check_options
-from mmpo.core import GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, aggregate
+from mmpo.config import RunConfig
+from mmpo.core import GROUP_FILTERS
 from mmpo.core import ares
 from mmpo.core.ares import AresKLState
 from mmpo.core.rollout_correction import rollout_is_weights
-from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import ConfigError
-from mmpo.loop import TrainerBase
-from mmpo.evaluate import generate_greedy, run_agent
+from mmpo.evaluate import run_evaluation
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES
 from mmpo.rollout import filters
 from mmpo.rollout.agent_loop import AgentLoop, AgentSettings, trajectory_tensors
 from mmpo.rollout.batch import RolloutBatch
-from mmpo.rollout.filters import check_filters, dynamic_options
+from mmpo.rollout.filters import dynamic_options
 from mmpo.rollout.engines.base import Generation, GenerationSettings
-from mmpo.tasks import RolloutView, Sample
+from mmpo.tasks import RolloutView, Sample, TokenTask
+from mmpo.trainers.kinds import TOKEN
+from mmpo.trainers.loop import TrainerBase
+from mmpo.trainers.token_eval import TokenEvaluator, eval_sizes
+from mmpo.trainers.update import RowSizes, UnitTerms, update_shape
+
 
 @dataclass
 class StepClock:
@@ -47,14 +50,13 @@ class StepClock:
 class Trainer(TrainerBase):
     """GRPO-family trainer for token policies (text LMs and VLMs)."""
 
+    kind = TOKEN
+
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
         # -- task and objective first: config mistakes fail before any model loads --------
         device, precision = self._setup(cfg, run_dir)
-        a = cfg.algorithm
-        self.kl_fn = KL_ESTIMATORS.get(a.kl_estimator)
-        self.kl_schedule = KL_SCHEDULES.get(a.kl_schedule)
-        check_options(self.kl_schedule, a.kl_options, "algorithm.kl_options", ("state", "kl"))
-        check_filters(a.filters)
+        if not isinstance(self.task, TokenTask):
+            raise ConfigError(f"task {cfg.task.name!r} ({type(self.task).__name__}) is not a TokenTask; the token trainer cannot run it")
         # -- model, reference, engine -------------------------------------------------------
         # the model stays in eval mode: no dropout, so sampled and trained log-probs agree
         model, processor, info = load_model(
@@ -63,7 +65,8 @@ class Trainer(TrainerBase):
         if cfg.model.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
-        self.uses_kl = self._kl_can_be_on()
+        self.uses_kl = self.algo.uses_kl
+        self.shape = update_shape(cfg, self.rows_per_step())
         self.ref_model: torch.nn.Module | None = None
         if cfg.model.lora is not None:  # adapters on the language model; vision tower per lora.vision
             from mmpo.lora import apply_lora
@@ -76,24 +79,7 @@ class Trainer(TrainerBase):
                 freeze_vision_tower(model, is_vlm=info.is_vlm)
             if self.uses_kl:
                 self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        t = cfg.trainer
-        self.engine = Engine.build(
-            model,
-            EngineOptions(
-                lr=t.lr,
-                weight_decay=t.weight_decay,
-                adam_betas=tuple(t.adam_betas),
-                max_grad_norm=t.max_grad_norm,
-                lr_schedule=t.lr_schedule,
-                warmup_steps=t.warmup_steps,
-                total_steps=t.max_steps * self._optimizer_steps_per_step(),
-                grad_accum_steps=self._grad_accum_steps(),
-                micro_batch_size=self._micro_batch_size(),
-                device=cfg.device,
-                precision=precision,
-                deepspeed_config=cfg.deepspeed,
-            ),
-        )
+        self.engine = self.build_engine(model, precision)
         self.device = self.engine.device
         if self.ref_model is not None:
             self.ref_model.to(self.device)
@@ -114,43 +100,10 @@ class Trainer(TrainerBase):
         self.task.all_gather = self.engine.all_gather_object
         self._make_sampler()
 
-        self.states: dict[str, Any] = self.algorithm_states(advantage=self.advantage_fn, kl_schedule=self.kl_schedule)
-        self._eval_samples: list[Sample] | None = None
-
-        self.last_kl = 0.0
+        self.states: dict[str, Any] = dict(self.algo.states)
+        self._evaluator: TokenEvaluator | None = None
+        self._stand_in: RolloutBatch | None = None  # a row that empty slots run (set each step)
         self._start()
-
-    # ------------------------------------------------------------------------------------------
-    # sizes
-    def _rows_per_step(self) -> int:
-        return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
-
-    def _minibatch_size(self) -> int:
-        return self.cfg.trainer.minibatch_size or self._rows_per_step()
-
-    def _micro_batch_size(self) -> int:
-        return self.cfg.trainer.micro_batch_size or self._minibatch_size()
-
-    def _grad_accum_steps(self) -> int:
-        return math.ceil(self._minibatch_size() / self._micro_batch_size())
-
-    def _optimizer_steps_per_step(self) -> int:
-        return self.cfg.trainer.update_epochs * math.ceil(self._rows_per_step() / self._minibatch_size())
-
-    def _kl_can_be_on(self) -> bool:
-        opts = self.cfg.algorithm.kl_options
-        if self.cfg.algorithm.kl_schedule == "constant":
-            return float(opts.get("beta", 0.0)) > 0.0
-        return True
-
-    def _beta(self, step: int) -> float:
-        if not self.uses_kl:
-            return 0.0
-        opts = dict(self.cfg.algorithm.kl_options)
-        if "kl_schedule" in self.states:
-            opts["state"] = self.states["kl_schedule"]
-            opts["kl"] = self.last_kl
-        return float(self.kl_schedule(step, self.cfg.trainer.max_steps, **opts))
 
     # ------------------------------------------------------------------------------------------
     # phase 1: rollout and reward
@@ -252,10 +205,10 @@ class Trainer(TrainerBase):
         if a.dynamic_sampling and not kept:  # every group was uniform: train on the last draw (zero advantage)
             kept.append(batch)
         full = RolloutBatch.concat(kept, self.policy.pad_token_id)
-        if a.dynamic_sampling and len(full) > self._rows_per_step():
-            full = full.select(list(range(self._rows_per_step())))
+        if a.dynamic_sampling and len(full) > self.rows_per_step():
+            full = full.select(list(range(self.rows_per_step())))
         # rewards of everything sampled this step, before any filter
-        stats = {"draws": float(draws), "groups_kept_frac": len(full) / (draws * self._rows_per_step())}
+        stats = {"draws": float(draws), "groups_kept_frac": len(full) / (draws * self.rows_per_step())}
         stats["reward_mean"] = float(torch.cat(drawn_rewards).mean())
         stats.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in drawn_components.items()})
         return full, stats
@@ -264,29 +217,41 @@ class Trainer(TrainerBase):
     # phase 2: advantages (and the reference/old log-probs they may need)
     def _score(self, batch: RolloutBatch, model: torch.nn.Module, with_entropy: bool = False):
         """``logp [N, T]`` of the batch's completions under ``model``, without gradient
-        (and ``(logp, entropy [N, T])`` when ``with_entropy``)."""
+        (and ``(logp, entropy [N, T])`` when ``with_entropy``). The number of forward passes is
+        fixed by the config, not by N: under ZeRO-3 a forward is collective, and filters may
+        leave ranks with different row counts (an empty pass scores a stand-in row)."""
         out, ents = [], []
-        mb = self._micro_batch_size()
+        mb = self.shape.micro_batch_size
         width = batch.completion_ids.shape[1]
         with torch.no_grad(), self.engine.autocast():
-            for s in range(0, len(batch), mb):
-                part = batch.select(list(range(s, min(s + mb, len(batch)))))
-                res = self._token_logprobs(part, model, with_entropy)
+            for s in range(0, max(len(batch), self.rows_per_step()), mb):
+                idx = list(range(s, min(s + mb, len(batch))))
+                part = batch.select(idx) if idx else self._stand_in
+                res = self.token_logprobs(part, model, with_entropy)
+                if not idx:
+                    continue
                 out.append(torch.nn.functional.pad(res.logp.float().cpu(), (0, width - res.logp.shape[1])))
                 if with_entropy:
                     ents.append(torch.nn.functional.pad(res.entropy.float().cpu(), (0, width - res.entropy.shape[1])))
+        empty = torch.zeros(0, width)
+        logp = torch.cat(out) if out else empty
         if with_entropy:
-            return torch.cat(out), torch.cat(ents)
-        return torch.cat(out)
+            return logp, torch.cat(ents) if ents else empty
+        return logp
 
-    def _token_logprobs(self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool) -> Any:
-        """Log-probs (and entropies) of ``part``'s completion tokens under ``model`` (None: the policy's)."""
+    def token_logprobs(self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool) -> Any:
+        """Log-probs ``logp [n, T]`` (and ``entropy [n, T]``) of ``part``'s completion tokens under
+        ``model`` (None: the policy's). A hook: a task's trainer may score another way (HCPO's
+        compressed branch)."""
         kw = dict(model=model, temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device)
         if part.conversation_lengths is not None:  # multi-turn: score the whole conversations
             return self.policy.score_conversations(part.encodings, part.conversation_lengths, part.completion_ids, part.mask, **kw)
         return self.policy.score(part.encodings, part.completion_ids, part.mask, share_prefix=self.cfg.rollout.prefix_sharing, **kw)
 
-    def _reference_context(self):
+    def reference_context(self) -> tuple[torch.nn.Module, Any]:
+        """``(model, context)`` under which ``token_logprobs`` gives the reference's log-probs: the
+        frozen copy, or the policy with its LoRA adapters disabled. A hook (HCPO scores the
+        reference with the full, uncompressed prompt)."""
         if self.ref_model is not None:
             return self.ref_model, nullcontext()
         return self.engine.module, self.engine.module.disable_adapter()
@@ -294,9 +259,10 @@ class Trainer(TrainerBase):
     def compute_advantages(self, batch: RolloutBatch, beta: float) -> RolloutBatch:
         """Advantages (after reward-side filters); returns the batch that will be trained on."""
         a = self.cfg.algorithm
+        self._stand_in = batch.select([0])  # what an update runs when filters leave this rank no row
         batch = filters.before_advantage(batch, a.filters, self.cfg.rollout.max_new_tokens)
         if beta > 0.0:
-            ref, ctx = self._reference_context()
+            ref, ctx = self.reference_context()
             with ctx:
                 batch.logp_ref = self._score(batch, ref)
         rewards = batch.rewards
@@ -304,134 +270,66 @@ class Trainer(TrainerBase):
             from mmpo.core import kl_to_reward
 
             logp = self._score(batch, self.engine.module)
-            kl = self.kl_fn(logp, batch.logp_ref)
+            kl = self.algo.kl(logp, batch.logp_ref)
             rewards = kl_to_reward(rewards, kl, batch.mask, beta)
-        opts = dict(a.advantage_options)
-        if "advantage" in self.states:
-            opts["state"] = self.states["advantage"]
-            if a.advantage == "dcpo_sas":
-                opts.setdefault("prompt_keys", [s.id for s in batch.samples])
-        batch.advantages = self.advantage_fn(rewards, batch.group_ids, **opts).float()
+        batch.advantages = self.algo.advantages(rewards, batch.group_ids, prompt_keys=[s.id for s in batch.samples])
         batch = filters.after_advantage(batch, a.filters)
-        if batch.logp_old is None and (self.cfg.trainer.update_epochs > 1 or self._minibatch_size() < len(batch)):
+        if batch.logp_old is None and (self.cfg.trainer.update_epochs > 1 or self.shape.minibatch_size < len(batch)):
             batch.logp_old = self._score(batch, self.engine.module)
         return batch
 
     # ------------------------------------------------------------------------------------------
     # phase 3: clipped policy-gradient updates
-    def _micro_weight(self, micro: RolloutBatch, minibatch: RolloutBatch) -> float:
-        """Share of a micro batch in its minibatch, so accumulated losses equal the minibatch's."""
-        if self.cfg.algorithm.loss_agg == "token-mean":
-            return float(micro.mask.sum()) / max(1.0, float(minibatch.mask.sum()))
-        if self.cfg.algorithm.loss_agg == "otm":
-            return 1.0
-        return len(micro) / len(minibatch)
-
     def update(self, batch: RolloutBatch, beta: float, step: int) -> dict[str, float]:
-        """``update_epochs`` passes of clipped policy-gradient steps over the batch.
+        """``update_epochs`` passes of clipped policy-gradient steps over the batch, through the one
+        update routine (:func:`mmpo.trainers.update.run_update`)."""
+        rows = torch.arange(len(batch))
+        if len(batch) == 0:  # filters left this rank nothing: stand-in slots keep collectives aligned
+            batch, rows = self._stand_in, torch.arange(0)
+            batch.advantages = torch.zeros(len(batch))
+            if self.uses_kl:  # the same calls as a real row (ARES gathers per-bucket KL)
+                batch.logp_ref = torch.zeros(batch.mask.shape)
 
-        The number of optimizer steps and of micro batches per step come from the config, not
-        from the batch, so every rank makes the same collective calls even when filters left
-        ranks with different row counts; the rows are spread over those slots.
-        """
-        t = self.cfg.trainer
-        sums: dict[str, float] = {}
-        counts = 0
-        n = len(batch)
-        n_minibatches = math.ceil(self._rows_per_step() / self._minibatch_size())
-        n_micro = self._grad_accum_steps()
-        shuffle = t.update_epochs > 1 or n_minibatches > 1
-        for epoch in range(t.update_epochs):
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step * 101 + epoch)
-            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-            for mb_rows in _split(order, n_minibatches):
-                minibatch = batch.select(mb_rows if len(mb_rows) else order[:1])
-                for micro_rows in _split(torch.arange(len(minibatch)), n_micro):
-                    if len(micro_rows) == 0 or len(mb_rows) == 0:  # keep collectives aligned
-                        micro = minibatch.select([0])
-                        loss, _ = self._micro_loss(micro, beta, padding=True)
-                        self.engine.backward(loss * 0.0)
-                        continue
-                    micro = minibatch.select(micro_rows)
-                    loss, metrics = self._micro_loss(micro, beta)
-                    # a non-finite loss never reaches the weights: the engine skips the update
-                    self.engine.backward(loss * self._micro_weight(micro, minibatch))
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    counts += 1
-                grad_norm, skipped = self.optimizer_step(step)
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
-                if skipped:
-                    sums["skipped_updates"] = sums.get("skipped_updates", 0.0) + 1
-        out = {k: v / max(1, counts) for k, v in sums.items() if k not in ("grad_norm", "skipped_updates")}
-        out["grad_norm"] = sums.get("grad_norm", 0.0) / (t.update_epochs * n_minibatches)
-        out["skipped_updates"] = sums.get("skipped_updates", 0.0)
-        return out
+        def terms(idx: torch.Tensor, padding: bool) -> list[UnitTerms]:
+            return [self.unit_terms(batch.select(idx.tolist()), beta, padding)]
 
-    def _micro_loss(self, micro: RolloutBatch, beta: float, padding: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro batch; ``padding`` marks a stand-in row whose loss is multiplied by 0
-        (it keeps the collective calls aligned across ranks but must not feed any statistics)."""
-        a = self.cfg.algorithm
+        return self.update_policy(
+            self.shape, rows, RowSizes.from_mask(batch.mask), terms, beta, step, max_len=self.cfg.rollout.max_new_tokens,
+        )
+
+    def unit_terms(self, micro: RolloutBatch, beta: float, padding: bool = False) -> UnitTerms:
+        """The action units of one micro batch for the objective (``padding``: a stand-in row whose
+        loss is multiplied by 0; it keeps collectives aligned and feeds no statistic). A hook: a
+        task's trainer may compose its own per-unit loss (HCPO's two branches)."""
         mask = micro.mask.to(self.device)
         with self.engine.autocast():
-            out = self._token_logprobs(micro, None, with_entropy=True)
+            out = self.token_logprobs(micro, None, with_entropy=True)
         logp = out.logp
         logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else logp.detach()
-        adv = micro.advantages.to(self.device)
-        loss_mat, lm = self.loss_fn(logp, logp_old, adv, mask, **a.loss_options)
-        rollout_metrics: dict[str, float] = {}
-        if micro.logp_rollout is not None:
-            loss_mat, rollout_metrics = self._rollout_correction(loss_mat, logp_old, micro.logp_rollout.to(self.device), mask)
-        max_len = self.cfg.rollout.max_new_tokens
-        pg = aggregate(loss_mat, mask, a.loss_agg, max_len=max_len)
-        loss = pg
-        metrics = {"pg_loss": float(pg.detach())}
-        metrics.update({k: float(v) for k, v in lm.items()})
-        metrics.update(rollout_metrics)
-        if micro.logp_ref is not None:
-            kl = self.kl_fn(logp, micro.logp_ref.to(self.device))
-            weights = self._row_kl_weights(micro, kl.detach(), mask, padding)
-            if weights is not None:
-                kl = kl * weights.to(kl)[:, None]
-            kl_value = aggregate(kl, mask, a.loss_agg, max_len=max_len)
-            if a.kl_placement == "loss":
-                loss = loss + beta * kl_value
-            metrics["kl"] = float(kl_value.detach())
-        entropy = aggregate(out.entropy, mask, a.loss_agg, max_len=max_len)
-        if a.entropy_coef:
-            loss = loss - a.entropy_coef * entropy
-        metrics["entropy"] = float(entropy.detach())
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics
+        weights, metrics, r = None, {}, self.cfg.rollout
+        if micro.logp_rollout is not None:  # the engine's sampling log-probs against the trainer's pi_old
+            weights, metrics = rollout_is_weights(logp_old, micro.logp_rollout.to(self.device), mask, r.is_correction, r.is_cap)
+            weights = weights if r.is_correction != "none" else None
+        logp_ref = micro.logp_ref.to(self.device) if micro.logp_ref is not None else None
+        row_weights = None
+        if logp_ref is not None and isinstance(self.states.get("kl_schedule"), AresKLState):
+            row_weights = self._ares_kl_weights(micro, self.algo.kl(logp, logp_ref).detach(), mask, padding)
+        return UnitTerms(
+            logp, logp_old, micro.advantages.to(self.device), mask, entropy=out.entropy, logp_ref=logp_ref,
+            loss_weights=weights, kl_row_weights=row_weights, metrics=metrics,
+        )
 
-    def _rollout_correction(
-        self, loss_mat: torch.Tensor, logp_old: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Compare the engine's sampling log-probs with the trainer's ``pi_old`` (all ``[n, T]``)
-        and, with ``rollout.is_correction``, reweight the per-token loss by the rollout ratio."""
-        r = self.cfg.rollout
-        weights, metrics = rollout_is_weights(logp_old, logp_rollout, mask, r.is_correction, r.is_cap)
-        if r.is_correction != "none":
-            loss_mat = loss_mat * weights
-        return loss_mat, metrics
-
-    def _row_kl_weights(
+    def _ares_kl_weights(
         self, micro: RolloutBatch, kl: torch.Tensor, mask: torch.Tensor, padding: bool = False
-    ) -> torch.Tensor | None:
-        """Per-row KL multipliers ``[n]`` of a per-bucket KL controller (ARES ``ares_bucket``), else None.
+    ) -> torch.Tensor:
+        """Per-row KL multipliers ``[n]`` of ARES's per-bucket KL controller (``ares_bucket``; the
+        task's rows carry their difficulty bucket, checked at load).
 
         Each micro step first feeds the controller the batch's mean KL per difficulty bucket
         (summed over ranks, so every rank's controller moves alike), then reads the buckets' betas.
         """
-        state = self.states.get("kl_schedule")
-        if not isinstance(state, AresKLState):
-            return None
+        state = self.states["kl_schedule"]
         info = micro.row_info
-        if "bucket" not in info:
-            raise ConfigError(
-                "algorithm.kl_schedule=ares_bucket needs a task that assigns difficulty buckets "
-                "(vlm_reasoning with task.ares enabled)"
-            )
         buckets = info["bucket"].long()
         seq_kl = ares.sequence_mean(kl, mask).cpu()
         sums = torch.zeros(len(ares.BUCKETS), 2, dtype=torch.float64)
@@ -448,45 +346,23 @@ class Trainer(TrainerBase):
     # ------------------------------------------------------------------------------------------
     # evaluation
     def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on held-out samples; metrics as ``eval/<name>``."""
-        e = self.cfg.eval
-        if e.num_samples == 0:
+        """Greedy decoding on held-out samples (the one evaluator); metrics as ``eval/<name>``."""
+        if self.cfg.eval.num_samples == 0:
             return {}
-        if self._eval_samples is None:
-            self._eval_samples = self.task.eval_samples(e.num_samples)
-        samples = self._eval_samples
-        rank, world = self.engine.rank, self.engine.world_size
-        per_rank = math.ceil(len(samples) / world)
-        mine = samples[rank * per_rank : (rank + 1) * per_rank]
-        if self.agent is not None:
-            with self.engine.gathered_params():
-                trajs = run_agent(
-                    self.policy, self.engine.module, self.task, mine or samples[:1],
-                    max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens, batch_size=e.batch_size, device=self.device,
-                )[: len(mine)]
-            all_trajs = [t for chunk in self.engine.all_gather_object(trajs) for t in chunk]
-            metrics = self.task.eval_trajectories(samples[: len(all_trajs)], all_trajs)
-            return {f"eval/{k}": v for k, v in metrics.items()}
-        state = torch.get_rng_state()
-        with self.engine.gathered_params():
-            texts = generate_greedy(
-                self.policy, self.engine.module, mine or samples[:1],
-                max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens,
-                batch_size=e.batch_size, device=self.device,
-            )[: len(mine)]
-        torch.set_rng_state(state)
-        all_texts = [t for chunk in self.engine.all_gather_object(texts) for t in chunk]
-        metrics = self.task.eval_metrics(samples[: len(all_texts)], all_texts)
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        if self._evaluator is None:
+            self._evaluator = TokenEvaluator(
+                self.policy, self.engine.module, self.task, **eval_sizes(self.cfg), device=self.device,
+                params=self.engine.gathered_params,
+            )
+        result = run_evaluation(
+            self._evaluator, rank=self.engine.rank, world_size=self.engine.world_size, gather=self.engine.all_gather_object
+        )
+        return {f"eval/{k}": v for k, v in result.metrics.items()}
 
-    # ------------------------------------------------------------------------------------------
-    # checkpoints
-    def trainer_state(self) -> dict[str, Any]:
-        return {**super().trainer_state(), "last_kl": self.last_kl}
-
-    def load_trainer_state(self, state: dict[str, Any]) -> None:
-        super().load_trainer_state(state)
-        self.last_kl = float(state["last_kl"])
+    @classmethod
+    def checkpoint_evaluator(cls, cfg: RunConfig, checkpoint: str | None) -> tuple[TokenEvaluator, str]:
+        """``mmpo eval``: the evaluator of ``checkpoint``'s policy, without optimizer or engine."""
+        return TokenEvaluator.from_checkpoint(cfg, checkpoint)
 
     def save_final_model(self) -> None:
         """``model/``: a save_pretrained folder; with LoRA the adapter, plus ``model/merged/``."""
@@ -508,7 +384,7 @@ class Trainer(TrainerBase):
         clock = StepClock()
         t0 = time.perf_counter()
         self.task.begin_step(step + 1, self.cfg.trainer.max_steps)
-        beta = self._beta(step)
+        beta = self.beta(step)
         batch, stats = self.rollout(clock)
         t1 = time.perf_counter()
         with self.phase_hook("update"):
@@ -522,16 +398,15 @@ class Trainer(TrainerBase):
                     self.rollout_engine.sync_weights(self.engine.module)
                 metrics["weight_sync_s"] = time.perf_counter() - ts
         clock.update = time.perf_counter() - t1
-        if "kl" in metrics:
-            self.last_kl = metrics["kl"]
         metrics.update(stats)
+        n = len(batch)
         metrics.update(
             {
-                "reward_mean_trained": float(batch.rewards.mean()),
-                "reward_std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
-                "advantage_abs_mean": float(batch.advantages.abs().mean()),
-                "response_length": float(batch.mask.sum(1).float().mean()),
-                "truncated_frac": float(batch.truncated.float().mean()),
+                "reward_mean_trained": float(batch.rewards.mean()) if n else 0.0,
+                "reward_std": float(batch.rewards.std()) if n > 1 else 0.0,
+                "advantage_abs_mean": float(batch.advantages.abs().mean()) if n else 0.0,
+                "response_length": float(batch.mask.sum(1).float().mean()) if n else 0.0,
+                "truncated_frac": float(batch.truncated.float().mean()) if n else 0.0,
                 "beta": beta,
                 "lr": self.engine.lr(),
             }
@@ -547,8 +422,3 @@ class Trainer(TrainerBase):
     def close(self) -> None:
         self.rollout_engine.close()
 
-
-def _split(rows: torch.Tensor, parts: int) -> list[torch.Tensor]:
-    """``rows`` cut into ``parts`` contiguous, nearly equal chunks (some empty when rows < parts)."""
-    sizes = [len(rows) // parts + (1 if i < len(rows) % parts else 0) for i in range(parts)]
-    return list(torch.split(rows, sizes))

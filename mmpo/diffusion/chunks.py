@@ -1,4 +1,5 @@
-"""Chunk-GRPO's partition of the denoising steps into contiguous chunks (the action units).
+"""Chunk-GRPO's partition of the denoising steps into contiguous chunks (the action units), used by
+:class:`mmpo.trainers.denoising.ChunkGRPOTrainer`.
 
 The paper fixes the boundaries in advance from the prompt-invariant profile of the relative L1
 distance between consecutive latents: large changes start new chunks ([2, 3, 4, 7] over 16
@@ -82,4 +83,4 @@ def sample_chunks(noise_levels: Tensor, sizes: list[int], k: int, power: float, 
     return sorted(torch.multinomial(weights, k, replacement=False, generator=generator).tolist())
 
 
-__all__ = ["check_partition", "uniform_partition", "relative_l1_profile", "profile_partition", "chunk_bounds", "sample_chunks"]
+__all__ = ["check_partition", "chunk_bounds", "profile_partition", "relative_l1_profile", "sample_chunks", "uniform_partition"]

@@ -1,6 +1,7 @@
-"""What every trainer shares: the step loop, optimizer-step bookkeeping, atomic checkpoints and
-exact resume. A trainer (token policies in :mod:`mmpo.trainer`, denoisers and noise policies in
-:mod:`mmpo.diffusion.trainer`, ...) implements one step, evaluation and the final save.
+"""What every trainer shares: the step loop, the objective built once (:mod:`mmpo.trainers.algorithm`),
+optimizer-step bookkeeping, atomic checkpoints and exact resume. A trainer (one per kind of action
+unit, see :mod:`mmpo.trainers`) implements one step, evaluation and the final save; its updates go
+through :func:`mmpo.trainers.update.run_update`.
 
 A task picks its trainer (``Task.trainer_class``), so ``mmpo train`` runs any plugin the same way.
 """
@@ -11,7 +12,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -19,10 +20,13 @@ import torch
 from mmpo import checkpoint as ckpt
 from mmpo.config import RunConfig, save_config
 from mmpo.data import PromptSampler
-from mmpo.engine import Engine
+from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import TrainingError
 from mmpo.tasks import Task
 from mmpo.tracking import Tracker
+from mmpo.trainers.algorithm import Algorithm, build_algorithm
+from mmpo.trainers.kinds import TrainerKind
+from mmpo.trainers.update import RowSizes, TermsFn, UpdateShape, run_update
 
 #: metrics that are per-rank wall-clock times (not averaged across ranks)
 TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s", "weight_sync_s")
@@ -31,10 +35,12 @@ TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s", "we
 class TrainerBase:
     """The loop of ``mmpo train`` around a subclass's ``train_step`` / ``evaluate``.
 
-    Subclasses set ``cfg``, ``run_dir``, ``task``, ``engine``, ``sampler`` and ``states`` (named
-    objects with ``state_dict``/``load_state_dict``), then call :meth:`_start` at the end of
-    ``__init__``. They may extend :meth:`trainer_state` / :meth:`load_trainer_state` and
-    :meth:`save_extra` / :meth:`load_extra` (tensors beside the engine's) for more state.
+    Subclasses set ``kind``; their ``__init__`` calls :meth:`_setup` first (task and objective),
+    sets ``engine``, ``sampler`` and ``states`` (named objects with ``state_dict`` /
+    ``load_state_dict``; start from ``dict(self.algo.states)``), then calls :meth:`_start`. They
+    may extend :meth:`trainer_state` / :meth:`load_trainer_state` and :meth:`save_extra` /
+    :meth:`load_extra` (tensors beside the engine's) for more state. Their updates go through
+    :meth:`update_policy` (the one update routine).
     """
 
     cfg: RunConfig
@@ -43,14 +49,17 @@ class TrainerBase:
     engine: Engine
     sampler: PromptSampler
     states: dict[str, Any]
+    shape: UpdateShape
+    #: the kind of action unit this trainer optimises (checked against the objective at load)
+    kind: ClassVar[TrainerKind]
+    algo: Algorithm
     #: False for a trainer built only to evaluate (`mmpo eval`): no progress bar, no metrics files
     track: bool = True
 
     def _setup(self, cfg: RunConfig, run_dir: str | Path) -> tuple[torch.device, str]:
-        """Seed, resolve device and precision, build the task and the objective's advantage and
-        loss (config mistakes fail here, before any model loads). Returns ``(device, precision)``."""
-        from mmpo.config import check_options
-        from mmpo.core import ADVANTAGES, POLICY_LOSSES
+        """Seed, resolve device and precision, build the task and the objective (``self.algo``,
+        checked against this trainer's kind: config mistakes fail here, before any model loads).
+        Returns ``(device, precision)``."""
         from mmpo.engine import resolve_device, resolve_precision
         from mmpo.tasks import build_task
 
@@ -60,26 +69,12 @@ class TrainerBase:
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device)
         self.task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
-        a = cfg.algorithm
-        self.advantage_fn = ADVANTAGES.get(a.advantage)
-        self.loss_fn = POLICY_LOSSES.get(a.loss)
-        check_options(self.advantage_fn, a.advantage_options, "algorithm.advantage_options", ("state", "prompt_keys"))
-        check_options(self.loss_fn, a.loss_options, "algorithm.loss_options")
+        self.algo = build_algorithm(cfg, self.kind, self.task)
+        self.advantage_fn = self.algo.advantage_fn
+        self.loss_fn = self.algo.loss_fn
+        self.last_kl: float | None = None
         self.phase_hook: Any = lambda name: nullcontext()  # `mmpo bench` attributes memory to phases
         return device, precision
-
-    @staticmethod
-    def algorithm_states(**fns: Any) -> dict[str, Any]:
-        """A fresh state for every stateful core function given (``advantage=fn, kl_schedule=fn``),
-        keyed by the argument name; stateless ones get none."""
-        from mmpo.core.registry import state_class
-
-        out: dict[str, Any] = {}
-        for key, fn in fns.items():
-            cls = state_class(fn)
-            if cls is not None:
-                out[key] = cls()
-        return out
 
     def _make_sampler(self) -> None:
         """The resumable prompt sampler, sharded over ranks."""
@@ -119,6 +114,7 @@ class TrainerBase:
             "sampler": self.sampler.state_dict(),
             "states": {k: v.state_dict() for k, v in self.states.items()},
             "task": self.task.state_dict(),
+            "last_kl": self.last_kl,
         }
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
@@ -128,6 +124,8 @@ class TrainerBase:
         for k, v in state["states"].items():
             self.states[k].load_state_dict(v)
         self.task.load_state_dict(state.get("task", {}))
+        last_kl = state.get("last_kl")
+        self.last_kl = None if last_kl is None else float(last_kl)
 
     def save_extra(self, folder: Path) -> None:
         """Write more state into the checkpoint folder being assembled (main rank only)."""
@@ -152,9 +150,56 @@ class TrainerBase:
             self.bad_steps = 0
         return (result.grad_norm if math.isfinite(result.grad_norm) else 0.0), result.skipped
 
+    def build_engine(self, module: torch.nn.Module, precision: str) -> Engine:
+        """The engine that steps ``module``'s weights, sized from ``trainer.*`` and ``self.shape``
+        (optimizer steps for the LR schedule; backward calls per step and micro-batch rows for
+        DeepSpeed's batch fields); DeepSpeed ZeRO when the config names a file."""
+        t = self.cfg.trainer
+        return Engine.build(
+            module,
+            EngineOptions(
+                lr=t.lr, weight_decay=t.weight_decay, adam_betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
+                lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.max_steps * self.shape.optimizer_steps,
+                grad_accum_steps=self.shape.backwards_per_step, micro_batch_size=self.shape.micro_batch_size,
+                device=self.cfg.device, precision=precision, deepspeed_config=self.cfg.deepspeed,
+            ),
+        )
+
+    def rows_per_step(self) -> int:
+        """Trajectories a step trains on when nothing is filtered: prompts (contexts) x G."""
+        return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size
+
+    def beta(self, step: int) -> float:
+        """The KL coefficient at ``step`` (0 without a KL term), from the built objective."""
+        return self.algo.beta(step, self.cfg.trainer.max_steps, self.last_kl)
+
+    def update_policy(
+        self, shape: UpdateShape, rows: torch.Tensor, sizes: RowSizes, terms: TermsFn, beta: float, step: int,
+        *, max_len: int | None = None, stand_in: int = 0,
+    ) -> dict[str, float]:
+        """One step's policy update through :func:`mmpo.trainers.update.run_update` (this engine's
+        backward and optimizer step, the run's seed); records the KL measured over all ranks for the schedule."""
+        out = run_update(
+            shape=shape, rows=rows, sizes=sizes, terms=terms, algo=self.algo, beta=beta, step=step, seed=self.cfg.seed,
+            backward=self.engine.backward, optimizer_step=self.optimizer_step, max_len=max_len, stand_in=stand_in,
+        )
+        if self.algo.uses_kl:  # every rank joins the mean, so every rank's schedule moves alike
+            self.last_kl = self.engine.all_reduce_mean(out.get("kl", 0.0))
+        return out
+
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Average every metric over ranks, except per-rank timings."""
-        return {k: self.engine.all_reduce_mean(v) if k not in TIMING_KEYS else v for k, v in metrics.items()}
+        """Average every metric over the ranks that report it (one collective, so ranks whose
+        metrics differ, e.g. one left without rows by a filter, never mismatch); per-rank
+        timings stay this rank's."""
+        gathered = self.engine.all_gather_object(metrics)
+        out: dict[str, float] = {}
+        for k in sorted(set().union(*gathered)):
+            if k in TIMING_KEYS and k in metrics:
+                out[k] = metrics[k]
+            else:
+                values = [float(m[k]) for m in gathered if k in m]
+                out[k] = sum(values) / len(values)
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

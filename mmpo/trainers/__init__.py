@@ -1,0 +1,26 @@
+"""Trainers: the loop every trainer shares (:mod:`~mmpo.trainers.loop`), the one update routine
+(:mod:`~mmpo.trainers.update`), the one algorithm builder (:mod:`~mmpo.trainers.algorithm`), and
+one trainer per kind of action unit (:mod:`~mmpo.trainers.kinds`):
+
+- :mod:`~mmpo.trainers.token`: generated tokens (text, VLM, agent turns; HCPO's two branches);
+- denoising steps (Flow-GRPO, Chunk-GRPO) and initial noise (FIND);
+- environment actions (RIPT-VLA, MiniWoB GRPO, ScreenExplorer);
+- forecast steps (air-quality forecasting).
+
+Submodules are imported on use, so importing this package loads no model code.
+"""
+
+
+def trainer_class_for(task_name: str) -> type:
+    """The trainer class that runs task ``task_name`` (``Task.trainer_class()``; None: the token trainer)."""
+    from mmpo.tasks import get_task_class
+
+    cls = get_task_class(task_name).trainer_class()
+    if cls is None:
+        from mmpo.trainers.token import Trainer
+
+        cls = Trainer
+    return cls
+
+
+__all__ = ["trainer_class_for"]
