@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mmpo-installed
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: quickstart test test-fast install clean vllm-env vla-demo framemind-demo miniwob-demo hicon-demo demos
+.PHONY: quickstart test test-fast lint install clean vllm-env vla-demo framemind-demo miniwob-demo hicon-demo demos
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
+
+# ruff (rules and line length 120 in pyproject.toml); .ci/run runs it before the tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow"

@@ -203,16 +203,19 @@ def read_value(run: Path, src: Read) -> tuple[float, int | None]:
     return float(value), None
 
 
-def command_line(demo: Demo, cmd: Cmd, run: Path, smoke: bool) -> str:
-    """The shell line of ``cmd`` for ``demo`` running in ``run``."""
+def command_line(demo: Demo, cmd: Cmd, run: Path, smoke: bool, no_time_limit: bool = False) -> str:
+    """The shell line of ``cmd`` for ``demo`` running in ``run`` (``no_time_limit``: training runs
+    to ``max_steps`` even on a busy machine, where ``trainer.time_limit_s`` would cut it short)."""
     line = f"{cmd.line} {cmd.smoke}" if smoke and cmd.smoke else cmd.line
+    if no_time_limit and line.startswith("{mmpo} train "):
+        line += " trainer.time_limit_s=0"
     fills = {"{py}": BIN / "python", "{mmpo}": BIN / "mmpo", "{run}": run, "{seed}": demo.seed}
     for token, value in fills.items():
         line = line.replace(token, shlex.quote(str(value)))
     return line
 
 
-def run_demo(demo: Demo, out: Path, smoke: bool) -> dict[str, Any]:
+def run_demo(demo: Demo, out: Path, smoke: bool, no_time_limit: bool = False) -> dict[str, Any]:
     """Run ``demo`` from scratch (output to its log) and read its numbers; one table row."""
     run, log = out / demo.key, out / f"{demo.key}.log"
     shutil.rmtree(run, ignore_errors=True)
@@ -222,7 +225,7 @@ def run_demo(demo: Demo, out: Path, smoke: bool) -> dict[str, Any]:
     t0 = time.monotonic()
     with open(log, "w") as f:
         for cmd in demo.cmds:
-            line = command_line(demo, cmd, run, smoke)
+            line = command_line(demo, cmd, run, smoke, no_time_limit)
             f.write(f"$ {line}\n")
             f.flush()
             proc = subprocess.run(["bash", "-c", line], check=False, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
@@ -293,6 +296,7 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated demo names (all seeds) or name_sSEED")
     p.add_argument("--list", action="store_true", help="print the demos, their claims and commands; run nothing")
     p.add_argument("--smoke", action="store_true", help="one step per run: checks this script, not the claims")
+    p.add_argument("--no-time-limit", action="store_true", help="lift trainer.time_limit_s (a busy machine cuts runs short)")
     p.add_argument("--out", default=None, help="output folder (default runs/demos, or runs/demos-smoke with --smoke)")
     args = p.parse_args()
     out = Path(args.out or ("runs/demos-smoke" if args.smoke else "runs/demos")).resolve()
@@ -311,7 +315,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     for i, d in enumerate(demos, 1):
         print(f"[{i}/{len(demos)}] {d.key}: started (elapsed {clock(time.monotonic() - t0)})", flush=True)
-        rows.append(run_demo(d, out, args.smoke))
+        rows.append(run_demo(d, out, args.smoke, args.no_time_limit))
         print(f"[{i}/{len(demos)}] {d.key}: {rows[-1]['result']} in {clock(rows[-1]['wall_s'])} "
               f"(elapsed {clock(time.monotonic() - t0)})", flush=True)
     report = markdown(rows, commit, args.smoke)
