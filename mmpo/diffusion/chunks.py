@@ -71,7 +71,9 @@ def chunk_bounds(sizes: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def sample_chunks(noise_levels: Tensor, sizes: list[int], k: int, power: float, generator: torch.Generator) -> list[int]:
+def sample_chunks(
+    noise_levels: Tensor, sizes: list[int], k: int, power: float, generator: torch.Generator
+) -> list[int]:
     """Weighted chunk sampling: ``k`` distinct chunk indices drawn with probability proportional to
     ``(mean noise level of the chunk)^power`` (high-noise, early chunks more often); sorted.
 
@@ -83,4 +85,6 @@ def sample_chunks(noise_levels: Tensor, sizes: list[int], k: int, power: float, 
     return sorted(torch.multinomial(weights, k, replacement=False, generator=generator).tolist())
 
 
-__all__ = ["check_partition", "chunk_bounds", "profile_partition", "relative_l1_profile", "sample_chunks", "uniform_partition"]
+__all__ = [
+    "check_partition", "chunk_bounds", "profile_partition", "relative_l1_profile", "sample_chunks", "uniform_partition",
+]

@@ -50,7 +50,8 @@ class PromptEmbeds:
     @staticmethod
     def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
         join = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-        return PromptEmbeds(*(join([getattr(p, f) for p in parts]) for f in ("embeds", "pooled", "neg_embeds", "neg_pooled")))
+        fields = ("embeds", "pooled", "neg_embeds", "neg_pooled")
+        return PromptEmbeds(*(join([getattr(p, f) for p in parts]) for f in fields))
 
 
 @dataclass
@@ -178,7 +179,8 @@ class DiffusionModel:
         key = (self.family, prompt)
         if key not in self._cache:
             emb, pooled = self._encode_text(prompt)
-            self._cache[key] = (emb.to(self.device, self.dtype), None if pooled is None else pooled.to(self.device, self.dtype))
+            pooled = None if pooled is None else pooled.to(self.device, self.dtype)
+            self._cache[key] = (emb.to(self.device, self.dtype), pooled)
         return self._cache[key]
 
     def _encode_text(self, prompt: str) -> tuple[Tensor, Tensor | None]:
@@ -198,14 +200,20 @@ class DiffusionModel:
         """Initial noise ``x_T [n, C, h, w]`` (float32, on the model's device)."""
         shape = (n, *self.latent_shape(height, width))
         gen_device = generator.device if generator is not None else self.device
-        return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(self.device)
+        return self.scale_noise(torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32))
+
+    def scale_noise(self, noise: Tensor) -> Tensor:
+        """Initial latents ``x_T [n, C, h, w]`` (float32, on the model's device) from standard-normal
+        ``noise`` of the same shape (the scheduler's ``init_noise_sigma`` times it for DDIM)."""
+        return noise.float().to(self.device)
 
     def schedule(self, num_steps: int, height: int, width: int) -> Schedule:
         raise NotImplementedError
 
     # -- the denoiser ---------------------------------------------------------------------------
     def predict(
-        self, denoiser: torch.nn.Module, x: Tensor, schedule: Schedule, i: int, cond: PromptEmbeds, guidance_scale: float,
+        self, denoiser: torch.nn.Module, x: Tensor, schedule: Schedule, i: int, cond: PromptEmbeds,
+        guidance_scale: float,
     ) -> Tensor:
         """The (guided) model output at step ``i`` for latents ``x [B, C, h, w]`` -> ``[B, C, h, w]``
         (velocity for flow families, epsilon / v for DDIM), float32."""
@@ -220,7 +228,9 @@ class DiffusionModel:
             return uncond + guidance_scale * (text - uncond)
         return self._forward(denoiser, x, t, cond, guidance_scale).float()
 
-    def _forward(self, denoiser: torch.nn.Module, x: Tensor, t: Tensor, cond: PromptEmbeds, guidance_scale: float) -> Tensor:
+    def _forward(
+        self, denoiser: torch.nn.Module, x: Tensor, t: Tensor, cond: PromptEmbeds, guidance_scale: float
+    ) -> Tensor:
         raise NotImplementedError
 
     # -- images ---------------------------------------------------------------------------------
@@ -248,7 +258,9 @@ class DiffusionModel:
         tensors = {k: v.detach().cpu().contiguous() for k, v in denoiser_state.items()}
         save_file(tensors, str(sub / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
 
-    def save_lora(self, folder: Path, lora_state: dict[str, Tensor], adapter_config: dict[str, Any] | None = None) -> None:
+    def save_lora(
+        self, folder: Path, lora_state: dict[str, Tensor], adapter_config: dict[str, Any] | None = None
+    ) -> None:
         """``pytorch_lora_weights.safetensors`` in diffusers' layout (``pipe.load_lora_weights(folder)``).
 
         ``adapter_config`` (the peft ``LoraConfig.to_dict()``) is stored in the file's metadata:
@@ -360,8 +372,8 @@ class SDModel(DiffusionModel):
         alphas = torch.tensor([float(ac[int(ts[0])])] + prev, dtype=torch.float64)
         return Schedule("ddim", ts, alphas=alphas)
 
-    def init_latents(self, n, height, width, generator=None):
-        return super().init_latents(n, height, width, generator) * float(self.pipe.scheduler.init_noise_sigma)
+    def scale_noise(self, noise: Tensor) -> Tensor:
+        return super().scale_noise(noise) * float(self.pipe.scheduler.init_noise_sigma)
 
     def _forward(self, denoiser, x, t, cond, guidance_scale):
         return denoiser(x.to(self.dtype), t.to(self.device), encoder_hidden_states=cond.embeds, return_dict=False)[0]

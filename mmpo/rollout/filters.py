@@ -8,9 +8,9 @@ order at the phase where their inputs exist:
 - after the advantage: ``cppo_prune`` (keeps the completions with the largest |A| per group).
 
 ``dynamic`` is DAPO's dynamic sampling; it is switched on by ``algorithm.dynamic_sampling`` and
-takes its options (e.g. ARES's ``lo``/``hi``) from a ``dynamic`` entry here. Filters that need
-inputs this trainer does not produce (``ript_skip``: environment contexts; ``d3s``: rollout
-entropies) are refused at start-up rather than silently ignored.
+takes its options (e.g. ARES's ``lo``/``hi``) from a ``dynamic`` entry here. Which filters a
+trainer runs, and their options, are checked at load by :func:`mmpo.trainers.algorithm.build_algorithm`
+(``ript_skip``: environment contexts; ``d3s``: rollout entropies are refused there).
 """
 from __future__ import annotations
 
@@ -18,35 +18,8 @@ from typing import Any
 
 import torch
 
-from mmpo.config import check_options
 from mmpo.core import GROUP_FILTERS
-from mmpo.errors import ConfigError
 from mmpo.rollout.batch import RolloutBatch
-
-PRE_ADVANTAGE = ("soft_overlong_punishment", "lspo", "overlong_filter")
-POST_ADVANTAGE = ("cppo_prune",)
-SUPPORTED = PRE_ADVANTAGE + POST_ADVANTAGE + ("dynamic",)
-RESERVED = {
-    "soft_overlong_punishment": ("lengths",),
-    "lspo": ("lengths", "group_ids"),
-    "overlong_filter": ("mask", "truncated", "lengths"),
-    "cppo_prune": ("advantages", "group_ids"),
-    "dynamic": ("metric", "group_ids"),
-}
-
-
-def check_filters(filters: list[dict[str, Any]]) -> None:
-    """ConfigError for a filter this trainer cannot run, or an option the filter does not take."""
-    for i, item in enumerate(filters):
-        name = item["name"]
-        if name not in SUPPORTED:
-            raise ConfigError(
-                f"algorithm.filters[{i}]: '{name}' needs inputs the token trainer does not produce "
-                f"(it runs: {', '.join(SUPPORTED)})."
-            )
-        options = {k: v for k, v in item.items() if k != "name"}
-        check_options(GROUP_FILTERS.get(name), options, f"algorithm.filters[{i}]", RESERVED[name])
-
 
 def _options(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k != "name"}

@@ -32,7 +32,8 @@ from mmpo.diffusion.chunks import (
     sample_chunks,
     uniform_partition,
 )
-from mmpo.diffusion.pipeline import PromptEmbeds, Schedule, adapters_disabled
+from mmpo.diffusion.evaluation import ImageSampler, precision_autocast
+from mmpo.diffusion.pipeline import PromptEmbeds, Schedule, adapters_disabled, quiet_loading
 from mmpo.errors import ConfigError
 from mmpo.policies.denoising import DenoisingPolicy, Trajectory
 from mmpo.tasks import Sample
@@ -42,6 +43,7 @@ from mmpo.trainers.diffusion_base import (
     ImageTask,
     ImageTaskConfig,
     SamplingSettings,
+    load_pipeline,
 )
 from mmpo.trainers.kinds import DENOISING
 from mmpo.trainers.loop import seeded_generator
@@ -98,12 +100,28 @@ class DenoiseBatch:
     components: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class DenoiserImages(ImageSampler):
+    """Images of ``denoiser`` by the deterministic sampler (ODE / DDIM eta=0) of ``policy``."""
+
+    policy: DenoisingPolicy
+    denoiser: torch.nn.Module
+
+    def __call__(self, samples: list[Sample], noise: torch.Tensor) -> torch.Tensor:
+        """``[n, 3, H, W]`` in [0, 1] from standard-normal ``noise [n, C, h, w]``."""
+        x_T = self.model.scale_noise(noise)
+        with self.autocast():
+            traj = self.policy.sample(self.denoiser, self.condition(samples), x_T, self.schedule, stochastic=False)
+        return self.model.decode(traj.final)
+
+
 class ChunkGRPOTrainer(DiffusionTrainerBase):
     """Flow-GRPO / Chunk-GRPO on a diffusers denoiser (full fine-tuning or LoRA)."""
 
     kind = DENOISING
     contract: ClassVar[Contract] = (("task", DenoisingTask), ("task.config", DenoisingConfig),
                                     ("task.config.sampling", SamplingSettings), ("task.config.chunks", ChunkSettings))
+    model_markers: ClassVar[tuple[str, ...]] = ("model_index.json", "pytorch_lora_weights.safetensors")
     task: DenoisingTask  # type: ignore[assignment]
 
     def build_trainable(self) -> torch.nn.Module:
@@ -124,7 +142,8 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
             names = [n for n, _ in denoiser.named_modules()]
             if not any(n == t or n.endswith("." + t) for n in names for t in lora.target_modules):
                 raise ConfigError(
-                    f"model.lora.target_modules {lora.target_modules} match no module of the {self.model.denoiser_name}; "
+                    f"model.lora.target_modules {lora.target_modules} match no module of the "
+                    f"{self.model.denoiser_name}; "
                     "diffusers attention uses to_q, to_k, to_v, to_out.0 (and add_q_proj, ... in joint blocks)"
                 )
             denoiser.add_adapter(
@@ -167,7 +186,7 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         rows = [self.task.train_sample(i) for i in range(min(n, self.task.num_train()))]
         gen = seeded_generator(self.cfg.seed + 77, self.model.device)
         x = self.model.init_latents(len(rows), self.height, self.width, gen)
-        cond = self.model.encode([r.meta["prompt"] for r in rows], negative_prompt=self.task.config.sampling.negative_prompt)
+        cond = self.condition(rows)
         # runs before the engine exists: the denoiser as loaded (the profile of the initial model)
         traj = self.policy.sample(self.model.denoiser, cond, x, self.schedule, stochastic=False)
         return relative_l1_profile(traj.latents)
@@ -186,17 +205,16 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         return (1 - schedule.alphas[:-1]).sqrt()
 
     # -- sampling --------------------------------------------------------------------------------
-    def _sample(self, cond: PromptEmbeds, x_T: torch.Tensor, schedule: Schedule, *, stochastic: bool,
-                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> Trajectory:
+    def _sample(self, cond: PromptEmbeds, x_T: torch.Tensor, noise: torch.Tensor) -> Trajectory:
+        """The live denoiser's SDE trajectories from ``x_T [B, C, h, w]`` with step noise ``noise [B, S, C, h, w]``."""
         with self.engine.autocast():
-            return self.policy.sample(
-                self.engine.module, cond, x_T, schedule, stochastic=stochastic, generator=generator, noise=noise
-            )
+            return self.policy.sample(self.engine.module, cond, x_T, self.schedule, stochastic=True, noise=noise)
 
-    def generate(self, samples: list[Sample], cond: PromptEmbeds, *, eval_mode: bool, generator: torch.Generator) -> torch.Tensor:
-        x = self.model.init_latents(len(samples), self.height, self.width, generator)
-        sched = self.eval_schedule if eval_mode else self.schedule
-        return self.model.decode(self._sample(cond, x, sched, stochastic=not eval_mode, generator=generator).final)
+    def image_sampler(self) -> DenoiserImages:
+        """The live denoiser's deterministic evaluation images."""
+        s = self.task.config.sampling
+        return DenoiserImages(self.model, self.eval_schedule, self.height, self.width, s.negative_prompt,
+                              self.engine.autocast, self.policy, self.engine.module)
 
     def rollout(self) -> tuple[DenoiseBatch, dict[str, float]]:
         """G SDE trajectories per prompt (sampled in micro batches), decoded and scored."""
@@ -211,7 +229,7 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         with torch.no_grad():
             for s in range(0, len(rows), mb):
                 idx = list(range(s, min(s + mb, len(rows))))
-                part = self._sample(cond.rows(idx), x_T[idx], self.schedule, stochastic=True, noise=noise[idx])
+                part = self._sample(cond.rows(idx), x_T[idx], noise[idx])
                 parts.append(part)
                 images.append(self.model.decode(part.final))
         traj = Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]))
@@ -241,7 +259,8 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         if not c.chunks.weighted_sampling:
             return eligible
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        chosen = sample_chunks(self.noise_levels(self.schedule), [b - a for a, b in eligible], c.chunks.per_step, c.chunks.power, gen)
+        lengths = [b - a for a, b in eligible]
+        chosen = sample_chunks(self.noise_levels(self.schedule), lengths, c.chunks.per_step, c.chunks.power, gen)
         return [eligible[j] for j in chosen]
 
     @contextmanager
@@ -259,7 +278,8 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         ``skip_zero_advantage``; none trained leaves every slot a zero-weight stand-in)."""
         chunks = self._trained_chunks(step)
         n = len(batch.rows)
-        keep = torch.nonzero(batch.advantages != 0).flatten() if self.task.config.skip_zero_advantage else torch.arange(n)
+        skip = self.task.config.skip_zero_advantage
+        keep = torch.nonzero(batch.advantages != 0).flatten() if skip else torch.arange(n)
         beta = self.beta(step)
 
         def terms(rows: torch.Tensor, padding: bool) -> Iterator[UnitTerms]:
@@ -308,27 +328,33 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
 
     # -- saving and `mmpo eval` ----------------------------------------------------------------------
     @classmethod
-    def eval_config(cls, cfg: RunConfig, model_dir: Path) -> RunConfig:
-        """A full pipeline in ``model_dir`` (or its ``merged/``) replaces model.path; a LoRA-only
-        folder keeps the base model and is loaded by :meth:`load_final_model`."""
-        import dataclasses
-
-        for folder in (model_dir, model_dir / "merged"):
-            if (folder / "model_index.json").is_file():
-                return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(folder), lora=None, tiny={}))
-        if not (model_dir / "pytorch_lora_weights.safetensors").is_file():
-            raise ConfigError(f"'{model_dir}' holds neither a diffusers pipeline (model_index.json) nor pytorch_lora_weights.safetensors")
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=None))
-
-    def load_final_model(self, model_dir: Path) -> None:
-        if (model_dir / "model_index.json").is_file() or (model_dir / "merged" / "model_index.json").is_file():
-            return
-        from mmpo.diffusion.pipeline import quiet_loading
-
-        with quiet_loading():
-            self.model.pipe.load_lora_weights(str(model_dir))
-            self.model.pipe.fuse_lora()
-            self.model.pipe.unload_lora_weights()
+    def saved_image_sampler(cls, cfg: RunConfig, task: DenoisingTask, model_dir: Path | None, device: torch.device,
+                            precision: str) -> tuple[DenoiserImages, str]:
+        """A full pipeline in ``model_dir`` (or its ``merged/``) is the model; a LoRA-only folder is
+        fused into model.path's denoiser; none: model.path as it is. The denoiser in float32, as trained."""
+        path, lora = cfg.model.path, None
+        if model_dir is not None:
+            full = [f for f in (model_dir, model_dir / "merged") if (f / "model_index.json").is_file()]
+            if full:
+                path = str(full[0])
+            elif (model_dir / "pytorch_lora_weights.safetensors").is_file():
+                lora = model_dir
+            else:
+                raise ConfigError(f"'{model_dir}' holds neither a diffusers pipeline (model_index.json) nor "
+                                  "pytorch_lora_weights.safetensors")
+        model, height, width = load_pipeline(cfg, task, device, precision, path)
+        model.denoiser.float()
+        if lora is not None:
+            with quiet_loading():
+                model.pipe.load_lora_weights(str(lora))
+                model.pipe.fuse_lora()
+                model.pipe.unload_lora_weights()
+        s = task.config.sampling
+        policy = DenoisingPolicy(model, noise_level=s.noise_level, eta=s.eta, guidance_scale=s.guidance_scale)
+        schedule = model.schedule(s.eval_num_steps, height, width)
+        autocast = precision_autocast(device, precision)
+        sampler = DenoiserImages(model, schedule, height, width, s.negative_prompt, autocast, policy, model.denoiser)
+        return sampler, str(lora or path)
 
     def save_final_model(self) -> None:
         """``model/``: the whole pipeline with the trained denoiser (``DiffusionPipeline.from_pretrained``);
@@ -342,7 +368,8 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
 
         def save(module: torch.nn.Module, f: Path, state: dict[str, torch.Tensor]) -> None:
             # with the adapter's config, so diffusers loads it with lora_alpha (not alpha = r)
-            self.model.save_lora(f, get_peft_model_state_dict(module, state_dict=state), module.peft_config["default"].to_dict())
+            lora_state = get_peft_model_state_dict(module, state_dict=state)
+            self.model.save_lora(f, lora_state, module.peft_config["default"].to_dict())
             if self.cfg.model.lora.save_merged:
                 from mmpo.diffusion.lora import save_merged_pipeline
 
@@ -351,4 +378,4 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         self.engine.save_pretrained(folder, save_fn=save)
 
 
-__all__ = ["ChunkGRPOTrainer", "ChunkSettings", "DenoiseBatch", "DenoisingConfig", "DenoisingTask"]
+__all__ = ["ChunkGRPOTrainer", "ChunkSettings", "DenoiseBatch", "DenoiserImages", "DenoisingConfig", "DenoisingTask"]

@@ -1,9 +1,12 @@
 """The shared half of the diffusion trainers: a loaded pipeline, a group of images per prompt,
-image rewards, group-relative advantages, evaluation with PNG grids, and saving.
+image rewards, group-relative advantages (estimated over every rank's rows), evaluation through
+the one evaluator (:mod:`mmpo.evaluate`, :class:`mmpo.diffusion.evaluation.ImageEvaluator`)
+with PNG grids, and saving.
 
 Subclasses decide what the policy is (the denoiser's SDE steps, :mod:`mmpo.trainers.denoising`;
 or the initial-noise distribution, :mod:`mmpo.trainers.noise`): ``build_trainable``,
-``generate``, ``rollout`` (sample + reward), ``update`` (through
+``image_sampler`` (evaluation images of the live policy) and ``saved_image_sampler`` (of a saved
+one, for ``mmpo eval``), ``rollout`` (sample + reward), ``update`` (through
 :meth:`~mmpo.trainers.loop.TrainerBase.update_policy`) and ``save_final_model``.
 
 The task is read through attributes only (``mmpo`` never imports the plugins): what a trainer
@@ -13,7 +16,8 @@ kind) and checked once, at construction, by :func:`check_task`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -21,12 +25,13 @@ import torch
 from typing_extensions import get_protocol_members
 
 from mmpo.config import RunConfig
-from mmpo.diffusion.images import save_image_grid
-from mmpo.diffusion.pipeline import DiffusionModel, PromptEmbeds
+from mmpo.diffusion.evaluation import ImageEvaluator, ImageSampler
+from mmpo.diffusion.pipeline import TINY_PREFIX, DiffusionModel, PromptEmbeds
 from mmpo.errors import ConfigError
+from mmpo.evaluate import resolve_model_folder, run_evaluation
 from mmpo.tasks import RewardOutput, Sample
 from mmpo.trainers.kinds import TrainerKind
-from mmpo.trainers.loop import TrainerBase, seeded_generator
+from mmpo.trainers.loop import TrainerBase, seed_everything
 from mmpo.trainers.update import UpdateShape, update_shape
 
 
@@ -89,26 +94,35 @@ def check_task(task: Any, contract: Contract, kind: TrainerKind) -> None:
             )
 
 
+def load_pipeline(cfg: RunConfig, task: ImageTask, device: torch.device, precision: str,
+                  path: str | None = None) -> tuple[DiffusionModel, int, int]:
+    """The pipeline of ``path`` (default ``model.path``; the frozen parts in bf16 under bf16
+    precision, the trained weights are cast to float32 by the trainer) and the image ``(height,
+    width)`` of ``task.config.sampling`` (0: the pipeline's default), checked against the VAE."""
+    path = path or cfg.model.path
+    weights_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tiny = cfg.model.tiny if path.startswith(TINY_PREFIX) else None
+    model = DiffusionModel.load(path, device=device, dtype=weights_dtype, seed=cfg.seed, tiny_overrides=tiny)
+    s = task.config.sampling
+    height, width = s.height or model.default_size(), s.width or model.default_size()
+    model.latent_shape(height, width)  # checks the size early
+    return model, height, width
+
+
 class DiffusionTrainerBase(TrainerBase):
-    """See the module docstring. ``contract`` lists the Protocols the task must satisfy."""
+    """See the module docstring. ``contract`` lists the Protocols the task must satisfy;
+    ``model_markers`` the files that mark a model folder of the kind (``mmpo eval checkpoint=``)."""
 
     contract: ClassVar[Contract] = (("task", ImageTask), ("task.config", ImageTaskConfig),
                                     ("task.config.sampling", SamplingSettings))
+    model_markers: ClassVar[tuple[str, ...]] = ("model_index.json",)
     task: ImageTask  # type: ignore[assignment]
     shape: UpdateShape
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
         device, precision = self._setup(cfg, run_dir)
         check_task(self.task, self.contract, self.kind)
-        # frozen parts in bf16 under bf16 precision; the trained weights stay float32 (autocast)
-        weights_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        self.model = DiffusionModel.load(
-            cfg.model.path, device=device, dtype=weights_dtype, seed=cfg.seed, tiny_overrides=cfg.model.tiny
-        )
-        s = self.task.config.sampling
-        self.height = s.height or self.model.default_size()
-        self.width = s.width or self.model.default_size()
-        self.model.latent_shape(self.height, self.width)  # checks the size early
+        self.model, self.height, self.width = load_pipeline(cfg, self.task, device, precision)
         trainable = self.build_trainable()
         self.shape = update_shape(cfg, self.rows_per_step(), parts=self.parts())
         self.engine = self.build_engine(trainable, precision)
@@ -116,6 +130,8 @@ class DiffusionTrainerBase(TrainerBase):
         self.task.all_gather = self.engine.all_gather_object  # type: ignore[attr-defined]
         self._make_sampler()
         self.states = dict(self.algo.states)
+        self._evaluator: ImageEvaluator | None = None
+        self.engine_ready()
         self._start()
 
     # -- sizes ------------------------------------------------------------------------------------
@@ -127,14 +143,25 @@ class DiffusionTrainerBase(TrainerBase):
     def build_trainable(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def generate(self, samples: list[Sample], cond: PromptEmbeds, *, eval_mode: bool, generator: torch.Generator) -> torch.Tensor:
-        """One image per row of ``samples`` -> ``[N, 3, H, W]`` in [0, 1] (deterministic sampler when
-        ``eval_mode``), noise drawn from ``generator``."""
+    def engine_ready(self) -> None:
+        """Called once the engine exists, before resuming (state that must start alike on every rank)."""
+
+    def image_sampler(self) -> ImageSampler:
+        """The evaluation images of the live policy (``self.engine.module``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def saved_image_sampler(cls, cfg: RunConfig, task: ImageTask, model_dir: Path | None, device: torch.device,
+                            precision: str) -> tuple[ImageSampler, str]:
+        """The evaluation images of the model saved in ``model_dir`` (None: the config's untrained
+        model), loaded without optimizer or engine; returns ``(sampler, what was loaded)``."""
         raise NotImplementedError
 
     # -- shared pieces ------------------------------------------------------------------------------
     def condition(self, samples: list[Sample]) -> PromptEmbeds:
-        return self.model.encode([s.meta["prompt"] for s in samples], negative_prompt=self.task.config.sampling.negative_prompt)
+        """The text conditioning of ``samples`` (with the negative prompt's under CFG)."""
+        prompts = [s.meta["prompt"] for s in samples]
+        return self.model.encode(prompts, negative_prompt=self.task.config.sampling.negative_prompt)
 
     def draw_prompts(self) -> tuple[list[Sample], torch.Tensor]:
         """``prompts_per_step`` samples, each repeated G times (prompt-major), and ``group_ids [N]``."""
@@ -152,94 +179,53 @@ class DiffusionTrainerBase(TrainerBase):
         return out
 
     def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, rows: list[Sample]) -> torch.Tensor:
-        """``algorithm.advantage`` of ``rewards [N]`` over ``group_ids [N]`` -> ``[N]`` (the prompts name the rows)."""
-        return self.algo.advantages(rewards, group_ids, prompt_keys=[s.meta["prompt"] for s in rows])
+        """``algorithm.advantage`` of this rank's ``rewards [N]`` over ``group_ids [N]`` -> ``[N]``,
+        estimated on the rows of every rank (each rank's groups kept apart; the prompts name the
+        rows): batch statistics (``global_std``'s std) and a stateful estimator's state
+        (``dcpo_sas``) then agree across ranks."""
+        mine = (rewards.float().cpu(), group_ids.cpu(), [s.meta["prompt"] for s in rows])
+        parts = self.engine.all_gather_object(mine)
+        first = sum(len(r) for r, _, _ in parts[: self.engine.rank])
+        offsets = torch.tensor([0] + [int(g.max()) + 1 if len(g) else 0 for _, g, _ in parts]).cumsum(0)
+        all_groups = torch.cat([g + o for (_, g, _), o in zip(parts, offsets)])
+        keys = [k for _, _, ks in parts for k in ks]
+        adv = self.algo.advantages(torch.cat([r for r, _, _ in parts]), all_groups, prompt_keys=keys)
+        return adv[first : first + len(rewards)].to(rewards.device)
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def eval_images(self, n: int) -> tuple[list[Sample], torch.Tensor]:
-        """The first ``n`` evaluation prompts and their deterministic images ``[n, 3, H, W]``, each
-        from fixed noise (seeded by ``task.eval_seed`` and its position, whatever the world size);
-        the global RNG is left untouched. Collective under several processes."""
-        e = self.cfg.eval
-        samples = self.task.eval_samples(n)
-        rank, world = self.engine.rank, self.engine.world_size
-        per_rank = -(-len(samples) // world)
-        first = rank * per_rank
-        mine = samples[first : first + per_rank]
-        todo = mine or samples[:1]  # every rank runs the same collectives
-        images = []
-        state = torch.get_rng_state()
-        with torch.no_grad(), self.engine.gathered_params():
-            for s in range(0, len(todo), e.batch_size):
-                part = todo[s : s + e.batch_size]
-                gen = seeded_generator(self.task.config.eval_seed + first + s, self.device)
-                images.append(self.generate(part, self.condition(part), eval_mode=True, generator=gen).cpu())
-        torch.set_rng_state(state)
-        gathered = self.engine.all_gather_object(torch.cat(images)[: len(mine)])
-        return samples, torch.cat([g for g in gathered if len(g)])[: len(samples)]
-
     def evaluate(self) -> dict[str, float]:
-        """Reward components of the evaluation images as ``eval/<name>``, and a PNG grid
-        ``images/eval_step<k>.png`` (one image per prompt)."""
+        """The one evaluator on the live policy (prompts sharded over ranks): reward components of
+        the evaluation images as ``eval/<name>``, and a PNG grid ``images/eval_step<k>.png``."""
         if self.cfg.eval.num_samples == 0:
             return {}
-        samples, images = self.eval_images(self.cfg.eval.num_samples)
-        out = self.task.reward_images(images, samples)
-        if self.engine.is_main:
-            save_image_grid(images, self.run_dir / "images" / f"eval_step{self.step:06d}.png")
-        metrics = {"reward": float(out.rewards.mean())}
-        metrics.update({k: float(v.float().mean()) for k, v in out.components.items()})
-        return {f"eval/{k}": v for k, v in metrics.items()}
-
-    # -- `mmpo eval` ----------------------------------------------------------------------------------
-    @classmethod
-    def eval_config(cls, cfg: RunConfig, model_dir: Path) -> RunConfig:
-        """The run config with which a trained ``model_dir`` (a run's ``model/``) is evaluated."""
-        return cfg
-
-    def load_final_model(self, model_dir: Path) -> None:
-        """Load what :meth:`save_final_model` wrote beyond ``eval_config``'s model path."""
+        e = self.engine
+        if self._evaluator is None:
+            self._evaluator = image_evaluator(self.cfg, self.task, self.image_sampler(), params=e.gathered_params)
+        result = run_evaluation(self._evaluator, rank=e.rank, world_size=e.world_size, gather=e.all_gather_object)
+        if e.is_main and result.rows:
+            self._evaluator.save_grid(result.rows, self.run_dir / "images" / f"eval_step{self.step:06d}.png")
+        return {f"eval/{k}": v for k, v in result.metrics.items()}
 
     @classmethod
-    def evaluate_checkpoint(cls, cfg: RunConfig, checkpoint: str | None, run_dir: Path) -> dict[str, Any]:
-        """``mmpo eval`` of a diffusion recipe: deterministic images of the evaluation prompts from the
-        trained model of ``checkpoint`` (a run folder or its ``model/``; default: the config's
-        untrained model.path), scored by the task's rewards. Writes ``<run_dir>/eval/``:
-        ``images.png`` (a grid), ``predictions.jsonl`` (each prompt's reward components) and
-        ``metrics.json``."""
+    def checkpoint_evaluator(cls, cfg: RunConfig, checkpoint: str | None) -> tuple[ImageEvaluator, str]:
+        """``mmpo eval``: the evaluator of ``checkpoint``'s model (a run folder or its ``model/``;
+        ``tiny:<kind>`` or default: the config's untrained model.path), loaded without optimizer or
+        training engine. Returns ``(evaluator, what was loaded)``."""
         import dataclasses
-        import json
-        import tempfile
 
-        from mmpo.checkpoint import save_json
+        from mmpo.engine import resolve_device, resolve_precision
+        from mmpo.tasks import build_task
 
-        model_dir = None
-        if checkpoint:
-            path = Path(checkpoint)
-            model_dir = path / "model" if (path / "model").is_dir() else path
-            if not model_dir.is_dir():
-                raise ConfigError(f"checkpoint='{checkpoint}' is neither a run folder (with model/) nor a model folder")
-            cfg = cls.eval_config(cfg, model_dir)
-        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=1))
-        with tempfile.TemporaryDirectory(prefix="mmpo-eval-") as tmp:
-            trainer = type(cls.__name__, (cls,), {"track": False})(cfg, Path(tmp))
-            if model_dir is not None:
-                trainer.load_final_model(model_dir)
-            samples, images = trainer.eval_images(cfg.eval.num_samples)
-            out = trainer.task.reward_images(images, samples)
-        out_dir = Path(run_dir) / "eval"
-        save_image_grid(images, out_dir / "images.png")
-        pred_path = out_dir / "predictions.jsonl"
-        tmp_path = pred_path.with_suffix(".jsonl.tmp")
-        with open(tmp_path, "w") as f:
-            for i, s in enumerate(samples):
-                row = {"id": s.id, "prompt": s.meta["prompt"], "reward": float(out.rewards[i])}
-                row.update({k: float(v[i]) for k, v in out.components.items()})
-                f.write(json.dumps(row) + "\n")
-        tmp_path.replace(pred_path)
-        metrics = {"reward": float(out.rewards.mean()), **{k: float(v.float().mean()) for k, v in out.components.items()}}
-        save_json(out_dir / "metrics.json", {"checkpoint": str(model_dir or cfg.model.path), **metrics})
-        return {"metrics": metrics, "predictions": str(pred_path), "images": str(out_dir / "images.png")}
+        if checkpoint and checkpoint.startswith(TINY_PREFIX):
+            cfg, checkpoint = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=checkpoint)), None
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
+        task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        check_task(task, cls.contract, cls.kind)
+        model_dir = resolve_model_folder(checkpoint, cls.model_markers) if checkpoint else None
+        sampler, label = cls.saved_image_sampler(cfg, task, model_dir, device, precision)
+        return image_evaluator(cfg, task, sampler), label
 
     # -- one step -----------------------------------------------------------------------------------
     def rollout(self) -> tuple[Any, dict[str, float]]:
@@ -261,4 +247,16 @@ class DiffusionTrainerBase(TrainerBase):
         return self.reduce_metrics(metrics)
 
 
-__all__ = ["Contract", "DiffusionTrainerBase", "ImageTask", "ImageTaskConfig", "SamplingSettings", "check_task"]
+def image_evaluator(cfg: RunConfig, task: ImageTask, sampler: ImageSampler,
+                    params: Callable[[], AbstractContextManager] = nullcontext) -> ImageEvaluator:
+    """The evaluator of ``eval.num_samples`` prompts in batches of ``eval.batch_size``, noise from
+    ``task.eval_seed``."""
+    e = cfg.eval
+    return ImageEvaluator(task, sampler, num_samples=e.num_samples, batch_size=e.batch_size,
+                          seed=task.config.eval_seed, params=params)
+
+
+__all__ = [
+    "Contract", "DiffusionTrainerBase", "ImageTask", "ImageTaskConfig", "SamplingSettings", "check_task",
+    "image_evaluator", "load_pipeline",
+]

@@ -21,12 +21,21 @@ import torch
 from torch import nn
 
 from mmpo.checkpoint import load_state_tensors, save_state_tensors
-from mmpo.diffusion.pipeline import PromptEmbeds, Schedule
+from mmpo.config import RunConfig
+from mmpo.diffusion.evaluation import ImageSampler, precision_autocast
+from mmpo.diffusion.pipeline import DiffusionModel, Schedule
 from mmpo.errors import ConfigError
 from mmpo.policies.denoising import DenoisingPolicy
 from mmpo.policies.gaussian import NoisePolicy, diag_gaussian_log_prob
 from mmpo.tasks import Sample
-from mmpo.trainers.diffusion_base import Contract, DiffusionTrainerBase, ImageTask, ImageTaskConfig, SamplingSettings
+from mmpo.trainers.diffusion_base import (
+    Contract,
+    DiffusionTrainerBase,
+    ImageTask,
+    ImageTaskConfig,
+    SamplingSettings,
+    load_pipeline,
+)
 from mmpo.trainers.kinds import NOISE
 from mmpo.trainers.update import RowSizes, UnitTerms
 
@@ -69,7 +78,9 @@ class ValueNet(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)
+        )
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.net(feats.float()).squeeze(-1)
@@ -88,44 +99,99 @@ class NoiseBatch:
     advantages: torch.Tensor  # [N]
 
 
+def prompt_features(model: DiffusionModel, rows: list[Sample]) -> torch.Tensor:
+    """Pooled prompt embedding ``[N, D]`` (the token-mean where the pipeline has no pooled one)."""
+    e = model.encode([r.meta["prompt"] for r in rows], cfg=False)
+    return (e.pooled if e.pooled is not None else e.embeds.mean(1)).float()
+
+
+def build_noise_policy(
+    task: NoiseTask, model: DiffusionModel, height: int, width: int
+) -> tuple[NoisePolicy, dict[str, int]]:
+    """The untrained noise policy of ``task.config`` over the pipeline's latents, and the index of
+    each training prompt (its row of a per-prompt policy). ConfigError when a per-prompt policy
+    meets evaluation prompts it has no Gaussian for."""
+    c = task.config
+    prompt_index = {p.text: i for i, p in enumerate(task.prompts)}
+    if c.policy == "per_prompt":
+        missing = [p.text for p in task.eval_prompt_list if p.text not in prompt_index]
+        if missing:
+            raise ConfigError(
+                f"task.policy per_prompt learns a noise distribution per training prompt; eval prompts {missing[:3]} "
+                "are not training prompts (set task.eval_prompts null, or task.policy conditioned)"
+            )
+    cond_dim = int(prompt_features(model, [task.train_sample(0)]).shape[-1])
+    policy = NoisePolicy(model.latent_shape(height, width), mode=c.policy, num_prompts=len(task.prompts),
+                         cond_dim=cond_dim, sigma_init=c.sigma_init, sigma_min=c.sigma_min)
+    return policy, prompt_index
+
+
+@dataclass
+class NoiseImages(ImageSampler):
+    """Images of the frozen pipeline from ``x_T = mu + sigma * noise`` of ``policy`` (the live
+    :class:`NoisePolicy` or a saved one), decoded by ``decoder``'s deterministic sampler."""
+
+    decoder: DenoisingPolicy
+    policy: nn.Module
+    prompt_index: dict[str, int]
+
+    def index(self, rows: list[Sample]) -> torch.Tensor:
+        """``[N]`` the training-prompt row of each sample (0 for an unseen prompt)."""
+        return torch.tensor([self.prompt_index.get(r.meta["prompt"], 0) for r in rows])
+
+    def decode(self, rows: list[Sample], x_T: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` of the frozen deterministic sampler from ``x_T [N, C, h, w]`` (one batch)."""
+        with self.autocast():
+            traj = self.decoder.sample(self.model.denoiser, self.condition(rows), x_T.to(self.model.device), schedule,
+                                       stochastic=False)
+        return self.model.decode(traj.final)
+
+    def __call__(self, samples: list[Sample], noise: torch.Tensor) -> torch.Tensor:
+        """``[n, 3, H, W]`` in [0, 1] from standard-normal ``noise [n, C, h, w]``."""
+        device = self.model.device
+        cond = prompt_features(self.model, samples).to(device)
+        mu, sigma = self.policy(prompt_index=self.index(samples).to(device), cond=cond)
+        x_T = (mu.detach() + sigma.detach() * noise.to(mu.device)).float()
+        return self.decode(samples, x_T, self.schedule)
+
+
 class FindTrainer(DiffusionTrainerBase):
     """FIND on a frozen diffusers pipeline: the trained module is the :class:`NoisePolicy`."""
 
     kind = NOISE
-    contract: ClassVar[Contract] = (("task", NoiseTask), ("task.config", NoiseConfig), ("task.config.sampling", SamplingSettings))
+    contract: ClassVar[Contract] = (("task", NoiseTask), ("task.config", NoiseConfig),
+                                    ("task.config.sampling", SamplingSettings))
+    model_markers: ClassVar[tuple[str, ...]] = ("noise_policy.safetensors",)
     task: NoiseTask  # type: ignore[assignment]
 
     def build_trainable(self) -> torch.nn.Module:
         """The noise policy (mu 0, sigma ``sigma_init``), and the value net with its own Adam."""
         c = self.task.config
         if self.cfg.model.lora is not None:
-            raise ConfigError("task find trains the noise distribution; the denoiser is frozen, so model.lora must be null")
+            raise ConfigError(
+                "task find trains the noise distribution; the denoiser is frozen, so model.lora must be null"
+            )
         s = c.sampling
         self.decoder = DenoisingPolicy(self.model, guidance_scale=s.guidance_scale)
         self.schedule = self.model.schedule(s.num_steps, self.height, self.width)
         self.eval_schedule = self.model.schedule(s.eval_num_steps, self.height, self.width)
-        self.prompt_index = {p.text: i for i, p in enumerate(self.task.prompts)}
-        if c.policy == "per_prompt":
-            missing = [p.text for p in self.task.eval_prompt_list if p.text not in self.prompt_index]
-            if missing:
-                raise ConfigError(
-                    f"task.policy per_prompt learns a noise distribution per training prompt; eval prompts {missing[:3]} "
-                    "are not training prompts (set task.eval_prompts null, or task.policy conditioned)"
-                )
+        policy, self.prompt_index = build_noise_policy(self.task, self.model, self.height, self.width)
         cond_dim = self._prompt_features([self.task.train_sample(0)]).shape[-1]
-        shape = self.model.latent_shape(self.height, self.width)
-        policy = NoisePolicy(
-            shape, mode=c.policy, num_prompts=len(self.task.prompts), cond_dim=cond_dim,
-            sigma_init=c.sigma_init, sigma_min=c.sigma_min,
-        )
         self.value = ValueNet(cond_dim + 4, c.value_hidden).to(self.model.device)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=c.value_lr)
         return policy
 
+    def engine_ready(self) -> None:
+        """Every rank starts from rank 0's value net (the ranks fit it on the same data after)."""
+        state = {k: v.cpu() for k, v in self.value.state_dict().items()}
+        self.value.load_state_dict(self.engine.all_gather_object(state)[0])
+        s = self.task.config.sampling
+        self.images = NoiseImages(self.model, self.eval_schedule, self.height, self.width, s.negative_prompt,
+                                  self.engine.autocast, self.decoder, self.engine.module, self.prompt_index)
+
     def _prompt_features(self, rows: list[Sample]) -> torch.Tensor:
         """Pooled prompt embedding ``[N, D]`` (the token-mean where the pipeline has no pooled one)."""
-        e = self.model.encode([r.meta["prompt"] for r in rows], cfg=False)
-        return (e.pooled if e.pooled is not None else e.embeds.mean(1)).float()
+        return prompt_features(self.model, rows)
 
     def _policy_params(self, index: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mu, sigma)``, each ``[N, C, h, w]``, for prompt ``index [N]`` / features ``cond [N, D]``."""
@@ -134,30 +200,23 @@ class FindTrainer(DiffusionTrainerBase):
     def _value_features(self, cond: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``[N, D + 4]``: the prompt features and mean |mu|, mean mu, mean sigma, std sigma."""
         mu, sigma = mu.detach().flatten(1).float(), sigma.detach().flatten(1).float()
-        stats = torch.stack([mu.mean(1), mu.abs().mean(1), sigma.mean(1), sigma.std(1) if sigma.shape[1] > 1 else sigma.mean(1) * 0], 1)
+        sigma_std = sigma.std(1) if sigma.shape[1] > 1 else sigma.mean(1) * 0
+        stats = torch.stack([mu.mean(1), mu.abs().mean(1), sigma.mean(1), sigma_std], 1)
         return torch.cat([cond.to(stats.device).float(), stats], 1)
 
     # -- sampling ----------------------------------------------------------------------------------
     def _index(self, rows: list[Sample]) -> torch.Tensor:
-        return torch.tensor([self.prompt_index.get(r.meta["prompt"], 0) for r in rows])
+        return self.images.index(rows)
 
     def _decode(self, rows: list[Sample], x_T: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-        """Images ``[N, 3, H, W]`` of the frozen deterministic sampler from ``x_T [N, C, h, w]``."""
-        cond = self.condition(rows)
-        out = []
+        """Images ``[N, 3, H, W]`` of the frozen deterministic sampler from ``x_T [N, C, h, w]`` (in micro batches)."""
         mb = self.shape.micro_batch_size
-        for s in range(0, len(rows), mb):
-            idx = list(range(s, min(s + mb, len(rows))))
-            with self.engine.autocast():
-                traj = self.decoder.sample(self.model.denoiser, cond.rows(idx), x_T[idx].to(self.device), schedule, stochastic=False)
-            out.append(self.model.decode(traj.final))
-        return torch.cat(out)
+        parts = [self.images.decode(rows[s : s + mb], x_T[s : s + mb], schedule) for s in range(0, len(rows), mb)]
+        return torch.cat(parts)
 
-    def generate(self, samples: list[Sample], cond: PromptEmbeds, *, eval_mode: bool, generator: torch.Generator) -> torch.Tensor:
-        with torch.no_grad():
-            mu, sigma = self._policy_params(self._index(samples), self._prompt_features(samples))
-            x_T = NoisePolicy.sample(mu, sigma, generator)
-        return self._decode(samples, x_T, self.eval_schedule if eval_mode else self.schedule)
+    def image_sampler(self) -> NoiseImages:
+        """The live noise policy's evaluation images."""
+        return self.images
 
     def rollout(self) -> tuple[NoiseBatch, dict[str, float]]:
         """x_T from the current Gaussians, decoded, scored; the advantages of ``task.baseline``."""
@@ -196,8 +255,12 @@ class FindTrainer(DiffusionTrainerBase):
         return batch, metrics
 
     def _fit_value(self, feats: torch.Tensor, rewards: torch.Tensor) -> float:
-        """``value_steps`` MSE steps of the value net on this iteration's rewards; the last loss."""
-        target = rewards.to(feats.device)
+        """``value_steps`` MSE steps of the value net on this iteration's ``feats [N, F]`` and
+        ``rewards [N]`` of every rank (gathered in rank order, so every rank fits the same data
+        and the value nets stay equal); the last loss."""
+        parts = self.engine.all_gather_object((feats.detach().cpu(), rewards.detach().float().cpu()))
+        feats = torch.cat([f for f, _ in parts]).to(self.value_device)
+        target = torch.cat([r for _, r in parts]).to(self.value_device)
         loss = torch.zeros(())
         for _ in range(self.task.config.value_steps):
             loss = torch.nn.functional.mse_loss(self.value(feats), target)
@@ -247,12 +310,29 @@ class FindTrainer(DiffusionTrainerBase):
         sd["state"] = state
         self.value_opt.load_state_dict(sd)
 
-    def load_final_model(self, model_dir: Path) -> None:
-        """The noise policy of a finished run (``model/noise_policy.safetensors``)."""
-        path = model_dir / "noise_policy.safetensors"
-        if not path.is_file():
-            raise ConfigError(f"'{model_dir}' has no noise_policy.safetensors (the model folder of a find run)")
-        self.engine.module.load_state_dict(load_state_tensors(path, device=self.device))
+    @property
+    def value_device(self) -> torch.device:
+        return next(self.value.parameters()).device
+
+    @classmethod
+    def saved_image_sampler(cls, cfg: RunConfig, task: NoiseTask, model_dir: Path | None, device: torch.device,
+                            precision: str) -> tuple[NoiseImages, str]:
+        """model.path's frozen pipeline with the noise policy of ``model_dir`` (``noise_policy.safetensors``;
+        None: the untrained N(0, I))."""
+        model, height, width = load_pipeline(cfg, task, device, precision)
+        policy, prompt_index = build_noise_policy(task, model, height, width)
+        policy.to(device)
+        if model_dir is not None:
+            path = model_dir / "noise_policy.safetensors"
+            if not path.is_file():
+                raise ConfigError(f"'{model_dir}' has no noise_policy.safetensors (the model folder of a find run)")
+            policy.load_state_dict(load_state_tensors(path, device=device))
+        s = task.config.sampling
+        schedule = model.schedule(s.eval_num_steps, height, width)
+        decoder = DenoisingPolicy(model, guidance_scale=s.guidance_scale)
+        sampler = NoiseImages(model, schedule, height, width, s.negative_prompt, precision_autocast(device, precision),
+                              decoder, policy, prompt_index)
+        return sampler, str(model_dir or cfg.model.path)
 
     def save_final_model(self) -> None:
         """``model/noise_policy.safetensors`` (mu, sigma or the conditioning head) with a JSON
@@ -267,4 +347,7 @@ class FindTrainer(DiffusionTrainerBase):
         self.engine.save_pretrained(folder, save_fn=save)
 
 
-__all__ = ["FindTrainer", "NoiseBatch", "NoiseConfig", "NoiseTask", "ValueNet"]
+__all__ = [
+    "FindTrainer", "NoiseBatch", "NoiseConfig", "NoiseImages", "NoiseTask", "ValueNet", "build_noise_policy",
+    "prompt_features",
+]

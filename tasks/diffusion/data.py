@@ -39,7 +39,9 @@ def load_prompts(spec: str | list[Any], key: str) -> list[Prompt]:
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"{key}: prompt file '{spec}' does not exist (relative paths are read from the current directory)")
+            raise ConfigError(
+                f"{key}: prompt file '{spec}' does not exist (relative paths are read from the current directory)"
+            )
         prompts = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):

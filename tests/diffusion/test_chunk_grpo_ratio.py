@@ -37,7 +37,9 @@ def _step_logps(trainer, batch, start: int, end: int) -> torch.Tensor:
     """logp_new of the stored transitions ``[N, end - start]`` under the current weights (with grad)."""
     lat = batch.traj.latents
     return torch.stack([
-        trainer.policy.step(trainer.engine.module, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1]).log_prob
+        trainer.policy.step(
+            trainer.engine.module, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1]
+        ).log_prob
         for i in range(start, end)
     ], 1)
 
@@ -135,8 +137,9 @@ def test_flow_grpo_chunk_size_one_gives_per_step_ratios_and_the_kl(tmp_path):
     for i in (0, 1):
         with torch.no_grad():
             loss, metrics = trainer._chunk_loss(batch, rows, i, i + 1)
-            out = trainer.policy.step(trainer.engine.module, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1])
-            ref = trainer.policy.step(trainer.ref, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1])
+            step = (lat[:, i], trainer.schedule, i, batch.cond)
+            out = trainer.policy.step(trainer.engine.module, *step, prev_sample=lat[:, i + 1])
+            ref = trainer.policy.step(trainer.ref, *step, prev_sample=lat[:, i + 1])
         r = (out.log_prob - batch.traj.log_probs[:, i]).exp()
         kl = ((out.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * out.kl_sigma**2)
         torch.testing.assert_close(kl, gaussian_kl(out.mean[:, None], ref.mean[:, None], out.kl_sigma)[:, 0])

@@ -17,7 +17,8 @@ from mmpo.errors import ConfigError
 
 @pytest.mark.parametrize(
     "size, steps, expected",
-    [(1, 4, [1, 1, 1, 1]), (2, 4, [2, 2]), (3, 10, [3, 3, 3, 1]), (4, 16, [4, 4, 4, 4]), (16, 16, [16]), (20, 16, [16])],
+    [(1, 4, [1, 1, 1, 1]), (2, 4, [2, 2]), (3, 10, [3, 3, 3, 1]), (4, 16, [4, 4, 4, 4]), (16, 16, [16]),
+     (20, 16, [16])],
 )
 def test_uniform_partition(size, steps, expected):
     assert uniform_partition(size, steps) == expected

@@ -28,7 +28,8 @@ SMALL = {
                    "rollout.group_size=3", "rollout.prompts_per_step=1", "eval.num_samples=1"],
     "flow_grpo": [*COLORS, "task.sampling.num_steps=3", "task.sampling.eval_num_steps=2", "task.sampling.height=16",
                   "task.sampling.width=16", "rollout.group_size=2", "rollout.prompts_per_step=1", "eval.num_samples=1"],
-    "find": [f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}", "task.sampling.height=16", "task.sampling.width=16",
+    "find": [f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}", "task.sampling.height=16",
+             "task.sampling.width=16",
              "task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "rollout.group_size=2",
              "rollout.prompts_per_step=2", "eval.num_samples=1"],
 }
@@ -62,13 +63,15 @@ def test_chunk_grpo_with_a_grpo_d_schedule_trains_against_a_reference(tmp_path):
         loss, m = trainer._chunk_loss(batch, rows, 2, 5, beta=expected_beta)
         per_step = []
         for i in range(2, 5):
-            out = trainer.policy.step(trainer.engine.module, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1])
-            ref = trainer.policy.step(trainer.ref, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1])
+            step = (lat[:, i], trainer.schedule, i, batch.cond)
+            out = trainer.policy.step(trainer.engine.module, *step, prev_sample=lat[:, i + 1])
+            ref = trainer.policy.step(trainer.ref, *step, prev_sample=lat[:, i + 1])
             per_step.append(gaussian_kl(out.mean[:, None], ref.mean[:, None], out.kl_sigma)[:, 0])
     kl = torch.stack(per_step, 1)  # [rows, steps]
     assert float(kl.mean()) > 0
     assert m["kl"] == pytest.approx(float(kl.mean()), rel=1e-5)
-    torch.testing.assert_close(loss, torch.tensor(m["pg_loss"] + expected_beta * float(kl.mean())), rtol=1e-5, atol=1e-8)
+    expected = torch.tensor(m["pg_loss"] + expected_beta * float(kl.mean()))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-8)
 
 
 @pytest.fixture
@@ -134,7 +137,8 @@ def test_micro_batch_size_leaves_a_two_epoch_update_unchanged(tmp_path, monkeypa
     for micro in (4, 1):
         run = tmp_path / f"micro{micro}"
         assert main(["train", str(ROOT / "configs" / "flow_grpo.yaml"), f"output_dir={run}", *SMALL["flow_grpo"],
-                     "eval.num_samples=0", "trainer.eval_at_start=false", "trainer.max_steps=1", "trainer.update_epochs=2",
+                     "eval.num_samples=0", "trainer.eval_at_start=false", "trainer.max_steps=1",
+                     "trainer.update_epochs=2",
                      "rollout.group_size=4", f"trainer.micro_batch_size={micro}"]) == 0
         runs[micro] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     a, b = runs[4], runs[1]

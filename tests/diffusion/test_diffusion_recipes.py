@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import diffusers  # noqa: E402 (the diffusion extra is part of dev)
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-import diffusers  # noqa: E402 (the diffusion extra is part of dev)
 
 from mmpo.cli import main  # noqa: E402
 from mmpo.diffusion.pipeline import resolve_pipeline_folder  # noqa: E402
@@ -66,12 +65,18 @@ def _check_run_folder(run: Path, lines: list[dict], steps: int, n_eval: int, sid
 def _check_eval(recipe: str, run: Path, out: Path, final_eval: float, *extra: str, tol: float = 1e-5) -> None:
     """`mmpo eval` of the finished run: the same deterministic images from the same fixed noise as
     the run's final evaluation, so the same reward; writes a grid, predictions and metrics."""
-    assert main(["eval", str(CONFIGS / f"{recipe}.yaml"), f"output_dir={out}", *SMALL[recipe], *extra, f"checkpoint={run}"]) == 0
+    args = [f"output_dir={out}", *SMALL[recipe], *extra, f"checkpoint={run}"]
+    assert main(["eval", str(CONFIGS / f"{recipe}.yaml"), *args]) == 0
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["reward"] == pytest.approx(final_eval, abs=tol)
     rows = [json.loads(l) for l in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and sum(r["reward"] for r in rows) / 2 == pytest.approx(metrics["reward"], abs=1e-6)
     assert (out / "eval" / "images.png").read_bytes()[:8] == PNG
+    # the one layout: the sample id, the prompt, the image's place in the grid, the prompt's target
+    assert [r["id"] for r in rows] == ["eval-0", "eval-1"]
+    assert [r["prediction"] for r in rows] == ["images.png#0", "images.png#1"]
+    assert all(isinstance(r["input"], str) and r["input"] and "answer" in r for r in rows)
+    assert str(run) in metrics["checkpoint"]
 
 
 def _engine_weights(run: Path, steps: int) -> dict[str, torch.Tensor]:
@@ -79,7 +84,8 @@ def _engine_weights(run: Path, steps: int) -> dict[str, torch.Tensor]:
 
 
 def _base_pipeline(kind: str):
-    return diffusers.DiffusionPipeline.from_pretrained(str(resolve_pipeline_folder(f"tiny:{kind}")), local_files_only=True)
+    folder = resolve_pipeline_folder(f"tiny:{kind}")
+    return diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
 
 
 @pytest.mark.slow
@@ -138,7 +144,8 @@ def test_lora_recipe_saves_an_adapter_diffusers_loads_and_a_merged_pipeline(tmp_
     trained = _denoiser(_base_pipeline(kind))
     trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                    init_lora_weights="gaussian"))
-    missing, unexpected = load_model(trained, str(run / "checkpoints" / "step_00000002" / "engine" / "model.safetensors"))
+    engine_file = run / "checkpoints" / "step_00000002" / "engine" / "model.safetensors"
+    missing, unexpected = load_model(trained, str(engine_file))
     assert not missing and not unexpected
     expected = _denoiser_output(kind, trained)
     base_out = _denoiser_output(kind, _denoiser(_base_pipeline(kind)))
@@ -256,10 +263,12 @@ def test_flow_grpo_with_clip_score_and_a_colour_reward_logs_both_and_their_weigh
                "{name: target_color, meta_key: color, weight: 2.0}]")
     lines = _train("flow_grpo", tmp_path / "run", rewards, "trainer.max_steps=1")
     for line in (lines[0], lines[-1]):
-        assert line["eval/reward"] == pytest.approx(0.5 * line["eval/clip_score"] + 2.0 * line["eval/target_color"], abs=1e-5)
+        weighted = 0.5 * line["eval/clip_score"] + 2.0 * line["eval/target_color"]
+        assert line["eval/reward"] == pytest.approx(weighted, abs=1e-5)
         assert -1.0 <= line["eval/clip_score"] <= 1.0
     assert {"reward/clip_score", "reward/target_color"} <= set(lines[-1])
-    assert lines[-1]["reward_mean"] == pytest.approx(0.5 * lines[-1]["reward/clip_score"] + 2.0 * lines[-1]["reward/target_color"], abs=1e-5)
+    weighted = 0.5 * lines[-1]["reward/clip_score"] + 2.0 * lines[-1]["reward/target_color"]
+    assert lines[-1]["reward_mean"] == pytest.approx(weighted, abs=1e-5)
 
 
 @pytest.mark.slow

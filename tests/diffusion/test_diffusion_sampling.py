@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 
-
 from mmpo.diffusion.pipeline import DiffusionModel  # noqa: E402
 from mmpo.policies.denoising import DenoisingPolicy  # noqa: E402
 
@@ -23,6 +22,10 @@ GUIDANCE = {"sd3": 4.5, "flux": 3.5, "sd": 7.5}
 @pytest.fixture(scope="module")
 def models() -> dict[str, DiffusionModel]:
     return {kind: DiffusionModel.load(f"tiny:{kind}") for kind in KINDS}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 def _pipeline_latents(model: DiffusionModel, x_T: torch.Tensor) -> torch.Tensor:
@@ -134,7 +137,7 @@ def test_stochastic_log_probs_equal_rescoring_the_stored_steps(models, kind):
     steps = 4
     schedule = model.schedule(steps, H, W)
     x_T = model.init_latents(2, H, W, torch.Generator().manual_seed(0))
-    traj = policy.sample(model.denoiser, cond, x_T, schedule, stochastic=True, generator=torch.Generator().manual_seed(1))
+    traj = policy.sample(model.denoiser, cond, x_T, schedule, stochastic=True, generator=_gen(1))
     assert traj.log_probs.shape == (2, steps)
     with torch.no_grad():
         for i in range(steps):
@@ -149,9 +152,9 @@ def test_stochastic_log_probs_equal_rescoring_the_stored_steps(models, kind):
     stochastic_steps = [i for i in range(steps) if float(traj.log_probs[:, i].abs().sum()) > 0]
     assert len(stochastic_steps) >= steps - 1
     # the same generator seed gives the same trajectory; another seed another one
-    again = policy.sample(model.denoiser, cond, x_T, schedule, stochastic=True, generator=torch.Generator().manual_seed(1))
+    again = policy.sample(model.denoiser, cond, x_T, schedule, stochastic=True, generator=_gen(1))
     torch.testing.assert_close(again.latents, traj.latents, rtol=0, atol=0)
-    other = policy.sample(model.denoiser, cond, x_T, schedule, stochastic=True, generator=torch.Generator().manual_seed(2))
+    other = policy.sample(model.denoiser, cond, x_T, schedule, stochastic=True, generator=_gen(2))
     assert (other.final - traj.final).abs().max() > 1e-3
 
 
@@ -169,7 +172,9 @@ def test_rescoring_under_other_weights_changes_the_log_prob(models, kind):
         g = torch.Generator().manual_seed(4)
         for p in moved.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        same = policy.step(model.denoiser, traj.latents[:, 0], schedule, 0, cond, prev_sample=traj.latents[:, 1]).log_prob
+        same = policy.step(
+            model.denoiser, traj.latents[:, 0], schedule, 0, cond, prev_sample=traj.latents[:, 1]
+        ).log_prob
         new = policy.step(moved, traj.latents[:, 0], schedule, 0, cond, prev_sample=traj.latents[:, 1]).log_prob
     torch.testing.assert_close(same, traj.log_probs[:, 0], rtol=0, atol=1e-5)
     assert (new - same).abs().max() > 1e-4

@@ -15,7 +15,8 @@ from mmpo.policies.gaussian import NoisePolicy, diag_gaussian_log_prob
 from mmpo.trainers.noise import FindTrainer, NoiseBatch
 
 ROOT = Path(__file__).resolve().parents[2]
-UNSEEN = 'task.eval_prompts=[{prompt: "a white square in the middle", box: [0.25, 0.25, 0.75, 0.75]}, "a white square on the left"]'
+UNSEEN = ('task.eval_prompts=[{prompt: "a white square in the middle", box: [0.25, 0.25, 0.75, 0.75]}, '
+          '"a white square on the left"]')
 SMALL = [f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}", "task.sampling.height=16", "task.sampling.width=16",
          "task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "rollout.group_size=3",
          "rollout.prompts_per_step=2", "eval.num_samples=1", "trainer.update_epochs=1"]
@@ -185,7 +186,8 @@ def test_value_baseline_advantage_is_reward_minus_value(find):
     torch.testing.assert_close(batch.advantages, batch.rewards - v, rtol=0, atol=1e-6)
     assert metrics["value_mean"] == pytest.approx(float(v.mean()), abs=1e-6)
     # the rollout fitted the value net (5 MSE steps) but did not touch the policy
-    assert any(not torch.equal(a, b) for a, b in zip(value_before.state_dict().values(), find.value.state_dict().values()))
+    before, after = value_before.state_dict().values(), find.value.state_dict().values()
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.equal(params_before[k], v) for k, v in find.engine.module.state_dict().items())
     # sampling log-prob of the stored x_T under the rollout's Gaussian
     torch.testing.assert_close(batch.logp_old, diag_gaussian_log_prob(batch.x_T, mu, sigma).detach())
@@ -218,7 +220,8 @@ def test_per_prompt_policy_with_unseen_eval_prompts_is_a_config_error(tmp_path):
 def test_conditioned_policy_generalises_to_unseen_eval_prompts(tmp_path):
     trainer = _trainer(tmp_path, "task.policy=conditioned", UNSEEN)
     pol = trainer.engine.module
-    assert pol.mode == "conditioned" and pol.head.in_features == trainer._prompt_features([trainer.task.train_sample(0)]).shape[1]
+    features = trainer._prompt_features([trainer.task.train_sample(0)])
+    assert pol.mode == "conditioned" and pol.head.in_features == features.shape[1]
     samples = trainer.task.eval_samples(2)
     mu, sigma = trainer._policy_params(trainer._index(samples), trainer._prompt_features(samples))
     assert mu.shape == (2, 4, 4, 4) and torch.all(mu == 0) and torch.all(sigma == 1)
