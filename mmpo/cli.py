@@ -72,16 +72,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         out_dir = Path(cfg.output_dir) / "eval"
     else:
         out_dir = default_eval_dir(checkpoint, _run_dir(cfg, args.config))
-    cls = trainer_class_for(cfg.task.name)
-    if not hasattr(cls, "checkpoint_evaluator"):  # a trainer not yet on the one evaluator
-        result = cls.evaluate_checkpoint(cfg, checkpoint, out_dir.parent)
-    else:
-        rank, world, gather = eval_ranks()
-        evaluator, label = cls.checkpoint_evaluator(cfg, checkpoint)
-        evaluated = run_evaluation(evaluator, rank=rank, world_size=world, gather=gather)
-        if rank != 0:
-            return 0
-        result = write_evaluation(out_dir, evaluated, evaluator, label)
+    rank, world, gather = eval_ranks()
+    evaluator, label = trainer_class_for(cfg.task.name).checkpoint_evaluator(cfg, checkpoint)
+    evaluated = run_evaluation(evaluator, rank=rank, world_size=world, gather=gather)
+    if rank != 0:
+        return 0
+    result = write_evaluation(out_dir, evaluated, evaluator, label)
     print(json.dumps(result["metrics"]))
     print(f"predictions: {result['predictions']}")
     return 0

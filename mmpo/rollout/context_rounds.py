@@ -7,6 +7,10 @@ a leave-one-out advantage) and draws again, until ``target`` contexts are kept, 
 
 The environment side is a callable, so the logic is the same for any env task and can be tested
 on constructed outcomes.
+
+Several processes: each runs its own rounds on its share of the contexts. What a round did to the
+skip state is logged (``RoundResult.skip_log``); :func:`replay_skip_log` applies every rank's log,
+in rank order, to the state from before the round, so all ranks end with the same state.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ class RoundResult(Generic[E]):
     run: int = 0
     skipped_solved: int = 0
     discarded_all_equal: int = 0
+    #: what the round did to the skip state, in order: ``("skip", keys)`` / ``("record", key, successes)``
+    skip_log: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 def collect_round(
@@ -61,7 +67,10 @@ def collect_round(
             break
         res.drawn += len(keys)
         if skip_state is not None:
-            go = ript_skip([str(k) for k in keys], state=skip_state, rollouts_per_context=group_size, threshold=skip_threshold).tolist()
+            res.skip_log.append(("skip", [str(k) for k in keys]))
+            go = ript_skip(
+                [str(k) for k in keys], state=skip_state, rollouts_per_context=group_size, threshold=skip_threshold
+            ).tolist()
         else:
             go = [True] * len(keys)
         res.skipped_solved += go.count(False)
@@ -70,13 +79,17 @@ def collect_round(
             continue
         episodes = run_contexts(keys)
         if len(episodes) != len(keys) * group_size:
-            raise RuntimeError(f"run_contexts returned {len(episodes)} episodes for {len(keys)} contexts x {group_size}")
+            raise RuntimeError(
+                f"run_contexts returned {len(episodes)} episodes for {len(keys)} contexts x {group_size}"
+            )
         res.run += len(keys)
         res.episodes.extend(episodes)
         for c, key in enumerate(keys):
             group = episodes[c * group_size : (c + 1) * group_size]
             if skip_state is not None:
-                skip_state.record(str(key), [int(bool(success(e))) for e in group])
+                successes = [int(bool(success(e))) for e in group]
+                res.skip_log.append(("record", str(key), successes))
+                skip_state.record(str(key), successes)
             rewards = [reward(e) for e in group]
             if dynamic_sampling and max(rewards) == min(rewards):
                 res.discarded_all_equal += 1
@@ -87,4 +100,16 @@ def collect_round(
     return res
 
 
-__all__ = ["RoundResult", "collect_round"]
+def replay_skip_log(
+    state: RiptSkipState, log: Sequence[tuple[Any, ...]], *, group_size: int, skip_threshold: int = 3
+) -> None:
+    """Apply a round's :attr:`RoundResult.skip_log` to ``state`` (the skips' counts and history
+    drops, then the recorded outcomes, in the order the round made them)."""
+    for op in log:
+        if op[0] == "skip":
+            ript_skip(list(op[1]), state=state, rollouts_per_context=group_size, threshold=skip_threshold)
+        else:
+            state.record(op[1], list(op[2]))
+
+
+__all__ = ["RoundResult", "collect_round", "replay_skip_log"]

@@ -36,7 +36,8 @@ class SeedRange:
 
 
 def check_disjoint(
-    train: Sequence[int], held_out: Sequence[int], what: str = "eval_seeds", other: str = "the training seeds (task.train_seeds)"
+    train: Sequence[int], held_out: Sequence[int], what: str = "eval_seeds",
+    other: str = "the training seeds (task.train_seeds)",
 ) -> None:
     """Refuse held-out contexts that are also training contexts (the success rate would not be held out)."""
     both = sorted(set(train) & set(held_out))
@@ -52,26 +53,56 @@ def check_disjoint(
 class EnvSpec:
     """Which environment, how its observation becomes (image, instruction), and what success is."""
 
-    id: str = field(default="BabyAI-GoToRedBallNoDists-v0", metadata={"help": "gymnasium id (MiniGrid / BabyAI levels register on `import minigrid`)."})
+    id: str = field(
+        default="BabyAI-GoToRedBallNoDists-v0",
+        metadata={"help": "gymnasium id (MiniGrid / BabyAI levels register on `import minigrid`)."},
+    )
     kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "Keyword arguments of gymnasium.make."})
     observation: Literal["minigrid_partial", "minigrid_full", "render", "image"] = field(
         default="minigrid_partial",
-        metadata={"help": "'minigrid_partial' / 'minigrid_full': MiniGrid's RGBImgPartialObsWrapper / RGBImgObsWrapper; 'render': env.render() with render_mode='rgb_array'; 'image': the observation's own 'image' entry (e.g. mmpo/MiniWoB-v0)."},
+        metadata={
+            "help": "'minigrid_partial' / 'minigrid_full': MiniGrid's RGBImgPartialObsWrapper / RGBImgObsWrapper; "
+            "'render': env.render() with render_mode='rgb_array'; 'image': the observation's own 'image' entry "
+            "(e.g. mmpo/MiniWoB-v0)."
+        },
     )
-    tile_size: int = field(default=8, metadata={"help": "MiniGrid pixels per tile (7x7 partial view -> 56 px at 8).", "min": 1})
-    image_size: int = field(default=0, metadata={"help": "Resize the image to this square size (pixels); 0 keeps it.", "min": 0})
-    instruction: str = field(default="", metadata={"help": "Instruction text when the observation has none (e.g. 'swing the pendulum upright')."})
-    instruction_key: str = field(default="mission", metadata={"help": "Observation key holding the instruction (MiniGrid: mission)."})
-    max_steps: int = field(default=0, metadata={"help": "Policy steps per episode; 0 = the environment's own limit.", "min": 0})
+    tile_size: int = field(
+        default=8, metadata={"help": "MiniGrid pixels per tile (7x7 partial view -> 56 px at 8).", "min": 1}
+    )
+    image_size: int = field(
+        default=0, metadata={"help": "Resize the image to this square size (pixels); 0 keeps it.", "min": 0}
+    )
+    instruction: str = field(
+        default="",
+        metadata={"help": "Instruction text when the observation has none (e.g. 'swing the pendulum upright')."},
+    )
+    instruction_key: str = field(
+        default="mission", metadata={"help": "Observation key holding the instruction (MiniGrid: mission)."}
+    )
+    max_steps: int = field(
+        default=0, metadata={"help": "Policy steps per episode; 0 = the environment's own limit.", "min": 0}
+    )
     success: Literal["terminated_positive", "info_success", "return_above"] = field(
         default="terminated_positive",
-        metadata={"help": "'terminated_positive': the episode terminated with a positive reward (MiniGrid); 'info_success': info['success'] was true; 'return_above': the return reached success_threshold."},
+        metadata={
+            "help": "'terminated_positive': the episode terminated with a positive reward (MiniGrid); "
+            "'info_success': info['success'] was true; 'return_above': the return reached success_threshold."
+        },
     )
     success_threshold: float = field(default=0.0, metadata={"help": "Return threshold of success='return_above'."})
-    noop_action: Any = field(default=None, metadata={"help": "Env action run for an invalid policy output; null: the env is not stepped (the step still counts)."})
+    noop_action: Any = field(
+        default=None,
+        metadata={
+            "help": "Env action run for an invalid policy output; null: the env is not stepped (the step still counts)."
+        },
+    )
     max_envs: int = field(
         default=0,
-        metadata={"help": "At most this many environments run at once (rollouts beyond it run in later waves); 0 = one per rollout. Bounds the browsers of a GUI environment.", "min": 0},
+        metadata={
+            "help": "At most this many environments run at once (rollouts beyond it run in later waves); "
+            "0 = one per rollout. Bounds the browsers of a GUI environment.",
+            "min": 0,
+        },
     )
 
 
@@ -101,7 +132,9 @@ class ActionBatch:
 
 
 class ActingPolicy(Protocol):
-    def act(self, observations: list[Observation], *, generator: torch.Generator, greedy: bool = False) -> ActionBatch: ...
+    def act(
+        self, observations: list[Observation], *, generator: torch.Generator, greedy: bool = False
+    ) -> ActionBatch: ...
 
 
 @dataclass
@@ -155,7 +188,9 @@ def make_env(spec: EnvSpec, *, render: bool = False) -> Any:
         from minigrid.wrappers import RGBImgObsWrapper, RGBImgPartialObsWrapper
 
         if not hasattr(env.unwrapped, "grid"):
-            raise ConfigError(f"task.env.observation={spec.observation!r} needs a MiniGrid environment, not {spec.id!r}")
+            raise ConfigError(
+                f"task.env.observation={spec.observation!r} needs a MiniGrid environment, not {spec.id!r}"
+            )
         wrapper = RGBImgPartialObsWrapper if spec.observation == "minigrid_partial" else RGBImgObsWrapper
         env = wrapper(env, tile_size=spec.tile_size)
     return env
@@ -168,6 +203,24 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def act_rows(
+    policy: ActingPolicy, observations: list[Observation], generator: torch.Generator | list[torch.Generator],
+    rows: list[int], greedy: bool,
+) -> ActionBatch:
+    """``policy.act`` on ``observations`` (those of episodes ``rows``): in one batch with one
+    generator, or one observation at a time with episode ``rows[b]``'s own ``generator[rows[b]]``
+    (greedy acting draws nothing: one batch)."""
+    if isinstance(generator, torch.Generator) or greedy:
+        gen = generator if isinstance(generator, torch.Generator) else generator[rows[0]]
+        return policy.act(observations, generator=gen, greedy=greedy)
+    parts = [policy.act([o], generator=generator[r], greedy=False) for o, r in zip(observations, rows)]
+    return ActionBatch(
+        actions=[a for p in parts for a in p.actions], units=torch.cat([p.units for p in parts]),
+        logp=torch.cat([p.logp for p in parts]), mask=torch.cat([p.mask for p in parts]),
+        encodings=[e for p in parts for e in p.encodings],
+    )
 
 
 class EnvRunner:
@@ -246,26 +299,33 @@ class EnvRunner:
         contexts: Sequence[int],
         rollouts_per_context: int,
         *,
-        generator: torch.Generator,
+        generator: torch.Generator | Sequence[torch.Generator],
         greedy: bool = False,
         record_frames: bool = False,
         keep_observations: bool = False,
     ) -> list[Episode]:
         """Episodes of ``rollouts_per_context`` rollouts per seed in ``contexts``, context-major
-        (``[c0 r0, c0 r1, ..., c1 r0, ...]``); in waves of ``spec.max_envs`` environments when set."""
+        (``[c0 r0, c0 r1, ..., c1 r0, ...]``); in waves of ``spec.max_envs`` environments when set.
+
+        ``generator``: one for the whole batch, or one per episode (context-major): then each
+        episode's sampling depends on its own generator only (the policy acts on one observation
+        at a time unless ``greedy``)."""
         rows = [(int(c), k) for c in contexts for k in range(rollouts_per_context)]
+        if not isinstance(generator, torch.Generator) and len(generator) != len(rows):
+            raise ValueError(f"{len(generator)} generators for {len(rows)} episodes")
         wave = self.spec.max_envs or len(rows)
         episodes: list[Episode] = []
         for s in range(0, len(rows), max(1, wave)):
-            episodes += self._run_wave(policy, rows[s : s + wave], generator, greedy, record_frames, keep_observations)
+            gens = generator if isinstance(generator, torch.Generator) else list(generator[s : s + wave])
+            episodes += self._run_wave(policy, rows[s : s + wave], gens, greedy, record_frames, keep_observations)
         if self.spec.success == "return_above":
             for ep in episodes:
                 ep.success = ep.env_return >= self.spec.success_threshold
         return episodes
 
     def _run_wave(
-        self, policy: ActingPolicy, rows: list[tuple[int, int]], generator: torch.Generator, greedy: bool,
-        record_frames: bool, keep_observations: bool,
+        self, policy: ActingPolicy, rows: list[tuple[int, int]], generator: torch.Generator | list[torch.Generator],
+        greedy: bool, record_frames: bool, keep_observations: bool,
     ) -> list[Episode]:
         """One episode per ``(seed, rollout)`` row, all environments in lockstep."""
         n = len(rows)
@@ -277,7 +337,9 @@ class EnvRunner:
         for (seed, k), env in zip(rows, envs):
             raw, info = self.reset_env(env, seed)
             obs = self.observe(env, raw)
-            ep = Episode(seed=seed, rollout=k, instruction=obs.instruction, reset_info=dict(info) if keep_observations else {})
+            ep = Episode(
+                seed=seed, rollout=k, instruction=obs.instruction, reset_info=dict(info) if keep_observations else {}
+            )
             if record_frames:
                 ep.frames.append(self.frame(env, obs))
             if keep_observations:
@@ -287,13 +349,15 @@ class EnvRunner:
         limits = [self._max_steps(env) for env in envs]
         running = list(range(n))
         while running:
-            batch = policy.act([current[i] for i in running], generator=generator, greedy=greedy)
+            batch = act_rows(policy, [current[i] for i in running], generator, running, greedy)
             still = []
             for row, i in enumerate(running):
                 env, ep = envs[i], episodes[i]
                 action = batch.actions[row]
                 valid = action is not None
-                rec = StepRecord(batch.encodings[row], batch.units[row], batch.logp[row], batch.mask[row], valid, env_action=action)
+                rec = StepRecord(
+                    batch.encodings[row], batch.units[row], batch.logp[row], batch.mask[row], valid, env_action=action
+                )
                 ep.steps.append(rec)
                 terminated = truncated = False
                 if not valid:
@@ -309,7 +373,8 @@ class EnvRunner:
                 if keep_observations:
                     ep.observations.append(current[i])
                 if record_frames:  # one frame per step (an un-stepped no-op repeats the last)
-                    ep.frames.append(self.frame(env, current[i]) if valid or self.spec.noop_action is not None else ep.frames[-1])
+                    stepped = valid or self.spec.noop_action is not None
+                    ep.frames.append(self.frame(env, current[i]) if stepped else ep.frames[-1])
                 if not (terminated or truncated or ep.length >= limits[i]):
                     still.append(i)
             running = still
@@ -326,6 +391,6 @@ class EnvRunner:
 
 
 __all__ = [
-    "ActingPolicy", "ActionBatch", "EnvRunner", "EnvSpec", "Episode", "Observation", "SeedRange",
+    "ActingPolicy", "ActionBatch", "EnvRunner", "act_rows", "EnvSpec", "Episode", "Observation", "SeedRange",
     "StepRecord", "check_disjoint", "make_env", "resize_square",
 ]

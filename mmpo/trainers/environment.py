@@ -13,22 +13,31 @@ One step:
 4. ``trainer.update_epochs`` passes of ``algorithm.loss`` through
    :meth:`~mmpo.trainers.loop.TrainerBase.update_policy`: a row is an episode; minibatches and
    micro batches count episodes; a micro batch flattens to its env steps, one loss row each.
-   A step that kept no context makes no update (``optimizer_steps: 0``).
+   A step in which no rank kept a context makes no update (``optimizer_steps: 0``).
+
+Several processes (torchrun, optionally DeepSpeed ZeRO stage 1 or 2; stage 3 is refused, its
+forwards being collective while ranks act unequally often): each rank runs its own environments on
+its share of the contexts (the sampler is sharded) and its own rounds of dynamic sampling. Every
+rank makes the same collective calls: when any rank kept a context, all update, a rank that kept
+none running its slots on a stand-in episode with weight 0. State moves alike on every rank: the skip
+state replays every rank's round (:func:`~mmpo.rollout.context_rounds.replay_skip_log`), stateful
+advantages are estimated on the rows of all ranks; each rank's sampler position is checkpointed.
+Evaluation is the one evaluator (:class:`mmpo.rollout.env_eval.EnvEvaluator`), held-out seeds
+sharded over ranks; ``mmpo eval`` builds it from a checkpoint without an optimizer or an engine.
 
 A plugin's trainer subclasses :class:`EnvironmentTrainer` in its own folder and overrides its
 public hooks: :meth:`sft_examples` (its demonstrations), :meth:`episode_reward`,
 :meth:`run_episodes`, :meth:`step_advantages` (per-step rewards), :meth:`trains_policy`,
-:meth:`build_extra_state` with :meth:`save_extra` / :meth:`load_extra` (state beside the engine's).
+:meth:`build_extra_state` with :meth:`save_extra` / :meth:`load_extra` (state beside the engine's),
+and ``evaluator_class`` (its evaluator, e.g. with per-task metrics).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -37,13 +46,14 @@ from mmpo.config import RunConfig
 from mmpo.core import aggregate
 from mmpo.core.sampling import RiptSkipState
 from mmpo.errors import ConfigError
+from mmpo.evaluate import run_evaluation
 from mmpo.models import load_model
 from mmpo.policies.vla_builder import build_vla_policy
-from mmpo.rollout.context_rounds import collect_round
+from mmpo.rollout.context_rounds import collect_round, replay_skip_log
 from mmpo.rollout.env_config import EnvTaskConfig
+from mmpo.rollout.env_eval import EnvEvaluator
 from mmpo.rollout.env_runner import EnvRunner, Episode
 from mmpo.sft import supervised_train
-from mmpo.stats import wilson_interval
 from mmpo.trainers.kinds import ENVIRONMENT
 from mmpo.trainers.loop import TrainerBase, seeded_generator
 from mmpo.trainers.update import RowSizes, UnitTerms, update_shape
@@ -71,23 +81,34 @@ class EnvironmentTask(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def zero_stage(path: str) -> int:
+    """The ZeRO stage a DeepSpeed JSON file asks for (0 when it cannot be read: the engine reports that)."""
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+        return int(stage)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 class EnvironmentTrainer(TrainerBase):
-    """See the module docstring. One process (the environments live in it)."""
+    """See the module docstring. Each process runs its own environments."""
 
     kind = ENVIRONMENT
     task: EnvironmentTask  # type: ignore[assignment]
+    #: the held-out evaluation (in training and for ``mmpo eval``); a plugin may extend it
+    evaluator_class: ClassVar[type[EnvEvaluator]] = EnvEvaluator
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path) -> None:
         device, precision = self._setup(cfg, run_dir)
-        name = cfg.task.name
-        if cfg.deepspeed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError(
-                f"{name} runs in one process (its environments and dynamic sampling are per process); "
-                "drop `deepspeed` / torchrun"
-            )
         if cfg.model.lora is not None:
             raise ConfigError(
-                f"{name} trains the full VLM (new action-token rows need full embeddings); remove model.lora"
+                f"{cfg.task.name} trains the full VLM (new action-token rows need full embeddings); remove model.lora"
+            )
+        if cfg.deepspeed and zero_stage(cfg.deepspeed) == 3:
+            raise ConfigError(
+                f"deepspeed={cfg.deepspeed!r} is ZeRO stage 3, which the {cfg.task.name} trainer does not run: its "
+                "ranks act a different number of times (episode lengths, dynamic sampling, evaluation shards) and a "
+                "ZeRO-3 forward is collective; use ZeRO stage 1 or 2 (configs/deepspeed/zero2.json)"
             )
         self.tc: EnvTaskConfig = self.task.config
         self.runner = EnvRunner(self.tc.env)
@@ -117,6 +138,11 @@ class EnvironmentTrainer(TrainerBase):
         self.states: dict[str, Any] = dict(self.algo.states)
         if self.tc.ript.skip_solved:
             self.states["ript_skip"] = RiptSkipState()
+        #: an episode this rank ran (the first of its latest round): a rank that kept no context runs
+        #: its update slots on it with weight 0
+        self.stand_in: Episode | None = None
+        self._rank_samplers: list[dict[str, Any]] | None = None
+        self._evaluator: EnvEvaluator | None = None
         self.build_extra_state()
         self._start()
 
@@ -143,11 +169,13 @@ class EnvironmentTrainer(TrainerBase):
 
     def step_advantages(self, kept: list[list[Episode]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards ``[C*K]`` and the advantage of every env step ``[S]`` (episode-major): each step
-        carries its episode's advantage (:meth:`episode_advantages`). A plugin with per-step
-        rewards overrides this."""
+        carries its episode's advantage (:meth:`episode_advantages`). Called on every rank when
+        any rank kept a context (``kept`` may be empty here). A plugin with per-step rewards
+        overrides this (estimating with :meth:`advantages_all_ranks`)."""
         rewards, adv = self.episode_advantages(kept)
         episodes = [e for g in kept for e in g]
-        return rewards, torch.cat([torch.full((ep.length,), float(a)) for ep, a in zip(episodes, adv.tolist())])
+        steps = [torch.full((ep.length,), float(a)) for ep, a in zip(episodes, adv.tolist())]
+        return rewards, torch.cat(steps) if steps else torch.zeros(0)
 
     def trains_policy(self, step: int) -> bool:
         """Whether ``step`` updates the policy (False: roll out and compute advantages only)."""
@@ -162,23 +190,29 @@ class EnvironmentTrainer(TrainerBase):
         return aggregate(-logp, mask.to(logp.device), "token-mean")
 
     def _sft_stage(self, out_dir: Path) -> dict[str, Any]:
-        """Behaviour cloning on the demonstrations; the result is saved to ``sft/model`` (atomically)."""
+        """Behaviour cloning on the demonstrations (before the engine exists; the engine
+        broadcasts rank 0's weights); the result is saved to ``sft/model`` (atomically)."""
         examples, info = self.sft_examples()
         t0 = time.perf_counter()
         result = supervised_train(
             self.policy_module, examples, self.demo_nll, self.tc.sft, seed=self.cfg.seed, desc="sft (demonstrations)"
         )
         result.update(info, sft_s=time.perf_counter() - t0)
-        with atomic_folder(out_dir) as tmp:
-            self.policy.save(tmp)
-        save_json(out_dir.parent / "metrics.json", result)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank trains alike (same seed, data, order); rank 0 saves
+            with atomic_folder(out_dir) as tmp:
+                self.policy.save(tmp)
+            save_json(out_dir.parent / "metrics.json", result)
         return result
 
     # -- rollouts ------------------------------------------------------------------------------
     def collect(self, step: int) -> tuple[list[list[Episode]], dict[str, float]]:
-        """Kept contexts, each a list of K episodes, and rollout statistics (``collect_round``)."""
+        """This rank's kept contexts, each a list of K episodes, and rollout statistics
+        (``collect_round``; sampling seeded by step and rank). The skip state then replays every
+        rank's round (collective), so all ranks hold the same."""
         r, rc = self.cfg.rollout, self.tc.ript
-        gen = seeded_generator(self.cfg.seed * 1_000_003 + step)
+        gen = seeded_generator(self.cfg.seed * 1_000_003 + step + self.engine.rank * 7_919_000_017)
+        skip = self.states.get("ript_skip")
+        before = skip.state_dict() if skip is not None else None
         res = collect_round(
             lambda n: [self.task.train_seeds[i] for i in self.sampler.next(n)],
             lambda seeds: self.run_episodes(seeds, gen),
@@ -186,8 +220,17 @@ class EnvironmentTrainer(TrainerBase):
             lambda e: e.success,
             target=r.prompts_per_step, group_size=r.group_size, max_draws=rc.max_draws,
             early_stop_fraction=rc.early_stop_fraction, dynamic_sampling=rc.dynamic_sampling,
-            skip_state=self.states.get("ript_skip"), skip_threshold=rc.skip_threshold,
+            skip_state=skip, skip_threshold=rc.skip_threshold,
         )
+        if res.episodes:  # what this rank's update runs on if it keeps no context (weight 0)
+            self.stand_in = res.episodes[0]
+        elif self.stand_in is None:  # every context drawn was skipped as solved, and none ran before
+            self.stand_in = self.runner.run(self.policy, [self.task.train_seeds[0]], 1, generator=gen)[0]
+        if skip is not None and before is not None and self.engine.world_size > 1:
+            logs = self.engine.all_gather_object(res.skip_log)
+            skip.load_state_dict(before)
+            for log in logs:
+                replay_skip_log(skip, log, group_size=r.group_size, skip_threshold=rc.skip_threshold)
         eps = res.episodes
         n = max(1, len(eps))
         steps = sum(e.length for e in eps)
@@ -210,14 +253,35 @@ class EnvironmentTrainer(TrainerBase):
         objective's advantage over each context's K episodes, its prompt key the env seed."""
         episodes = [e for g in kept for e in g]
         rewards = torch.tensor([self.episode_reward(e) for e in episodes], dtype=torch.float32)
-        group_ids = torch.arange(len(kept)).repeat_interleave(torch.tensor([len(g) for g in kept]))
-        return rewards, self.algo.advantages(rewards, group_ids, prompt_keys=[str(e.seed) for e in episodes])
+        group_ids = torch.arange(len(kept)).repeat_interleave(torch.tensor([len(g) for g in kept], dtype=torch.long))
+        return rewards, self.advantages_all_ranks(rewards, group_ids, [str(e.seed) for e in episodes])
+
+    def advantages_all_ranks(self, rewards: torch.Tensor, group_ids: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        """``algorithm.advantage`` of this rank's ``rewards [N]`` (groups ``group_ids [N]``,
+        prompt keys ``keys``) estimated on the rows of every rank (collective), so a stateful
+        estimator (``rank_ema``, ``dcpo_sas``) moves alike on all ranks; returns this rank's ``[N]``."""
+        parts = self.engine.all_gather_object((rewards, group_ids, keys))
+        first = sum(len(r) for r, _, _ in parts[: self.engine.rank])
+        groups, offset = [], 0
+        for _, g, _ in parts:
+            groups.append(g + offset)
+            offset += int(g.max()) + 1 if len(g) else 0
+        adv = self.algo.advantages(
+            torch.cat([r for r, _, _ in parts]), torch.cat(groups), prompt_keys=[k for _, _, ks in parts for k in ks]
+        )
+        return adv[first : first + len(rewards)]
 
     def update(self, kept: list[list[Episode]], step_adv: torch.Tensor, step: int) -> dict[str, float]:
         """PPO epochs over the kept episodes (rows) through the one update routine; a micro batch
         of episodes flattens to its env steps: ``UnitTerms(logp [S, U], logp_old [S, U],
-        advantages [S], mask [S, U])`` with ``step_adv [S]`` (episode-major) the steps' advantages."""
+        advantages [S], mask [S, U])`` with ``step_adv [S]`` (episode-major) the steps' advantages.
+        Without a kept episode every slot runs the stand-in (a drawn episode) with weight 0."""
         episodes = [e for g in kept for e in g]
+        n_rows = len(episodes)
+        if not episodes:
+            if self.stand_in is None:
+                raise RuntimeError("update without a kept context before any rollout (collect() sets the stand-in)")
+            episodes, step_adv = [self.stand_in], torch.zeros(self.stand_in.length)
         lengths = torch.tensor([e.length for e in episodes])
         first = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).tolist()
         records = [s for ep in episodes for s in ep.steps]
@@ -244,13 +308,14 @@ class EnvironmentTrainer(TrainerBase):
                 )
             return [UnitTerms(logp.float(), logp_old[rows].to(self.device), advantages[rows].to(self.device), msk)]
 
-        out = self.update_policy(self.shape, torch.arange(len(episodes)), sizes, terms, self.beta(step), step)
-        out["train_units"] = float(mask.sum())
+        out = self.update_policy(self.shape, torch.arange(n_rows), sizes, terms, self.beta(step), step)
+        out["train_units"] = float(mask.sum()) if n_rows else 0.0
         return out
 
     def train_step(self, step: int) -> dict[str, float]:
-        """One rollout round, its advantages and (when a context was kept and :meth:`trains_policy`)
-        the policy update; ``optimizer_steps`` is 0 for a step without update."""
+        """One rollout round, its advantages and (when any rank kept a context and
+        :meth:`trains_policy`) the policy update on every rank; ``optimizer_steps`` is 0 for a step
+        without update. Metrics are averaged over the ranks that report them."""
         t0 = time.perf_counter()
         with self.phase_hook("rollout"):
             kept, metrics = self.collect(step)
@@ -258,97 +323,66 @@ class EnvironmentTrainer(TrainerBase):
         metrics["rollout_s"] = t1 - t0
         metrics["reward_s"] = 0.0  # rewards come from the environment during the rollout
         metrics["optimizer_steps"] = 0.0  # no context carried signal, or a step without policy update
-        if kept:
+        if self.engine.all_reduce_mean(float(len(kept))) > 0:  # every rank takes the same branch
             rewards, step_adv = self.step_advantages(kept)
-            metrics["reward"] = float(rewards.mean())
-            metrics["advantage_abs"] = float(step_adv.abs().mean())
+            if kept:
+                metrics["reward"] = float(rewards.mean())
+                metrics["advantage_abs"] = float(step_adv.abs().mean())
             if self.trains_policy(step):
                 with self.phase_hook("update"):
                     metrics.update(self.update(kept, step_adv, step))
         metrics["update_s"] = time.perf_counter() - t1
         metrics["step_time_s"] = time.perf_counter() - t0
         metrics["lr"] = self.engine.lr()
-        return metrics
+        return self.reduce_metrics(metrics)
 
     # -- evaluation ----------------------------------------------------------------------------
-    def eval_episodes(self, n: int, record: int = 0) -> list[Episode]:
-        """One episode from each of the first ``n`` held-out seeds (fixed sampling seed; global RNG untouched)."""
-        seeds = self.task.eval_seeds[: n or None]
-        gen = seeded_generator(self.tc.eval_seed)
-        out: list[Episode] = []
-        bs = self.cfg.eval.batch_size
-        with torch.no_grad():
-            for s in range(0, len(seeds), bs):
-                out.extend(self.runner.run(
-                    self.policy, seeds[s : s + bs], 1, generator=gen, greedy=self.tc.eval_greedy,
-                    record_frames=s < record,
-                ))
-        return out
-
-    @staticmethod
-    def summarize(episodes: list[Episode]) -> dict[str, float]:
-        """Success rate with its 95% Wilson interval, mean return, length and invalid-action rate."""
-        n = len(episodes)
-        k = sum(e.success for e in episodes)
-        lo, hi = wilson_interval(k, n)
-        steps = sum(e.length for e in episodes)
-        return {
-            "success_rate": k / max(1, n), "success_ci_low": lo, "success_ci_high": hi, "episodes": float(n),
-            "return": sum(e.env_return for e in episodes) / max(1, n), "episode_length": steps / max(1, n),
-            "invalid_action_rate": sum(e.invalid_actions for e in episodes) / max(1, steps),
-        }
-
     def evaluate(self) -> dict[str, float]:
-        if self.cfg.eval.num_samples == 0:
+        """The first ``eval.num_samples`` held-out seeds with the live policy (the one evaluator,
+        seeds sharded over ranks); metrics as ``eval/<name>``."""
+        n = self.cfg.eval.num_samples
+        if n == 0:
             return {}
-        metrics = {f"eval/{k}": v for k, v in self.summarize(self.eval_episodes(self.cfg.eval.num_samples)).items()}
+        if self._evaluator is None:
+            self._evaluator = self.evaluator_class(
+                self.policy, self.runner, self.task.eval_seeds[:n], self.tc, batch_size=self.cfg.eval.batch_size,
+                params=self.engine.gathered_params,
+            )
+        e = self.engine
+        result = run_evaluation(self._evaluator, rank=e.rank, world_size=e.world_size, gather=e.all_gather_object)
+        metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         if self.step == 0 and self.sft_metrics:
             metrics.update({f"sft/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
         return metrics
 
     @classmethod
-    def evaluate_checkpoint(cls, cfg: RunConfig, checkpoint: str | None, run_dir: Path) -> dict[str, Any]:
-        """``mmpo eval``: success rate over the held-out seeds with a 95% Wilson interval, from the
-        trained model of ``checkpoint`` (a run folder -> its ``model/``, or any model folder such as
-        a run's ``sft/model``; default: the config's model.path). Writes ``<run_dir>/eval/``:
-        ``metrics.json``, ``episodes.jsonl`` and ``videos/seed<S>.gif`` for ``task.eval_videos`` episodes."""
-        from mmpo.rollout.recording import save_episode_video
+    def checkpoint_evaluator(cls, cfg: RunConfig, checkpoint: str | None) -> tuple[EnvEvaluator, str]:
+        """``mmpo eval``: the evaluator of ``checkpoint``'s policy (a run folder -> its ``model/``,
+        or any model folder such as a run's ``sft/model``; default: the config's model.path),
+        without optimizer or engine; with ``task.eval_videos`` GIFs."""
+        return cls.evaluator_class.from_checkpoint(cfg, checkpoint)
 
-        if checkpoint:
-            path = Path(checkpoint)
-            model_dir = path / "model" if (path / "model" / "config.json").is_file() else path
-            if not (model_dir / "config.json").is_file():
-                raise ConfigError(f"checkpoint='{checkpoint}' is neither a run folder (with model/) nor a model folder")
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(model_dir), tiny={}))
-        options = dict(cfg.task.options)
-        options["sft"] = {**dict(options.get("sft", {}) or {}), "demos": ""}
-        cfg = dataclasses.replace(
-            cfg, task=dataclasses.replace(cfg.task, options=options),
-            trainer=dataclasses.replace(cfg.trainer, max_steps=1),
-        )
-        with tempfile.TemporaryDirectory(prefix="mmpo-eval-") as tmp:
-            trainer = type(cls.__name__, (cls,), {"track": False})(cfg, Path(tmp))
-            videos = trainer.tc.eval_videos
-            episodes = trainer.eval_episodes(cfg.eval.num_samples, record=videos)
-            trainer.runner.close()
-        out_dir = Path(run_dir) / "eval"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        saved = []
-        for ep in episodes[:videos]:
-            if ep.frames:
-                saved.append(str(save_episode_video(ep.frames, out_dir / "videos" / f"seed{ep.seed}.gif")))
-        rows = [
-            {"seed": e.seed, "instruction": e.instruction, "success": bool(e.success), "return": e.env_return,
-             "length": e.length, "invalid_actions": e.invalid_actions}
-            for e in episodes
-        ]
-        tmp_path = out_dir / "episodes.jsonl.tmp"
-        tmp_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp_path.replace(out_dir / "episodes.jsonl")
-        metrics = cls.summarize(episodes)
-        seeds = [e.seed for e in episodes]
-        save_json(out_dir / "metrics.json", {"checkpoint": cfg.model.path, "eval_seeds": seeds, **metrics})
-        return {"metrics": metrics, "predictions": str(out_dir / "episodes.jsonl"), "videos": saved}
+    # -- checkpoints: each rank's sampler position ---------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """As :meth:`TrainerBase.save_checkpoint`, with every rank's sampler position (gathered
+        first: rank 0 writes the state)."""
+        if self.engine.world_size > 1:
+            self._rank_samplers = self.engine.all_gather_object(self.sampler.state_dict())
+        return super().save_checkpoint()
+
+    def trainer_state(self) -> dict[str, Any]:
+        state = super().trainer_state()
+        if self._rank_samplers is not None:
+            state["rank_samplers"] = self._rank_samplers
+        return state
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        """As :meth:`TrainerBase.load_trainer_state`; each rank resumes its own sampler position
+        (when the checkpoint was written by as many ranks)."""
+        super().load_trainer_state(state)
+        ranks = state.get("rank_samplers")
+        if ranks is not None and len(ranks) == self.engine.world_size:
+            self.sampler.load_state_dict(ranks[self.engine.rank])
 
     # -- saving --------------------------------------------------------------------------------
     def save_final_model(self) -> None:

@@ -7,6 +7,7 @@ A task picks its trainer (``Task.trainer_class``), so ``mmpo train`` runs any pl
 """
 from __future__ import annotations
 
+import abc
 import math
 import random
 import time
@@ -32,7 +33,7 @@ from mmpo.trainers.update import RowSizes, TermsFn, UpdateShape, run_update
 TIMING_KEYS = ("step_time_s", "rollout_s", "reward_s", "update_s", "eval_s", "weight_sync_s")
 
 
-class TrainerBase:
+class TrainerBase(abc.ABC):
     """The loop of ``mmpo train`` around a subclass's ``train_step`` / ``evaluate``.
 
     Subclasses set ``kind``; their ``__init__`` calls :meth:`_setup` first (task and objective),
@@ -94,14 +95,23 @@ class TrainerBase:
         self.tracker = Tracker(self.run_dir, self.cfg.trainer.max_steps, start_step=self.step, enabled=self.engine.is_main and self.track)
 
     # -- hooks ----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def train_step(self, step: int) -> dict[str, float]:
-        raise NotImplementedError
+        """One step (rollout, reward, advantage, update); its metrics, reduced over ranks."""
 
+    @abc.abstractmethod
     def evaluate(self) -> dict[str, float]:
-        return {}
+        """Held-out metrics as ``eval/<name>`` through :func:`mmpo.evaluate.run_evaluation` ({} when off)."""
 
+    @abc.abstractmethod
     def save_final_model(self) -> None:
-        raise NotImplementedError
+        """Write ``model/`` (a folder the ecosystem loads)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def checkpoint_evaluator(cls, cfg: RunConfig, checkpoint: str | None) -> tuple[Any, str]:
+        """``mmpo eval``: ``(evaluator, what was loaded)`` for ``checkpoint`` (see :mod:`mmpo.evaluate`),
+        built without an optimizer or a training engine."""
 
     def close(self) -> None:
         """Release what the run holds beyond the process (servers, browsers, ...)."""

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from mmpo.rollout.env_runner import Episode
 from mmpo_tasks.gui_agent.exploration import COMPONENTS, episode_rewards
 from mmpo_tasks.gui_agent.miniwob_trainer import MiniWobTrainer
 from mmpo_tasks.gui_agent.screen_embedding import ImageEmbedder, TextEmbedder, dom_text, text_under_box
 from mmpo_tasks.gui_agent.world_model import WorldModel
-
-from mmpo.rollout.env_runner import Episode
 
 WORLD_MODEL_FILE = "world_model.pt"
 
@@ -57,7 +57,8 @@ class ScreenExplorerTrainer(MiniWobTrainer):
     # -- rollouts: keep what the rewards read ----------------------------------------------------
     def run_episodes(self, seeds: list[int], generator: torch.Generator) -> list[Episode]:
         """K rollouts of each seed, keeping each step's observation (the rewards read them)."""
-        return self.runner.run(self.policy, seeds, self.cfg.rollout.group_size, generator=generator, keep_observations=True)
+        k = self.cfg.rollout.group_size
+        return self.runner.run(self.policy, seeds, k, generator=generator, keep_observations=True)
 
     def episode_reward(self, ep: Episode) -> float:
         return float(ep.success)  # only for collect()'s statistics; training uses step rewards
@@ -82,38 +83,42 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         return {
             "pre_img": images[:-1], "post_img": images[1:], "pre_txt": texts[:-1], "post_txt": texts[1:],
             "intent": self.text_embedder.embed([ep.instruction] * ep.length), "under": self.text_embedder.embed(under),
-            "valid": torch.tensor([s.valid for s in ep.steps]), "task": torch.tensor([s.reward for s in ep.steps], dtype=torch.float32),
+            "valid": torch.tensor([s.valid for s in ep.steps]),
+            "task": torch.tensor([s.reward for s in ep.steps], dtype=torch.float32),
             "actions": [action_text(s.env_action) for s in ep.steps],
         }
 
     def step_advantages(self, kept: list[list[Episode]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Episode returns of the step rewards ``[C*K]`` and the advantages ``[S]`` of the step
         rewards (``algorithm.advantage``, ``flat_batch`` in the recipe; each step its own group,
-        its prompt key its context's seed). Fits the world model first."""
+        its prompt key its context's seed), estimated on the steps of every rank. Fits the world
+        model first, on the transitions of every rank in rank order (gathered), so each rank's
+        world model, buffer and shuffling generator stay the same (rank 0 checkpoints them)."""
         episodes = [e for g in kept for e in g]
         trans = [self._transitions(ep) for ep in episodes]
         wm, w = self.world_model, self.tc.world_model
-        for tr in trans:
-            wm.add(tr["pre_img"], tr["pre_txt"], tr["actions"], tr["post_img"], tr["post_txt"])
+        for part in self.engine.all_gather_object(trans):
+            for tr in part:
+                wm.add(tr["pre_img"], tr["pre_txt"], tr["actions"], tr["post_img"], tr["post_txt"])
         fit = wm.fit(epochs=w.epochs, batch_size=w.batch_size)
         step_rewards, sums = [], {k: 0.0 for k in (*COMPONENTS, "task")}
         for tr in trans:
             pred_img, pred_txt = wm.predict(tr["pre_img"], tr["pre_txt"], tr["actions"])
             total, comps = episode_rewards(
-                tr["pre_img"], tr["post_img"], tr["pre_txt"], tr["post_txt"], pred_img, pred_txt, tr["intent"], tr["under"],
-                tr["valid"], tr["task"], self.tc.exploration,
+                tr["pre_img"], tr["post_img"], tr["pre_txt"], tr["post_txt"], pred_img, pred_txt, tr["intent"],
+                tr["under"], tr["valid"], tr["task"], self.tc.exploration,
             )
             step_rewards.append(total)
             for k in sums:
                 sums[k] += float(comps[k].sum())
-        rewards = torch.cat(step_rewards)
-        n_steps = max(1, len(rewards))
-        self._last_components = {f"reward/{k}": v / n_steps for k, v in sums.items()}
+        rewards = torch.cat(step_rewards) if step_rewards else torch.zeros(0)
+        if step_rewards:  # a rank that kept no context reports no reward components
+            self._last_components = {f"reward/{k}": v / len(rewards) for k, v in sums.items()}
         self._last_components.update({f"world_model/{k}": float(v) for k, v in fit.items()})
         group_ids = torch.arange(len(rewards))  # flat_batch ignores groups
         keys = [str(ep.seed) for ep in episodes for _ in range(ep.length)]
-        adv = self.algo.advantages(rewards, group_ids, prompt_keys=keys)
-        returns = torch.stack([r.sum() for r in step_rewards])
+        adv = self.advantages_all_ranks(rewards, group_ids, keys)
+        returns = torch.stack([r.sum() for r in step_rewards]) if step_rewards else torch.zeros(0)
         return returns, adv
 
     def trains_policy(self, step: int) -> bool:
@@ -121,10 +126,11 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         return step >= self.tc.actor_warmup_steps
 
     def train_step(self, step: int) -> dict[str, float]:
-        """The environment trainer's step plus the reward components and the world model's fit."""
+        """The environment trainer's step plus the reward components and the world model's fit
+        (averaged over the ranks that report them)."""
         self._last_components = {}
         metrics = super().train_step(step)
-        metrics.update(self._last_components)
+        metrics.update(self.reduce_metrics(self._last_components))
         return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------

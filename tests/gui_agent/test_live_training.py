@@ -41,6 +41,19 @@ def test_miniwob_grpo_clones_the_solver_then_trains_and_evaluates(tmp_path, no_l
     assert [l["step"] for l in lines] == [0, 1]
     assert 0.0 <= lines[0]["eval/success_rate"] <= 1.0 and lines[0]["eval/episodes"] == 4.0
     assert "rollout/success_rate" in lines[1] and (run / "model" / "config.json").is_file()
+    assert lines[0]["eval/success_rate/click-test"] == lines[0]["eval/success_rate"]  # the per-task rate
+    # mmpo eval of the run (the one evaluator, its browsers closed after): the run's final evaluation
+    assert main(["eval", cfg, f"checkpoint={run}", f"output_dir={tmp_path / 'ev'}", *SMALL]) == 0
+    metrics = json.loads((tmp_path / "ev" / "eval" / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str(run / "model")
+    for k in ("success_rate", "success_rate/click-test", "episodes", "episode_length", "invalid_action_rate"):
+        assert metrics[k] == lines[-1][f"eval/{k}"], k
+    rows = [json.loads(l) for l in (tmp_path / "ev" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"seed{s}" for s in range(1_000_000, 1_000_004)]
+    for r in rows:
+        clicks = r["prediction"].split()
+        assert r["input"] and r["answer"] is None and len(clicks) == r["length"] <= 2
+        assert all(c.startswith("(") and c.count(",") == 1 for c in clicks)  # (x,y) clicks
     # the demonstrations (click-test seeds 0..2) may not be evaluation instances
     capsys.readouterr()
     bad = [a for a in args if not a.startswith("output_dir")] + [f"output_dir={tmp_path / 'bad'}", "task.train_seeds.start=1000", "task.eval_seeds.start=0", "task.eval_seeds.count=4"]

@@ -32,7 +32,10 @@ class RandomPolicy:
 
 
 def _trace(episodes):
-    return [(e.seed, e.rollout, e.length, e.success, round(e.env_return, 6), [int(s.units[0]) for s in e.steps]) for e in episodes]
+    return [
+        (e.seed, e.rollout, e.length, e.success, round(e.env_return, 6), [int(s.units[0]) for s in e.steps])
+        for e in episodes
+    ]
 
 
 def test_rollouts_of_a_context_start_from_the_same_state():
@@ -97,7 +100,8 @@ def test_invalid_actions_are_no_ops_that_count_as_steps():
 
 def test_frames_are_recorded_per_step():
     runner = EnvRunner(BABYAI)
-    ep = runner.run(RandomPolicy(invalid_every=3), [2], 1, generator=torch.Generator().manual_seed(0), record_frames=True)[0]
+    gen = torch.Generator().manual_seed(0)
+    ep = runner.run(RandomPolicy(invalid_every=3), [2], 1, generator=gen, record_frames=True)[0]
     assert len(ep.frames) == ep.length + 1 and ep.invalid_actions > 0
     assert ep.frames[0].ndim == 3 and ep.frames[0].shape[-1] == 3
     for t, s in enumerate(ep.steps):  # a no-op that did not step the env repeats the frame
@@ -112,7 +116,8 @@ def test_pendulum_rendered_with_an_instruction_and_return_success_rule():
         def act(self, observations, *, generator, greedy=False):
             n = len(observations)
             a = torch.zeros(n, 1)
-            return ActionBatch([np.zeros(1, np.float32)] * n, a, torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool), [None] * n)
+            mask = torch.ones(n, 1, dtype=torch.bool)
+            return ActionBatch([np.zeros(1, np.float32)] * n, a, torch.zeros(n, 1), mask, [None] * n)
 
     runner = EnvRunner(spec)
     episodes = runner.run(Torque(), [0, 1, 2, 3], 1, generator=torch.Generator())
@@ -127,7 +132,8 @@ def test_pendulum_rendered_with_an_instruction_and_return_success_rule():
 
 def test_seed_ranges_must_not_overlap():
     check_disjoint(SeedRange(0, 100).seeds(), SeedRange(100, 10).seeds())
-    with pytest.raises(ConfigError, match=r"task.eval_seeds overlap the training seeds \(task.train_seeds\) in 5 seed\(s\) \(95, 96, 97, 98, 99\)"):
+    expected = r"task.eval_seeds overlap the training seeds \(task.train_seeds\) in 5 seed\(s\) \(95, 96, 97, 98, 99\)"
+    with pytest.raises(ConfigError, match=expected):
         check_disjoint(SeedRange(0, 100).seeds(), SeedRange(95, 10).seeds())
 
 
@@ -136,3 +142,19 @@ def test_bad_env_specs_fail_clearly():
         EnvRunner(EnvSpec(id="NoSuchEnv-v0"))
     with pytest.raises(ConfigError, match="needs a MiniGrid environment"):
         EnvRunner(EnvSpec(id="Pendulum-v1", observation="minigrid_partial"))
+
+
+def test_one_generator_per_episode_makes_each_episode_independent_of_its_batch():
+    """With a generator per episode, an episode's actions depend on its own generator only: the
+    same seed and generator seed give the same episode alone, in a batch, or in waves."""
+    def gens(seeds):
+        return [torch.Generator().manual_seed(100 + s) for s in seeds]
+
+    batch = EnvRunner(BABYAI).run(RandomPolicy(), [11, 12, 13], 1, generator=gens([11, 12, 13]))
+    alone = [EnvRunner(BABYAI).run(RandomPolicy(), [s], 1, generator=gens([s]))[0] for s in (11, 12, 13)]
+    waves = EnvRunner(EnvSpec(**{**BABYAI.__dict__, "max_envs": 2})).run(
+        RandomPolicy(), [11, 12, 13], 1, generator=gens([11, 12, 13])
+    )
+    assert _trace(batch) == _trace(alone) == _trace(waves)
+    with pytest.raises(ValueError, match="2 generators for 3 episodes"):
+        EnvRunner(BABYAI).run(RandomPolicy(), [11, 12, 13], 1, generator=gens([11, 12]))

@@ -29,8 +29,8 @@ CONTINUOUS = str(ROOT / "configs" / "ript_vla_continuous.yaml")
 SMALL = [
     "task.env.max_steps=4", "rollout.group_size=2", "rollout.prompts_per_step=2", "task.ript.max_draws=2",
     "task.ript.reward=env_return", "task.policy.head_width=32", "trainer.update_epochs=2", "trainer.minibatch_size=2",
-    "trainer.micro_batch_size=1", "eval.num_samples=2", "eval.batch_size=2", "trainer.eval_every=1", "trainer.save_every=1",
-    "trainer.keep_last=0",
+    "trainer.micro_batch_size=1", "eval.num_samples=2", "eval.batch_size=2", "trainer.eval_every=1",
+    "trainer.save_every=1", "trainer.keep_last=0",
 ]
 
 
@@ -100,13 +100,17 @@ def trainer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     run = tmp_path_factory.mktemp("micro") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)
-        cfg = load_config(CONTINUOUS, [*SMALL, f"output_dir={run}", "trainer.max_steps=1", "rollout.prompts_per_step=3"])
+        cfg = load_config(
+            CONTINUOUS, [*SMALL, f"output_dir={run}", "trainer.max_steps=1", "rollout.prompts_per_step=3"]
+        )
     t = trainer_class_for("ript_vla")(cfg, run)
     yield t
     t.close()
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "otm"])
+@pytest.mark.parametrize(
+    "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "otm"]
+)
 def test_micro_batches_of_episodes_accumulate_to_the_minibatch_gradient(trainer: Any, mode: str) -> None:
     kept, _ = trainer.collect(0)
     episodes = [e for g in kept for e in g]
@@ -142,10 +146,56 @@ def test_micro_batches_of_episodes_accumulate_to_the_minibatch_gradient(trainer:
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
 
 
+def test_a_rank_without_a_kept_context_updates_on_the_stand_in_with_weight_zero(trainer: Any) -> None:
+    """The same backward and optimizer calls as a rank with rows (every slot runs the stand-in
+    episode, a drawn one), and no gradient: the collectives stay aligned, the weights unmoved."""
+    trainer.collect(0)
+    assert trainer.stand_in is not None and trainer.stand_in.length >= 1
+    params = [p for p in trainer.engine.module.parameters() if p.requires_grad]
+    backwards, steps = [], []
+    real_backward = trainer.engine.backward
+
+    def backward(loss: torch.Tensor) -> None:
+        backwards.append(float(loss.detach()))
+        real_backward(loss)
+
+    def capture(step: int) -> tuple[float, bool]:
+        steps.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params])
+        for p in params:
+            p.grad = None
+        return 0.0, False
+
+    trainer.optimizer_step, trainer.engine.backward = capture, backward
+    try:
+        trainer.shape = UpdateShape(epochs=2, minibatches=2, micro_batches=2)
+        out = trainer.update([], torch.zeros(0), 0)
+    finally:
+        del trainer.engine.backward
+    assert len(backwards) == 8 and all(b == 0.0 for b in backwards) and len(steps) == 4
+    assert all(float(g.abs().sum()) == 0.0 for grads in steps for g in grads)
+    assert out["optimizer_steps"] == 4.0 and out["train_units"] == 0.0 and "pg_loss" not in out
+
+
+def test_each_rank_resumes_its_own_sampler_position(trainer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = trainer.trainer_state()
+    assert "rank_samplers" not in state  # one process: the checkpoint is as before
+    ranks = [{"epoch": 0, "pos": 1}, {"epoch": 3, "pos": 5}]
+    monkeypatch.setattr(trainer.engine, "rank", 1)
+    monkeypatch.setattr(trainer.engine, "world_size", 2)
+    trainer.load_trainer_state({**state, "rank_samplers": ranks})
+    assert trainer.sampler.state_dict() == ranks[1]
+    monkeypatch.setattr(trainer.engine, "world_size", 3)  # written by another number of ranks: rank 0's position
+    trainer.load_trainer_state({**state, "rank_samplers": ranks})
+    assert trainer.sampler.state_dict() == state["sampler"]
+
+
 # -- options the environment kind refuses ----------------------------------------------------------
 @pytest.mark.parametrize(
     "override, key, value",
-    [("algorithm.kl_options.beta=0.1", "algorithm.kl_options.beta", 0.1), ("algorithm.entropy_coef=0.01", "algorithm.entropy_coef", 0.01)],
+    [
+        ("algorithm.kl_options.beta=0.1", "algorithm.kl_options.beta", 0.1),
+        ("algorithm.entropy_coef=0.01", "algorithm.entropy_coef", 0.01),
+    ],
 )
 def test_kl_and_entropy_are_refused_at_load(override: str, key: str, value: float, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -171,7 +221,8 @@ def test_a_laplace_head_gives_densities(space: str, refused: bool, tmp_path: Pat
     from mmpo.trainers.algorithm import build_algorithm
     from mmpo.trainers.kinds import ENVIRONMENT
 
-    cfg = load_config(CONTINUOUS, [*SMALL, f"output_dir={tmp_path}", f"task.policy.action_space={space}", "algorithm.loss=dcpo"])
+    overrides = [*SMALL, f"output_dir={tmp_path}", f"task.policy.action_space={space}", "algorithm.loss=dcpo"]
+    cfg = load_config(CONTINUOUS, overrides)
     task = build_task(cfg.task.name, cfg.task.options)
     assert task.unit_densities is refused
     if refused:

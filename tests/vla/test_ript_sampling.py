@@ -115,4 +115,46 @@ def test_leave_one_out_advantage_of_kept_groups():
 
 def test_a_runner_returning_the_wrong_count_is_an_error():
     with pytest.raises(RuntimeError, match="returned 1 episodes for 1 contexts x 4"):
-        collect_round(lambda n: [0] * n, lambda keys: [Outcome(0, True)], lambda e: 1.0, lambda e: True, target=1, group_size=4)
+        collect_round(
+            lambda n: [0] * n, lambda keys: [Outcome(0, True)], lambda e: 1.0, lambda e: True, target=1, group_size=4
+        )
+
+
+def test_replaying_every_ranks_skip_log_gives_every_rank_the_same_state():
+    """Two ranks run their own rounds from the same skip state on their shares of the contexts;
+    replaying both logs in rank order on the state from before the round gives each rank the
+    same state, which holds both ranks' outcomes and skips."""
+    from mmpo.rollout.context_rounds import replay_skip_log
+
+    outcomes = {0: [1, 1, 1, 1], 1: [1, 0, 1, 0], 2: [1, 1, 1, 1], 3: [0, 0, 0, 0]}
+    start = RiptSkipState()
+    for key in (0, 2):  # contexts 0 and 2 are solved: the rank that draws one skips it
+        start.record(str(key), outcomes[key])
+    shares = {0: [0, 1], 1: [2, 3]}  # rank r draws only its own contexts (a sharded sampler)
+    own, logs = {}, {}
+    for rank, keys in shares.items():
+        ctx = Contexts({k: outcomes[k] for k in keys})
+        draws = iter(keys * 4)
+        ctx.next = lambda n, draws=draws: [next(draws) for _ in range(n)]  # type: ignore[method-assign]
+        state = RiptSkipState()
+        state.load_state_dict(start.state_dict())
+        res = _round(ctx, target=2, max_draws=2, skip_state=state)
+        assert res.skipped_solved >= 1
+        own[rank], logs[rank] = state.state_dict(), res.skip_log
+        # the log is complete: replayed alone on the start state, it gives the state the round left
+        alone = RiptSkipState()
+        alone.load_state_dict(start.state_dict())
+        replay_skip_log(alone, res.skip_log, group_size=4)
+        assert alone.state_dict() == own[rank]
+    assert own[0] != own[1]  # each rank saw only its own contexts
+    synced = []
+    for rank in shares:  # what every rank does after gathering the logs
+        state = RiptSkipState()
+        state.load_state_dict(start.state_dict())
+        for r in sorted(logs):
+            replay_skip_log(state, logs[r], group_size=4)
+        synced.append(state.state_dict())
+    assert synced[0] == synced[1]
+    assert synced[0]["stats"]["1"] == own[0]["stats"]["1"] and synced[0]["stats"]["3"] == own[1]["stats"]["3"]
+    assert synced[0]["skip_cnt"]["0"] == own[0]["skip_cnt"]["0"] >= 1
+    assert synced[0]["skip_cnt"]["2"] == own[1]["skip_cnt"]["2"] >= 1
