@@ -1,5 +1,6 @@
 """Packaging: the plugins in ./tasks install as `mmpo_tasks`, so the name cannot collide with
 any other installed package called `tasks`. Everything else is in pyproject.toml."""
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["mmpo", "mmpo.*"])

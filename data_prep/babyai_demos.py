@@ -17,6 +17,7 @@ exactly what the policy sees. Layout of DIR (written in ``DIR.tmp-<pid>``, then 
 
 Read it back with ``mmpo_tasks.vla.data.load_demos(DIR)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from mmpo.checkpoint import atomic_folder, check_output_folder
-from mmpo.rollout.recording import save_png
 from mmpo.errors import ConfigError, DataError, MMPOError
 from mmpo.rollout.env_runner import EnvRunner, EnvSpec, make_env
+from mmpo.rollout.recording import save_png
 
 GENERATOR = "minigrid.utils.baby_ai_bot.BabyAIBot"
 SEED_ATTEMPTS_PER_EPISODE = 10
@@ -70,9 +71,9 @@ def _run_bot(runner: EnvRunner, env: Any, seed: int) -> _BotEpisode:
     return ep
 
 
-
-
-def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def generate_demos(
+    spec: EnvSpec, episodes: int, seed_start: int, out: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
     """Write ``episodes`` successful bot episodes of ``spec`` to ``out`` (layout: module docstring);
     returns the meta dict (also written as ``out/meta.json``)."""
     if episodes < 1:
@@ -120,15 +121,24 @@ def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Pat
 
     from minigrid.core.actions import Actions
 
-    with atomic_folder(out, before_replace=lambda: check_output_folder(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
+    with atomic_folder(
+        out, before_replace=lambda: check_output_folder(out, overwrite)
+    ) as tmp:  # re-checked: something may have appeared meanwhile
         (tmp / "frames").mkdir()
         with open(tmp / "demos.jsonl", "w", encoding="utf-8") as f:
             for i, ep in enumerate(kept):
                 for t, (image, text, action) in enumerate(zip(ep.images, ep.instructions, ep.actions)):
                     rel = f"frames/ep{i:05d}_t{t:03d}.png"
                     save_png(image, tmp / rel)
-                    row = {"episode": i, "seed": ep.seed, "t": t, "image": rel, "instruction": text,
-                           "action": action, "action_name": Actions(action).name}
+                    row = {
+                        "episode": i,
+                        "seed": ep.seed,
+                        "t": t,
+                        "image": rel,
+                        "instruction": text,
+                        "action": action,
+                        "action_name": Actions(action).name,
+                    }
                     f.write(json.dumps(row) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
@@ -136,12 +146,18 @@ def generate_demos(spec: EnvSpec, episodes: int, seed_start: int, out: str | Pat
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", default="BabyAI-GoToRedBallNoDists-v0", help="gymnasium id (default BabyAI-GoToRedBallNoDists-v0)")
+    p.add_argument(
+        "--env", default="BabyAI-GoToRedBallNoDists-v0", help="gymnasium id (default BabyAI-GoToRedBallNoDists-v0)"
+    )
     p.add_argument("--episodes", type=int, default=10, help="successful episodes to write (default 10)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed; episodes use the seeds after it (default 0)")
     p.add_argument("--tile-size", type=int, default=8, help="MiniGrid pixels per tile (default 8)")
-    p.add_argument("--observation", default="minigrid_partial", choices=["minigrid_partial", "minigrid_full"],
-                   help="image the policy sees (default minigrid_partial)")
+    p.add_argument(
+        "--observation",
+        default="minigrid_partial",
+        choices=["minigrid_partial", "minigrid_full"],
+        help="image the policy sees (default minigrid_partial)",
+    )
     p.add_argument("--max-steps", type=int, default=64, help="step limit per episode; 0 = the env's own (default 64)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")

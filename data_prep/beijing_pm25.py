@@ -18,6 +18,7 @@ renamed into place):
 
 Read it back with ``mmpo_tasks.forecasting.data.load_splits(DIR / "series.parquet", ...)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,6 @@ from mmpo_tasks.forecasting.data import (
 )
 
 THRESHOLDS = (35, 75)  # µg/m³: WHO 2005 interim target 1 / China's Grade II 24-h limit
-
 
 
 def _counts(frame: pd.DataFrame, inserted: np.ndarray) -> dict[str, Any]:
@@ -92,7 +92,9 @@ def prepare(
     table = table.reset_index()  # "time" column first
     table["cbwd"] = table["cbwd"].astype("string")
 
-    with atomic_folder(out, before_replace=lambda: check_output_folder(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
+    with atomic_folder(
+        out, before_replace=lambda: check_output_folder(out, overwrite)
+    ) as tmp:  # re-checked: something may have appeared meanwhile
         table.to_parquet(tmp / "series.parquet", index=False)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
     return stats
@@ -101,7 +103,11 @@ def prepare(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = SplitConfig()
-    p.add_argument("--csv", required=True, help="the UCI Beijing PM2.5 CSV (No,year,month,day,hour,pm2.5,DEWP,TEMP,PRES,cbwd,Iws,Is,Ir)")
+    p.add_argument(
+        "--csv",
+        required=True,
+        help="the UCI Beijing PM2.5 CSV (No,year,month,day,hour,pm2.5,DEWP,TEMP,PRES,cbwd,Iws,Is,Ir)",
+    )
     p.add_argument("--out", required=True, help="output folder (series.parquet, stats.json)")
     p.add_argument("--train-years", type=int, nargs="+", default=list(d.train_years), help="default 2010 2011 2012")
     p.add_argument("--val-years", type=int, nargs="+", default=list(d.val_years), help="default 2013")

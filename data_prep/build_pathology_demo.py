@@ -3,6 +3,7 @@ and print its label balance.
 
     python data_prep/build_pathology_demo.py --out DIR [--image-size 56]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None, help="folder with cmu_small_region.svs and he_tile_stardist.jpg")
     a = p.parse_args(argv)
     try:
-        files = ensure_demo(Path(a.out) if a.out else None, image_size=a.image_size,
-                            data_dir=Path(a.data_dir) if a.data_dir else None)
+        files = ensure_demo(
+            Path(a.out) if a.out else None, image_size=a.image_size, data_dir=Path(a.data_dir) if a.data_dir else None
+        )
     except MMPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ counts as vertical), and the scroll direction is *opposite* to the finger (Andro
 convention, the one AndroidControl's directions use): a finger moving up (lift above touch)
 reveals content further down, ``scroll(down)``; a finger moving left is ``scroll(right)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -130,17 +131,23 @@ class _Screens:
         return str(path), self.sizes[rel]
 
 
-def _convert(src: str | os.PathLike[str], image_root: str | os.PathLike[str], out_jsonl: str | os.PathLike[str],
-             source: str, episodes: Callable[[list[Any], _Screens], Iterable[tuple[int, Any, Callable[[], GuiEpisode]]]],
-             ) -> dict[str, Any]:
+def _convert(
+    src: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    out_jsonl: str | os.PathLike[str],
+    source: str,
+    episodes: Callable[[list[Any], _Screens], Iterable[tuple[int, Any, Callable[[], GuiEpisode]]]],
+) -> dict[str, Any]:
     src_p, root, out = Path(src), Path(image_root), Path(out_jsonl)
     if not root.is_dir():
         raise DataError(f"{root}: image root folder not found")
     try:
         check_relative(Path(os.path.relpath(root.resolve(), out.parent.resolve())).as_posix())
     except ValueError:
-        raise DataError(f"--image-root {root} is not inside the output file's folder {out.parent}; the layout keeps "
-                        "screenshots inside it (write --out into the image root or a folder above it)") from None
+        raise DataError(
+            f"--image-root {root} is not inside the output file's folder {out.parent}; the layout keeps "
+            "screenshots inside it (write --out into the image root or a folder above it)"
+        ) from None
     records = read_records(src_p, allow_object=True)
     screens = _Screens(root, out.parent)
     done, skipped, ids = [], [], set()
@@ -162,15 +169,18 @@ def _convert(src: str | os.PathLike[str], image_root: str | os.PathLike[str], ou
     return {"out": str(out), "written": len(done), "skipped": skipped}
 
 
-def _per_record(records: list[Any], make: Callable[[int, dict[str, Any]], GuiEpisode],
-                id_key: str) -> Iterable[tuple[int, Any, Callable[[], GuiEpisode]]]:
+def _per_record(
+    records: list[Any], make: Callable[[int, dict[str, Any]], GuiEpisode], id_key: str
+) -> Iterable[tuple[int, Any, Callable[[], GuiEpisode]]]:
     for n, rec in enumerate(records, 1):
+
         def build(n: int = n, rec: Any = rec) -> GuiEpisode:
             if isinstance(rec, RecordError):
                 raise _Skip(str(rec))
             if not isinstance(rec, dict):
                 raise _Skip(f"expected an object, got {type(rec).__name__}")
             return make(n, rec)
+
         yield n, rec.get(id_key) if isinstance(rec, dict) else None, build
 
 
@@ -181,6 +191,7 @@ def _episode_id(rec: dict[str, Any], key: str, fallback: str) -> str:
 
 
 # AndroidControl ---------------------------------------------------------------------------------
+
 
 def _androidcontrol_action(a: Any, size: tuple[int, int], key: str) -> Action | None:
     """The action, or None for a step that is dropped (open_app, wait)."""
@@ -212,8 +223,9 @@ def _androidcontrol_action(a: Any, size: tuple[int, int], key: str) -> Action | 
     raise _Skip(f"key '{key}.action_type': {kind!r:.60} is not supported")
 
 
-def convert_androidcontrol(src: str | os.PathLike[str], image_root: str | os.PathLike[str],
-                           out_jsonl: str | os.PathLike[str]) -> dict[str, Any]:
+def convert_androidcontrol(
+    src: str | os.PathLike[str], image_root: str | os.PathLike[str], out_jsonl: str | os.PathLike[str]
+) -> dict[str, Any]:
     """Convert AndroidControl episodes (layout: module docstring). Returns ``{"out", "written",
     "skipped": [{"row", "id", "error"}]}``; DataError when SRC is unreadable or nothing converts."""
 
@@ -227,7 +239,9 @@ def convert_androidcontrol(src: str | os.PathLike[str], image_root: str | os.Pat
         steps, dropped = [], 0
         for k, shot in enumerate(shots):
             path, size = screens.get(shot, f"screenshots[{k}]")
-            action = _androidcontrol_action(actions[k], size, f"actions[{k}]") if k < len(actions) else Action("finished")
+            action = (
+                _androidcontrol_action(actions[k], size, f"actions[{k}]") if k < len(actions) else Action("finished")
+            )
             if action is None:
                 dropped += 1
                 continue
@@ -239,11 +253,17 @@ def convert_androidcontrol(src: str | os.PathLike[str], image_root: str | os.Pat
             meta["step_instructions"] = rec["step_instructions"]
         return GuiEpisode(_episode_id(rec, "episode_id", f"androidcontrol_{n - 1:06d}"), goal, steps, meta)
 
-    return _convert(src, image_root, out_jsonl, "androidcontrol",
-                    lambda recs, screens: _per_record(recs, lambda n, r: make(n, r, screens), "episode_id"))
+    return _convert(
+        src,
+        image_root,
+        out_jsonl,
+        "androidcontrol",
+        lambda recs, screens: _per_record(recs, lambda n, r: make(n, r, screens), "episode_id"),
+    )
 
 
 # GUI-Odyssey ------------------------------------------------------------------------------------
+
 
 def _point(value: Any, key: str) -> tuple[float, float]:
     """``[x, y]`` (or ``[[x, y]]``) on the 0..1000 grid, normalised."""
@@ -277,8 +297,9 @@ def _odyssey_action(step: dict[str, Any], key: str) -> Action:
     raise _Skip(f"key '{key}.action': {kind!r:.60} is not supported")
 
 
-def convert_guiodyssey(src: str | os.PathLike[str], image_root: str | os.PathLike[str],
-                       out_jsonl: str | os.PathLike[str]) -> dict[str, Any]:
+def convert_guiodyssey(
+    src: str | os.PathLike[str], image_root: str | os.PathLike[str], out_jsonl: str | os.PathLike[str]
+) -> dict[str, Any]:
     """Convert GUI-Odyssey episodes (layout: module docstring). Returns like
     :func:`convert_androidcontrol`."""
 
@@ -294,14 +315,21 @@ def convert_guiodyssey(src: str | os.PathLike[str], image_root: str | os.PathLik
                 raise _Skip(f"key 'steps[{k}]': must be an object")
             path, size = screens.get(s.get("screenshot"), f"steps[{k}].screenshot")
             steps.append(GuiStep(path, _odyssey_action(s, f"steps[{k}]"), None, size))
-        return GuiEpisode(_episode_id(rec, "episode_id", f"guiodyssey_{n - 1:06d}"), instruction, steps,
-                          {"source": "guiodyssey"})
+        return GuiEpisode(
+            _episode_id(rec, "episode_id", f"guiodyssey_{n - 1:06d}"), instruction, steps, {"source": "guiodyssey"}
+        )
 
-    return _convert(src, image_root, out_jsonl, "guiodyssey",
-                    lambda recs, screens: _per_record(recs, lambda n, r: make(n, r, screens), "episode_id"))
+    return _convert(
+        src,
+        image_root,
+        out_jsonl,
+        "guiodyssey",
+        lambda recs, screens: _per_record(recs, lambda n, r: make(n, r, screens), "episode_id"),
+    )
 
 
 # AITW -------------------------------------------------------------------------------------------
+
 
 def _yx(value: Any, key: str) -> tuple[float, float]:
     """A ``[y, x]`` point (list or JSON text) as normalised ``(x, y)``."""
@@ -337,8 +365,9 @@ def _aitw_action(row: dict[str, Any]) -> Action:
     return Action(kind)
 
 
-def convert_aitw(src: str | os.PathLike[str], image_root: str | os.PathLike[str],
-                 out_jsonl: str | os.PathLike[str]) -> dict[str, Any]:
+def convert_aitw(
+    src: str | os.PathLike[str], image_root: str | os.PathLike[str], out_jsonl: str | os.PathLike[str]
+) -> dict[str, Any]:
     """Convert AITW step rows, grouped into episodes (layout: module docstring). Returns like
     :func:`convert_androidcontrol`; ``row`` is the episode's first row."""
 
@@ -349,13 +378,16 @@ def convert_aitw(src: str | os.PathLike[str], image_root: str | os.PathLike[str]
             ok = (isinstance(eid, str) and eid.strip()) or (isinstance(eid, int) and not isinstance(eid, bool))
             groups.setdefault(str(eid).strip() if ok else f"\0row{n}", []).append((n, rec))
         for eid, rows in groups.items():
+
             def build(eid: str = eid, rows: list[tuple[int, Any]] = rows) -> GuiEpisode:
                 n0, first = rows[0]
                 if isinstance(first, RecordError):
                     raise _Skip(str(first))
                 if eid.startswith("\0"):
-                    raise _Skip(f"key 'episode_id': must be a string or an integer, got "
-                                f"{first.get('episode_id') if isinstance(first, dict) else first!r:.60}")
+                    raise _Skip(
+                        f"key 'episode_id': must be a string or an integer, got "
+                        f"{first.get('episode_id') if isinstance(first, dict) else first!r:.60}"
+                    )
                 ordered = []
                 for n, row in rows:
                     sid = row.get("step_id")
@@ -375,6 +407,7 @@ def convert_aitw(src: str | os.PathLike[str], image_root: str | os.PathLike[str]
                     except _Skip as e:
                         raise _Skip(f"row {n} (step_id {sid}): {e}") from None
                 return GuiEpisode(eid, instruction, steps, {"source": "aitw", "rows": [t[1] for t in ordered]})
+
             yield rows[0][0], None if eid.startswith("\0") else eid, build
 
     return _convert(src, image_root, out_jsonl, "aitw", episodes)

@@ -3,6 +3,7 @@ answer letter, image path) into the canonical JSONL of the vlm_reasoning task.
 
     python data_prep/mcq_to_jsonl.py questions.csv --out OUT [--image-root IMAGES]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help=".csv / .tsv / .jsonl file")
     p.add_argument("--out", required=True, help="output folder (<out>/<src stem>.jsonl and <out>/images/)")
-    p.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: the source file's)")
+    p.add_argument(
+        "--image-root", default=None, help="folder the image paths are relative to (default: the source file's)"
+    )
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of stopping")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -24,6 +24,7 @@ An episode without a step (the solver found no target on the first screen, or th
 at reset) cannot be stored and is listed in ``dropped``, as are failed episodes with
 ``--only-success``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-
 from mmpo.checkpoint import atomic_folder, check_output_folder
-from mmpo.rollout.recording import save_png
 from mmpo.errors import ConfigError, DataError, MMPOError
+from mmpo.rollout.recording import save_png
 from mmpo_tasks.gui_agent.episodes import GuiEpisode, GuiStep, save_episodes
 from mmpo_tasks.gui_agent.miniwob_env import MiniWobEnv
 from mmpo_tasks.gui_agent.solver import SOLVABLE_TASKS, ScriptedSolver, check_task
@@ -67,10 +67,9 @@ def parse_seeds(specs: Sequence[str]) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-
-
-def _run_episode(env: MiniWobEnv, solver: ScriptedSolver, task: str, seed: int, folder: Path,
-                 max_steps: int) -> tuple[GuiEpisode | None, str]:
+def _run_episode(
+    env: MiniWobEnv, solver: ScriptedSolver, task: str, seed: int, folder: Path, max_steps: int
+) -> tuple[GuiEpisode | None, str]:
     """One solver episode; screenshots are written under ``folder`` as the episode runs. Returns
     the episode (None when it has no step) and, for a dropped one, why."""
     try:
@@ -89,15 +88,22 @@ def _run_episode(env: MiniWobEnv, solver: ScriptedSolver, task: str, seed: int, 
             break
         path = shots / f"s{seed:05d}_t{len(steps):02d}.png"
         save_png(obs.screenshot, path)
-        steps.append(GuiStep(screenshot=str(path), action=step.action, target_box=step.target_box, screen_size=obs.screen_size))
+        steps.append(
+            GuiStep(screenshot=str(path), action=step.action, target_box=step.target_box, screen_size=obs.screen_size)
+        )
         next_obs, reward, done, info = env.step(step.action, obs.screen_size)
         if next_obs is None:  # the browser failed: the episode ended, failed
             break
         obs = next_obs
     if not steps:
         return None, "the solver found no target on the first screen"
-    meta: dict[str, Any] = {"task": task, "seed": seed, "reward": float(reward), "success": bool(done and reward > 0),
-                            "steps": len(steps)}
+    meta: dict[str, Any] = {
+        "task": task,
+        "seed": seed,
+        "reward": float(reward),
+        "success": bool(done and reward > 0),
+        "steps": len(steps),
+    }
     if "raw_reward" in info:
         meta["raw_reward"] = float(info["raw_reward"])
     if "env_error" in info:
@@ -105,8 +111,16 @@ def _run_episode(env: MiniWobEnv, solver: ScriptedSolver, task: str, seed: int, 
     return GuiEpisode(id=f"{task}-s{seed}", instruction=instruction, steps=steps, meta=meta), ""
 
 
-def record_episodes(tasks: Sequence[str], seeds: Sequence[int], out: str | Path, *, only_success: bool = False,
-                    max_steps: int = 16, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def record_episodes(
+    tasks: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    *,
+    only_success: bool = False,
+    max_steps: int = 16,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Run the solver on every (task, seed) and write ``out`` (layout: module docstring); returns
     the meta dict (also written as ``out/meta.json``)."""
     tasks = list(dict.fromkeys(tasks))
@@ -127,7 +141,9 @@ def record_episodes(tasks: Sequence[str], seeds: Sequence[int], out: str | Path,
     kept: list[GuiEpisode] = []
     dropped: list[dict[str, Any]] = []
     per_task: dict[str, dict[str, Any]] = {}
-    with atomic_folder(out, before_replace=lambda: check_output_folder(out, overwrite)) as tmp:  # re-checked: something may have appeared meanwhile
+    with atomic_folder(
+        out, before_replace=lambda: check_output_folder(out, overwrite)
+    ) as tmp:  # re-checked: something may have appeared meanwhile
         bar = tqdm(total=len(tasks) * len(seeds), unit="ep", disable=not progress, desc="miniwob")
         try:
             for task in tasks:
@@ -148,29 +164,43 @@ def record_episodes(tasks: Sequence[str], seeds: Sequence[int], out: str | Path,
                             continue
                         n_steps += len(ep.steps)
                         if only_success and not ep.meta["success"]:
-                            dropped.append({"task": task, "seed": seed, "reason": f"failed (reward {ep.meta['reward']:.3f})"})
+                            dropped.append(
+                                {"task": task, "seed": seed, "reason": f"failed (reward {ep.meta['reward']:.3f})"}
+                            )
                             for s in ep.steps:
                                 Path(s.screenshot).unlink(missing_ok=True)
                             continue
                         kept.append(ep)
                 finally:
                     env.close()
-                per_task[task] = {"runs": runs, "successes": successes, "success_rate": successes / max(runs, 1),
-                                  "mean_steps": n_steps / max(runs, 1),
-                                  # the first episode also starts the browser (about 2 s)
-                                  "first_episode_s": seconds[0] if seconds else 0.0,
-                                  "seconds_per_episode": sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else sum(seconds),
-                                  "browser_restarts": env.restarts}
+                per_task[task] = {
+                    "runs": runs,
+                    "successes": successes,
+                    "success_rate": successes / max(runs, 1),
+                    "mean_steps": n_steps / max(runs, 1),
+                    # the first episode also starts the browser (about 2 s)
+                    "first_episode_s": seconds[0] if seconds else 0.0,
+                    "seconds_per_episode": sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else sum(seconds),
+                    "browser_restarts": env.restarts,
+                }
         finally:
             bar.close()
         if not kept:
-            first = f"; first: {dropped[0]['task']} seed {dropped[0]['seed']}: {dropped[0]['reason']}" if dropped else ""
+            first = (
+                f"; first: {dropped[0]['task']} seed {dropped[0]['seed']}: {dropped[0]['reason']}" if dropped else ""
+            )
             raise DataError(f"no episode to write: all {len(tasks) * len(seeds)} were dropped{first}")
         save_episodes(kept, tmp / EPISODES_FILE)
         meta: dict[str, Any] = {
-            "tasks": tasks, "seeds": seeds, "only_success": only_success, "max_steps": max_steps,
-            "episodes": len(kept), "steps": sum(len(ep.steps) for ep in kept),
-            "per_task": per_task, "dropped": dropped, "generator": GENERATOR,
+            "tasks": tasks,
+            "seeds": seeds,
+            "only_success": only_success,
+            "max_steps": max_steps,
+            "episodes": len(kept),
+            "steps": sum(len(ep.steps) for ep in kept),
+            "per_task": per_task,
+            "dropped": dropped,
+            "generator": GENERATOR,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
@@ -179,23 +209,40 @@ def record_episodes(tasks: Sequence[str], seeds: Sequence[int], out: str | Path,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help=f"MiniWoB tasks; solvable: {', '.join(SOLVABLE_TASKS)}")
-    p.add_argument("--seeds", nargs="+", default=["0:10"], metavar="SPEC", help="seed specs A:B (A..B-1) or N (default 0:10)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        metavar="TASK",
+        help=f"MiniWoB tasks; solvable: {', '.join(SOLVABLE_TASKS)}",
+    )
+    p.add_argument(
+        "--seeds", nargs="+", default=["0:10"], metavar="SPEC", help="seed specs A:B (A..B-1) or N (default 0:10)"
+    )
     p.add_argument("--only-success", action="store_true", help="keep only the episodes that earned a positive reward")
     p.add_argument("--max-steps", type=int, default=16, help="step limit per episode (default 16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     try:
-        meta = record_episodes(a.tasks, parse_seeds(a.seeds), Path(a.out), only_success=a.only_success,
-                               max_steps=a.max_steps, overwrite=a.overwrite, progress=not a.no_progress)
+        meta = record_episodes(
+            a.tasks,
+            parse_seeds(a.seeds),
+            Path(a.out),
+            only_success=a.only_success,
+            max_steps=a.max_steps,
+            overwrite=a.overwrite,
+            progress=not a.no_progress,
+        )
     except MMPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{a.out}: {meta['episodes']} episode(s), {meta['steps']} step(s), {len(meta['dropped'])} dropped")
     for task, s in meta["per_task"].items():
-        print(f"  {task}: success {s['successes']}/{s['runs']} ({s['success_rate']:.0%}), "
-              f"{s['mean_steps']:.2f} steps, {s['seconds_per_episode']:.2f} s/episode")
+        print(
+            f"  {task}: success {s['successes']}/{s['runs']} ({s['success_rate']:.0%}), "
+            f"{s['mean_steps']:.2f} steps, {s['seconds_per_episode']:.2f} s/episode"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@ question, answer) into the canonical JSONL of the vlm_reasoning task.
 
     python data_prep/pathvqa_to_jsonl.py data/train-*.parquet --out OUT --split train
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     stats = ConvertStats()
     try:
-        out = pathvqa_to_jsonl(a.src, a.out, split_name=a.split, skip_bad_rows=a.skip_bad_rows,
-                               limit=a.limit, stats=stats)
+        out = pathvqa_to_jsonl(
+            a.src, a.out, split_name=a.split, skip_bad_rows=a.skip_bad_rows, limit=a.limit, stats=stats
+        )
     except MMPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

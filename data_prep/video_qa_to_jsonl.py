@@ -30,6 +30,7 @@ Assumed layouts (nothing is downloaded; check against your copy):
 With the default video check, a row whose video file is not found is skipped (the files are not
 decoded here; ``load_video_qa`` opens each one). ``--no-check-videos`` writes the paths as given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,8 +113,13 @@ def _convert(src: Path, out: Path, make: Callable[[int, dict[str, Any]], dict[st
     return {"out": str(out), "written": len(rows), "skipped": skipped}
 
 
-def convert_mvbench(json_path: str | os.PathLike[str], video_root: str | os.PathLike[str], out_jsonl: str | os.PathLike[str],
-                    *, check_videos: bool = True) -> dict[str, Any]:
+def convert_mvbench(
+    json_path: str | os.PathLike[str],
+    video_root: str | os.PathLike[str],
+    out_jsonl: str | os.PathLike[str],
+    *,
+    check_videos: bool = True,
+) -> dict[str, Any]:
     """Convert one MVBench task file (layout: module docstring). Returns ``{"out", "written",
     "skipped": [{"row", "id", "error"}]}``; DataError when the file is unreadable or no row converts."""
     src, root, out = Path(json_path), Path(video_root), Path(out_jsonl)
@@ -136,8 +142,14 @@ def convert_mvbench(json_path: str | os.PathLike[str], video_root: str | os.Path
         for key, name in (("start", "start_s"), ("end", "end_s")):
             if isinstance(rec.get(key), (int, float)) and not isinstance(rec.get(key), bool):
                 meta[name] = float(rec[key])
-        return {"id": f"mvbench_{task}_{n - 1:05d}", "video": _rel(video, out.parent), "question": question,
-                "options": options, "answer": LETTERS[options.index(answer.strip())], "meta": meta}
+        return {
+            "id": f"mvbench_{task}_{n - 1:05d}",
+            "video": _rel(video, out.parent),
+            "question": question,
+            "options": options,
+            "answer": LETTERS[options.index(answer.strip())],
+            "meta": meta,
+        }
 
     return _convert(src, out, make)
 
@@ -148,12 +160,17 @@ def _strip_prefixes(options: list[str]) -> list[str]:
     for k, o in enumerate(options):
         m = _PREFIX.match(o)
         letter = m and (m.group(1) or m.group(2))
-        out.append((o[m.end():].strip() or o) if m and letter == LETTERS[k] else o)
+        out.append((o[m.end() :].strip() or o) if m and letter == LETTERS[k] else o)
     return out
 
 
-def convert_videomme(src_path: str | os.PathLike[str], video_root: str | os.PathLike[str], out_jsonl: str | os.PathLike[str],
-                     *, check_videos: bool = True) -> dict[str, Any]:
+def convert_videomme(
+    src_path: str | os.PathLike[str],
+    video_root: str | os.PathLike[str],
+    out_jsonl: str | os.PathLike[str],
+    *,
+    check_videos: bool = True,
+) -> dict[str, Any]:
     """Convert Video-MME rows (layout: module docstring). Returns like :func:`convert_mvbench`."""
     src, root, out = Path(src_path), Path(video_root), Path(out_jsonl)
 
@@ -179,8 +196,14 @@ def convert_videomme(src_path: str | os.PathLike[str], video_root: str | os.Path
         rid = str(qid).strip() if has_qid else f"videomme_{vid}_{n - 1:05d}"
         meta = {"source": "videomme", "video_id": rec.get("video_id"), "videoID": rec.get("videoID")}
         meta.update({k: rec[k] for k in ("duration", "domain", "sub_category", "task_type") if k in rec})
-        return {"id": rid, "video": _rel(video, out.parent), "question": question, "options": options,
-                "answer": letter, "meta": meta}
+        return {
+            "id": rid,
+            "video": _rel(video, out.parent),
+            "question": question,
+            "options": options,
+            "answer": letter,
+            "meta": meta,
+        }
 
     return _convert(src, out, make)
 

@@ -1,4 +1,5 @@
 """`python -m mmpo ...` is the same as `mmpo ...` (so `torchrun -m mmpo train ...` works)."""
+
 from mmpo.cli import main
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The layout of a peft LoRA adapter folder (``adapter_config.json`` and an optional ``merged/``)."""
+
 from __future__ import annotations
 
 import json

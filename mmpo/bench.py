@@ -4,6 +4,7 @@ Memory on CPU is the process's resident set size, sampled every 5 ms by a thread
 attributed to the phase running at the time; on CUDA it is ``torch.cuda.max_memory_allocated``
 per phase.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,11 @@ def run_bench(cfg: Any, run_dir: Path, *, steps: int = 5, warmup: int = 1) -> di
             mem.close()
     med = {k: statistics.median(r[k] for r in rows) for k in ("step_time_s", "rollout_s", "reward_s", "update_s")}
     dev = trainer.device
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    device_name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+    )
     return {
         "config": cfg.task.name,
         "model": cfg.model.path,

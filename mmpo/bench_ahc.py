@@ -6,6 +6,7 @@ the full branch vs the compressed branch (history screenshots dropped at ``drop_
 policy pass each (forward + backward). Prints one JSON line per drop layer with medians over
 ``repeats`` runs and the analytic decoder FLOPs (``ahc_flops``).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -21,11 +22,17 @@ from mmpo.policies.history_compression import ahc_flops, history_image_mask
 
 #: the "small but not tiny" model: 8 decoder layers of width 256 (about 6M decoder parameters)
 MODEL = {
-    "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "vision_depth": 2, "vision_embed_dim": 128, "vision_num_heads": 2,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vision_depth": 2,
+    "vision_embed_dim": 128,
+    "vision_num_heads": 2,
     "vision_intermediate_size": 256,
 }
-ACTIONS = ["click(120, 48)", "type(\"weather tomorrow\")", "scroll(down)", "press(enter)", "back()"]
+ACTIONS = ["click(120, 48)", 'type("weather tomorrow")', "scroll(down)", "press(enter)", "back()"]
 
 
 def _timed(fn) -> float:
@@ -56,8 +63,14 @@ def _messages(history: int, image_size: int) -> list[dict[str, Any]]:
 
 
 def run_ahc_bench(
-    *, drop_layers: tuple[int, ...] = (2, 6), history: int = 3, image_size: int = 224, group_size: int = 1,
-    completion_len: int = 32, repeats: int = 3, seed: int = 0,
+    *,
+    drop_layers: tuple[int, ...] = (2, 6),
+    history: int = 3,
+    image_size: int = 224,
+    group_size: int = 1,
+    completion_len: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Seconds of one policy pass (forward + backward) over a group, full vs compressed branch."""
     model, proc, info = load_model(
@@ -92,17 +105,26 @@ def run_ahc_bench(
     for layer in drop_layers:
         comp_s = statistics.median(times[layer])
         flops = ahc_flops(cfg, full_tokens, kept_tokens, layer)
-        results.append({
-            "model": f"qwen2_5_vl hidden {MODEL['hidden_size']} x {MODEL['num_hidden_layers']} layers",
-            "decoder_params": decoder_params, "drop_layer": layer, "history_screenshots": history,
-            "image_size": image_size, "image_tokens": int((enc["input_ids"] == cfg.image_token_id).sum()),
-            "group_size": group_size, "completion_tokens": completion_len,
-            "tokens_full": full_tokens, "tokens_kept": kept_tokens, "tokens_dropped": full_tokens - kept_tokens,
-            "threads": torch.get_num_threads(),
-            "decoder_forward_gflops_full": round(flops["full"] * group_size / 1e9, 3),
-            "decoder_forward_gflops_compressed": round(flops["compressed"] * group_size / 1e9, 3),
-            "flops_ratio": round(flops["ratio"], 3),
-            "full_policy_pass_s": round(full_s, 4), "compressed_policy_pass_s": round(comp_s, 4),
-            "time_ratio": round(comp_s / full_s, 3),
-        })
+        results.append(
+            {
+                "model": f"qwen2_5_vl hidden {MODEL['hidden_size']} x {MODEL['num_hidden_layers']} layers",
+                "decoder_params": decoder_params,
+                "drop_layer": layer,
+                "history_screenshots": history,
+                "image_size": image_size,
+                "image_tokens": int((enc["input_ids"] == cfg.image_token_id).sum()),
+                "group_size": group_size,
+                "completion_tokens": completion_len,
+                "tokens_full": full_tokens,
+                "tokens_kept": kept_tokens,
+                "tokens_dropped": full_tokens - kept_tokens,
+                "threads": torch.get_num_threads(),
+                "decoder_forward_gflops_full": round(flops["full"] * group_size / 1e9, 3),
+                "decoder_forward_gflops_compressed": round(flops["compressed"] * group_size / 1e9, 3),
+                "flops_ratio": round(flops["ratio"], 3),
+                "full_policy_pass_s": round(full_s, 4),
+                "compressed_policy_pass_s": round(comp_s, 4),
+                "time_ratio": round(comp_s / full_s, 3),
+            }
+        )
     return results

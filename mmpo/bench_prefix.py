@@ -4,6 +4,7 @@ One group of G completions after one prompt with a large image, scored by the ti
 float32: the reference pass (no gradient) and the policy pass (forward + backward), plain vs
 shared prefix. Prints one JSON line per G with medians over ``repeats`` runs.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -24,8 +25,12 @@ def _timed(fn) -> float:
 
 
 def run_prefix_bench(
-    *, image_size: int = 560, group_sizes: tuple[int, ...] = (8, 16), completion_len: int = 32,
-    repeats: int = 3, seed: int = 0,
+    *,
+    image_size: int = 560,
+    group_sizes: tuple[int, ...] = (8, 16),
+    completion_len: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Seconds of one log-prob pass over a group, with and without prefix sharing."""
     pixels = image_size * image_size
@@ -42,7 +47,10 @@ def run_prefix_bench(
         mask = torch.ones_like(ids, dtype=torch.bool)
         encodings = [enc] * G
         row: dict[str, Any] = {
-            "G": G, "prompt_tokens": prompt_tokens, "image_tokens": image_tokens, "completion_tokens": completion_len,
+            "G": G,
+            "prompt_tokens": prompt_tokens,
+            "image_tokens": image_tokens,
+            "completion_tokens": completion_len,
             "threads": torch.get_num_threads(),
         }
         for share in (False, True):

@@ -60,6 +60,7 @@ Unavoidable differences: mmpo also masks the never-sampled tokens in its trainin
 tiny models have no dropout), mmpo in ``eval()`` mode; prompt order differs (each framework
 shuffles its own sampler) but every prompt has the same token length.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -296,7 +297,9 @@ def _mmpo_task_class() -> type:
 
         def train_sample(self, index: int) -> Sample:
             text, image = make_prompt(self.config.setting, index % self.config.num_train, self.config.image_size)
-            content: Any = text if image is None else [{"type": "image", "image": image}, {"type": "text", "text": text}]
+            content: Any = (
+                text if image is None else [{"type": "image", "image": image}, {"type": "text", "text": text}]
+            )
             return Sample(id=f"bench-{index}", messages=[{"role": "user", "content": content}])
 
         def eval_samples(self, n: int) -> list[Sample]:
@@ -317,7 +320,12 @@ def mmpo_run_config(spec: BenchSpec) -> Any:
     if "bench_trl" not in TASKS:
         TASKS.add("bench_trl", _mmpo_task_class())
     data = {
-        "task": {"name": "bench_trl", "setting": spec.setting, "image_size": spec.image_size, "num_train": spec.num_train},
+        "task": {
+            "name": "bench_trl",
+            "setting": spec.setting,
+            "image_size": spec.image_size,
+            "num_train": spec.num_train,
+        },
         "seed": spec.seed,
         "precision": "fp32",
         "model": {"path": spec.model_dir, "attn_implementation": "sdpa", "gradient_checkpointing": False},
@@ -399,7 +407,9 @@ def _run_mmpo_worker(spec: BenchSpec, chan: _Channel) -> None:
             chan.send(row)
         chan.receive()  # "finish"
         mon.close()
-        chan.send({"done": True, "peak_rss_mb": mon.peak, "maxrss_mb": _maxrss_mb(), "weight_delta": _delta(module, before)})
+        chan.send(
+            {"done": True, "peak_rss_mb": mon.peak, "maxrss_mb": _maxrss_mb(), "weight_delta": _delta(module, before)}
+        )
 
 
 def trl_config(spec: BenchSpec, output_dir: str, suppress_tokens: list[int]) -> Any:
@@ -549,7 +559,9 @@ def _run_trl_worker(spec: BenchSpec, chan: _Channel) -> None:
         before = _snapshot(module)
         trainer.train()
         mon.close()
-        chan.send({"done": True, "peak_rss_mb": mon.peak, "maxrss_mb": _maxrss_mb(), "weight_delta": _delta(module, before)})
+        chan.send(
+            {"done": True, "peak_rss_mb": mon.peak, "maxrss_mb": _maxrss_mb(), "weight_delta": _delta(module, before)}
+        )
 
 
 def worker_main(side: str, spec_json: str) -> int:
@@ -597,13 +609,21 @@ class _Worker:
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[k] = str(spec.threads)
         env.update(
-            TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-            WANDB_DISABLED="true", PYTHONUNBUFFERED="1",
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            WANDB_DISABLED="true",
+            PYTHONUNBUFFERED="1",
         )
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mmpo.bench_trl", "worker", side, json.dumps(dataclasses.asdict(spec))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
         )
 
     def _read(self) -> dict[str, Any]:
@@ -685,7 +705,7 @@ def run_setting(spec: BenchSpec, workdir: Path, progress: Any = None, wait_quiet
         for w in workers.values():
             w.kill()
         raise
-    measured = {side: rows[side][spec.warmup:] for side in SIDES}
+    measured = {side: rows[side][spec.warmup :] for side in SIDES}
     med = {side: statistics.median(r["s"] for r in measured[side]) for side in SIDES}
 
     # CPUs' worth of work by other processes while the measured steps ran (0: a quiet machine):
@@ -744,7 +764,9 @@ def run_against_trl(
     except ImportError as e:
         from mmpo.errors import ConfigError
 
-        raise ConfigError(f"mmpo bench --against trl needs TRL and datasets ({e}); install them with pip install -e '.[bench]'") from None
+        raise ConfigError(
+            f"mmpo bench --against trl needs TRL and datasets ({e}); install them with pip install -e '.[bench]'"
+        ) from None
     from mmpo.errors import ConfigError
 
     for s in settings:
@@ -753,15 +775,20 @@ def run_against_trl(
     if not settings:
         raise ConfigError(f"no bench setting given; choose from {', '.join(SETTINGS)}")
     checks = {
-        "steps": (steps, 1), "warmup": (warmup, 0), "group_size": (spec_fields.get("group_size", 2), 2),
+        "steps": (steps, 1),
+        "warmup": (warmup, 0),
+        "group_size": (spec_fields.get("group_size", 2), 2),
         "prompts_per_step": (spec_fields.get("prompts_per_step", 1), 1),
-        "max_new_tokens": (spec_fields.get("max_new_tokens", 1), 1), "threads": (threads or 1, 1),
+        "max_new_tokens": (spec_fields.get("max_new_tokens", 1), 1),
+        "threads": (threads or 1, 1),
     }
     for name, (value, low) in checks.items():
         if value < low:
             raise ConfigError(f"mmpo bench --against trl: {name} must be >= {low}, got {value}")
     if spec_fields.get("image_size", 28) % 28 or spec_fields.get("image_size", 28) <= 0:
-        raise ConfigError(f"mmpo bench --against trl: image_size must be a positive multiple of 28, got {spec_fields['image_size']}")
+        raise ConfigError(
+            f"mmpo bench --against trl: image_size must be a positive multiple of 28, got {spec_fields['image_size']}"
+        )
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="mmpo-vs-trl-") as tmp:

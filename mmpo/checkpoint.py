@@ -11,6 +11,7 @@ into place, so a crash or an exception during a save never leaves a half-written
 ``step_*`` folder that :func:`latest_checkpoint` would pick. Nothing here unpickles: tensors
 are safetensors, everything else JSON.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -161,7 +162,9 @@ def check_output_folder(out: str | Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+        raise ConfigError(
+            f"--out {out}: folder exists and is not empty; pass --overwrite (overwrite=True) to replace it"
+        )
 
 
 @contextlib.contextmanager

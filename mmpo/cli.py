@@ -3,11 +3,11 @@
 ``python -m mmpo ...`` is the same (so ``torchrun -m mmpo train ...`` works). A user error
 (config, data, missing file) prints one paragraph and exits with code 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import textwrap
 from pathlib import Path
@@ -144,7 +144,9 @@ def _bench_prefix(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     groups = tuple(int(g) for g in args.group_sizes.split(",") if g.strip())
     rows = run_prefix_bench(
-        image_size=args.image_size or 560, group_sizes=groups, completion_len=args.max_new_tokens or 32,
+        image_size=args.image_size or 560,
+        group_sizes=groups,
+        completion_len=args.max_new_tokens or 32,
         repeats=args.steps or 3,
     )
     for row in rows:
@@ -182,8 +184,10 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
     if args.kind in TINY_DIFFUSION_KINDS:  # a diffusers pipeline folder
         path = save_tiny_pipeline(args.kind, args.folder, seed=args.seed)
-        print(f"Wrote tiny '{args.kind}' diffusers pipeline (seed {args.seed}) to {path}: "
-              f"{', '.join(sorted(p.name for p in path.iterdir()))}.")
+        print(
+            f"Wrote tiny '{args.kind}' diffusers pipeline (seed {args.seed}) to {path}: "
+            f"{', '.join(sorted(p.name for p in path.iterdir()))}."
+        )
         return 0
     return tiny_main(args.kind, args.folder, seed=args.seed)
 
@@ -205,37 +209,63 @@ def build_parser() -> argparse.ArgumentParser:
         "--against trl: mmpo vs TRL's GRPOTrainer on the same tiny model",
     )
     b.add_argument(
-        "config", nargs="?",
+        "config",
+        nargs="?",
         help="a run config (not with --against); or 'ahc': full vs history-compressed (HiconAgent AHC) policy pass",
     )
     b.add_argument("overrides", nargs="*")
     b.add_argument("--steps", type=int, default=None, help="measured steps (default 5)")
     b.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 1; 2 with --against)")
     b.add_argument(
-        "--against", choices=["trl"], default=None,
+        "--against",
+        choices=["trl"],
+        default=None,
         help="run TRL's GRPOTrainer and mmpo with matched settings, alternating step by step; "
         "one JSON line per setting (needs pip install -e '.[bench]')",
     )
     b.add_argument(
-        "--prefix-sharing", action="store_true",
+        "--prefix-sharing",
+        action="store_true",
         help="time the log-prob passes (reference: no grad; policy: forward + backward) over one group "
         "after a long image prompt, plain vs shared prefix; one JSON line per G",
     )
     b.add_argument("--group-sizes", default="8,16", help="with --prefix-sharing: comma-separated G values")
     b.add_argument("--settings", default="text,vlm", help="with --against: comma-separated, of text, vlm")
-    b.add_argument("--threads", type=int, default=None, help="with --against: torch threads of each side (default: all usable CPUs)")
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="with --against: torch threads of each side (default: all usable CPUs)",
+    )
     b.add_argument("--prompts-per-step", type=int, default=None, help="with --against: prompts per step (default 4)")
     b.add_argument("--group-size", type=int, default=None, help="with --against: G, completions per prompt (default 8)")
-    b.add_argument("--max-new-tokens", type=int, default=None, help="with --against: completion length, EOS suppressed (default 32)")
     b.add_argument(
-        "--wait-quiet", type=float, default=30.0,
-        help="with --against: before each step wait up to this many seconds for other processes to leave the CPUs idle (0: never wait)",
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="with --against: completion length, EOS suppressed (default 32)",
     )
-    b.add_argument("--image-size", type=int, default=None, help="with --against, vlm: image side in pixels, a multiple of 28 (default 560: 400 image tokens)")
+    b.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        help="with --against: before each step wait up to this many seconds for other processes to leave the CPUs idle "
+        "(0: never wait)",
+    )
+    b.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="with --against, vlm: image side in pixels, a multiple of 28 (default 560: 400 image tokens)",
+    )
     b.set_defaults(fn=cmd_bench)
     ls = sub.add_parser("tasks", help="list registered task plugins")
     ls.set_defaults(fn=cmd_tasks)
-    ty = sub.add_parser("tiny", help="write an offline tiny model or pipeline: mmpo tiny KIND FOLDER (qwen2, qwen3, qwen2_vl, qwen2_5_vl, sd3, flux, sd)")
+    ty = sub.add_parser(
+        "tiny",
+        help="write an offline tiny model or pipeline: mmpo tiny KIND FOLDER "
+        "(qwen2, qwen3, qwen2_vl, qwen2_5_vl, sd3, flux, sd)",
+    )
     ty.add_argument("kind")
     ty.add_argument("folder")
     ty.add_argument("--seed", type=int, default=0)

@@ -16,6 +16,7 @@ dotted key and the bad value. Field metadata drives the extra checks:
 A dataclass may define ``validate_config(self, where)`` for checks across fields; it raises
 :class:`FieldError` with the full dotted key (``where`` is the dataclass's own prefix).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -145,15 +146,17 @@ def _check_path(kind: Any, value: Any, key: str) -> None:
         return
     if not os.path.exists(value):
         hint = (
-            " (use 'tiny:<kind>' for a built-in tiny model, or a local save_pretrained folder;"
-            " nothing is downloaded)"
+            " (use 'tiny:<kind>' for a built-in tiny model, or a local save_pretrained folder; nothing is downloaded)"
             if kind == "tiny_or_path"
             else ""
         )
         parent = os.path.dirname(os.path.normpath(str(value)))
         if kind == "tiny_or_path" and os.path.basename(os.path.normpath(str(value))) == "model" and parent:
             # a later stage of a recipe starts from an earlier run's final model (e.g. Patho-R1 A -> B)
-            hint = f" (it is the final model of run folder {parent!r}: run that stage first, e.g. the recipe whose output_dir is {parent!r})"
+            hint = (
+                f" (it is the final model of run folder {parent!r}: run that stage first, "
+                f"e.g. the recipe whose output_dir is {parent!r})"
+            )
         raise FieldError(
             key,
             f"key '{key}' names a path that does not exist: {value!r} "
@@ -199,8 +202,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         hint = did_you_mean(str(value), [str(a) for a in args])
         raise FieldError(
             key,
-            f"key '{key}' must be one of {', '.join(repr(a) for a in args)}, got {_show(value)}."
-            + hint,
+            f"key '{key}' must be one of {', '.join(repr(a) for a in args)}, got {_show(value)}." + hint,
         )
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -295,8 +297,7 @@ def _build(cls: type[C], data: Any, where: str) -> C:
         scope = f"in '{where}'" if where else "at the top level"
         raise FieldError(
             _join(where, bad),
-            f"unknown key '{_join(where, bad)}'.{did_you_mean(bad, sorted(known))} "
-            f"Valid keys {scope}: {valid}.",
+            f"unknown key '{_join(where, bad)}'.{did_you_mean(bad, sorted(known))} Valid keys {scope}: {valid}.",
         )
     kwargs: dict[str, Any] = {}
     for f in fields:
@@ -307,12 +308,14 @@ def _build(cls: type[C], data: Any, where: str) -> C:
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 help_text = f.metadata.get("help", "")
-                raise FieldError(
-                    key, f"missing required key '{key}'" + (f" ({help_text})" if help_text else "")
-                )
+                raise FieldError(key, f"missing required key '{key}'" + (f" ({help_text})" if help_text else ""))
             continue
         raw = data[f.name]
-        if isinstance(raw, dict) and f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[f.name]):
+        if (
+            isinstance(raw, dict)
+            and f.default_factory is not dataclasses.MISSING
+            and dataclasses.is_dataclass(hints[f.name])
+        ):
             raw = _overlay(f.default_factory(), raw)
         value = _convert(hints[f.name], raw, key)
         meta = f.metadata
@@ -421,9 +424,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"{path}: the top level of a config must be a mapping of keys to values, got {_show(data)}"
-        )
+        raise ConfigError(f"{path}: the top level of a config must be a mapping of keys to values, got {_show(data)}")
     return data
 
 
@@ -458,16 +459,13 @@ def apply_override(data: dict[str, Any], text: str, schema: Any = None) -> None:
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(
-                    f"override {text!r}: '{here}' is a list of {len(node)} items; "
-                    f"'{part}' is not a valid index"
+                    f"override {text!r}: '{here}' is a list of {len(node)} items; '{part}' is not a valid index"
                 )
             key: Any = int(part)
         elif isinstance(node, dict):
             key = part
         else:
-            raise ConfigError(
-                f"override {text!r}: '{here}' is {_show(node)}, not a mapping, so it has no key '{part}'"
-            )
+            raise ConfigError(f"override {text!r}: '{here}' is {_show(node)}, not a mapping, so it has no key '{part}'")
         tp, seed = _schema_step(tp, part)
         if last:
             node[key] = value
@@ -487,9 +485,7 @@ def _schema_step(tp: Any, part: str) -> tuple[Any, Any]:
         for f in dataclasses.fields(tp):
             if f.name == part and not f.metadata.get("extra"):
                 inner = _hints(tp)[f.name]
-                if f.default_factory is not dataclasses.MISSING and not dataclasses.is_dataclass(
-                    f.default_factory
-                ):
+                if f.default_factory is not dataclasses.MISSING and not dataclasses.is_dataclass(f.default_factory):
                     return inner, f.default_factory
                 if isinstance(f.default, (list, dict)):
                     return inner, lambda default=f.default: _copy(default)
@@ -503,9 +499,7 @@ def _schema_step(tp: Any, part: str) -> tuple[Any, Any]:
     return None, dict
 
 
-def load_config(
-    path: str | Path, overrides: Sequence[str] = (), cls: type[C] | None = None
-) -> C:
+def load_config(path: str | Path, overrides: Sequence[str] = (), cls: type[C] | None = None) -> C:
     """Read a YAML config, apply dotted ``key=value`` overrides, and validate it into ``cls``
     (default :class:`RunConfig`). Every problem raises one ConfigError naming file and key."""
     schema: type = RunConfig if cls is None else cls
@@ -531,10 +525,7 @@ def _override_touches(override_key: str, error_key: str) -> bool:
     error_key = re.sub(r"\[(\d+)\]", r".\1", error_key)  # filters[0].name -> filters.0.name
     if not error_key:
         return False
-    return any(
-        a == b or a.startswith(b + ".")
-        for a, b in ((error_key, override_key), (override_key, error_key))
-    )
+    return any(a == b or a.startswith(b + ".") for a, b in ((error_key, override_key), (override_key, error_key)))
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
@@ -558,9 +549,7 @@ def field_help(cls: type, name: str) -> str:
     raise KeyError(name)
 
 
-def _opt(
-    default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, **meta: Any
-) -> Any:
+def _opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, **meta: Any) -> Any:
     """A dataclass field with metadata; mutable defaults are copied per instance."""
     meta["help"] = help
     if factory is not None:
@@ -607,9 +596,7 @@ class LoraConfig:
     """LoRA adapters (peft) instead of full fine-tuning."""
 
     r: int = _opt(16, help="Adapter rank: higher adapts more, costs more memory.", min=1)
-    alpha: int = _opt(
-        32, help="LoRA scaling numerator (update scaled by alpha/r); keep about 2*r.", min=1
-    )
+    alpha: int = _opt(32, help="LoRA scaling numerator (update scaled by alpha/r); keep about 2*r.", min=1)
     dropout: float = _opt(0.0, help="Dropout on the adapter input; 0 for short RL runs.", min=0.0, max=1.0)
     target_modules: list[str] = _opt(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -652,8 +639,9 @@ class ModelConfig:
         {}, help="Overrides of the tiny model's config (e.g. hidden_size); only for 'tiny:' paths."
     )
     lora: Optional[LoraConfig] = _opt(
-        None, help="LoRA settings; null trains all weights. With LoRA the reference is the base "
-        "model with adapters disabled, so no second copy is kept."
+        None,
+        help="LoRA settings; null trains all weights. With LoRA the reference is the base "
+        "model with adapters disabled, so no second copy is kept.",
     )
     freeze_vision: bool = _opt(
         False,
@@ -698,28 +686,34 @@ class RolloutConfig:
         min=2,
     )
     prompts_per_step: int = _opt(
-        8, help="Prompts (or env seeds) per step; a step trains on prompts_per_step*group_size "
-        "trajectories.", min=1
+        8, help="Prompts (or env seeds) per step; a step trains on prompts_per_step*group_size trajectories.", min=1
     )
     max_new_tokens: int = _opt(
-        32, help="Generation length cap; truncated completions usually get low reward (see DAPO "
-        "overlong filtering).", min=1
+        32,
+        help="Generation length cap; truncated completions usually get low reward (see DAPO overlong filtering).",
+        min=1,
     )
     min_new_tokens: int = _opt(
-        0, help="EOS cannot be sampled before this many tokens (transformers' min_new_tokens); "
-        "shapes sampling only: reported and trained log-probs are the policy's.", min=0
+        0,
+        help="EOS cannot be sampled before this many tokens (transformers' min_new_tokens); "
+        "shapes sampling only: reported and trained log-probs are the policy's.",
+        min=0,
     )
     temperature: float = _opt(
         1.0, help="Sampling temperature; 1.0 keeps log-probs on-policy, lower explores less.", gt=0.0
     )
     top_p: float = _opt(
-        1.0, help="Nucleus sampling mass; <1 truncates the policy, making sampled log-probs "
-        "differ from trained ones.", gt=0.0, max=1.0
+        1.0,
+        help="Nucleus sampling mass; <1 truncates the policy, making sampled log-probs differ from trained ones.",
+        gt=0.0,
+        max=1.0,
     )
     top_k: int = _opt(0, help="Top-k sampling; 0 disables.", min=0)
     logprob_chunk_size: int = _opt(
-        0, help="Sequences per chunk when computing log-softmax over the vocabulary; bounds memory "
-        "for large vocabularies. 0 = choose automatically.", min=0
+        0,
+        help="Sequences per chunk when computing log-softmax over the vocabulary; bounds memory "
+        "for large vocabularies. 0 = choose automatically.",
+        min=0,
     )
     engine_options: dict[str, Any] = _opt(
         {},
@@ -794,8 +788,7 @@ class AlgorithmConfig:
         "advantage (classic RLHF PPO).",
     )
     entropy_coef: float = _opt(
-        0.0, help="Entropy bonus weight; >0 slows collapse onto one answer at the cost of noisier "
-        "outputs."
+        0.0, help="Entropy bonus weight; >0 slows collapse onto one answer at the cost of noisier outputs."
     )
     dynamic_sampling: bool = _opt(
         False,
@@ -803,8 +796,7 @@ class AlgorithmConfig:
         "gradient) and draw more prompts until the batch is full, up to max_draws batches.",
     )
     max_draws: int = _opt(
-        4, help="With dynamic sampling, most rollout batches drawn per step (DAPO "
-        "max_num_gen_batches).", min=1
+        4, help="With dynamic sampling, most rollout batches drawn per step (DAPO max_num_gen_batches).", min=1
     )
     filters: list[dict[str, Any]] = _opt(
         [],
@@ -816,9 +808,7 @@ class AlgorithmConfig:
         for i, item in enumerate(self.filters):
             key = f"{_join(where, 'filters')}[{i}]"
             if "name" not in item:
-                raise FieldError(
-                    key, f"key '{key}' needs a 'name' (a registered group filter), got {_show(item)}"
-                )
+                raise FieldError(key, f"key '{key}' needs a 'name' (a registered group filter), got {_show(item)}")
             _check_registry("mmpo.core:GROUP_FILTERS", item["name"], f"{key}.name")
 
 
@@ -828,16 +818,19 @@ class TrainerConfig:
 
     max_steps: int = _opt(100, help="Training steps (one rollout batch each).", min=1)
     update_epochs: int = _opt(
-        1, help="Passes over each rollout batch (mu in GRPO). >1 reuses samples off-policy, which "
-        "is where clipping matters (GSPO uses several minibatches per rollout).", min=1
+        1,
+        help="Passes over each rollout batch (mu in GRPO). >1 reuses samples off-policy, which "
+        "is where clipping matters (GSPO uses several minibatches per rollout).",
+        min=1,
     )
     minibatch_size: int = _opt(
-        0, help="Trajectories per optimizer step; 0 = the whole batch (one step per epoch, fully "
-        "on-policy).", min=0
+        0, help="Trajectories per optimizer step; 0 = the whole batch (one step per epoch, fully on-policy).", min=0
     )
     micro_batch_size: int = _opt(
-        0, help="Trajectories per forward/backward (gradient accumulation); 0 = the minibatch. "
-        "Trades memory for speed, not results.", min=0
+        0,
+        help="Trajectories per forward/backward (gradient accumulation); 0 = the minibatch. "
+        "Trades memory for speed, not results.",
+        min=0,
     )
     lr: float = _opt(1e-5, help="AdamW learning rate; RL fine-tuning of VLMs typically uses 1e-6.", gt=0.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = _opt(
@@ -854,13 +847,13 @@ class TrainerConfig:
     eval_every: int = _opt(0, help="Evaluate every N steps; 0 = only at the end.", min=0)
     eval_at_start: bool = _opt(True, help="Evaluate before the first step (the baseline).")
     max_bad_steps: int = _opt(
-        3, help="Consecutive steps with a non-finite loss or gradient (skipped) before training "
-        "stops with an error.", min=1
+        3,
+        help="Consecutive steps with a non-finite loss or gradient (skipped) before training stops with an error.",
+        min=1,
     )
     log_every: int = _opt(1, help="Write metrics every N steps.", min=1)
     time_limit_s: float = _opt(
-        0.0, help="Stop (after saving a checkpoint) once this many seconds have passed; 0 = no "
-        "limit.", min=0.0
+        0.0, help="Stop (after saving a checkpoint) once this many seconds have passed; 0 = no limit.", min=0.0
     )
 
     def validate_config(self, where: str) -> None:
@@ -891,18 +884,20 @@ class RunConfig:
 
     task: TaskConfig = _opt(help="The task plugin and its options.")
     output_dir: str = _opt(
-        "", help="Run folder (config, metrics, TensorBoard, plots, checkpoints); empty = "
-        "runs/<config file stem>."
+        "", help="Run folder (config, metrics, TensorBoard, plots, checkpoints); empty = runs/<config file stem>."
     )
     seed: int = _opt(0, help="Seed for python, numpy and torch; a resumed run restores RNG states.")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", help="'auto' uses CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = _opt(
-        "auto", help="'auto': bf16 mixed precision on CUDA, fp32 on CPU. bf16 halves activation "
-        "memory; log-prob ratios are still computed in fp32."
+        "auto",
+        help="'auto': bf16 mixed precision on CUDA, fp32 on CPU. bf16 halves activation "
+        "memory; log-prob ratios are still computed in fp32.",
     )
     deepspeed: Optional[str] = _opt(
-        None, help="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) for ZeRO sharding under "
-        "torchrun; null trains in one process with plain torch.", path=True
+        None,
+        help="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) for ZeRO sharding under "
+        "torchrun; null trains in one process with plain torch.",
+        path=True,
     )
     model: ModelConfig = _opt(factory=ModelConfig, help="The policy model and its adapters.")
     rollout: RolloutConfig = _opt(factory=RolloutConfig, help="How trajectories are sampled.")
@@ -922,8 +917,12 @@ def check_options(fn: Any, options: dict[str, Any], key: str, reserved: tuple[st
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or
-             (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+    valid = [
+        n
+        for n, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)
+    ]
     valid = [n for n in valid if n not in reserved]
     for name in options:
         if name not in valid:

@@ -1,5 +1,6 @@
 """Stateful, resumable prompt sampling over a task's training samples, and reading the records
 of a data file (JSON / JSONL / Parquet)."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ class PromptSampler:
     (``epoch``, ``pos``) is all the state needed for an exact resume.
     """
 
-    def __init__(self, num_samples: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(
+        self, num_samples: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
         if num_samples < 1:
             raise ValueError("PromptSampler needs at least one sample")
         self.num_samples = num_samples

@@ -49,6 +49,7 @@ WORLD_SIZE / LOCAL_RANK; the engine then initialises torch.distributed itself (g
 on CUDA), e.g. ``torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d
 --rdzv-endpoint HOST:29500 -m mmpo train cfg.yaml`` on each node (node-rank 0, 1, ...).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,9 +135,7 @@ class EngineOptions:
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}; got {self.device!r}")
         if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"
-            )
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
 
 @dataclass
@@ -192,17 +191,11 @@ def _make_optimizer(params: list[nn.Parameter], opts: EngineOptions) -> torch.op
     """AdamW with weight decay on matrices (ndim >= 2) and none on biases / norm weights."""
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": g, "weight_decay": wd}
-        for g, wd in ((decay, opts.weight_decay), (no_decay, 0.0))
-        if g
-    ]
+    groups = [{"params": g, "weight_decay": wd} for g, wd in ((decay, opts.weight_decay), (no_decay, 0.0)) if g]
     return torch.optim.AdamW(groups, lr=opts.lr, betas=tuple(opts.adam_betas), eps=1e-8)
 
 
-def _make_scheduler(
-    optimizer: torch.optim.Optimizer, opts: EngineOptions
-) -> torch.optim.lr_scheduler.LambdaLR:
+def _make_scheduler(optimizer: torch.optim.Optimizer, opts: EngineOptions) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(update: int) -> float:
         return lr_factor(update, opts.lr_schedule, opts.warmup_steps, opts.total_steps)
 
@@ -513,9 +506,7 @@ class TorchEngine(Engine):
         grads = [p.grad for p in self.params if p.grad is not None]
         zero = torch.zeros((), device=self.device)
         norm = torch.nn.utils.get_total_norm(grads) if grads else zero
-        bad = torch.tensor(
-            float(self._bad_loss or not bool(torch.isfinite(norm))), device=self.device
-        )
+        bad = torch.tensor(float(self._bad_loss or not bool(torch.isfinite(norm))), device=self.device)
         if self.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         grad_norm = float(norm)
@@ -684,9 +675,7 @@ class DeepSpeedEngine(Engine):
         else:
             torch.cuda.set_device(self.device)
         # DeepSpeed 0.19 calls torch.distributed functions that torch 2.14 marks deprecated.
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
-        )
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         import deepspeed  # slow import (seconds): only when asked for
         from deepspeed.accelerator import get_accelerator
 
@@ -722,9 +711,7 @@ class DeepSpeedEngine(Engine):
 
         ds_logger.setLevel(logging.WARNING)  # DeepSpeed prints its whole config at INFO
         if "RANK" not in os.environ:  # one process without a launcher: a world of one
-            os.environ.update(
-                {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-            )
+            os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if not dist.is_initialized():
             self._owns_process_group = True
@@ -806,7 +793,9 @@ class DeepSpeedEngine(Engine):
                 f"this run uses stage {self.zero_stage}"
             )
         path, _ = self.ds.load_checkpoint(
-            str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+            str(folder),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         if path is None:

@@ -1,4 +1,5 @@
 """Errors that mmpo reports to the user as one clear paragraph (never a traceback)."""
+
 from __future__ import annotations
 
 

@@ -15,6 +15,7 @@ and writes one layout:
 ``mmpo eval`` builds the evaluator from a checkpoint without an optimizer or a training engine
 (``Trainer.checkpoint_evaluator``) and by default writes next to the checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,7 +58,11 @@ class EvalResult:
 
 
 def run_evaluation(
-    evaluator: Evaluator, *, rank: int = 0, world_size: int = 1, gather: Callable[[Any], list[Any]] = lambda x: [x],
+    evaluator: Evaluator,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[Any], list[Any]] = lambda x: [x],
 ) -> EvalResult:
     """Each rank predicts its contiguous share of the items; the rows are gathered in item order.
     A rank without items predicts the first one and drops it: every rank makes the same
@@ -138,6 +143,11 @@ def eval_ranks() -> tuple[int, int, Callable[[Any], list[Any]]]:
 
 
 __all__ = [
-    "EvalResult", "Evaluator", "default_eval_dir", "eval_ranks", "resolve_model_folder", "run_evaluation",
+    "EvalResult",
+    "Evaluator",
+    "default_eval_dir",
+    "eval_ranks",
+    "resolve_model_folder",
+    "run_evaluation",
     "write_evaluation",
 ]

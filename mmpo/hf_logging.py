@@ -1,4 +1,5 @@
 """Quiet transformers' progress bars while mmpo draws its own."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -23,6 +23,7 @@ the adapter is written from the engine's consolidated state dict (``Engine.save_
 with a ``save_fn``), and the merge needs no gathered parameters. The other ranks wait at the
 engine's barrier meanwhile (one extra read of the base weights on the main rank).
 """
+
 from __future__ import annotations
 
 import re
@@ -139,12 +140,24 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, is_vlm: bool) -> Any:
     if cfg.vision != "frozen":
         _check_vlm(is_vlm, prefix, "model.lora.vision", cfg.vision)
     vision_targets = list(cfg.vision_target_modules) if cfg.vision == "lora" else None
-    _check_matches(model, lora_target_regex(cfg.target_modules, prefix), "model.lora.target_modules",
-                   list(cfg.target_modules), None, prefix)
+    _check_matches(
+        model,
+        lora_target_regex(cfg.target_modules, prefix),
+        "model.lora.target_modules",
+        list(cfg.target_modules),
+        None,
+        prefix,
+    )
     if vision_targets:
         assert prefix is not None
-        _check_matches(model, rf"{re.escape(prefix)}\.(?:.*\.)?(?:{_suffixes(vision_targets)})",
-                       "model.lora.vision_target_modules", vision_targets, prefix, None)
+        _check_matches(
+            model,
+            rf"{re.escape(prefix)}\.(?:.*\.)?(?:{_suffixes(vision_targets)})",
+            "model.lora.vision_target_modules",
+            vision_targets,
+            prefix,
+            None,
+        )
     peft_cfg = peft.LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -230,5 +243,3 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, *, dtype: torch.
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
-
-

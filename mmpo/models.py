@@ -14,9 +14,9 @@ A LoRA adapter folder (``adapter_config.json``, no ``config.json``; what `mmpo.l
 writes to a run's ``model/``) loads its ``merged/`` sub-folder when there is one, otherwise the
 base named by ``base_model_name_or_path`` with the adapter applied and merged (`load_adapter`).
 """
+
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -200,7 +200,7 @@ def load_model(
     """
     path = str(path)
     if path.startswith(TINY_PREFIX):
-        folder = ensure_tiny(path[len(TINY_PREFIX):], seed=seed, overrides=tiny_overrides)
+        folder = ensure_tiny(path[len(TINY_PREFIX) :], seed=seed, overrides=tiny_overrides)
     else:
         if tiny_overrides:
             raise ConfigError(f"tiny_overrides only apply to tiny:<kind> models, not to '{path}'.")
@@ -297,4 +297,3 @@ def mark_checkpointed_layers(model: torch.nn.Module) -> int:
             module.training = True
             marked += 1
     return marked
-

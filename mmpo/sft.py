@@ -5,6 +5,7 @@ The caller supplies the examples and ``loss_fn(batch) -> scalar``; this loop own
 shuffled minibatches (seeded), AdamW with warmup + cosine decay, gradient clipping, a progress
 bar and a loss history. It runs in one process; saving the result is the caller's.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,15 @@ class SFTConfig:
 
     epochs: int = field(default=10, metadata={"help": "Passes over the examples.", "min": 1})
     batch_size: int = field(default=32, metadata={"help": "Examples per optimizer step.", "min": 1})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate (tiny models ~1e-3; 7B VLAs ~2e-5 full, 5e-4 LoRA).", "gt": 0.0})
+    lr: float = field(
+        default=1e-3,
+        metadata={"help": "AdamW learning rate (tiny models ~1e-3; 7B VLAs ~2e-5 full, 5e-4 LoRA).", "gt": 0.0},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay.", "min": 0.0})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps.", "min": 0})
-    lr_schedule: str = field(default="cosine", metadata={"help": "constant | linear | cosine (decays to 0 by the last step)."})
+    lr_schedule: str = field(
+        default="cosine", metadata={"help": "constant | linear | cosine (decays to 0 by the last step)."}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping; 0 disables.", "min": 0.0})
 
 
@@ -72,7 +78,9 @@ def supervised_train(
                 batch = [examples[i] for i in order[s : s + cfg.batch_size]]
                 loss = loss_fn(batch)
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"{desc}: non-finite loss at step {step} (epoch {epoch}); lower the learning rate")
+                    raise TrainingError(
+                        f"{desc}: non-finite loss at step {step} (epoch {epoch}); lower the learning rate"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm:
@@ -104,7 +112,9 @@ class CompletionExample:
     ids: torch.Tensor
 
 
-def completion_examples(policy: Any, prompts: Sequence[list[dict[str, Any]]], targets: Sequence[str]) -> list[CompletionExample]:
+def completion_examples(
+    policy: Any, prompts: Sequence[list[dict[str, Any]]], targets: Sequence[str]
+) -> list[CompletionExample]:
     """Encode chat ``prompts`` and their target texts for :func:`completion_nll`."""
     tok = policy.tokenizer
     out = []
@@ -130,10 +140,10 @@ def completion_nll(policy: Any, batch: list[CompletionExample], model: nn.Module
 def warm_start_setup(cfg: Any) -> tuple[Any, nn.Module, Any, Any]:
     """``(task, model, processor, policy)`` of a run config, seeded, for a supervised warm start
     before RL (the model from ``model.path``, a ``CausalLMPolicy`` around it)."""
-    from mmpo.trainers.loop import seed_everything
     from mmpo.models import load_model
     from mmpo.policies.causal_lm import CausalLMPolicy
     from mmpo.tasks import build_task
+    from mmpo.trainers.loop import seed_everything
 
     seed_everything(cfg.seed)
     task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)

@@ -1,4 +1,5 @@
 """Which special tokens a policy may sample and score (shared by model loading and the tiny models)."""
+
 from __future__ import annotations
 
 from typing import Any

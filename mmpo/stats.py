@@ -1,4 +1,5 @@
 """Small statistics for evaluation reports."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ reports evaluation metrics. ``mmpo`` never imports a plugin by name: plugins are
 the entry-point group ``mmpo.tasks`` (this project's own live in ``tasks/``, installed as
 ``mmpo_tasks``), so a third-party package can add tasks too.
 """
+
 from __future__ import annotations
 
 import abc
@@ -224,4 +225,14 @@ def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
     return cls(cfg, seed=seed)
 
 
-__all__ = ["Sample", "RewardOutput", "RolloutView", "Task", "TokenTask", "TASKS", "load_plugins", "get_task_class", "build_task"]
+__all__ = [
+    "Sample",
+    "RewardOutput",
+    "RolloutView",
+    "Task",
+    "TokenTask",
+    "TASKS",
+    "load_plugins",
+    "get_task_class",
+    "build_task",
+]

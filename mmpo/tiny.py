@@ -13,6 +13,7 @@ Everything here is built in code, so tests and the quickstart never touch a mode
 Every size is a keyword override (see `TinySizes`). Save with `save_tiny` and load everything
 through `mmpo.models.load_model`, the one loading path (`tiny:<kind>` writes and loads a cached copy).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -281,9 +282,7 @@ class TinySizes:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(overrides) - set(valid))
         if unknown:
-            raise ConfigError(
-                f"Unknown tiny model override(s) {unknown}. Valid: {', '.join(valid)}."
-            )
+            raise ConfigError(f"Unknown tiny model override(s) {unknown}. Valid: {', '.join(valid)}.")
         sizes = cls(**overrides)
         sizes.validate()
         return sizes
@@ -439,9 +438,7 @@ def build_vl_processor(s: TinySizes, tok: PreTrainedTokenizerFast, processor_cls
     """The real Qwen2-VL family processor around the in-code tokenizer, with small pixel limits."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    common = dict(
-        patch_size=s.patch_size, temporal_patch_size=s.temporal_patch_size, merge_size=s.spatial_merge_size
-    )
+    common = dict(patch_size=s.patch_size, temporal_patch_size=s.temporal_patch_size, merge_size=s.spatial_merge_size)
     image_processor = Qwen2VLImageProcessor(min_pixels=s.min_pixels, max_pixels=s.max_pixels, **common)
     video_processor = Qwen2VLVideoProcessor(
         min_pixels=s.video_min_pixels, max_pixels=s.video_max_pixels, cap_pixels_per_frame=True, **common

@@ -22,6 +22,7 @@ and a Unigram T5 tokenizer (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, words, single 
 Weights are drawn from `torch.manual_seed(seed)`; any all-zero weight matrix is redrawn so the
 denoiser's output depends on the latent, the timestep and the prompt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,9 +65,7 @@ def _sizes(kind: str, overrides: dict[str, Any]) -> dict[str, int]:
     valid = DEFAULT_SIZES[kind]
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ConfigError(
-            f"Unknown tiny '{kind}' pipeline override(s) {unknown}. Valid: {', '.join(sorted(valid))}."
-        )
+        raise ConfigError(f"Unknown tiny '{kind}' pipeline override(s) {unknown}. Valid: {', '.join(sorted(valid))}.")
     s = {**valid, **{k: int(v) for k, v in overrides.items()}}
     if s["hidden"] % (2 * s["num_heads"]) or s["text_hidden"] % 2:
         raise ConfigError(
@@ -121,10 +120,16 @@ def _clip(tok: Any, s: dict[str, int], with_projection: bool) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=s["text_hidden"], intermediate_size=2 * s["text_hidden"],
-        projection_dim=s["text_hidden"], num_hidden_layers=s["text_layers"], num_attention_heads=2,
-        max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=s["text_hidden"],
+        intermediate_size=2 * s["text_hidden"],
+        projection_dim=s["text_hidden"],
+        num_hidden_layers=s["text_layers"],
+        num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
@@ -133,9 +138,19 @@ def _t5(tok: Any, d_model: int, s: dict[str, int]) -> Any:
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(tok), d_model=d_model, d_kv=d_model // 2, d_ff=2 * d_model, num_layers=s["text_layers"],
-        num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=len(tok),
+        d_model=d_model,
+        d_kv=d_model // 2,
+        d_ff=2 * d_model,
+        num_layers=s["text_layers"],
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     return T5EncoderModel(config)
 
@@ -149,9 +164,14 @@ def _vae(kind: str, latent_channels: int, color_vae: int = 0) -> Any:
         return _color_vae(latent_channels)
 
     return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=latent_channels,
-        norm_num_groups=4, sample_size=32, **_VAE[kind],
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        **_VAE[kind],
     )
 
 
@@ -167,8 +187,11 @@ def _color_vae(latent_channels: int) -> Any:
     from diffusers import AutoencoderTiny
 
     vae = AutoencoderTiny(
-        encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(16, 16, 16),
-        num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=latent_channels,
+        encoder_block_out_channels=(16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16),
+        num_encoder_blocks=(1, 1, 1),
+        num_decoder_blocks=(1, 1, 1),
+        latent_channels=latent_channels,
     ).eval()
     last = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     z = torch.randn(32, latent_channels, 8, 8)
@@ -202,48 +225,84 @@ def _components(kind: str, s: dict[str, int]) -> dict[str, Any]:
         t5_tok = build_t5_tokenizer(256)
         return dict(
             transformer=d.SD3Transformer2DModel(
-                sample_size=s["sample_size"], patch_size=2, in_channels=lc, out_channels=lc,
-                num_layers=s["num_layers"], attention_head_dim=hidden // heads, num_attention_heads=heads,
-                joint_attention_dim=2 * th, caption_projection_dim=hidden, pooled_projection_dim=2 * th,
+                sample_size=s["sample_size"],
+                patch_size=2,
+                in_channels=lc,
+                out_channels=lc,
+                num_layers=s["num_layers"],
+                attention_head_dim=hidden // heads,
+                num_attention_heads=heads,
+                joint_attention_dim=2 * th,
+                caption_projection_dim=hidden,
+                pooled_projection_dim=2 * th,
                 pos_embed_max_size=max(32, s["sample_size"]),
             ),
             scheduler=d.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
             vae=_vae(kind, lc, s["color_vae"]),
-            text_encoder=_clip(clip_tok, s, True), tokenizer=clip_tok,
-            text_encoder_2=_clip(clip_tok, s, True), tokenizer_2=build_clip_tokenizer(),
-            text_encoder_3=_t5(t5_tok, 2 * th, s), tokenizer_3=t5_tok,
+            text_encoder=_clip(clip_tok, s, True),
+            tokenizer=clip_tok,
+            text_encoder_2=_clip(clip_tok, s, True),
+            tokenizer_2=build_clip_tokenizer(),
+            text_encoder_3=_t5(t5_tok, 2 * th, s),
+            tokenizer_3=t5_tok,
         )
     if kind == "flux":
         t5_tok = build_t5_tokenizer()
         return dict(
             transformer=d.FluxTransformer2DModel(
-                patch_size=1, in_channels=4 * lc, num_layers=s["num_layers"],
-                num_single_layers=s["num_single_layers"], attention_head_dim=hidden // heads,
-                num_attention_heads=heads, joint_attention_dim=th, pooled_projection_dim=th,
-                guidance_embeds=True, axes_dims_rope=_rope_axes(hidden // heads),
+                patch_size=1,
+                in_channels=4 * lc,
+                num_layers=s["num_layers"],
+                num_single_layers=s["num_single_layers"],
+                attention_head_dim=hidden // heads,
+                num_attention_heads=heads,
+                joint_attention_dim=th,
+                pooled_projection_dim=th,
+                guidance_embeds=True,
+                axes_dims_rope=_rope_axes(hidden // heads),
             ),
             scheduler=d.FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+                num_train_timesteps=1000,
+                shift=3.0,
+                use_dynamic_shifting=True,
+                base_shift=0.5,
+                max_shift=1.15,
+                base_image_seq_len=256,
+                max_image_seq_len=4096,
             ),
             vae=_vae(kind, lc, s["color_vae"]),
-            text_encoder=_clip(clip_tok, s, False), tokenizer=clip_tok,
-            text_encoder_2=_t5(t5_tok, th, s), tokenizer_2=t5_tok,
+            text_encoder=_clip(clip_tok, s, False),
+            tokenizer=clip_tok,
+            text_encoder_2=_t5(t5_tok, th, s),
+            tokenizer_2=t5_tok,
         )
     return dict(
         unet=d.UNet2DConditionModel(
-            sample_size=s["sample_size"], in_channels=lc, out_channels=lc, layers_per_block=s["num_layers"],
-            block_out_channels=(hidden, 2 * hidden), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=th,
-            attention_head_dim=heads, norm_num_groups=8,
+            sample_size=s["sample_size"],
+            in_channels=lc,
+            out_channels=lc,
+            layers_per_block=s["num_layers"],
+            block_out_channels=(hidden, 2 * hidden),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=th,
+            attention_head_dim=heads,
+            norm_num_groups=8,
         ),
         scheduler=d.DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
         ),
         vae=_vae(kind, lc, s["color_vae"]),
-        text_encoder=_clip(clip_tok, s, False), tokenizer=clip_tok,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        text_encoder=_clip(clip_tok, s, False),
+        tokenizer=clip_tok,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -325,6 +384,8 @@ def ensure_tiny_pipeline(kind: str, seed: int = 0, overrides: dict[str, Any] | N
     overrides = dict(overrides or {})
     folder = tiny_pipeline_folder(kind, seed, overrides)
     return write_cache_folder(
-        folder, "model_index.json", lambda tmp: save_tiny_pipeline(kind, tmp, seed=seed, **overrides),
+        folder,
+        "model_index.json",
+        lambda tmp: save_tiny_pipeline(kind, tmp, seed=seed, **overrides),
         what="Tiny pipeline",
     )

@@ -10,6 +10,7 @@ Everything lands in the run folder:
 A resumed run (``start_step > 0``) first drops every line and TensorBoard event after
 ``start_step``, so the files of a resumed run equal those of a straight run.
 """
+
 from __future__ import annotations
 
 import json

@@ -12,6 +12,7 @@ output in ``<out>/<name>_s<seed>.log``. The table goes to stdout, ``<out>/demos.
 folder ``runs/demos-smoke``): it checks the commands and the parsing, not the claims. Exit status 1
 when a demo errors or, without ``--smoke``, misses its claim.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,12 @@ def min_end(documented: float, share: float = 0.9) -> dict[str, Any]:
 def quickstart(seed: int, documented: float) -> Demo:
     """``mmpo train configs/quickstart.yaml`` with one seed of the README's table."""
     return Demo(
-        "quickstart", seed, train_only("quickstart"),
-        "eval/accuracy", Read("metrics.jsonl", "eval/accuracy", "first"), Read("metrics.jsonl", "eval/accuracy"),
+        "quickstart",
+        seed,
+        train_only("quickstart"),
+        "eval/accuracy",
+        Read("metrics.jsonl", "eval/accuracy", "first"),
+        Read("metrics.jsonl", "eval/accuracy"),
         **min_end(documented),
         why=f"README quickstart table: seed {seed} 0.000 -> {documented:.3f} at step 400 (chance 0.250)",
         extras={"chance": Read("metrics.jsonl", "eval/chance")},
@@ -101,89 +106,143 @@ DEMOS: tuple[Demo, ...] = (
     quickstart(1, 0.630),
     quickstart(2, 0.469),
     Demo(
-        "pathology_demo", 0, train_only("pathology_demo"),
-        "eval/accuracy", Read("metrics.jsonl", "eval/accuracy", "first"), Read("metrics.jsonl", "eval/accuracy"),
+        "pathology_demo",
+        0,
+        train_only("pathology_demo"),
+        "eval/accuracy",
+        Read("metrics.jsonl", "eval/accuracy", "first"),
+        Read("metrics.jsonl", "eval/accuracy"),
         **min_end(0.979),
         why="README 'VLM reasoning': pathology_demo 0.000 -> 0.979 held-out accuracy at step 300 (chance 0.500)",
     ),
     Demo(
-        "diffusion_demo", 0, train_only("diffusion_demo"),
-        "eval/target_color", Read("metrics.jsonl", "eval/target_color", "first"),
+        "diffusion_demo",
+        0,
+        train_only("diffusion_demo"),
+        "eval/target_color",
+        Read("metrics.jsonl", "eval/target_color", "first"),
         Read("metrics.jsonl", "eval/target_color"),
-        claim="end - start >= 0.15", check=lambda v: v["end"] - v["start"] >= 0.15,
+        claim="end - start >= 0.15",
+        check=lambda v: v["end"] - v["start"] >= 0.15,
         why="README 'Text-to-image' CPU demo: 0.495 -> 0.715 at step 400 (+0.220; the dip to 0.655 at 350 is +0.160)",
     ),
     Demo(
-        "ript_vla_babyai", 0, (  # make vla-demo, with the demonstrations in the demo's folder
+        "ript_vla_babyai",
+        0,
+        (  # make vla-demo, with the demonstrations in the demo's folder
             Cmd("{py} data_prep/babyai_demos.py --episodes 20 --max-steps 16 --out {run}/data", "--episodes 2"),
-            Cmd("{mmpo} train configs/ript_vla_babyai.yaml seed={seed} task.sft.demos={run}/data "
+            Cmd(
+                "{mmpo} train configs/ript_vla_babyai.yaml seed={seed} task.sft.demos={run}/data "
                 "output_dir={run}/train",
-                f"{SMOKE_TRAIN} task.sft.epochs=1"),
-            Cmd("{mmpo} eval configs/ript_vla_babyai.yaml task.sft.demos={run}/data checkpoint={run}/train/sft/model "
-                "output_dir={run}/eval_sft", SMOKE_EVAL),
-            Cmd("{mmpo} eval configs/ript_vla_babyai.yaml task.sft.demos={run}/data checkpoint={run}/train "
-                "output_dir={run}/eval_ript", SMOKE_EVAL),
+                f"{SMOKE_TRAIN} task.sft.epochs=1",
+            ),
+            Cmd(
+                "{mmpo} eval configs/ript_vla_babyai.yaml task.sft.demos={run}/data checkpoint={run}/train/sft/model "
+                "output_dir={run}/eval_sft",
+                SMOKE_EVAL,
+            ),
+            Cmd(
+                "{mmpo} eval configs/ript_vla_babyai.yaml task.sft.demos={run}/data checkpoint={run}/train "
+                "output_dir={run}/eval_ript",
+                SMOKE_EVAL,
+            ),
         ),
-        "success_rate (SFT -> RIPT)", Read("eval_sft/eval/metrics.json", "success_rate"),
+        "success_rate (SFT -> RIPT)",
+        Read("eval_sft/eval/metrics.json", "success_rate"),
         Read("eval_ript/eval/metrics.json", "success_rate"),
         claim="end >= 0.711 (0.9 x 0.790) and end - start >= 0.20",
         check=lambda v: v["end"] >= 0.711 and v["end"] - v["start"] >= 0.20,
         why="README 'Robots' CPU demo: SFT 0.430 [0.363, 0.499] -> RIPT 0.790 [0.728, 0.841], 200 held-out seeds",
     ),
     Demo(
-        "framemind", 0, (  # make framemind-demo
-            Cmd("{py} -m mmpo_tasks.video_frames.warm_start configs/framemind.yaml --out {run}/warm",
-                "--examples 8 --epochs 1"),
-            Cmd("{mmpo} train configs/framemind.yaml seed={seed} model.path={run}/warm 'model.tiny={}' "
-                "output_dir={run}/train", SMOKE_TRAIN),
+        "framemind",
+        0,
+        (  # make framemind-demo
+            Cmd(
+                "{py} -m mmpo_tasks.video_frames.warm_start configs/framemind.yaml --out {run}/warm",
+                "--examples 8 --epochs 1",
+            ),
+            Cmd(
+                "{mmpo} train configs/framemind.yaml seed={seed} model.path={run}/warm 'model.tiny={}' "
+                "output_dir={run}/train",
+                SMOKE_TRAIN,
+            ),
             Cmd("{mmpo} eval configs/framemind.yaml checkpoint={run}/train output_dir={run}/eval_grpo", SMOKE_EVAL),
         ),
-        "accuracy (cold start -> GRPO)", Read("train/metrics.jsonl", "eval/accuracy", "first"),
+        "accuracy (cold start -> GRPO)",
+        Read("train/metrics.jsonl", "eval/accuracy", "first"),
         Read("eval_grpo/eval/metrics.json", "accuracy"),
         **min_end(1.0),
         why="README 'Video: FrameMind' CPU demo: held-out accuracy 0.469 -> 1.000, tool use 0.00 -> 1.00 at step 80",
-        extras={"tool_use_start": Read("train/metrics.jsonl", "eval/tool_use", "first"),
-                "tool_use_end": Read("eval_grpo/eval/metrics.json", "tool_use")},
+        extras={
+            "tool_use_start": Read("train/metrics.jsonl", "eval/tool_use", "first"),
+            "tool_use_end": Read("eval_grpo/eval/metrics.json", "tool_use"),
+        },
     ),
     Demo(
-        "miniwob_grpo", 0, (  # make miniwob-demo
+        "miniwob_grpo",
+        0,
+        (  # make miniwob-demo
             Cmd("{mmpo} train configs/miniwob_grpo.yaml seed={seed} output_dir={run}", SMOKE_TRAIN),
             Cmd("{mmpo} eval configs/miniwob_grpo.yaml checkpoint={run} output_dir={run}/eval_grpo", SMOKE_EVAL),
         ),
-        "success_rate", Read("metrics.jsonl", "eval/success_rate", "first"),
+        "success_rate",
+        Read("metrics.jsonl", "eval/success_rate", "first"),
         Read("eval_grpo/eval/metrics.json", "success_rate"),
-        claim="end - start >= 0.25", check=lambda v: v["end"] - v["start"] >= 0.25,
+        claim="end - start >= 0.25",
+        check=lambda v: v["end"] - v["start"] >= 0.25,
         why="README 'GRPO on MiniWoB++': 0.240 [0.179, 0.314] -> 0.627 [0.547, 0.700] (150 seeds; +0.327 at step 10)",
     ),
     Demo(
-        "hiconagent", 0, (  # make hicon-demo, with the recorded episodes in the demo's folder
-            Cmd("{py} data_prep/miniwob_episodes.py --out {run}/data --tasks enter-text click-test-2 focus-text "
-                "--seeds 0:30 --only-success --no-progress", "--seeds 0:2"),
-            Cmd("{py} -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml task.data={run}/data/episodes.jsonl "
-                "--out {run}/warm", "--epochs 1"),
-            Cmd("{mmpo} train configs/hiconagent.yaml seed={seed} task.data={run}/data/episodes.jsonl "
-                "model.path={run}/warm 'model.tiny={}' output_dir={run}/train", SMOKE_TRAIN),
+        "hiconagent",
+        0,
+        (  # make hicon-demo, with the recorded episodes in the demo's folder
+            Cmd(
+                "{py} data_prep/miniwob_episodes.py --out {run}/data --tasks enter-text click-test-2 focus-text "
+                "--seeds 0:30 --only-success --no-progress",
+                "--seeds 0:2",
+            ),
+            Cmd(
+                "{py} -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml task.data={run}/data/episodes.jsonl "
+                "--out {run}/warm",
+                "--epochs 1",
+            ),
+            Cmd(
+                "{mmpo} train configs/hiconagent.yaml seed={seed} task.data={run}/data/episodes.jsonl "
+                "model.path={run}/warm 'model.tiny={}' output_dir={run}/train",
+                SMOKE_TRAIN,
+            ),
         ),
-        "eval/action_type", Read("train/metrics.jsonl", "eval/action_type", "first"),
+        "eval/action_type",
+        Read("train/metrics.jsonl", "eval/action_type", "first"),
         Read("train/metrics.jsonl", "eval/action_type"),
         **min_end(1.0),
         why="README 'HiconAgent CPU demo': held-out action type 0.83 -> 1.00 at step 80 (step success 0.26: noise)",
-        extras={"reward_end": Read("train/metrics.jsonl", "eval/reward"),
-                "step_success_end": Read("train/metrics.jsonl", "eval/step_success")},
+        extras={
+            "reward_end": Read("train/metrics.jsonl", "eval/reward"),
+            "step_success_end": Read("train/metrics.jsonl", "eval/step_success"),
+        },
     ),
     Demo(
-        "airquality_grpo", 0, (
-            Cmd("{mmpo} train configs/airquality_grpo.yaml seed={seed} output_dir={run}",
-                "trainer.max_steps=1 task.sft.epochs=1 task.sft.max_windows=256"),
+        "airquality_grpo",
+        0,
+        (
+            Cmd(
+                "{mmpo} train configs/airquality_grpo.yaml seed={seed} output_dir={run}",
+                "trainer.max_steps=1 task.sft.epochs=1 task.sft.max_windows=256",
+            ),
             Cmd("{mmpo} eval configs/airquality_grpo.yaml checkpoint={run} output_dir={run}"),
         ),
-        "FAR 2014, all leads (SFT -> GRPO)", Read("eval/metrics.json", "SFT.summary.far"),
+        "FAR 2014, all leads (SFT -> GRPO)",
+        Read("eval/metrics.json", "SFT.summary.far"),
         Read("eval/metrics.json", "GRPO.summary.far"),
         claim="end <= 0.9 x start and F1 GRPO >= F1 SFT - 0.02",
         check=lambda v: v["end"] <= 0.9 * v["start"] and v["f1_grpo"] >= v["f1_sft"] - 0.02,
         why="README 'Forecasting' CPU demo: FAR 0.253 -> 0.195 (-23%) at the same F1 (0.830 -> 0.836), test year 2014",
-        extras={"f1_sft": Read("eval/metrics.json", "SFT.summary.f1"),
-                "f1_grpo": Read("eval/metrics.json", "GRPO.summary.f1")},
+        extras={
+            "f1_sft": Read("eval/metrics.json", "SFT.summary.f1"),
+            "f1_grpo": Read("eval/metrics.json", "GRPO.summary.f1"),
+        },
     ),
 )
 
@@ -220,8 +279,14 @@ def run_demo(demo: Demo, out: Path, smoke: bool, no_time_limit: bool = False) ->
     run, log = out / demo.key, out / f"{demo.key}.log"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    row: dict[str, Any] = {"demo": demo.name, "seed": demo.seed, "metric": demo.metric, "threshold": demo.claim,
-                           "why": demo.why, "log": str(log)}
+    row: dict[str, Any] = {
+        "demo": demo.name,
+        "seed": demo.seed,
+        "metric": demo.metric,
+        "threshold": demo.claim,
+        "why": demo.why,
+        "log": str(log),
+    }
     t0 = time.monotonic()
     with open(log, "w") as f:
         for cmd in demo.cmds:
@@ -236,7 +301,9 @@ def run_demo(demo: Demo, out: Path, smoke: bool, no_time_limit: bool = False) ->
     if "error" not in row:
         try:
             (row["start"], row["start_step"]), (row["end"], row["end_step"]) = (
-                read_value(run, demo.start), read_value(run, demo.end))
+                read_value(run, demo.start),
+                read_value(run, demo.end),
+            )
             row["extras"] = {name: read_value(run, src)[0] for name, src in demo.extras.items()}
             values = {"start": row["start"], "end": row["end"], **row["extras"]}
             row["result"] = "pass" if demo.check(values) else "FAIL"
@@ -266,15 +333,20 @@ def markdown(rows: list[dict[str, Any]], commit: str, smoke: bool) -> str:
     """The report: the table, the README passages behind the thresholds, the failed demos' log tails."""
     mode = "--smoke (one step each: checks the script, not the claims)" if smoke else "full runs"
     lines = [
-        "# mmpo CPU demos", "", f"commit `{commit}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {mode}", "",
+        "# mmpo CPU demos",
+        "",
+        f"commit `{commit}`, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {mode}",
+        "",
         "| demo | seed | metric | start | end | threshold (docs) | result | wall | other |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         other = ", ".join(f"{k} {v:.3f}" for k, v in r.get("extras", {}).items())
         result = r["result"] + (" (smoke)" if smoke else "")
-        lines.append(f"| {r['demo']} | {r['seed']} | {r['metric']} | {number(r, 'start')} | {number(r, 'end')} | "
-                     f"{r['threshold']} | {result} | {clock(r['wall_s'])} | {other} |")
+        lines.append(
+            f"| {r['demo']} | {r['seed']} | {r['metric']} | {number(r, 'start')} | {number(r, 'end')} | "
+            f"{r['threshold']} | {result} | {clock(r['wall_s'])} | {other} |"
+        )
     lines += ["", "Thresholds:", *(f"- {r['demo']} seed {r['seed']}: {r['why']}" for r in rows)]
     for r in rows:
         if "error" in r:
@@ -284,6 +356,7 @@ def markdown(rows: list[dict[str, Any]], commit: str, smoke: bool) -> str:
 
 def git_commit() -> str:
     """``git rev-parse --short HEAD``, with ``+dirty`` when the tree has changes."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], check=False, cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -296,7 +369,9 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated demo names (all seeds) or name_sSEED")
     p.add_argument("--list", action="store_true", help="print the demos, their claims and commands; run nothing")
     p.add_argument("--smoke", action="store_true", help="one step per run: checks this script, not the claims")
-    p.add_argument("--no-time-limit", action="store_true", help="lift trainer.time_limit_s (a busy machine cuts runs short)")
+    p.add_argument(
+        "--no-time-limit", action="store_true", help="lift trainer.time_limit_s (a busy machine cuts runs short)"
+    )
     p.add_argument("--out", default=None, help="output folder (default runs/demos, or runs/demos-smoke with --smoke)")
     args = p.parse_args()
     out = Path(args.out or ("runs/demos-smoke" if args.smoke else "runs/demos")).resolve()
@@ -316,8 +391,11 @@ def main() -> int:
     for i, d in enumerate(demos, 1):
         print(f"[{i}/{len(demos)}] {d.key}: started (elapsed {clock(time.monotonic() - t0)})", flush=True)
         rows.append(run_demo(d, out, args.smoke, args.no_time_limit))
-        print(f"[{i}/{len(demos)}] {d.key}: {rows[-1]['result']} in {clock(rows[-1]['wall_s'])} "
-              f"(elapsed {clock(time.monotonic() - t0)})", flush=True)
+        print(
+            f"[{i}/{len(demos)}] {d.key}: {rows[-1]['result']} in {clock(rows[-1]['wall_s'])} "
+            f"(elapsed {clock(time.monotonic() - t0)})",
+            flush=True,
+        )
     report = markdown(rows, commit, args.smoke)
     (out / "demos.md").write_text(report)
     (out / "demos.json").write_text(json.dumps({"commit": commit, "smoke": args.smoke, "demos": rows}, indent=1) + "\n")

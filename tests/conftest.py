@@ -1,4 +1,5 @@
 """Shared fixtures: a small, fast config for end-to-end runs on the tiny models."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """The architecture's promises, checked on the source: one update loop, plugins that stand alone,
 no import circle in ``mmpo``, small trainer files."""
+
 from __future__ import annotations
 
 import ast
@@ -84,7 +85,9 @@ def test_no_import_circle_in_mmpo():
 
 
 def test_mmpo_imports_no_plugin():
-    offenders = [str(p.relative_to(ROOT)) for p in MMPO.rglob("*.py") if any(n.startswith("mmpo_tasks") for n in _imports(p))]
+    offenders = [
+        str(p.relative_to(ROOT)) for p in MMPO.rglob("*.py") if any(n.startswith("mmpo_tasks") for n in _imports(p))
+    ]
     assert offenders == []
 
 

@@ -1,4 +1,5 @@
 """`mmpo bench --against trl`: a real (tiny) side-by-side run of mmpo and TRL's GRPOTrainer."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,31 @@ KEYS = {"setting", "mmpo_s_per_step", "trl_s_per_step", "ratio", "mmpo_peak_rss_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_against_trl_text_and_vlm(capsys):
-    code = main([
-        "bench", "--against", "trl", "--settings", "text,vlm", "--steps", "1", "--warmup", "1",
-        "--threads", "1", "--prompts-per-step", "1", "--group-size", "4", "--max-new-tokens", "4",
-        "--image-size", "56", "--wait-quiet", "0",
-    ])
+    code = main(
+        [
+            "bench",
+            "--against",
+            "trl",
+            "--settings",
+            "text,vlm",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--prompts-per-step",
+            "1",
+            "--group-size",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--image-size",
+            "56",
+            "--wait-quiet",
+            "0",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["setting"] for r in rows] == ["text", "vlm"]

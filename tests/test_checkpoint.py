@@ -1,4 +1,5 @@
 """mmpo.checkpoint: atomic saves, latest/prune, JSON and safetensors helpers, RNG round trip."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The command line: one-paragraph errors with exit code 2, `tasks`, `tiny`, `python -m mmpo`."""
+
 from __future__ import annotations
 
 import subprocess
@@ -68,9 +69,17 @@ def test_python_dash_m_is_the_same_command():
 def test_eval_writes_predictions_and_accuracy(tmp_path, capsys):
     import json
 
-    code = main(["eval", QUICK, "checkpoint=tiny:qwen2_vl", f"output_dir={tmp_path}", "eval.num_samples=6",
-                 "task.question_types=[colour,shape,count]",
-                 "model.tiny={initializer_range: 0.1, head_init_std: 0.01}"])
+    code = main(
+        [
+            "eval",
+            QUICK,
+            "checkpoint=tiny:qwen2_vl",
+            f"output_dir={tmp_path}",
+            "eval.num_samples=6",
+            "task.question_types=[colour,shape,count]",
+            "model.tiny={initializer_range: 0.1, head_init_std: 0.01}",
+        ]
+    )
     assert code == 0
     rows = [json.loads(l) for l in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and {"id", "prediction", "answer"} <= rows[0].keys()
@@ -83,8 +92,19 @@ def test_eval_writes_predictions_and_accuracy(tmp_path, capsys):
 def test_bench_reports_phases(capsys, tmp_path):
     import json
 
-    code = main(["bench", QUICK, "rollout.prompts_per_step=2", "rollout.group_size=4", "eval.num_samples=0",
-                 "--steps", "2", "--warmup", "1"])
+    code = main(
+        [
+            "bench",
+            QUICK,
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=4",
+            "eval.num_samples=0",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]
+    )
     assert code == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("s_per_step", "rollout_s", "reward_s", "update_s", "peak_mb", "device"):

@@ -1,6 +1,8 @@
 """clip_score on a tiny random open_clip model built offline from a local config + safetensors."""
+
 import json
 
+import open_clip  # noqa: E402 (the diffusion extra is part of dev)
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,8 +10,6 @@ import torch.nn.functional as F
 from mmpo.errors import ConfigError
 from mmpo.rewards.clip_score import TINY_CLIP_CONFIG, ClipScore, build_tiny_clip, preprocess
 from mmpo.rewards.image import build_image_rewards
-
-import open_clip  # noqa: E402 (the diffusion extra is part of dev)
 
 
 @pytest.fixture(scope="module")

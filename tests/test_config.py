@@ -4,6 +4,7 @@ The generic machinery is tested on a small schema defined here (with its own reg
 last section loads the real RunConfig, whose registry fields need mmpo.core, mmpo.rollout and
 mmpo.tasks to hold the default names (grpo, ppo_clip, token-mean, k3, constant, hf, synthetic_vqa).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -307,8 +308,16 @@ def _config_fields(cls: type) -> list[tuple[str, dataclasses.Field]]:
 def test_every_runconfig_field_has_help() -> None:
     from mmpo import config as C
 
-    classes = [C.RunConfig, C.TaskConfig, C.ModelConfig, C.LoraConfig, C.RolloutConfig,
-               C.AlgorithmConfig, C.TrainerConfig, C.EvalConfig]
+    classes = [
+        C.RunConfig,
+        C.TaskConfig,
+        C.ModelConfig,
+        C.LoraConfig,
+        C.RolloutConfig,
+        C.AlgorithmConfig,
+        C.TrainerConfig,
+        C.EvalConfig,
+    ]
     missing = [name for cls in classes for name, f in _config_fields(cls) if len(f.metadata.get("help", "")) < 10]
     assert missing == []
 
@@ -371,10 +380,15 @@ def test_runconfig_save_and_load_round_trip(tmp_path: Path) -> None:
     out = save_config(cfg, tmp_path / "run" / "config.yaml")
     written = yaml.safe_load(out.read_text())
     assert written["task"] == {"name": "synthetic_vqa", "num_train": 50, "colours": ["red", "green"]}
-    assert written["model"]["lora"] == {"r": 8, "alpha": 32, "dropout": 0.0,
-                                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                        "vision": "frozen", "vision_target_modules": ["attn.qkv", "attn.proj"],
-                                        "save_merged": True}
+    assert written["model"]["lora"] == {
+        "r": 8,
+        "alpha": 32,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "vision": "frozen",
+        "vision_target_modules": ["attn.qkv", "attn.proj"],
+        "save_merged": True,
+    }
     assert load_config(out) == cfg
 
 

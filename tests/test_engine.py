@@ -1,4 +1,5 @@
 """mmpo.engine in one process: LR schedule, non-finite skips, exact resume, grad accumulation."""
+
 from __future__ import annotations
 
 import copy
@@ -70,9 +71,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_lr_factor_by_hand() -> None:
     # warmup 2, total 6: warmup (k+1)/2, then p = (k-2)/4
-    assert [lr_factor(k, "linear", 2, 6) for k in range(8)] == [
-        0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0
-    ]
+    assert [lr_factor(k, "linear", 2, 6) for k in range(8)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
     assert [lr_factor(k, "constant", 2, 6) for k in range(4)] == [0.5, 1.0, 1.0, 1.0]
     cos = [lr_factor(k, "cosine", 2, 6) for k in (2, 3, 4, 6)]
     assert cos == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.0])
@@ -227,9 +226,7 @@ def test_save_pretrained_writes_full_weights(tmp_path: Path) -> None:
         assert torch.equal(loaded[name], value), name
 
     seen = {}
-    engine.save_pretrained(
-        tmp_path / "custom", save_fn=lambda m, f, sd: seen.update(m=m, f=f, sd=sd)
-    )
+    engine.save_pretrained(tmp_path / "custom", save_fn=lambda m, f, sd: seen.update(m=m, f=f, sd=sd))
     assert seen["m"] is engine.module and seen["f"] == tmp_path / "custom"
     assert set(seen["sd"]) == set(engine.module.state_dict())
 

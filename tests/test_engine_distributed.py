@@ -9,6 +9,7 @@ Checks: ranks agree exactly; weights moved; a one-process torch run over the sam
 batches gives the same weights (tolerance); the resumed run ends bit-identical; rank 0's
 save_pretrained holds the gathered weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.dist import run_torchrun
 from helpers.toy_engine_script import make_model, train
+
 from mmpo.engine import EngineOptions, TorchEngine
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -39,7 +40,10 @@ def launch(out: Path, extra: list[str]) -> list[dict]:
     files = [out / f"rank{r}.json" for r in range(WORLD)]
     run_torchrun(
         [SCRIPT, "--out", out, "--steps", STEPS, "--accum", ACCUM, "--micro", MICRO, *extra],
-        nproc=WORLD, timeout=600, retries=1, done=lambda: all(f.is_file() for f in files),
+        nproc=WORLD,
+        timeout=600,
+        retries=1,
+        done=lambda: all(f.is_file() for f in files),
     )
     return [json.loads(f.read_text()) for f in files]
 
@@ -48,12 +52,23 @@ def launch(out: Path, extra: list[str]) -> list[dict]:
 def reference() -> dict:
     """One process, plain torch, each step one backward over the whole global batch."""
     opts = EngineOptions(
-        lr=1e-2, lr_schedule="linear", warmup_steps=1, total_steps=STEPS, max_grad_norm=1.0,
-        weight_decay=0.01, device="cpu", precision="fp32",
+        lr=1e-2,
+        lr_schedule="linear",
+        warmup_steps=1,
+        total_steps=STEPS,
+        max_grad_norm=1.0,
+        weight_decay=0.01,
+        device="cpu",
+        precision="fp32",
     )
     engine = TorchEngine(make_model(), opts)
     results = train(
-        engine, 0, STEPS, accum=1, micro=WORLD * ACCUM * MICRO, poison_grad=(1, -1),
+        engine,
+        0,
+        STEPS,
+        accum=1,
+        micro=WORLD * ACCUM * MICRO,
+        poison_grad=(1, -1),
         nan_loss=(2, -1),
     )
     return {
@@ -82,9 +97,7 @@ def test_ranks_agree_and_skip_together(runs: dict) -> None:
     assert r0["params"] == r1["params"]  # exact
     assert [s for _, s, _ in r0["results"]] == [False, True, True, False, False, False]
     assert [s for _, s, _ in r1["results"]] == [False, True, True, False, False, False]
-    moved = [
-        (tensors(r0["params"])[n] - t).abs().max().item() for n, t in tensors(r0["init"]).items()
-    ]
+    moved = [(tensors(r0["params"])[n] - t).abs().max().item() for n, t in tensors(r0["init"]).items()]
     assert min(moved) > 1e-4
 
 

@@ -1,4 +1,5 @@
 """The one evaluator: sharding over ranks, the written layout, and where `mmpo eval` writes."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,16 @@ class Squares:
 
     def predict(self, items: list[int], offset: int) -> list[dict]:
         self.calls.append((list(items), offset))
-        return [{"id": str(i), "input": i, "prediction": i * i, "answer": None, "even": float(i % 2 == 0), "_raw": i} for i in items]
+        return [
+            {"id": str(i), "input": i, "prediction": i * i, "answer": None, "even": float(i % 2 == 0), "_raw": i}
+            for i in items
+        ]
 
     def summarize(self, items: list[int], rows: list[dict]) -> dict[str, float]:
-        return {"mean": sum(r["prediction"] for r in rows) / len(rows), "raw_in_order": float([r["_raw"] for r in rows] == items)}
+        return {
+            "mean": sum(r["prediction"] for r in rows) / len(rows),
+            "raw_in_order": float([r["_raw"] for r in rows] == items),
+        }
 
     def write_artifacts(self, out_dir: Path, items, rows) -> dict[str, str]:
         (out_dir / "pic.txt").write_text("x")
@@ -50,7 +57,9 @@ def test_sharded_rows_equal_one_process(n, world):
     if n:
         calls = [e.calls[0] for e in evaluators]
         assert all(len(items) >= 1 for items, _ in calls)  # every rank ran the same collectives
-        assert [off for (items, off), part in zip(calls, local) if part] == [int(part[0]["id"]) for part in local if part]
+        assert [off for (items, off), part in zip(calls, local) if part] == [
+            int(part[0]["id"]) for part in local if part
+        ]
 
 
 def test_written_layout_drops_private_keys(tmp_path):
@@ -58,7 +67,11 @@ def test_written_layout_drops_private_keys(tmp_path):
     out = write_evaluation(tmp_path / "eval", run_evaluation(ev), ev, "ckpt")
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert rows[1] == {"id": "1", "input": 1, "prediction": 1, "answer": None, "even": 0.0}
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == {"checkpoint": "ckpt", "mean": 5 / 3, "raw_in_order": 1.0}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == {
+        "checkpoint": "ckpt",
+        "mean": 5 / 3,
+        "raw_in_order": 1.0,
+    }
     assert out["pic"] == str(tmp_path / "eval" / "pic.txt")
 
 

@@ -1,4 +1,5 @@
 """Anchor-guided History Compression (HiconAgent): history screenshots dropped at a decoder layer."""
+
 from __future__ import annotations
 
 import pytest
@@ -92,11 +93,13 @@ def test_nothing_dropped_equals_full_branch(kind, attn, history):
 
 def test_history_image_mask_on_hand_built_ids():
     IMG, VS, VE, VID, PAD = 7, 5, 6, 8, 0
-    ids = torch.tensor([
-        [PAD, PAD, 1, VS, IMG, IMG, VE, 2, VS, IMG, VE, 3, VS, IMG, IMG, VE, 4],
-        [PAD, PAD, PAD, PAD, PAD, 1, VS, IMG, VE, 2, VS, VID, VID, VE, 3, 4, 4],  # image then a video
-        [1, VS, IMG, VE, 2, VS, IMG, IMG, IMG, VE, 3, 3, 3, 3, 3, 3, 3],
-    ])
+    ids = torch.tensor(
+        [
+            [PAD, PAD, 1, VS, IMG, IMG, VE, 2, VS, IMG, VE, 3, VS, IMG, IMG, VE, 4],
+            [PAD, PAD, PAD, PAD, PAD, 1, VS, IMG, VE, 2, VS, VID, VID, VE, 3, 4, 4],  # image then a video
+            [1, VS, IMG, VE, 2, VS, IMG, IMG, IMG, VE, 3, 3, 3, 3, 3, 3, 3],
+        ]
+    )
     expected = torch.zeros_like(ids, dtype=torch.bool)
     expected[0, 3:7] = True
     expected[0, 8:11] = True
@@ -111,7 +114,7 @@ def test_history_image_mask_marks_all_images_but_the_last(kind):
     c = pol.model.config
     drop = _drop(pol, full)
     ids = full["input_ids"]
-    merge = c.vision_config.spatial_merge_size ** 2
+    merge = c.vision_config.spatial_merge_size**2
     tokens = (full["image_grid_thw"].prod(-1) // merge).tolist()  # images in row order: 3 of row 0, 2 of row 1
     per_row = [tokens[:3], tokens[3:]]
     for r, imgs in enumerate(per_row):
@@ -121,7 +124,7 @@ def test_history_image_mask_marks_all_images_but_the_last(kind):
         assert int((marked == c.image_token_id).sum()) == sum(imgs[:-1])
         # the last image's pads (the last pads of the row) and all text are kept
         pads = (ids[r] == c.image_token_id).nonzero().view(-1)
-        assert not drop[r, pads[-imgs[-1]:]].any() and drop[r, pads[: -imgs[-1]]].all()
+        assert not drop[r, pads[-imgs[-1] :]].any() and drop[r, pads[: -imgs[-1]]].all()
         vision = torch.tensor([c.image_token_id, c.vision_start_token_id, c.vision_end_token_id])
         assert not drop[r, ~torch.isin(ids[r], vision)].any()
     assert not drop[:, -8:].any()  # the prompt's tail (current screenshot, generation prompt)
@@ -135,15 +138,19 @@ def _reference_row(pol: CausalLMPolicy, full: dict, row: int, cols: torch.Tensor
     lm = decoder.language_model
     hs = decoder(**full, output_hidden_states=True, use_cache=False).hidden_states[layer]  # input of `layer`
     pos, _ = decoder.get_rope_index(
-        full["input_ids"], image_grid_thw=full["image_grid_thw"], attention_mask=full["attention_mask"],
+        full["input_ids"],
+        image_grid_thw=full["image_grid_thw"],
+        attention_mask=full["attention_mask"],
         mm_token_type_ids=full["mm_token_type_ids"],
     )
     layers = lm.layers
     try:
         lm.layers = torch.nn.ModuleList(list(layers)[layer:])  # all full-attention, so layer_types still line up
         return lm(
-            inputs_embeds=hs[row, cols][None], position_ids=pos[:, row, cols][:, None],
-            attention_mask=torch.ones(1, len(cols), dtype=torch.long), use_cache=False,
+            inputs_embeds=hs[row, cols][None],
+            position_ids=pos[:, row, cols][:, None],
+            attention_mask=torch.ones(1, len(cols), dtype=torch.long),
+            use_cache=False,
         ).last_hidden_state[0]
     finally:
         lm.layers = layers
@@ -174,7 +181,9 @@ def test_dropped_history_matches_independent_reference(kind, attn, layer):
     assert out.attention_mask.sum(1).tolist() == (valid_before - dropped).tolist()
 
     full_pos, _ = decoder.get_rope_index(
-        full["input_ids"], image_grid_thw=full["image_grid_thw"], attention_mask=full["attention_mask"],
+        full["input_ids"],
+        image_grid_thw=full["image_grid_thw"],
+        attention_mask=full["attention_mask"],
         mm_token_type_ids=full["mm_token_type_ids"],
     )
     stage2_pos = seen[1]  # positions handed to the rotary embedding for layers layer..N-1
@@ -182,7 +191,7 @@ def test_dropped_history_matches_independent_reference(kind, attn, layer):
     for r in range(2):
         cols = ((~drop[r]) & full["attention_mask"][r].bool()).nonzero().view(-1)  # kept valid tokens, in order
         valid = out.attention_mask[r].bool()
-        assert valid[-len(cols):].all() and not valid[: L2 - len(cols)].any()  # left-padded, tail-aligned
+        assert valid[-len(cols) :].all() and not valid[: L2 - len(cols)].any()  # left-padded, tail-aligned
         assert torch.equal(out.index[r, valid], cols)
         assert torch.equal(stage2_pos[:, r, valid], full_pos[:, r, cols])
         with torch.no_grad():
@@ -240,8 +249,11 @@ def test_ahc_flops_counts():
     assert same["full"] == same["compressed"] and same["ratio"] == 1.0
     half = ahc_flops(cfg, 100, 50, 0)
     t = cfg.text_config
-    params_per_layer = sum(p.numel() for n, p in pol.model.model.language_model.layers[0].named_parameters()
-                           if n.endswith("weight") and "norm" not in n)
+    params_per_layer = sum(
+        p.numel()
+        for n, p in pol.model.model.language_model.layers[0].named_parameters()
+        if n.endswith("weight") and "norm" not in n
+    )
     per_layer_full = 2 * params_per_layer * 100 + 4 * 100**2 * t.hidden_size
     assert half["full"] == pytest.approx(4 * per_layer_full)
     assert 0.25 < half["ratio"] < 0.5

@@ -1,4 +1,5 @@
 """Verifiable image rewards (target_color, brightness, shape_at) and the reward-set builder."""
+
 import math
 
 import pytest
@@ -136,12 +137,14 @@ def test_shape_at_boxes_and_colours_from_metas_vectorised():
 
 
 def test_build_and_weighted_combination():
-    rs = build_image_rewards([
-        {"name": "target_color", "meta_key": "color"},
-        {"name": "brightness", "weight": 0.5},
-        {"name": "target_color", "rgb": "blue", "weight": -2.0},
-        {"name": "shape_at", "box": [0, 0, 1, 1], "key": "fill", "weight": 0},
-    ])
+    rs = build_image_rewards(
+        [
+            {"name": "target_color", "meta_key": "color"},
+            {"name": "brightness", "weight": 0.5},
+            {"name": "target_color", "rgb": "blue", "weight": -2.0},
+            {"name": "shape_at", "box": [0, 0, 1, 1], "key": "fill", "weight": 0},
+        ]
+    )
     assert list(rs.components) == ["target_color_1", "brightness", "target_color_2", "fill"]
     imgs = torch.cat([solid((1, 0, 0)), solid((0, 0, 1))])
     out = rs(imgs, ["a red image", "a blue image"], [{"color": "red"}, {"color": "blue"}])

@@ -1,4 +1,5 @@
 """LoRA on the tiny VLMs: adapter placement per model.lora.vision, saving (adapter + merged), loading, eval."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,18 @@ def _image_inputs(model, processor, info) -> dict[str, torch.Tensor]:
     """One chat prompt with a 56x56 image: input_ids [1, P], pixel_values [patches, dim], ..."""
     pol = CausalLMPolicy.from_info(model, processor, info)
     img = Image.new("RGB", (56, 56), (200, 30, 30))
-    return pol.encode([{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Colour?"}]}])
+    return pol.encode(
+        [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Colour?"}]}]
+    )
 
 
 def _lora_modules(model) -> set[str]:
     """Names (relative to the base model) of modules that carry a LoRA adapter."""
-    return {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    return {
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
 
 
 def _backward(model, inputs) -> None:
@@ -48,8 +55,12 @@ def test_vision_tower_frozen_by_default_adapters_only_in_language_model(kind):
     assert prefix == "model.visual"
     # the expected adapter set: every module named like a target, outside the vision tower
     # (Qwen2.5-VL's vision MLP also has gate/up/down_proj: those must stay without adapters)
-    expected = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ALL_PROJ and not n.startswith(prefix + ".")}
-    vision_named = {n for n, _ in model.named_modules() if n.startswith(prefix + ".") and n.rsplit(".", 1)[-1] in ALL_PROJ}
+    expected = {
+        n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ALL_PROJ and not n.startswith(prefix + ".")
+    }
+    vision_named = {
+        n for n, _ in model.named_modules() if n.startswith(prefix + ".") and n.rsplit(".", 1)[-1] in ALL_PROJ
+    }
     assert all(n.startswith("model.language_model.") for n in expected)
     assert (kind == "qwen2_5_vl") == bool(vision_named)
     pm = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=ALL_PROJ), is_vlm=True)
@@ -137,7 +148,9 @@ def test_config_and_model_mistakes_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="model.freeze_vision=True needs a VLM"):
         freeze_vision_tower(text, is_vlm=False)
     vlm, _, _ = load_model("tiny:qwen2_vl")
-    with pytest.raises(ConfigError, match=r"model.lora.target_modules=\['qkv'\] matches no module in the language model"):
+    with pytest.raises(
+        ConfigError, match=r"model.lora.target_modules=\['qkv'\] matches no module in the language model"
+    ):
         apply_lora(vlm, LoraConfig(target_modules=["qkv"]), is_vlm=True)  # qkv exists only in the vision tower
     with pytest.raises(ConfigError, match="model.lora.vision_target_modules=.*'fc1', 'fc2', 'proj', 'qkv'"):
         apply_lora(vlm, LoraConfig(vision="lora", vision_target_modules=["q_proj"]), is_vlm=True)
@@ -158,13 +171,23 @@ def test_config_and_model_mistakes_are_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_saves_adapter_and_merged_that_reload_exactly_and_eval_works(tmp_path, tiny_overrides):
-    from mmpo.trainers.token import Trainer
     from transformers import AutoModelForImageTextToText
 
+    from mmpo.trainers.token import Trainer
+
     run = tmp_path / "lora"
-    overrides = [*tiny_overrides, f"output_dir={run}", "trainer.max_steps=2", "trainer.eval_at_start=false",
-                 "eval.num_samples=4", "eval.batch_size=4", "algorithm.dynamic_sampling=false",
-                 "trainer.update_epochs=1", "trainer.lr=1e-2", "model.lora={r: 4, alpha: 8}"]
+    overrides = [
+        *tiny_overrides,
+        f"output_dir={run}",
+        "trainer.max_steps=2",
+        "trainer.eval_at_start=false",
+        "eval.num_samples=4",
+        "eval.batch_size=4",
+        "algorithm.dynamic_sampling=false",
+        "trainer.update_epochs=1",
+        "trainer.lr=1e-2",
+        "model.lora={r: 4, alpha: 8}",
+    ]
     cfg = load_config(QUICK, overrides)
     trainer = Trainer(cfg, run)
     trainer.train()
@@ -200,7 +223,19 @@ def test_lora_run_saves_adapter_and_merged_that_reload_exactly_and_eval_works(tm
         if k.startswith("model.visual."):
             assert torch.equal(sd[k], v), k
 
-    assert main(["eval", QUICK, f"checkpoint={run}", f"output_dir={tmp_path / 'ev'}", "eval.num_samples=4",
-                 "eval.batch_size=4", "rollout.max_new_tokens=3"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                QUICK,
+                f"checkpoint={run}",
+                f"output_dir={tmp_path / 'ev'}",
+                "eval.num_samples=4",
+                "eval.batch_size=4",
+                "rollout.max_new_tokens=3",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "ev" / "eval" / "metrics.json").read_text())
     assert metrics["checkpoint"] == str(model_dir) and 0.0 <= metrics["accuracy"] <= 1.0

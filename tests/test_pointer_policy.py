@@ -1,5 +1,6 @@
 """The pointing policy (GUI clicks as the choice of an image token): cell geometry, a uniform start,
 stored log-probs equal to the training pass, gradients through the VLM, and save/load with its head."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,12 @@ from mmpo.rollout.env_runner import Observation
 def policy():
     model, proc, info = load_model("tiny:qwen2_vl", seed=0)
     lm = CausalLMPolicy.from_info(model, proc, info)
-    return PointerPolicy(lm, VLAWithHead(model, PointerHead(model.config.get_text_config().hidden_size, 16)), (4, 4), prompt_template="{instruction}")
+    return PointerPolicy(
+        lm,
+        VLAWithHead(model, PointerHead(model.config.get_text_config().hidden_size, 16)),
+        (4, 4),
+        prompt_template="{instruction}",
+    )
 
 
 def _obs(seed: int) -> Observation:

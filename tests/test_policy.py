@@ -1,4 +1,5 @@
 """The token policy: log-probs equal a plain forward, are padding-invariant, chunking-invariant."""
+
 from __future__ import annotations
 
 import pytest
@@ -85,7 +86,9 @@ def test_temperature_scales_logits():
         lp_hot = pol.log_probs(inputs, ids, mask, temperature=1e6)
     # at a huge temperature every allowed token is equally likely: log(1 / (V - specials))
     allowed = 512 - len(pol.never_sample_ids)
-    torch.testing.assert_close(lp_hot.logp, torch.full_like(lp_hot.logp, -torch.log(torch.tensor(float(allowed)))), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        lp_hot.logp, torch.full_like(lp_hot.logp, -torch.log(torch.tensor(float(allowed)))), atol=1e-4, rtol=0
+    )
     assert not torch.allclose(lp1.logp, lp_hot.logp)
 
 
@@ -104,10 +107,17 @@ def test_several_images_and_video_frames_in_one_prompt():
     pol = _policy("qwen2_vl")
     red, blue = Image.new("RGB", (56, 56), (200, 30, 30)), Image.new("RGB", (84, 56), (30, 30, 200))
     frames = [Image.new("RGB", (56, 56), (10 * i, 100, 50)) for i in range(4)]
-    rich = [{"role": "user", "content": [
-        {"type": "image", "image": red}, {"type": "image", "image": blue},
-        {"type": "video", "video": frames, "min_pixels": 56 * 56, "max_pixels": 56 * 56},
-        {"type": "text", "text": "Compare them."}]}]
+    rich = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": red},
+                {"type": "image", "image": blue},
+                {"type": "video", "video": frames, "min_pixels": 56 * 56, "max_pixels": 56 * 56},
+                {"type": "text", "text": "Compare them."},
+            ],
+        }
+    ]
     plain = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "text", "text": "Colour?"}]}]
     enc_rich, enc_plain = pol.encode(rich), pol.encode(plain)
     tok = pol.tokenizer

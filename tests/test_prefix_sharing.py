@@ -1,4 +1,5 @@
 """Prefix Grouper: one prefix pass per group gives the plain forward's values and gradients."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -131,8 +132,13 @@ def test_gradient_checkpointing_is_active_in_eval_mode_and_falls_back_to_the_pla
 def test_training_with_and_without_prefix_sharing_gives_the_same_model(tmp_path, tiny_overrides):
     """Two steps of the quickstart recipe (beta > 0: policy, reference and update passes all go
     through the shared prefix) end at the same weights as the plain forward."""
-    args = ["trainer.max_steps=2", "algorithm.kl_options={beta: 0.04}", "algorithm.dynamic_sampling=false",
-            "trainer.lr=1e-3", *tiny_overrides]
+    args = [
+        "trainer.max_steps=2",
+        "algorithm.kl_options={beta: 0.04}",
+        "algorithm.dynamic_sampling=false",
+        "trainer.lr=1e-3",
+        *tiny_overrides,
+    ]
     runs = {}
     for share in ("true", "false"):
         run = tmp_path / share
@@ -150,7 +156,23 @@ def test_training_with_and_without_prefix_sharing_gives_the_same_model(tmp_path,
 def test_bench_prefix_sharing_reports_both_passes_per_group_size(capsys):
     import json
 
-    assert main(["bench", "--prefix-sharing", "--image-size", "112", "--group-sizes", "2,4", "--max-new-tokens", "3", "--steps", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--prefix-sharing",
+                "--image-size",
+                "112",
+                "--group-sizes",
+                "2,4",
+                "--max-new-tokens",
+                "3",
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert [r["G"] for r in rows] == [2, 4]
     for r in rows:

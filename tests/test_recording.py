@@ -1,4 +1,5 @@
 """Episode videos (GIF via Pillow, MP4 via PyAV) and the Wilson interval of success rates."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """reward_server against real local HTTP servers (stdlib, in threads, port 0)."""
+
 import json
 import threading
 import time
@@ -158,12 +159,14 @@ def test_invalid_answers_name_the_url(servers):
     servers.append(server)
     with pytest.raises(RewardServerError, match=rf"reward server {server.url} returned 4 scores for 3 images"):
         RewardServer(url=server.url)(batch(3), ["a", "b", "c"], [{}] * 3)
-    answers = iter([
-        (200, {"scores": [1.0, float("nan")]}),
-        (200, {"scores": [1.0, "high"]}),
-        (200, {"score": [1.0, 2.0]}),
-        (404, {"error": "no such path"}),
-    ])
+    answers = iter(
+        [
+            (200, {"scores": [1.0, float("nan")]}),
+            (200, {"scores": [1.0, "high"]}),
+            (200, {"score": [1.0, 2.0]}),
+            (404, {"error": "no such path"}),
+        ]
+    )
     url, calls = custom_server(servers, lambda k: next(answers))
     rew = RewardServer(url=url, retries=3, backoff_s=0.0)
     for pattern in [

@@ -1,4 +1,5 @@
 """Multiple-choice extraction, accuracy and format rewards."""
+
 import pytest
 import torch
 

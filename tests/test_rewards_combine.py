@@ -1,4 +1,5 @@
 """Weighted sum of named reward components."""
+
 import pytest
 import torch
 

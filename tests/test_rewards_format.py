@@ -1,4 +1,5 @@
 """The <think>/<answer> output contract: full-string format rewards and answer extraction."""
+
 import pytest
 
 from mmpo.rewards import answer_only_format, extract_answer_tag, think_answer_format

@@ -1,4 +1,5 @@
 """Open-ended answers: normalization, yes/no, numbers with tolerance, exact match."""
+
 import pytest
 
 from mmpo.rewards import normalize_answer, open_answer_accuracy, open_answer_match, parse_number

@@ -1,4 +1,5 @@
 """The KV-cache sampling loop: shared prefill per group, per-row early exit, exact log-probs."""
+
 from __future__ import annotations
 
 import pytest
@@ -107,9 +108,18 @@ def test_training_logs_the_rollout_logprob_check_and_applies_is_correction(tmp_p
     lines = {}
     for mode in ("none", "token_tis"):
         run = tmp_path / mode
-        args = ["train", quick, f"output_dir={run}", "trainer.max_steps=2", f"rollout.is_correction={mode}", *tiny_overrides]
+        args = [
+            "train",
+            quick,
+            f"output_dir={run}",
+            "trainer.max_steps=2",
+            f"rollout.is_correction={mode}",
+            *tiny_overrides,
+        ]
         assert main(args) == 0
-        lines[mode] = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] > 0]
+        lines[mode] = [
+            json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] > 0
+        ]
     for line in lines["token_tis"]:
         assert line["rollout/logprob_abs_diff"] < 1e-5
         assert line["rollout/is_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
@@ -132,7 +142,9 @@ def test_min_new_tokens_keeps_eos_out_until_then():
     pol = _policy("qwen2")
     _favour_eos(pol, 8.0)  # EOS would almost always come first
     inputs = pol.collate(_encodings(pol, 2))
-    gen = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(8, min_new_tokens=5), device=CPU, num_samples=4)
+    gen = HFGenerateEngine(pol).generate(
+        pol.model, inputs, GenerationSettings(8, min_new_tokens=5), device=CPU, num_samples=4
+    )
     assert (gen.mask.sum(1) >= 6).all()  # 5 forced tokens, then EOS (counted in the mask)
     assert (gen.mask.sum(1) <= 7).any()
     free = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(8), device=CPU, num_samples=4)

@@ -1,5 +1,6 @@
 """The supervised stage (mmpo/sft.py): fits what it is given, is reproducible for a seed, and
 stops with a clear error on a non-finite loss."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,6 +22,7 @@ def _mse(model):
         x = torch.stack([b[0] for b in batch])
         y = torch.stack([b[1] for b in batch])
         return ((model(x).squeeze(-1) - y) ** 2).mean()
+
     return loss
 
 
@@ -42,7 +44,9 @@ def test_same_seed_same_result_and_frozen_params_stay():
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
         model[0].requires_grad_(False)
         frozen = model[0].weight.clone()
-        supervised_train(model, _data(), _mse(model), SFTConfig(epochs=3, batch_size=8, lr=0.01), seed=5, progress=False)
+        supervised_train(
+            model, _data(), _mse(model), SFTConfig(epochs=3, batch_size=8, lr=0.01), seed=5, progress=False
+        )
         assert torch.equal(model[0].weight, frozen)
         results.append(model[1].weight.detach().clone())
     assert torch.equal(results[0], results[1])
@@ -51,6 +55,13 @@ def test_same_seed_same_result_and_frozen_params_stay():
 def test_non_finite_loss_and_empty_data_fail_clearly():
     model = torch.nn.Linear(3, 1)
     with pytest.raises(TrainingError, match="demo: non-finite loss at step 0"):
-        supervised_train(model, _data(), lambda b: torch.tensor(float("nan"), requires_grad=True), SFTConfig(), desc="demo", progress=False)
+        supervised_train(
+            model,
+            _data(),
+            lambda b: torch.tensor(float("nan"), requires_grad=True),
+            SFTConfig(),
+            desc="demo",
+            progress=False,
+        )
     with pytest.raises(TrainingError, match="no examples"):
         supervised_train(model, [], _mse(model), SFTConfig(), progress=False)

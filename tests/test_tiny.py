@@ -1,4 +1,5 @@
 """Tiny offline models (mmpo.tiny) and the single loading path (mmpo.models.load_model)."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from mmpo import tiny
+from mmpo.cli import tiny_main
 from mmpo.errors import ConfigError
 from mmpo.models import ensure_tiny, load_model
 from mmpo.tiny import (
@@ -21,7 +23,6 @@ from mmpo.tiny import (
     special_token_ids,
     token_ids_decoding_to,
 )
-from mmpo.cli import tiny_main
 
 KINDS = ["qwen2", "qwen3", "qwen2_vl", "qwen2_5_vl"]
 VLM_KINDS = ["qwen2_vl", "qwen2_5_vl"]
@@ -99,7 +100,7 @@ def test_tokenizer_layout():
     # special tokens vanish on skip_special_tokens, the tags stay
     ids = tok("<|im_start|>assistant\n<think>x</think> <answer>B</answer><|im_end|>")["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == "assistant\n<think>x</think> <answer>B</answer>"
-    text = "It's 2024! (A) A. ünïcode <tool_call>{\"a\": [1, 2]}</tool_call>\n\n  end"
+    text = 'It\'s 2024! (A) A. ünïcode <tool_call>{"a": [1, 2]}</tool_call>\n\n  end'
     assert tok.decode(tok(text)["input_ids"]) == text
     with pytest.raises(ConfigError, match="vocab_size=100"):
         build_tokenizer(vocab_size=100)
@@ -185,7 +186,13 @@ def test_saved_folder_loads_with_identical_logits(kind: str, saved: dict[str, Pa
 def test_saved_layout_and_info(kind: str, saved: dict[str, Path]):
     folder = saved[kind]
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     config = json.loads((folder / "config.json").read_text())
     text_cfg = config.get("text_config", config)
@@ -342,7 +349,9 @@ def test_vlm_video_frames(kind: str, vlms):
     text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     _, videos, video_kwargs = process_vision_info(msgs, return_video_kwargs=True, return_video_metadata=True)
     clips, metadata = zip(*videos)
-    via_utils = proc(text=[text], videos=list(clips), video_metadata=list(metadata), return_tensors="pt", **video_kwargs)
+    via_utils = proc(
+        text=[text], videos=list(clips), video_metadata=list(metadata), return_tensors="pt", **video_kwargs
+    )
     direct = proc(text=[text], videos=[frames], return_tensors="pt")
     for batch in (via_utils, direct):
         # 4 frames / temporal patch 2 = 2, 56x56 -> 4x4 patches: 2*16/4 = 8 video-pad tokens
@@ -363,13 +372,15 @@ def test_vlm_generate_never_samples_special_tokens(kind: str, vlms):
         tok = proc.tokenizer
         tok.padding_side = "left"
         prompts = [_image_prompt(proc), _image_prompt(proc, 1, "How many?")]
-        batch = proc(text=prompts, images=[_square((255, 0, 0)), _square((0, 0, 255))], return_tensors="pt", padding=True)
+        batch = proc(
+            text=prompts, images=[_square((255, 0, 0)), _square((0, 0, 255))], return_tensors="pt", padding=True
+        )
         torch.manual_seed(0)
         out = model.generate(**batch, max_new_tokens=24, do_sample=True, temperature=1.5)
     finally:
         proc.tokenizer.padding_side = "right"
         model.train()
-    new = out[:, batch["input_ids"].shape[1]:]
+    new = out[:, batch["input_ids"].shape[1] :]
     assert new.shape[0] == 2 and new.shape[1] >= 1
     # the random model puts mass on <|image_pad|> etc.; generation_config.suppress_tokens masks them
     # (pad fills finished rows, so look only at tokens before the first eos)

@@ -1,9 +1,11 @@
 """Offline tiny diffusers pipelines (mmpo.tiny_diffusion): build, save/load, determinism, caching."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import diffusers  # noqa: E402 (the diffusion extra is part of dev)
 import pytest
 import torch
 
@@ -14,8 +16,6 @@ from mmpo.tiny_diffusion import (
     ensure_tiny_pipeline,
     save_tiny_pipeline,
 )
-
-import diffusers  # noqa: E402 (the diffusion extra is part of dev)
 
 PIPELINE_CLASS = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "sd": "StableDiffusionPipeline"}
 LATENT = {"sd3": (16, 8, 8), "flux": (16, 8, 8), "sd": (4, 8, 8)}  # for a 32 px image
@@ -88,7 +88,11 @@ def test_builds_small_pipeline_that_samples_32px(pipes: dict[str, Any], kind: st
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     assert not torch.equal(images[0], images[1])
     latents = pipe(
-        "a red square", num_inference_steps=1, height=32, width=32, output_type="latent",
+        "a red square",
+        num_inference_steps=1,
+        height=32,
+        width=32,
+        output_type="latent",
         generator=torch.Generator().manual_seed(0),
     ).images
     shape = (1, 16, 64) if kind == "flux" else (1, *LATENT[kind])  # flux packs 2x2 latent patches

@@ -1,4 +1,5 @@
 """mmpo.tracking: metrics.jsonl lines, resume truncation, TensorBoard scalars, the PNG plot."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """End to end through `mmpo train`: resume exactness, non-finite steps, run-folder contents."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from mmpo.cli import main
 from mmpo.tasks import TASKS, RewardOutput
 from mmpo_tasks.synthetic_vqa.task import SyntheticVQATask
+
 ROOT = Path(__file__).resolve().parents[1]
 
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -98,8 +100,18 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, tiny_overrides
     if "nan_reward_test" not in TASKS:
         TASKS.add("nan_reward_test", NaNRewardTask)
     run = tmp_path / "nan"
-    code = main(["train", QUICK, f"output_dir={run}", "task.name=nan_reward_test", "trainer.max_steps=5",
-                 "trainer.max_bad_steps=2", "algorithm.dynamic_sampling=false", *tiny_overrides])
+    code = main(
+        [
+            "train",
+            QUICK,
+            f"output_dir={run}",
+            "task.name=nan_reward_test",
+            "trainer.max_steps=5",
+            "trainer.max_bad_steps=2",
+            "algorithm.dynamic_sampling=false",
+            *tiny_overrides,
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "non-finite" in err and "max_bad_steps=2" in err
@@ -112,9 +124,19 @@ def test_kl_to_reference_is_logged_and_starts_at_zero(tmp_path, tiny_overrides, 
     """beta > 0: the reference is a frozen copy, or (LoRA) the base model with the adapter off.
     At the first step policy == reference, so the KL is 0; after updates it is positive."""
     run = tmp_path / "kl"
-    args = ["train", QUICK, f"output_dir={run}", "trainer.max_steps=3", "algorithm.kl_options={beta: 0.04}",
-            "algorithm.dynamic_sampling=false", "trainer.lr=1e-2", "trainer.update_epochs=1", "trainer.minibatch_size=0",
-            *tiny_overrides, *extra]
+    args = [
+        "train",
+        QUICK,
+        f"output_dir={run}",
+        "trainer.max_steps=3",
+        "algorithm.kl_options={beta: 0.04}",
+        "algorithm.dynamic_sampling=false",
+        "trainer.lr=1e-2",
+        "trainer.update_epochs=1",
+        "trainer.minibatch_size=0",
+        *tiny_overrides,
+        *extra,
+    ]
     assert main(args) == 0
     lines = {l["step"]: l for l in _lines(run) if l["step"] > 0}
     assert lines[1]["beta"] == pytest.approx(0.04)

@@ -7,6 +7,7 @@ large constant in dimension 0, so the last hidden state does too, and the LM-hea
 sets a token's logit almost independently of the context (EOS likely, never-sample ids very
 likely unless masked, and in the sync test one ordinary token certain).
 """
+
 from __future__ import annotations
 
 import json
@@ -141,7 +142,7 @@ def test_rollout_shapes_eos_mask_and_logprobs_match_the_trainer(served):
         ids, mask = gen.completion_ids, gen.mask
         for i in range(n):
             valid = ids[i][mask[i]].tolist()
-            assert mask[i, : len(valid)].all() and not mask[i, len(valid):].any()  # a prefix
+            assert mask[i, : len(valid)].all() and not mask[i, len(valid) :].any()  # a prefix
             assert all(t not in never for t in valid)  # masked even though they dominate
             hits = [j for j, t in enumerate(valid) if t in eos]
             if gen.truncated[i]:
@@ -166,7 +167,9 @@ def test_rollouts_are_reproducible_from_torch_seed(served):
         torch.manual_seed(1234)
         runs.append(engine.generate(model, inputs, settings, device=CPU, num_samples=G).completion_ids)
     assert torch.equal(runs[0], runs[1])
-    greedy = engine.generate(model, inputs, GenerationSettings(max_new_tokens=8, greedy=True), device=CPU, num_samples=G)
+    greedy = engine.generate(
+        model, inputs, GenerationSettings(max_new_tokens=8, greedy=True), device=CPU, num_samples=G
+    )
     for p in range(2):  # greedy: the G samples of a prompt agree
         rows = greedy.completion_ids[p * G : (p + 1) * G]
         assert (rows == rows[0]).all()
@@ -216,7 +219,10 @@ def test_close_stops_every_server_process(served):
 
 
 def _server_pids(log: Path) -> set[int]:
-    return {int(p) for p in re.findall(r"\((?:APIServer|EngineCore|Worker)[^)]*pid=(\d+)\)", log.read_text(errors="replace"))}
+    return {
+        int(p)
+        for p in re.findall(r"\((?:APIServer|EngineCore|Worker)[^)]*pid=(\d+)\)", log.read_text(errors="replace"))
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -234,13 +240,22 @@ def test_train_with_vllm_rollouts_end_to_end(tmp_path):
 
     log = tmp_path / "server.log"
     run = tmp_path / "run"
-    code = main([
-        "train", str(ROOT / "configs" / "vllm_text_demo.yaml"), f"output_dir={run}",
-        f"task.train_file={ROOT / 'configs' / 'vllm_text_demo.jsonl'}",
-        "trainer.max_steps=3", "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=4",
-        "eval.num_samples=4", "eval.batch_size=4", "trainer.update_epochs=2",
-        f"rollout.engine_options.log_file={log}",
-    ])
+    code = main(
+        [
+            "train",
+            str(ROOT / "configs" / "vllm_text_demo.yaml"),
+            f"output_dir={run}",
+            f"task.train_file={ROOT / 'configs' / 'vllm_text_demo.jsonl'}",
+            "trainer.max_steps=3",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=4",
+            "rollout.max_new_tokens=4",
+            "eval.num_samples=4",
+            "eval.batch_size=4",
+            "trainer.update_epochs=2",
+            f"rollout.engine_options.log_file={log}",
+        ]
+    )
     assert code == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "weight_sync_s" in r]
@@ -255,7 +270,8 @@ def test_train_with_vllm_rollouts_end_to_end(tmp_path):
     assert model_dirs and not any(Path(d).exists() for d in model_dirs)  # temp weights removed
 
 
-COLOCATE_SCRIPT = r'''
+COLOCATE_SCRIPT = (
+    r"""
 import sys, types, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 try:
@@ -268,7 +284,8 @@ def main(folder):
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     never = [499, 500, 502, 503, 504, 505]
-    pol = types.SimpleNamespace(processor=tok, tokenizer=tok, eos_token_ids=[501], pad_token_id=499, never_sample_ids=never)
+    pol = types.SimpleNamespace(processor=tok, tokenizer=tok, eos_token_ids=[501], """
+    r"""pad_token_id=499, never_sample_ids=never)
     with torch.no_grad():
         model.get_input_embeddings().weight[:, 0] = 5.0
         head = model.get_output_embeddings().weight
@@ -299,7 +316,8 @@ def main(folder):
 
 if __name__ == "__main__":
     main(sys.argv[1])
-'''
+"""
+)
 
 
 @pytest.mark.slow
@@ -314,9 +332,15 @@ def test_colocate_mode_in_the_vllm_environment(tmp_path):
     script.write_text(COLOCATE_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(ROOT), VLLM_CPU_KVCACHE_SPACE="1")
     out = subprocess.run(
-        [str(_vllm_python()), str(script), str(tmp_path / "model")], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=600,
+        [str(_vllm_python()), str(script), str(tmp_path / "model")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     # colocate mode runs mmpo inside the vLLM environment: failing to import there is a bug, not a skip
-    assert not (out.returncode == 3 and "IMPORT-FAILED" in out.stdout), f"mmpo does not import inside the vLLM environment: {out.stdout.strip()}"
+    assert not (out.returncode == 3 and "IMPORT-FAILED" in out.stdout), (
+        f"mmpo does not import inside the vLLM environment: {out.stdout.strip()}"
+    )
     assert out.returncode == 0 and "COLOCATE-OK" in out.stdout, (out.stdout + out.stderr)[-4000:]

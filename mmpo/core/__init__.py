@@ -11,9 +11,10 @@ Registries (an unknown name raises :class:`mmpo.errors.UnknownNameError` listing
 
 Stateful entries expose ``fn.state_cls`` (see :func:`mmpo.core.registry.state_class`).
 """
+
 from mmpo.core import entropy
-from mmpo.core.advantages import ADVANTAGES
 from mmpo.core import stateful_advantages as _stateful_advantages  # noqa: F401  (registers dcpo_sas, rank_ema)
+from mmpo.core.advantages import ADVANTAGES
 from mmpo.core.aggregation import AGGREGATIONS, aggregate
 from mmpo.core.batch_filler import GroupBatchFiller
 from mmpo.core.kl import KL_ESTIMATORS, kl_to_reward

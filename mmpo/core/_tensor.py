@@ -1,4 +1,5 @@
 """Small tensor helpers shared by the core modules (masked reductions, group bookkeeping)."""
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ sequence; the loss broadcasts them over tokens.
 Stateless entries have ``state_cls = None``. The stateful ones (``dcpo_sas``, ``rank_ema``) live
 in :mod:`mmpo.core.stateful_advantages` and are registered here too.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,7 @@ def _stateless(fn):
 
 @ADVANTAGES.register("grpo")
 @_stateless
-def grpo(
-    rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, norm_by_std: bool = True
-) -> Tensor:
+def grpo(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-6, norm_by_std: bool = True) -> Tensor:
     """GRPO outcome advantage, as verl ``compute_grpo_outcome_advantage``.
 
     ``A_i = (R_i - mean_g R) / (std_g R + eps)``, std **unbiased** (``torch.std``, n-1), eps 1e-6.
@@ -85,9 +84,7 @@ def batch_std(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-4) -> Tenso
 
 @ADVANTAGES.register("global_std")
 @_stateless
-def global_std(
-    rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-4, adv_clip_max: float = 5.0
-) -> Tensor:
+def global_std(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-4, adv_clip_max: float = 5.0) -> Tensor:
     """Flow-GRPO per-prompt tracker with ``global_std=True``, then clipping.
 
     ``A_i = clip((R_i - mean_g R) / (std_all R + eps), -adv_clip_max, adv_clip_max)``. The std is

@@ -1,4 +1,5 @@
 """Loss aggregation modes (``loss_agg_mode``, ALGORITHMS.md A3; verl ``agg_loss``)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -73,7 +74,5 @@ def aggregate(loss_matrix: Tensor, mask: Tensor, mode: str, max_len: int | None 
     """
     fn = AGGREGATIONS.get(mode)
     if loss_matrix.shape != mask.shape:
-        raise ValueError(
-            f"loss_matrix {tuple(loss_matrix.shape)} and mask {tuple(mask.shape)} must match"
-        )
+        raise ValueError(f"loss_matrix {tuple(loss_matrix.shape)} and mask {tuple(mask.shape)} must match")
     return fn(loss_matrix, mask, max_len)

@@ -18,6 +18,7 @@ Each ``beta_d`` is a multiplicative controller toward a target sequence-mean KL.
 
 Pure python / torch; no models, no I/O.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ def bucket_names(buckets: Sequence[str] | Tensor) -> list[str]:
     """
     if isinstance(buckets, Tensor):
         if buckets.dim() != 1 or torch.is_floating_point(buckets):
-            raise ValueError(f"bucket codes must be a 1-D integer tensor [N], got {buckets.dtype} {tuple(buckets.shape)}")
+            raise ValueError(
+                f"bucket codes must be a 1-D integer tensor [N], got {buckets.dtype} {tuple(buckets.shape)}"
+            )
         codes = buckets.tolist()
         for i, c in enumerate(codes):
             if not 0 <= c < len(BUCKETS):
@@ -174,7 +177,9 @@ def ares_bucket(
     if update_every < 1:
         raise ValueError(f"ares_bucket: update_every must be >= 1, got {update_every}")
     if not 0 < beta_min <= beta_init <= beta_max:
-        raise ValueError(f"ares_bucket: need 0 < beta_min <= beta_init <= beta_max, got {beta_min}, {beta_init}, {beta_max}")
+        raise ValueError(
+            f"ares_bucket: need 0 < beta_min <= beta_init <= beta_max, got {beta_min}, {beta_init}, {beta_max}"
+        )
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ares_bucket: ema_decay must be in [0, 1), got {ema_decay}")
     if targets is not None:
@@ -184,7 +189,12 @@ def ares_bucket(
     state = AresKLState() if state is None else state
     state.kl_coef, state.target = float(kl_coef), float(target)
     state.targets = None if targets is None else {k: float(v) for k, v in targets.items()}
-    state.ema_decay, state.deadzone, state.err_clip, state.lr = float(ema_decay), float(deadzone), float(err_clip), float(lr)
+    state.ema_decay, state.deadzone, state.err_clip, state.lr = (
+        float(ema_decay),
+        float(deadzone),
+        float(err_clip),
+        float(lr),
+    )
     state.beta_init, state.beta_min, state.beta_max = float(beta_init), float(beta_min), float(beta_max)
     state.update_every = int(update_every)
     state.ensure_betas()

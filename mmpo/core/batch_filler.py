@@ -13,6 +13,7 @@ surplus. :class:`GroupBatchFiller` is that bookkeeping without a model::
         filler.add(part, keep)
     batch = filler.result()
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -32,9 +33,7 @@ class GroupBatchFiller:
     with ``relabel=True``, renumbers ``group_key`` to 0..target-1.
     """
 
-    def __init__(
-        self, target_groups: int, max_draws: int, group_key: str = "group_ids", relabel: bool = True
-    ) -> None:
+    def __init__(self, target_groups: int, max_draws: int, group_key: str = "group_ids", relabel: bool = True) -> None:
         if target_groups < 1 or max_draws < 1:
             raise ValueError(f"target_groups and max_draws must be >= 1, got {target_groups}, {max_draws}")
         self.target_groups = int(target_groups)

@@ -2,6 +2,7 @@
 
 All math runs in float32; results are float32.
 """
+
 from __future__ import annotations
 
 import torch

@@ -12,6 +12,7 @@ compressed branch towards the full-history one; ``sg`` = stop gradient. Old log-
 compressed branch (it is the one that samples); ``KL`` is a token estimator (k3 by default). Without
 reference log-probs the two reference terms are left out, the alignment term stays.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -53,7 +54,11 @@ def hcpo_loss(
     total = pg_c + pg_u + beta * alignment_coef * kl_align
     n = m.sum().clamp(min=1.0)
     out = dict(metrics)
-    out.update(pg_c=float((pg_c.detach() * m).sum() / n), pg_u=float((pg_u.detach() * m).sum() / n), kl_align=float(kl_align.detach().sum() / n))
+    out.update(
+        pg_c=float((pg_c.detach() * m).sum() / n),
+        pg_u=float((pg_u.detach() * m).sum() / n),
+        kl_align=float(kl_align.detach().sum() / n),
+    )
     if logp_ref is not None:
         kl_c = kl(logp_c, logp_ref) * m
         kl_u = kl(logp_u, logp_ref) * m

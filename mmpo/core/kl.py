@@ -5,6 +5,7 @@ Token estimators: ``KL_ESTIMATORS.get(name)(logp [N, T], logp_ref [N, T]) -> [N,
 constant (detached). ``gaussian`` has its own signature (see :func:`gaussian_kl`).
 Schedules for the coefficient beta live in :mod:`mmpo.core.schedules`.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -76,9 +77,7 @@ def gaussian_kl(mean: Tensor, mean_ref: Tensor, sigma: float | Tensor) -> Tensor
     With no trailing dims the result is elementwise.
     """
     if mean.shape != mean_ref.shape or mean.dim() < 2:
-        raise ValueError(
-            f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must match and be [N, T, ...]"
-        )
+        raise ValueError(f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must match and be [N, T, ...]")
     sq = (mean.float() - mean_ref.detach().float()).square()
     sigma_t = torch.as_tensor(sigma, dtype=torch.float32, device=mean.device)
     if sigma_t.dim() > 2:
@@ -97,8 +96,6 @@ def kl_to_reward(rewards: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tens
     Used for the ``kl_in_reward`` placement (before the advantage estimator).
     """
     if kl.shape != mask.shape or kl.shape[0] != rewards.shape[0]:
-        raise ValueError(
-            f"rewards {tuple(rewards.shape)}, kl {tuple(kl.shape)}, mask {tuple(mask.shape)} do not fit"
-        )
+        raise ValueError(f"rewards {tuple(rewards.shape)}, kl {tuple(kl.shape)}, mask {tuple(mask.shape)} do not fit")
     per_seq = torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum(-1)
     return rewards - beta * per_seq

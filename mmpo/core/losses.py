@@ -11,6 +11,7 @@ Metrics (fractions over valid tokens): ``clip_frac`` (value clipped by any rule)
 ``clip_frac_low`` / ``clip_frac_high`` (lower/upper ratio bound active), ``dual_clip_frac``,
 ``ratio_mean``, ``ratio_max``, ``ppo_kl`` (mean of ``logp_old - logp``).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -28,9 +29,7 @@ POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
 LOG_RATIO_CLAMP = 20.0
 
 
-def _prepare(
-    logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _prepare(logp: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Validate shapes, cast to float32, broadcast advantages, zero the masked cells."""
     if logp.dim() != 2 or logp.shape != logp_old.shape or logp.shape != mask.shape:
         raise ValueError(
@@ -42,9 +41,7 @@ def _prepare(
     if adv.dim() == 1 and adv.shape[0] == logp.shape[0]:
         adv = adv[:, None].expand(logp.shape)
     elif adv.shape != logp.shape:
-        raise ValueError(
-            f"advantages must be [N] or [N, T] = {tuple(logp.shape)}, got {tuple(adv.shape)}"
-        )
+        raise ValueError(f"advantages must be [N] or [N, T] = {tuple(logp.shape)}, got {tuple(adv.shape)}")
     zeros = torch.zeros(logp.shape, dtype=torch.float32, device=logp.device)
     logp = torch.where(mask, logp.to(torch.float32), zeros)
     old = torch.where(mask, logp_old.detach().to(torch.float32), zeros)
@@ -61,9 +58,7 @@ def _finish(loss: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _metrics(
-    ratio: Tensor, log_ratio: Tensor, mask: Tensor, **fracs: Tensor
-) -> dict[str, float]:
+def _metrics(ratio: Tensor, log_ratio: Tensor, mask: Tensor, **fracs: Tensor) -> dict[str, float]:
     """Ratio statistics plus the fraction of valid tokens where each boolean in ``fracs`` holds."""
     out = {k: float(masked_mean(v.float(), mask)) for k, v in fracs.items()}
     if "clip_frac" not in out:
@@ -155,9 +150,7 @@ def gspo(
 gspo.default_agg_mode = "seq-mean-token-mean"
 
 
-def dcpo_bounds(
-    q: Tensor, eps_low: float = 0.16, eps_high: float = 0.2, cap: float = 10.0
-) -> tuple[Tensor, Tensor]:
+def dcpo_bounds(q: Tensor, eps_low: float = 0.16, eps_high: float = 0.2, cap: float = 10.0) -> tuple[Tensor, Tensor]:
     """DCPO dynamic ratio bounds for old token probability ``q`` (any shape).
 
     ``lo = 0.5 + 0.5 sqrt(max(1 - 4 eps_low / q, 0))``,
@@ -274,7 +267,7 @@ def aspo(
     low = (adv < 0) & (ratio < 1 - eps_low)
     high = (adv > 0) & (ratio > 1 + eps_high)
     r_hat = torch.exp(-log_ratio.detach() + logp - logp.detach())
-    scale = (r_hat.detach().clamp(max=dual_clip) / r_hat.detach())
+    scale = r_hat.detach().clamp(max=dual_clip) / r_hat.detach()
     r_hat_soft = r_hat * scale
     loss = torch.where(adv > 0, -adv * r_hat_soft, -adv * ratio)
     loss = torch.where(low | high, torch.zeros_like(loss), loss)
@@ -310,9 +303,7 @@ def no_clip_pg(
     if mode == "plain":
         loss = -weight * adv * logp
         none = torch.zeros_like(mask)
-        return _finish(loss, mask), _metrics(
-            ratio, log_ratio, mask, clip_frac_low=none, clip_frac_high=none
-        )
+        return _finish(loss, mask), _metrics(ratio, log_ratio, mask, clip_frac_low=none, clip_frac_high=none)
     loss = -weight * adv * ratio.clamp(clip_low, clip_high)
     return _finish(loss, mask), _metrics(
         ratio, log_ratio, mask, clip_frac_low=ratio < clip_low, clip_frac_high=ratio > clip_high
@@ -330,8 +321,7 @@ def chunk_log_ratio(log_ratio: Tensor, chunk_sizes: list[int]) -> Tensor:
     sizes = [int(c) for c in chunk_sizes]
     if any(c <= 0 for c in sizes) or sum(sizes) != log_ratio.shape[-1]:
         raise ConfigError(
-            f"chunk_sizes {sizes} must be positive and sum to the number of steps "
-            f"({log_ratio.shape[-1]})"
+            f"chunk_sizes {sizes} must be positive and sum to the number of steps ({log_ratio.shape[-1]})"
         )
     parts = torch.split(log_ratio, sizes, dim=-1)
     return torch.stack([p.mean(-1) for p in parts], dim=-1)

@@ -1,4 +1,5 @@
 """Name -> object registries used for every pluggable piece (advantages, losses, tasks, ...)."""
+
 from __future__ import annotations
 
 import difflib
@@ -47,8 +48,7 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             valid = ", ".join(sorted(self._items))
             raise UnknownNameError(
-                f"Unknown {self.kind} '{name}'.{did_you_mean(str(name), list(self._items))} "
-                f"Valid names: {valid}."
+                f"Unknown {self.kind} '{name}'.{did_you_mean(str(name), list(self._items))} Valid names: {valid}."
             ) from None
 
     def names(self) -> list[str]:

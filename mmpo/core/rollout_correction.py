@@ -6,6 +6,7 @@ the engine's) reweights the policy-gradient loss. ``token_tis`` truncates it at 
 as verl's ``tis_imp_ratio_cap`` and TRL's ``vllm_importance_sampling_cap``); ``token_mis`` drops
 the tokens whose ratio exceeds C (masked IS).
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@ lists and (for ``ript_skip``) a persisted state. Masks are BoolTensors, True = k
                             -> (sample_keep [N], token_mask [N, T])``
 =========================== ===============================================================
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,7 @@ def _stateless(fn):
 
 @GROUP_FILTERS.register("dynamic")
 @_stateless
-def dynamic(
-    metric: Tensor, group_ids: Tensor, *, lo: float | None = None, hi: float | None = None
-) -> Tensor:
+def dynamic(metric: Tensor, group_ids: Tensor, *, lo: float | None = None, hi: float | None = None) -> Tensor:
     """DAPO dynamic sampling: keep the samples of groups that carry a learning signal.
 
     Default (verl DAPO ``filter_groups``): keep a group when its ``metric`` values (e.g. acc) are
@@ -89,9 +88,7 @@ def overlong_filter(
 
 @GROUP_FILTERS.register("soft_overlong_punishment")
 @_stateless
-def soft_overlong_punishment(
-    lengths: Tensor, *, max_len: int, cache_len: int, penalty: float = 1.0
-) -> Tensor:
+def soft_overlong_punishment(lengths: Tensor, *, max_len: int, cache_len: int, penalty: float = 1.0) -> Tensor:
     """DAPO soft overlong punishment (verl ``reward_manager/dapo.py``): reward delta to add.
 
     ``delta = min(-(len - (max_len - cache_len)) / cache_len * penalty, 0)``: 0 up to
@@ -231,12 +228,12 @@ def _max_variance_subset(a: Tensor, n: int) -> Tensor:
     """
     order = torch.sort(a, stable=True).indices
     total = a.numel()
-    best, best_k, best_var = None, -1, -math.inf
+    best, best_var = None, -math.inf
     for k in sorted(range(n + 1), key=lambda k: (abs(2 * k - n), k)):
-        idx = torch.cat([order[: n - k], order[total - k:]]) if k else order[:n]
+        idx = torch.cat([order[: n - k], order[total - k :]]) if k else order[:n]
         var = float(a[idx].var(unbiased=False)) if n > 1 else 0.0
         if var > best_var + 1e-12:
-            best, best_k, best_var = idx, k, var
+            best, best_var = idx, var
     return best
 
 

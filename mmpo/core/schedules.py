@@ -5,6 +5,7 @@ Every entry: ``fn(step: int, total_steps: int, **options) -> beta: float``. ``pi
 ``ares_bucket`` (ARES per-difficulty KL, :mod:`mmpo.core.ares`) returns the global coefficient;
 its per-sample multipliers come from :func:`mmpo.core.ares.ares_bucket_betas`.
 """
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 Both take ``state=`` (an instance of ``fn.state_cls``; ``None`` makes a fresh state used for
 that call only) and update it in place. States serialise with ``state_dict()`` to plain JSON.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,12 +54,7 @@ class DCPOState:
     stats: dict[str, RunningStat] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "stats": {
-                k: {"n": s.n, "mean": s.mean, "m2": s.m2, "visits": s.visits}
-                for k, s in self.stats.items()
-            }
-        }
+        return {"stats": {k: {"n": s.n, "mean": s.mean, "m2": s.m2, "visits": s.visits} for k, s in self.stats.items()}}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.stats = {

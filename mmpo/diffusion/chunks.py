@@ -7,6 +7,7 @@ steps for FLUX). The exact rule is not published; :func:`profile_partition` give
 equal share of the cumulative relative change (so the fast-changing high-noise steps get small
 chunks, the slow tail a long one), which is our reading [UNVERIFIED].
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,5 +87,10 @@ def sample_chunks(
 
 
 __all__ = [
-    "check_partition", "chunk_bounds", "profile_partition", "relative_l1_profile", "sample_chunks", "uniform_partition",
+    "check_partition",
+    "chunk_bounds",
+    "profile_partition",
+    "relative_l1_profile",
+    "sample_chunks",
+    "uniform_partition",
 ]

@@ -15,6 +15,7 @@ the item's index), ``answer`` the prompt's target meta (``color``, ``box``, ...;
 prompt has none), then ``reward`` and each reward component. The image travels with the row as
 ``_image`` (``[3, H, W]`` in [0, 1]) and is not written.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
@@ -83,7 +84,13 @@ class ImageEvaluator:
     parameters there). The global RNG is left untouched."""
 
     def __init__(
-        self, task: Any, sampler: ImageSampler, *, num_samples: int, batch_size: int, seed: int,
+        self,
+        task: Any,
+        sampler: ImageSampler,
+        *,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
         params: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self.task, self.sampler = task, sampler
@@ -115,8 +122,13 @@ class ImageEvaluator:
         rows = []
         for i, s in enumerate(items):
             target = {k: v for k, v in s.meta.items() if k not in NOT_TARGET}
-            row: dict[str, Any] = {"id": s.id, "input": s.meta["prompt"], "prediction": f"{GRID}#{offset + i}",
-                                   "answer": target or None, "reward": float(scores.rewards[i])}
+            row: dict[str, Any] = {
+                "id": s.id,
+                "input": s.meta["prompt"],
+                "prediction": f"{GRID}#{offset + i}",
+                "answer": target or None,
+                "reward": float(scores.rewards[i]),
+            }
             row.update({k: float(v[i]) for k, v in scores.components.items()})
             row["_image"] = images[i]
             rows.append(row)

@@ -1,4 +1,5 @@
 """Image outputs of a run: PNG grids written atomically."""
+
 from __future__ import annotations
 
 import math

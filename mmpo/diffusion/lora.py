@@ -1,4 +1,5 @@
 """LoRA adapters of a diffusers denoiser, saved the way diffusers loads them."""
+
 from __future__ import annotations
 
 from pathlib import Path

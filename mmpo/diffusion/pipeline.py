@@ -10,6 +10,7 @@ Families: ``sd3`` (StableDiffusion3Pipeline, SD3Transformer2DModel, flow matchin
 (StableDiffusionPipeline, UNet2DConditionModel, DDIM). Latents are kept unpacked ``[B, C, h, w]``
 for every family (Flux's 2x2 packing happens inside ``predict``).
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,7 @@ def resolve_pipeline_folder(path: str, *, seed: int = 0, overrides: dict[str, An
     if path.startswith(TINY_PREFIX):
         from mmpo.tiny_diffusion import ensure_tiny_pipeline
 
-        return ensure_tiny_pipeline(path[len(TINY_PREFIX):], seed=seed, overrides=overrides)
+        return ensure_tiny_pipeline(path[len(TINY_PREFIX) :], seed=seed, overrides=overrides)
     if overrides:
         raise ConfigError(f"model.tiny overrides only apply to tiny:<kind> models, not to '{path}'")
     folder = Path(path).expanduser()
@@ -112,7 +113,11 @@ class DiffusionModel:
     # -- loading ------------------------------------------------------------------------------
     @staticmethod
     def load(
-        path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+        path: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
         tiny_overrides: dict[str, Any] | None = None,
     ) -> "DiffusionModel":
         """Load the pipeline of ``path`` (a local folder or ``tiny:<kind>``) and pick its family."""
@@ -212,7 +217,12 @@ class DiffusionModel:
 
     # -- the denoiser ---------------------------------------------------------------------------
     def predict(
-        self, denoiser: torch.nn.Module, x: Tensor, schedule: Schedule, i: int, cond: PromptEmbeds,
+        self,
+        denoiser: torch.nn.Module,
+        x: Tensor,
+        schedule: Schedule,
+        i: int,
+        cond: PromptEmbeds,
         guidance_scale: float,
     ) -> Tensor:
         """The (guided) model output at step ``i`` for latents ``x [B, C, h, w]`` -> ``[B, C, h, w]``
@@ -291,8 +301,11 @@ class _FlowModel(DiffusionModel):
 
         c = self.pipe.scheduler.config
         return calculate_shift(
-            seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-            c.get("base_shift", 0.5), c.get("max_shift", default_max_shift),
+            seq_len,
+            c.get("base_image_seq_len", 256),
+            c.get("max_image_seq_len", 4096),
+            c.get("base_shift", 0.5),
+            c.get("max_shift", default_max_shift),
         )
 
 
@@ -312,8 +325,11 @@ class SD3Model(_FlowModel):
     def _forward(self, denoiser, x, t, cond, guidance_scale):
         ts = t.to(self.device).expand(x.shape[0])
         return denoiser(
-            hidden_states=x.to(self.dtype), timestep=ts, encoder_hidden_states=cond.embeds,
-            pooled_projections=cond.pooled, return_dict=False,
+            hidden_states=x.to(self.dtype),
+            timestep=ts,
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
+            return_dict=False,
         )[0]
 
 
@@ -348,8 +364,13 @@ class FluxModel(_FlowModel):
         if getattr(denoiser.config, "guidance_embeds", False):
             guidance = torch.full((b,), float(guidance_scale), device=self.device, dtype=torch.float32)
         out = denoiser(
-            hidden_states=packed.to(self.dtype), timestep=(t / 1000).to(self.device).expand(b), guidance=guidance,
-            pooled_projections=cond.pooled, encoder_hidden_states=cond.embeds, txt_ids=txt_ids, img_ids=img_ids,
+            hidden_states=packed.to(self.dtype),
+            timestep=(t / 1000).to(self.device).expand(b),
+            guidance=guidance,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
             return_dict=False,
         )[0]
         return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
@@ -423,6 +444,14 @@ def ddim_alphas_at(schedule: Schedule, i: int) -> tuple[float, float]:
 
 
 __all__ = [
-    "DiffusionModel", "SD3Model", "FluxModel", "SDModel", "PromptEmbeds", "Schedule", "FAMILIES",
-    "resolve_pipeline_folder", "adapters_disabled", "ddim_alphas_at",
+    "DiffusionModel",
+    "SD3Model",
+    "FluxModel",
+    "SDModel",
+    "PromptEmbeds",
+    "Schedule",
+    "FAMILIES",
+    "resolve_pipeline_folder",
+    "adapters_disabled",
+    "ddim_alphas_at",
 ]

@@ -9,6 +9,7 @@ The tokens are added to the tokenizer as ordinary (sampleable, never split) toke
 embeddings grow to hold them (``add_action_tokens``). Anything else the model emits is an
 invalid action.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,9 @@ class DiscreteActions(ActionCodec):
         for k, a in enumerate(self.env_actions):
             if a == action:
                 return [self.ids[k]]
-        raise ConfigError(f"env action {action!r} is not one of the policy's actions {dict(zip(self.names, self.env_actions))}")
+        raise ConfigError(
+            f"env action {action!r} is not one of the policy's actions {dict(zip(self.names, self.env_actions))}"
+        )
 
 
 class BinnedActions(ActionCodec):

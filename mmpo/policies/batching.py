@@ -5,6 +5,7 @@ A prompt is encoded once into a dict with a batch dimension of 1: token-aligned 
 (``pixel_values`` [patches, D], ``image_grid_thw`` [n_images, 3], the video equivalents),
 which are concatenated in row order.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,7 +40,9 @@ def append_completions(
     """Model inputs for prompt + completion: ``completion_ids [n, T]``, ``completion_mask [n, T]``."""
     full = dict(inputs)
     full["input_ids"] = torch.cat([inputs["input_ids"], completion_ids], dim=1)
-    full["attention_mask"] = torch.cat([inputs["attention_mask"], completion_mask.to(inputs["attention_mask"].dtype)], dim=1)
+    full["attention_mask"] = torch.cat(
+        [inputs["attention_mask"], completion_mask.to(inputs["attention_mask"].dtype)], dim=1
+    )
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in inputs:
             zeros = torch.zeros_like(completion_ids, dtype=inputs[key].dtype)

@@ -11,6 +11,7 @@ G rows of a group) share one prefix pass (Prefix Grouper): the prompt, with its 
 encoded once, its KV cache is gathered to the group's rows, and the completions attend to it.
 Values and gradients equal the plain forward; prompt and vision-tower compute drop by G times.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -107,8 +108,13 @@ class CausalLMPolicy:
     def from_info(cls, model: torch.nn.Module, processor: Any, info: Any, **kwargs: Any) -> "CausalLMPolicy":
         """The policy of a model as ``mmpo.models.load_model`` returns it (``info``: its ModelInfo)."""
         return cls(
-            model, processor, is_vlm=info.is_vlm, never_sample_ids=info.special_token_ids,
-            eos_token_ids=info.eos_token_ids, pad_token_id=info.pad_token_id, **kwargs,
+            model,
+            processor,
+            is_vlm=info.is_vlm,
+            never_sample_ids=info.special_token_ids,
+            eos_token_ids=info.eos_token_ids,
+            pad_token_id=info.pad_token_id,
+            **kwargs,
         )
 
     # -- prompts --------------------------------------------------------------------------
@@ -175,7 +181,9 @@ class CausalLMPolicy:
                 unique.append(enc)
             rows.append(index[id(enc)])
         if (
-            share_prefix and compress_layer is None and len(unique) < len(encodings)
+            share_prefix
+            and compress_layer is None
+            and len(unique) < len(encodings)
             and self.prefix_sharing_possible(kwargs.get("model"))
         ):
             return self.log_probs_shared_prefix(
@@ -323,7 +331,8 @@ class CausalLMPolicy:
                 input_ids=comp_ids[:, : T - 1],
                 attention_mask=torch.cat([pre.mask[row_prefix], comp_mask], dim=1),
                 position_ids=self.continuation_positions(pre.start[row_prefix], 0, T - 1),
-                cache=pre.cache, use_cache=True,
+                cache=pre.cache,
+                use_cache=True,
             ).last_hidden_state
             hidden = torch.cat([hidden, rest], dim=1)
         return self._project(hidden, head, comp_ids, completion_mask, temperature, with_entropy)
@@ -353,7 +362,9 @@ class CausalLMPolicy:
         pos = start[:, None] + torch.arange(offset, offset + length, device=start.device)[None, :]
         return pos.unsqueeze(0).expand(3, -1, -1) if self.is_vlm else pos
 
-    def _rope_index(self, decoder: torch.nn.Module, prefix: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_index(
+        self, decoder: torch.nn.Module, prefix: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE positions ``[3, k, P]`` and deltas ``[k, 1]`` of collated VLM prompts."""
         fn = decoder.get_rope_index
         accepted = inspect.signature(fn).parameters

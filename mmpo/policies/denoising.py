@@ -5,6 +5,7 @@ One unit = one stochastic step ``x_i -> x_{i+1}`` of :mod:`mmpo.policies.flow_sd
 SDE for flow families, DDIM with ``eta > 0`` for UNets). ``stochastic=False`` gives the
 deterministic sampler (ODE / DDIM eta = 0) used for evaluation and as FIND's frozen decoder.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,15 +37,25 @@ class DenoisingPolicy:
     the CFG scale (the embedded guidance for Flux).
     """
 
-    def __init__(self, model: DiffusionModel, *, noise_level: float = 0.7, eta: float = 1.0, guidance_scale: float = 4.5) -> None:
+    def __init__(
+        self, model: DiffusionModel, *, noise_level: float = 0.7, eta: float = 1.0, guidance_scale: float = 4.5
+    ) -> None:
         self.model = model
         self.noise_level = noise_level
         self.eta = eta
         self.guidance_scale = guidance_scale
 
     def step(
-        self, denoiser: torch.nn.Module, x: Tensor, schedule: Schedule, i: int, cond: PromptEmbeds, *,
-        prev_sample: Tensor | None = None, stochastic: bool = True, generator: torch.Generator | None = None,
+        self,
+        denoiser: torch.nn.Module,
+        x: Tensor,
+        schedule: Schedule,
+        i: int,
+        cond: PromptEmbeds,
+        *,
+        prev_sample: Tensor | None = None,
+        stochastic: bool = True,
+        generator: torch.Generator | None = None,
         noise: Tensor | None = None,
     ) -> StepOutput:
         """Step ``i`` from ``x [B, C, h, w]``: samples ``x_{i+1}`` (or scores ``prev_sample``).
@@ -53,20 +64,40 @@ class DenoisingPolicy:
         if schedule.kind == "flow":
             s = schedule.sigmas
             return flow_sde_step(
-                out, x, float(s[i]), float(s[i + 1]), sigma_max=float(s[1]),
-                noise_level=self.noise_level if stochastic else 0.0, prev_sample=prev_sample, generator=generator,
+                out,
+                x,
+                float(s[i]),
+                float(s[i + 1]),
+                sigma_max=float(s[1]),
+                noise_level=self.noise_level if stochastic else 0.0,
+                prev_sample=prev_sample,
+                generator=generator,
                 noise=noise,
             )
         a_t, a_prev = ddim_alphas_at(schedule, i)
         return ddim_step(
-            out, x, a_t, a_prev, eta=self.eta if stochastic else 0.0, prediction_type=self.model.prediction_type,
-            prev_sample=prev_sample, generator=generator, noise=noise,
+            out,
+            x,
+            a_t,
+            a_prev,
+            eta=self.eta if stochastic else 0.0,
+            prediction_type=self.model.prediction_type,
+            prev_sample=prev_sample,
+            generator=generator,
+            noise=noise,
         )
 
     @torch.no_grad()
     def sample(
-        self, denoiser: torch.nn.Module, cond: PromptEmbeds, x_T: Tensor, schedule: Schedule, *,
-        stochastic: bool = True, generator: torch.Generator | None = None, noise: Tensor | None = None,
+        self,
+        denoiser: torch.nn.Module,
+        cond: PromptEmbeds,
+        x_T: Tensor,
+        schedule: Schedule,
+        *,
+        stochastic: bool = True,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Trajectory:
         """Run all ``S`` steps from ``x_T [B, C, h, w]``; rows of ``cond`` match rows of ``x_T``.
         ``noise [B, S, C, h, w]`` (standard normal) fixes each step's noise; else it is drawn
@@ -75,7 +106,13 @@ class DenoisingPolicy:
         x = x_T.float()
         for i in range(schedule.num_steps):
             out = self.step(
-                denoiser, x, schedule, i, cond, stochastic=stochastic, generator=generator,
+                denoiser,
+                x,
+                schedule,
+                i,
+                cond,
+                stochastic=stochastic,
+                generator=generator,
                 noise=None if noise is None else noise[:, i],
             )
             x = out.prev_sample.float()

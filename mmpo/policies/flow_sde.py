@@ -14,6 +14,7 @@ unit's log-prob (averaged over the latent's elements, as Flow-GRPO and DDPO do):
 Shapes: ``sample``, ``model_output`` ``[B, *D]`` (any latent layout); per-row results ``[B]``.
 Sigmas/timesteps are plain floats per call (one step of the whole batch).
 """
+
 from __future__ import annotations
 
 import math
@@ -62,8 +63,13 @@ def flow_sde_sigma(sigma: float, sigma_next: float, sigma_max: float, noise_leve
 
 
 def _finish(
-    sample: Tensor, mean: Tensor, std: float, kl_sigma: float,
-    prev_sample: Tensor | None, noise: Tensor | None, generator: torch.Generator | None,
+    sample: Tensor,
+    mean: Tensor,
+    std: float,
+    kl_sigma: float,
+    prev_sample: Tensor | None,
+    noise: Tensor | None,
+    generator: torch.Generator | None,
 ) -> StepOutput:
     """Draw ``mean + std * noise`` unless ``prev_sample`` is given, and score it."""
     if prev_sample is None:

@@ -5,6 +5,7 @@ later: forecasts, continuous robot actions).
 ``dist_train2.py``), so a ratio of two policies is ``exp`` of a mean, not of a sum over
 thousands of latent elements.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,14 @@ class NoisePolicy(nn.Module):
     """
 
     def __init__(
-        self, shape: tuple[int, ...], *, mode: str = "per_prompt", num_prompts: int = 1, cond_dim: int = 0,
-        sigma_init: float = 1.0, sigma_min: float = 1e-4,
+        self,
+        shape: tuple[int, ...],
+        *,
+        mode: str = "per_prompt",
+        num_prompts: int = 1,
+        cond_dim: int = 0,
+        sigma_init: float = 1.0,
+        sigma_min: float = 1e-4,
     ) -> None:
         super().__init__()
         if mode not in ("per_prompt", "conditioned"):
@@ -73,7 +80,9 @@ class NoisePolicy(nn.Module):
     @staticmethod
     def sample(mu: Tensor, sigma: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``x = mu + sigma * eps`` (no gradient), ``[B, *shape]``."""
-        eps = torch.randn(mu.shape, generator=generator, device=generator.device if generator is not None else mu.device)
+        eps = torch.randn(
+            mu.shape, generator=generator, device=generator.device if generator is not None else mu.device
+        )
         return (mu.detach() + sigma.detach() * eps.to(mu.device)).float()
 
     @staticmethod

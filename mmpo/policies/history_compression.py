@@ -11,6 +11,7 @@ The pieces are the model's own: its embedding and vision-feature merge, ``comput
 (``get_rope_index``), ``create_causal_mask``, ``rotary_emb``, decoder layers and ``norm``, so an
 all-False drop mask gives the normal ``last_hidden_state``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -108,8 +109,12 @@ def _run_layers(
     rope = lm.rotary_emb(hidden, pos)
     for i in layers:
         hidden = lm.layers[i](
-            hidden, attention_mask=masks[lm.config.layer_types[i]], position_embeddings=rope,
-            position_ids=None, cache=None, use_cache=False,
+            hidden,
+            attention_mask=masks[lm.config.layer_types[i]],
+            position_embeddings=rope,
+            position_ids=None,
+            cache=None,
+            use_cache=False,
         )
     return hidden
 

@@ -6,6 +6,7 @@ time on CPU). ``PreallocatedLayer`` reserves room for the completion at prefill 
 step's keys and values in place. It is for inference only: in-place writes would break autograd
 through the cache, so the log-prob passes keep ``DynamicCache``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,9 @@ class PreallocatedLayer(DynamicLayer):
         self.keys = self._k[..., : self.length, :]
         self.values = self._v[..., : self.length, :]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]

@@ -11,6 +11,7 @@ RoPE-only decoder has no direct access to; scoring the image tokens needs only t
 ``units [B, 1]`` hold the chosen token index (row-major over the grid); the head's query is
 zero-initialised, so the first policy is uniform over the cells.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,15 @@ class PointerPolicy(VLAPolicyBase):
     """
 
     def __init__(
-        self, lm: CausalLMPolicy, module: VLAWithHead, grid: tuple[int, int], low: Sequence[float] = (0.0, 0.0),
-        high: Sequence[float] = (1.0, 1.0), *, temperature: float = 1.0, prompt_template: str = DEFAULT_PROMPT,
+        self,
+        lm: CausalLMPolicy,
+        module: VLAWithHead,
+        grid: tuple[int, int],
+        low: Sequence[float] = (0.0, 0.0),
+        high: Sequence[float] = (1.0, 1.0),
+        *,
+        temperature: float = 1.0,
+        prompt_template: str = DEFAULT_PROMPT,
     ) -> None:
         self.lm = lm
         self.module = module
@@ -79,7 +87,10 @@ class PointerPolicy(VLAPolicyBase):
         is_image = full["input_ids"] == self.image_token_id
         counts = is_image.sum(-1)
         if not bool((counts == self.cells).all()):
-            raise ValueError(f"pointer policy: prompts hold {counts.tolist()} image tokens, the grid {self.grid} needs {self.cells} (one image of the fixed size)")
+            raise ValueError(
+                f"pointer policy: prompts hold {counts.tolist()} image tokens, the grid {self.grid} needs {self.cells} "
+                "(one image of the fixed size)"
+            )
         tokens = hidden[is_image].view(hidden.shape[0], self.cells, hidden.shape[-1])
         return module.head(hidden[:, -1], tokens) / self.temperature
 
@@ -103,9 +114,22 @@ class PointerPolicy(VLAPolicyBase):
         idx = logp_all.argmax(-1) if greedy else torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
         logp = logp_all.gather(-1, idx[:, None])
         actions = [(self.low + self.cell_center(i) * (self.high - self.low)).astype(np.float32) for i in idx.tolist()]
-        return ActionBatch(actions=actions, units=idx[:, None], logp=logp, mask=torch.ones(len(encs), 1, dtype=torch.bool), encodings=encs)
+        return ActionBatch(
+            actions=actions,
+            units=idx[:, None],
+            logp=logp,
+            mask=torch.ones(len(encs), 1, dtype=torch.bool),
+            encodings=encs,
+        )
 
-    def log_probs(self, encodings: Sequence[dict[str, torch.Tensor]], units: torch.Tensor, mask: torch.Tensor, *, model: nn.Module | None = None) -> torch.Tensor:
+    def log_probs(
+        self,
+        encodings: Sequence[dict[str, torch.Tensor]],
+        units: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
         """``logp [B, 1]`` of the chosen cells ``units [B, 1]`` (with grad)."""
         logits = self.logits(self.lm.collate(list(encodings)), model)
         return torch.log_softmax(logits, dim=-1).gather(-1, units.to(logits.device).long())
@@ -129,7 +153,9 @@ def load_pointer_head(folder: Any | None, hidden_size: int, dim: int = 64) -> Po
         return PointerHead(hidden_size, dim)
     config, state = saved
     if config.get("hidden_size") != hidden_size:
-        raise ConfigError(f"{folder}: pointer head for hidden size {config.get('hidden_size')}, the model has {hidden_size}")
+        raise ConfigError(
+            f"{folder}: pointer head for hidden size {config.get('hidden_size')}, the model has {hidden_size}"
+        )
     head = PointerHead(**config)
     head.load_state_dict(state)
     return head

@@ -13,6 +13,7 @@ kept per dimension.
 Both expose ``act`` (for the env runner), ``log_probs`` (with grad, for the update), and
 ``demo_units`` (SFT targets), so trainers treat them alike.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal, Sequence
@@ -33,10 +34,15 @@ def observation_messages(obs: Observation, template: str = DEFAULT_PROMPT) -> li
     """The chat messages of one observation: the image, then the templated instruction."""
     from PIL import Image
 
-    return [{
-        "role": "user",
-        "content": [{"type": "image", "image": Image.fromarray(obs.image)}, {"type": "text", "text": template.format(instruction=obs.instruction)}],
-    }]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.fromarray(obs.image)},
+                {"type": "text", "text": template.format(instruction=obs.instruction)},
+            ],
+        }
+    ]
 
 
 class VLAPolicyBase:
@@ -66,7 +72,9 @@ class TokenActionPolicy(VLAPolicyBase):
     tokens masked, as in ``CausalLMPolicy``), so stored log-probs equal ``log_probs``.
     """
 
-    def __init__(self, lm: CausalLMPolicy, codec: ActionCodec, *, temperature: float = 1.0, prompt_template: str = DEFAULT_PROMPT) -> None:
+    def __init__(
+        self, lm: CausalLMPolicy, codec: ActionCodec, *, temperature: float = 1.0, prompt_template: str = DEFAULT_PROMPT
+    ) -> None:
         self.lm = lm
         self.codec = codec
         codec.bind(lm.tokenizer)
@@ -101,9 +109,18 @@ class TokenActionPolicy(VLAPolicyBase):
                 units[:, u] = tok
                 logp[:, u] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
         actions = [self.codec.decode(row) for row in units.tolist()]
-        return ActionBatch(actions=actions, units=units, logp=logp, mask=torch.ones(B, U, dtype=torch.bool), encodings=encs)
+        return ActionBatch(
+            actions=actions, units=units, logp=logp, mask=torch.ones(B, U, dtype=torch.bool), encodings=encs
+        )
 
-    def log_probs(self, encodings: Sequence[dict[str, torch.Tensor]], units: torch.Tensor, mask: torch.Tensor, *, model: nn.Module | None = None) -> torch.Tensor:
+    def log_probs(
+        self,
+        encodings: Sequence[dict[str, torch.Tensor]],
+        units: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
         """``logp [B, U]`` (float32, with grad) of the action tokens ``units [B, U]``."""
         out = self.lm.log_probs(
             self.lm.collate(list(encodings)), units, mask, model=model, temperature=self.temperature, with_entropy=False
@@ -134,9 +151,17 @@ class LaplaceActionHead(nn.Module):
     """MLP-ResNet: hidden ``[B, H]`` -> ``(mu [B, D], log_b [B, D])``; mu starts at 0 and log b at
     ``log_scale_init`` (output layers zero-initialised, the biases set)."""
 
-    def __init__(self, hidden_size: int, action_dim: int, *, width: int = 256, blocks: int = 2, log_scale_init: float = -3.0) -> None:
+    def __init__(
+        self, hidden_size: int, action_dim: int, *, width: int = 256, blocks: int = 2, log_scale_init: float = -3.0
+    ) -> None:
         super().__init__()
-        self.config = {"hidden_size": hidden_size, "action_dim": action_dim, "width": width, "blocks": blocks, "log_scale_init": log_scale_init}
+        self.config = {
+            "hidden_size": hidden_size,
+            "action_dim": action_dim,
+            "width": width,
+            "blocks": blocks,
+            "log_scale_init": log_scale_init,
+        }
         self.inp = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, width))
         self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in range(blocks)])
         self.out_norm = nn.LayerNorm(width)
@@ -201,7 +226,9 @@ class LaplaceHeadPolicy(VLAPolicyBase):
     def units_per_step(self) -> int:
         return 1 if self.reduce == "sum" else int(self.low.shape[0])
 
-    def distribution(self, inputs: dict[str, torch.Tensor], model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def distribution(
+        self, inputs: dict[str, torch.Tensor], model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``mu [B, D]`` and the sampling scale ``b * s [B, D]`` (float32)."""
         module = model if model is not None else self.module
         hidden = self._last_hidden(module.vlm, inputs)
@@ -232,9 +259,18 @@ class LaplaceHeadPolicy(VLAPolicyBase):
             lp = self._reduce(laplace_log_prob(a, mu, scale))
         actions = [self.to_env(row) for row in a.numpy()]
         U = self.units_per_step
-        return ActionBatch(actions=actions, units=a, logp=lp, mask=torch.ones(len(encs), U, dtype=torch.bool), encodings=encs)
+        return ActionBatch(
+            actions=actions, units=a, logp=lp, mask=torch.ones(len(encs), U, dtype=torch.bool), encodings=encs
+        )
 
-    def log_probs(self, encodings: Sequence[dict[str, torch.Tensor]], units: torch.Tensor, mask: torch.Tensor, *, model: nn.Module | None = None) -> torch.Tensor:
+    def log_probs(
+        self,
+        encodings: Sequence[dict[str, torch.Tensor]],
+        units: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        model: nn.Module | None = None,
+    ) -> torch.Tensor:
         """``logp [B, U]`` of the normalised actions ``units [B, D]`` (with grad)."""
         mu, scale = self.distribution(self.lm.collate(list(encodings)), model)
         return self._reduce(laplace_log_prob(units.to(mu.device).float(), mu, scale))
@@ -258,8 +294,8 @@ def save_with_head(policy: Any, folder: Any, state_dict: dict[str, torch.Tensor]
 
     folder = Path(folder)
     state = state_dict if state_dict is not None else policy.module.state_dict()
-    vlm_state = {k[len("vlm."):]: v for k, v in state.items() if k.startswith("vlm.")}
-    head_state = {k[len("head."):]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("head.")}
+    vlm_state = {k[len("vlm.") :]: v for k, v in state.items() if k.startswith("vlm.")}
+    head_state = {k[len("head.") :]: v.detach().cpu().contiguous() for k, v in state.items() if k.startswith("head.")}
     policy.module.vlm.save_pretrained(folder, state_dict=vlm_state)
     policy.lm.processor.save_pretrained(folder)
     save_file(head_state, str(folder / HEAD_FILE), metadata={"config": json.dumps(policy.module.head.config)})
@@ -296,13 +332,25 @@ def load_action_head(folder: Any, hidden_size: int, action_dim: int, **defaults:
         return LaplaceActionHead(hidden_size, action_dim, **defaults)
     config, state = saved
     if config.get("hidden_size") != hidden_size or config.get("action_dim") != action_dim:
-        raise ConfigError(f"{folder}/{HEAD_FILE}: head for hidden {config.get('hidden_size')} / {config.get('action_dim')} actions, the policy needs {hidden_size} / {action_dim}")
+        raise ConfigError(
+            f"{folder}/{HEAD_FILE}: head for hidden {config.get('hidden_size')} / {config.get('action_dim')} actions, "
+            f"the policy needs {hidden_size} / {action_dim}"
+        )
     head = LaplaceActionHead(**config)
     head.load_state_dict(state)
     return head
 
 
 __all__ = [
-    "DEFAULT_PROMPT", "HEAD_FILE", "LaplaceActionHead", "LaplaceHeadPolicy", "TokenActionPolicy", "VLAWithHead",
-    "laplace_log_prob", "load_action_head", "observation_messages", "read_head", "save_with_head",
+    "DEFAULT_PROMPT",
+    "HEAD_FILE",
+    "LaplaceActionHead",
+    "LaplaceHeadPolicy",
+    "TokenActionPolicy",
+    "VLAWithHead",
+    "laplace_log_prob",
+    "load_action_head",
+    "observation_messages",
+    "read_head",
+    "save_with_head",
 ]

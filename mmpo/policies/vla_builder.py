@@ -2,6 +2,7 @@
 to a loaded VLM (``discrete`` / ``binned``), or a Laplace action head (``laplace``), or a pointer
 head over the image-token grid (``pointer``). Shared by every environment task.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,7 +77,12 @@ def build_vla_policy(
             head = LaplaceActionHead(hidden, len(low), **sizes)
         lm = CausalLMPolicy.from_info(model, processor, info)
         return LaplaceHeadPolicy(
-            lm, VLAWithHead(model, head), low, high, scale_multiplier=p.scale_multiplier, reduce=p.logp_reduce,
+            lm,
+            VLAWithHead(model, head),
+            low,
+            high,
+            scale_multiplier=p.scale_multiplier,
+            reduce=p.logp_reduce,
             prompt_template=p.prompt_template,
         )
     if p.action_space == "pointer":
@@ -118,7 +124,12 @@ def build_pointer_policy(
     merge = int(getattr(model.config.vision_config, "spatial_merge_size", 2))
     _, h, w = (int(v) for v in probe["image_grid_thw"][0])
     return PointerPolicy(
-        lm, VLAWithHead(model, head), (h // merge, w // merge), low, high, temperature=p.temperature,
+        lm,
+        VLAWithHead(model, head),
+        (h // merge, w // merge),
+        low,
+        high,
+        temperature=p.temperature,
         prompt_template=p.prompt_template,
     )
 

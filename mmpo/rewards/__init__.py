@@ -1,4 +1,5 @@
 """Reusable rewards (each returns a float tensor [N]); task plugins combine and log them."""
+
 from mmpo.rewards.choice import choice_accuracy, choice_format, extract_choice
 from mmpo.rewards.combine import weighted_sum
 from mmpo.rewards.format import (

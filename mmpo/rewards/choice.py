@@ -1,4 +1,5 @@
 """Multiple-choice rewards: robust extraction of the chosen option, accuracy and format."""
+
 from __future__ import annotations
 
 import re
@@ -38,8 +39,11 @@ def extract_choice(
         if bare in letters:
             return bare
         alt = "".join(re.escape(x) for x in letters)
-        for pattern, flags in ((rf"answer\s*(?:is|:)?\s*\(?([{alt}])\b", re.I), (rf"\(([{alt}])\)", 0),
-                               (rf"(?<![A-Za-z])([{alt}])(?![A-Za-z])", 0)):
+        for pattern, flags in (
+            (rf"answer\s*(?:is|:)?\s*\(?([{alt}])\b", re.I),
+            (rf"\(([{alt}])\)", 0),
+            (rf"(?<![A-Za-z])([{alt}])(?![A-Za-z])", 0),
+        ):
             found = re.search(pattern, text, flags=flags)
             if found and found.group(1).upper() in letters:
                 return found.group(1).upper()
@@ -55,8 +59,11 @@ def extract_choice(
 
 
 def choice_accuracy(
-    completions: Sequence[str], answers: Sequence[str], letters: Sequence[Sequence[str]],
-    options: Sequence[Sequence[str]] | None = None, accept: Accept = "both",
+    completions: Sequence[str],
+    answers: Sequence[str],
+    letters: Sequence[Sequence[str]],
+    options: Sequence[Sequence[str]] | None = None,
+    accept: Accept = "both",
 ) -> torch.Tensor:
     """1.0 where the chosen option is the answer letter, else 0.0. Shape [N]."""
     opts = options if options is not None else [None] * len(completions)
@@ -67,8 +74,11 @@ def choice_accuracy(
 
 
 def choice_format(
-    completions: Sequence[str], letters: Sequence[Sequence[str]], options: Sequence[Sequence[str]] | None = None,
-    accept: Accept = "both", exact: bool = False,
+    completions: Sequence[str],
+    letters: Sequence[Sequence[str]],
+    options: Sequence[Sequence[str]] | None = None,
+    accept: Accept = "both",
+    exact: bool = False,
 ) -> torch.Tensor:
     """1.0 where a completion chooses an option (any, right or wrong), else 0.0. Shape [N].
 

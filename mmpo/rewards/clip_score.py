@@ -16,6 +16,7 @@ no download) to get that tag's QuickGELU setting and image mean/std/resize mode.
 weights without ``tag: openai`` (or the ``-quickgelu`` architecture) load without error but give
 wrong features.
 """
+
 from __future__ import annotations
 
 import copy
@@ -70,7 +71,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, Mapping) or not sd:
         raise OptionError("weights", f"{path} holds no state dict (got {type(sd).__name__})")
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -157,7 +158,7 @@ class ClipScore(ImageReward):
     def _arch(self, open_clip: Any) -> str:
         """The open_clip model identifier for ``model`` (registering a bare config file)."""
         if self.model.startswith("local-dir:"):
-            if not Path(self.model[len("local-dir:"):]).is_dir():
+            if not Path(self.model[len("local-dir:") :]).is_dir():
                 raise OptionError("model", f"folder not found: {self.model}")
             return self.model
         path = Path(self.model)
@@ -194,7 +195,10 @@ class ClipScore(ImageReward):
 
         arch = self._arch(open_clip)
         kwargs: dict[str, Any] = {
-            "pretrained": None, "load_weights": False, "pretrained_image": False, "pretrained_text": False
+            "pretrained": None,
+            "load_weights": False,
+            "pretrained_image": False,
+            "pretrained_text": False,
         }
         if self.tag is not None:
             tag_cfg = open_clip.pretrained.get_pretrained_cfg(arch, self.tag)
@@ -230,15 +234,19 @@ class ClipScore(ImageReward):
         dev, bs = next(self._net.parameters()).device, self.batch_size
         unique = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # prompt -> row of `text`
         order = list(unique)
-        text = torch.cat([
-            F.normalize(self._net.encode_text(self._tokenizer(order[i : i + bs]).to(dev)).float(), dim=-1)
-            for i in range(0, len(order), bs)
-        ])
+        text = torch.cat(
+            [
+                F.normalize(self._net.encode_text(self._tokenizer(order[i : i + bs]).to(dev)).float(), dim=-1)
+                for i in range(0, len(order), bs)
+            ]
+        )
         pixels = images.to(dev, torch.float32)
-        image = torch.cat([
-            F.normalize(self._net.encode_image(preprocess(pixels[i : i + bs], self._pp)).float(), dim=-1)
-            for i in range(0, len(pixels), bs)
-        ])
+        image = torch.cat(
+            [
+                F.normalize(self._net.encode_image(preprocess(pixels[i : i + bs], self._pp)).float(), dim=-1)
+                for i in range(0, len(pixels), bs)
+            ]
+        )
         row = torch.tensor([unique[p] for p in prompts], device=dev)
         cos = (image * text[row]).sum(dim=-1)
         return (self.scale * cos).float().to(images.device)

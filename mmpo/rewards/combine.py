@@ -1,4 +1,5 @@
 """Combine named reward components into the total reward of a task."""
+
 from __future__ import annotations
 
 from typing import Mapping

@@ -4,6 +4,7 @@ The contract follows DeepSeek-R1 / Patho-R1: the whole completion (surrounding w
 allowed) is a ``<think>`` block followed by an ``<answer>`` block. Tags are matched exactly
 (lower case), as the model is prompted to write them.
 """
+
 from __future__ import annotations
 
 import re

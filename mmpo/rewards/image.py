@@ -18,6 +18,7 @@ only when a component needs them): ``target_color``, ``brightness``, ``shape_at`
 (:mod:`mmpo.rewards.image_verifiable`), ``clip_score`` (:mod:`mmpo.rewards.clip_score`),
 ``reward_server`` (:mod:`mmpo.rewards.reward_server`).
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -28,11 +29,19 @@ import torch
 from mmpo.errors import ConfigError, UnknownNameError
 from mmpo.rewards.combine import weighted_sum
 from mmpo.rewards.image_component import (
-    IMAGE_REWARDS, ImageReward, Metas, OptionError, check_batch, component_options, float_option, str_option,
+    IMAGE_REWARDS,
+    ImageReward,
+    Metas,
+    OptionError,
+    check_batch,
+    component_options,
+    float_option,
+    str_option,
 )
 from mmpo.tasks import RewardOutput
 
 _SPEC_KEYS = ("name", "weight", "key")
+
 
 class ImageRewardSet:
     """Weighted image reward components; ``__call__`` -> :class:`mmpo.tasks.RewardOutput`.

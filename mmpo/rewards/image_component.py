@@ -6,6 +6,7 @@ Components live in their own modules (:mod:`mmpo.rewards.image_verifiable`,
 :mod:`mmpo.rewards.clip_score`, :mod:`mmpo.rewards.reward_server`) and import only this one;
 :mod:`mmpo.rewards.image` combines them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,6 +94,13 @@ def check_batch(images: torch.Tensor, prompts: Sequence[str], metas: Metas | Non
 
 
 __all__ = [
-    "IMAGE_REWARDS", "ImageReward", "Metas", "OptionError", "check_batch", "component_options", "float_option",
-    "int_option", "str_option",
+    "IMAGE_REWARDS",
+    "ImageReward",
+    "Metas",
+    "OptionError",
+    "check_batch",
+    "component_options",
+    "float_option",
+    "int_option",
+    "str_option",
 ]

@@ -11,6 +11,7 @@ centre ``((k + 0.5) / W, (j + 0.5) / H)`` satisfies ``x0 <= x < x1`` and ``y0 <=
 (so ``[0.25, 0.25, 0.75, 0.75]`` on 8 x 8 is rows/columns 2..5). A box that contains no
 pixel centre along an axis uses the single pixel under its centre along that axis.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,15 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from mmpo.errors import ConfigError
-from mmpo.rewards.image_component import IMAGE_REWARDS, ImageReward, Metas, OptionError, check_batch, float_option, str_option
+from mmpo.rewards.image_component import (
+    IMAGE_REWARDS,
+    ImageReward,
+    Metas,
+    OptionError,
+    check_batch,
+    float_option,
+    str_option,
+)
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
@@ -97,6 +106,7 @@ def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
     Along an axis with no pixel centre in ``[lo, hi)`` the pixel under the box centre is used.
     """
+
     def axis(lo: torch.Tensor, hi: torch.Tensor, size: int) -> torch.Tensor:  # [N] -> [N, size]
         centres = (torch.arange(size, device=lo.device, dtype=torch.float64) + 0.5) / size
         inside = (centres >= lo[:, None]) & (centres < hi[:, None])
@@ -176,7 +186,7 @@ class Brightness(ImageReward):
 @IMAGE_REWARDS.register("shape_at")
 @dataclass
 class ShapeAt(ImageReward):
-    """"A <colour> shape at <position>": contrast of the colour match inside a box vs outside it.
+    """ "A <colour> shape at <position>": contrast of the colour match inside a box vs outside it.
 
     With the per-pixel match ``m(p) = 1 - ||p - c|| / sqrt(3)`` in [0, 1] (c the target colour),
     reward ``= mean_{p in box} m(p) - mean_{p outside box} m(p)`` in [-1, 1] (the outside term
@@ -221,5 +231,13 @@ class ShapeAt(ImageReward):
 
 
 __all__ = [
-    "COLORS", "LUMA_601", "Brightness", "ShapeAt", "TargetColor", "box_mask", "color_match", "parse_box", "parse_color"
+    "COLORS",
+    "LUMA_601",
+    "Brightness",
+    "ShapeAt",
+    "TargetColor",
+    "box_mask",
+    "color_match",
+    "parse_box",
+    "parse_color",
 ]

@@ -15,6 +15,7 @@ Rules of :func:`open_answer_match` (the reference answer decides which rule appl
    fraction (``"45%"`` equals ``"0.45"`` and ``"45"``).
 3. otherwise, **normalized exact match** (:func:`normalize_answer` of both sides equal).
 """
+
 from __future__ import annotations
 
 import math

@@ -25,6 +25,7 @@ To serve your own scorer, :func:`serve_scores` is a minimal reference server (st
     # config: rewards: [{name: reward_server, url: "http://127.0.0.1:8000/"}]
     server.shutdown(); server.server_close()
 """
+
 from __future__ import annotations
 
 import base64

@@ -13,6 +13,7 @@ Tools run asynchronously (asyncio) with a per-call timeout and a concurrency lim
 call, a tool that raises or one that hangs yields an error observation the model sees, and the
 rollout goes on.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,9 @@ from mmpo.policies.batching import TOKEN_KEYS
 from mmpo.rollout.engines.base import GenerationSettings, RolloutEngine
 from mmpo.rollout.tools import Tool, ToolCall, ToolCallError, ToolResult, parse_answer, parse_tool_calls
 
-OBSERVATION_TEMPLATE = "\n<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+OBSERVATION_TEMPLATE = (
+    "\n<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+)
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -68,13 +71,17 @@ class AgentTrajectory:
         return len(self.action_mask)
 
 
-def append_encoding(enc: dict[str, torch.Tensor], ids: torch.Tensor, more: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def append_encoding(
+    enc: dict[str, torch.Tensor], ids: torch.Tensor, more: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """``enc`` followed by token ``ids [L]`` (attended), plus the media of ``more`` (the
     processor's output for those tokens) appended after ``enc``'s."""
     out = dict(enc)
     ids = ids.to(enc["input_ids"].dtype).reshape(1, -1)
     out["input_ids"] = torch.cat([enc["input_ids"], ids], dim=1)
-    out["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(ids, dtype=enc["attention_mask"].dtype)], dim=1)
+    out["attention_mask"] = torch.cat(
+        [enc["attention_mask"], torch.ones_like(ids, dtype=enc["attention_mask"].dtype)], dim=1
+    )
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in enc:
             extra = more[key] if more is not None and key in more else torch.zeros_like(ids)
@@ -89,7 +96,9 @@ def append_encoding(enc: dict[str, torch.Tensor], ids: torch.Tensor, more: dict[
 class AgentLoop:
     """Runs multi-turn rollouts of a ``CausalLMPolicy`` through a rollout engine with ``tools``."""
 
-    def __init__(self, policy: Any, engine: RolloutEngine, tools: Sequence[Tool] | dict[str, Tool], settings: AgentSettings) -> None:
+    def __init__(
+        self, policy: Any, engine: RolloutEngine, tools: Sequence[Tool] | dict[str, Tool], settings: AgentSettings
+    ) -> None:
         self.policy = policy
         self.engine = engine
         self.tools = dict(tools) if isinstance(tools, dict) else {t.name: t for t in tools}
@@ -155,12 +164,16 @@ class AgentLoop:
         s = self.settings
         pol = self.policy
         trajs = [AgentTrajectory(encoding=dict(e), prompt_len=int(e["input_ids"].shape[1])) for e in encodings]
-        gen = GenerationSettings(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, greedy=s.greedy)
+        gen = GenerationSettings(
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, greedy=s.greedy
+        )
         active = list(range(len(trajs)))
         for turn in range(s.max_turns):
             if not active:
                 break
-            out = self.engine.generate(model, pol.collate([trajs[i].encoding for i in active]), gen, device=device, dtype=dtype)
+            out = self.engine.generate(
+                model, pol.collate([trajs[i].encoding for i in active]), gen, device=device, dtype=dtype
+            )
             jobs: list[tuple[int, ToolCall, dict[str, Any]]] = []
             errors: dict[int, str] = {}
             still = []
@@ -204,7 +217,11 @@ class AgentLoop:
                 else:
                     parts = results.get(i, [])
                     t.tool_errors += sum(r.error for r in parts)
-                    res = ToolResult("\n".join(r.text for r in parts), [im for r in parts for im in r.images], any(r.error for r in parts))
+                    res = ToolResult(
+                        "\n".join(r.text for r in parts),
+                        [im for r in parts for im in r.images],
+                        any(r.error for r in parts),
+                    )
                 obs = self.encode_observation(res)
                 t.encoding = append_encoding(t.encoding, obs["input_ids"][0], obs)
                 n_obs = int(obs["input_ids"].shape[1])
@@ -232,17 +249,34 @@ def trajectory_tensors(trajs: Sequence[AgentTrajectory], pad_token_id: int) -> d
 
 
 def score_trajectories(
-    policy: Any, trajs: Sequence[AgentTrajectory], *, model: torch.nn.Module | None = None, temperature: float = 1.0,
+    policy: Any,
+    trajs: Sequence[AgentTrajectory],
+    *,
+    model: torch.nn.Module | None = None,
+    temperature: float = 1.0,
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs ``[n, T]`` (with grad) of every token after the prompts, and the ``mask [n, T]``
     of the model's tokens (train on those only); one forward over the whole conversations."""
     t = trajectory_tensors(trajs, policy.pad_token_id)
     out = policy.score_conversations(
-        [tr.encoding for tr in trajs], t["lengths"], t["completion_ids"], t["mask"], model=model,
-        temperature=temperature, with_entropy=False, device=device,
+        [tr.encoding for tr in trajs],
+        t["lengths"],
+        t["completion_ids"],
+        t["mask"],
+        model=model,
+        temperature=temperature,
+        with_entropy=False,
+        device=device,
     )
     return out.logp, t["mask"]
 
 
-__all__ = ["AgentLoop", "AgentSettings", "AgentTrajectory", "append_encoding", "score_trajectories", "trajectory_tensors"]
+__all__ = [
+    "AgentLoop",
+    "AgentSettings",
+    "AgentTrajectory",
+    "append_encoding",
+    "score_trajectories",
+    "trajectory_tensors",
+]

@@ -1,4 +1,5 @@
 """The rollout batch: G completions per prompt, flattened to N rows (group-major)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -84,9 +85,7 @@ class RolloutBatch:
                 out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in vals[0]}
             elif vals[0].dim() == 2:
                 fill = pad_token_id if f.name == "completion_ids" else 0
-                out[f.name] = torch.cat(
-                    [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) for v in vals]
-                )
+                out[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) for v in vals])
             else:
                 out[f.name] = torch.cat(vals)
         return RolloutBatch(**out)

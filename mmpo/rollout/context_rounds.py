@@ -12,6 +12,7 @@ Several processes: each runs its own rounds on its share of the contexts. What a
 skip state is logged (``RoundResult.skip_log``); :func:`replay_skip_log` applies every rank's log,
 in rank order, to the state from before the round, so all ranks end with the same state.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ names the environment (``env``), how the VLM acts (``policy``), RIPT's context s
 held-out seeds. A plugin's task config extends :class:`EnvTaskConfig` (and its task subclasses
 :class:`mmpo.rollout.env_task.EnvSeedTask`), so plugins share these pieces through ``mmpo`` only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ class RiptConfig:
         metadata=_help(
             "A rollout round ends once this fraction of rollout.prompts_per_step contexts is kept "
             "(RIPT LIBERO-90: 0.8).",
-            gt=0.0, max=1.0,
+            gt=0.0,
+            max=1.0,
         ),
     )
 
@@ -126,9 +128,7 @@ class DemoConfig(SFTConfig):
             "Empty: no SFT stage."
         ),
     )
-    max_episodes: int = field(
-        default=0, metadata=_help("Use the first N demonstration episodes; 0 = all.", min=0)
-    )
+    max_episodes: int = field(default=0, metadata=_help("Use the first N demonstration episodes; 0 = all.", min=0))
 
 
 @dataclass

@@ -11,6 +11,7 @@ Rows: ``id`` ``seed<S>``, ``input`` the instruction, ``prediction`` the actions 
 ``answer`` null, scores ``success``, ``return``, ``length``, ``invalid_actions``. Pictures: a GIF
 ``videos/seed<S>.gif`` of each of the first ``task.eval_videos`` episodes.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
@@ -57,8 +58,16 @@ class EnvEvaluator:
     """
 
     def __init__(
-        self, policy: Any, runner: EnvRunner, seeds: list[int], tc: EnvTaskConfig, *, batch_size: int, videos: int = 0,
-        params: Callable[[], AbstractContextManager] = nullcontext, close_runner: bool = False,
+        self,
+        policy: Any,
+        runner: EnvRunner,
+        seeds: list[int],
+        tc: EnvTaskConfig,
+        *,
+        batch_size: int,
+        videos: int = 0,
+        params: Callable[[], AbstractContextManager] = nullcontext,
+        close_runner: bool = False,
     ) -> None:
         self.policy, self.runner, self.seeds = policy, runner, list(seeds)
         self.greedy, self.eval_seed = tc.eval_greedy, tc.eval_seed
@@ -83,7 +92,9 @@ class EnvEvaluator:
         else:
             path = str(resolve_model_folder(checkpoint, ("config.json",)))
         model, processor, info = load_model(
-            path, seed=cfg.seed, tiny_overrides=cfg.model.tiny if path.startswith("tiny:") else None,
+            path,
+            seed=cfg.seed,
+            tiny_overrides=cfg.model.tiny if path.startswith("tiny:") else None,
             attn_implementation=cfg.model.attn_implementation,
         )
         runner = EnvRunner(tc.env)
@@ -128,10 +139,15 @@ class EnvEvaluator:
     def row(self, ep: Episode, index: int) -> dict[str, Any]:
         """The row of one episode (frames under ``_frames`` for the first ``videos`` episodes, not written)."""
         return {
-            "id": f"seed{ep.seed}", "input": ep.instruction,
-            "prediction": " ".join(action_text(s.env_action, self.names) for s in ep.steps), "answer": None,
-            "success": float(ep.success), "return": float(ep.env_return), "length": float(ep.length),
-            "invalid_actions": float(ep.invalid_actions), "_seed": ep.seed,
+            "id": f"seed{ep.seed}",
+            "input": ep.instruction,
+            "prediction": " ".join(action_text(s.env_action, self.names) for s in ep.steps),
+            "answer": None,
+            "success": float(ep.success),
+            "return": float(ep.env_return),
+            "length": float(ep.length),
+            "invalid_actions": float(ep.invalid_actions),
+            "_seed": ep.seed,
             "_frames": ep.frames if index < self.videos else [],
         }
 
@@ -142,8 +158,12 @@ class EnvEvaluator:
         lo, hi = wilson_interval(k, n)
         steps = sum(r["length"] for r in rows)
         return {
-            "success_rate": k / max(1, n), "success_ci_low": lo, "success_ci_high": hi, "episodes": float(n),
-            "return": sum(r["return"] for r in rows) / max(1, n), "episode_length": steps / max(1, n),
+            "success_rate": k / max(1, n),
+            "success_ci_low": lo,
+            "success_ci_high": hi,
+            "episodes": float(n),
+            "return": sum(r["return"] for r in rows) / max(1, n),
+            "episode_length": steps / max(1, n),
             "invalid_action_rate": sum(r["invalid_actions"] for r in rows) / max(1.0, steps),
         }
 

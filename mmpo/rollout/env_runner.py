@@ -11,6 +11,7 @@ MiniGrid / BabyAI levels (``minigrid``) give ``image`` through their RGB observa
 and the instruction as ``mission``; any environment with ``render_mode="rgb_array"`` gives the
 image by rendering, with a fixed instruction from the config.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,9 @@ class SeedRange:
 
 
 def check_disjoint(
-    train: Sequence[int], held_out: Sequence[int], what: str = "eval_seeds",
+    train: Sequence[int],
+    held_out: Sequence[int],
+    what: str = "eval_seeds",
     other: str = "the training seeds (task.train_seeds)",
 ) -> None:
     """Refuse held-out contexts that are also training contexts (the success rate would not be held out)."""
@@ -206,8 +209,11 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def act_rows(
-    policy: ActingPolicy, observations: list[Observation], generator: torch.Generator | list[torch.Generator],
-    rows: list[int], greedy: bool,
+    policy: ActingPolicy,
+    observations: list[Observation],
+    generator: torch.Generator | list[torch.Generator],
+    rows: list[int],
+    greedy: bool,
 ) -> ActionBatch:
     """``policy.act`` on ``observations`` (those of episodes ``rows``): in one batch with one
     generator, or one observation at a time with episode ``rows[b]``'s own ``generator[rows[b]]``
@@ -217,8 +223,10 @@ def act_rows(
         return policy.act(observations, generator=gen, greedy=greedy)
     parts = [policy.act([o], generator=generator[r], greedy=False) for o, r in zip(observations, rows)]
     return ActionBatch(
-        actions=[a for p in parts for a in p.actions], units=torch.cat([p.units for p in parts]),
-        logp=torch.cat([p.logp for p in parts]), mask=torch.cat([p.mask for p in parts]),
+        actions=[a for p in parts for a in p.actions],
+        units=torch.cat([p.units for p in parts]),
+        logp=torch.cat([p.logp for p in parts]),
+        mask=torch.cat([p.mask for p in parts]),
         encodings=[e for p in parts for e in p.encodings],
     )
 
@@ -324,8 +332,13 @@ class EnvRunner:
         return episodes
 
     def _run_wave(
-        self, policy: ActingPolicy, rows: list[tuple[int, int]], generator: torch.Generator | list[torch.Generator],
-        greedy: bool, record_frames: bool, keep_observations: bool,
+        self,
+        policy: ActingPolicy,
+        rows: list[tuple[int, int]],
+        generator: torch.Generator | list[torch.Generator],
+        greedy: bool,
+        record_frames: bool,
+        keep_observations: bool,
     ) -> list[Episode]:
         """One episode per ``(seed, rollout)`` row, all environments in lockstep."""
         n = len(rows)
@@ -391,6 +404,16 @@ class EnvRunner:
 
 
 __all__ = [
-    "ActingPolicy", "ActionBatch", "EnvRunner", "act_rows", "EnvSpec", "Episode", "Observation", "SeedRange",
-    "StepRecord", "check_disjoint", "make_env", "resize_square",
+    "ActingPolicy",
+    "ActionBatch",
+    "EnvRunner",
+    "act_rows",
+    "EnvSpec",
+    "Episode",
+    "Observation",
+    "SeedRange",
+    "StepRecord",
+    "check_disjoint",
+    "make_env",
+    "resize_square",
 ]

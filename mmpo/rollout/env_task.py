@@ -3,6 +3,7 @@ environment seeds, rewards come from the environment, the trainer is
 :class:`mmpo.trainers.environment.EnvironmentTrainer` (or a plugin's subclass of it), the options
 are :class:`mmpo.rollout.env_config.EnvTaskConfig` (or a plugin's extension of it).
 """
+
 from __future__ import annotations
 
 from mmpo.errors import ConfigError

@@ -12,6 +12,7 @@ takes its options (e.g. ARES's ``lo``/``hi``) from a ``dynamic`` entry here. Whi
 trainer runs, and their options, are checked at load by :func:`mmpo.trainers.algorithm.build_algorithm`
 (``ript_skip``: environment contexts; ``d3s``: rollout entropies are refused there).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from mmpo.core import GROUP_FILTERS
 from mmpo.rollout.batch import RolloutBatch
+
 
 def _options(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k != "name"}

@@ -1,5 +1,6 @@
 """Greedy (or sampled) decoding of held-out prompts with the plain transformers engine: single-turn
 completions and multi-turn agent trajectories (the token evaluator's predictions)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +13,13 @@ from mmpo.tasks import Sample
 
 
 def generate_greedy(
-    policy: CausalLMPolicy, model: torch.nn.Module, samples: list[Sample], *, max_new_tokens: int,
-    batch_size: int, device: torch.device,
+    policy: CausalLMPolicy,
+    model: torch.nn.Module,
+    samples: list[Sample],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
 ) -> list[str]:
     """Greedy completions (text) for ``samples``; the global torch RNG is left untouched."""
     engine = HFGenerateEngine(policy)
@@ -28,15 +34,28 @@ def generate_greedy(
 
 
 def run_agent(
-    policy: CausalLMPolicy, model: torch.nn.Module, task: Any, samples: list[Sample], *, max_new_tokens: int,
-    batch_size: int, device: torch.device, greedy: bool = True, settings: dict[str, Any] | None = None,
+    policy: CausalLMPolicy,
+    model: torch.nn.Module,
+    task: Any,
+    samples: list[Sample],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    device: torch.device,
+    greedy: bool = True,
+    settings: dict[str, Any] | None = None,
 ) -> list[Any]:
     """Multi-turn trajectories (greedy by default) of ``samples`` with the task's tools, each
     from its first rollout prompt; the global torch RNG is left untouched."""
     from mmpo.rollout.agent_loop import AgentLoop, AgentSettings
 
     opts = {**task.agent_settings(), **(settings or {})}
-    loop = AgentLoop(policy, HFGenerateEngine(policy), task.tools(), AgentSettings(max_new_tokens=max_new_tokens, greedy=greedy, **opts))
+    loop = AgentLoop(
+        policy,
+        HFGenerateEngine(policy),
+        task.tools(),
+        AgentSettings(max_new_tokens=max_new_tokens, greedy=greedy, **opts),
+    )
     state = torch.get_rng_state()
     out: list[Any] = []
     try:

@@ -1,4 +1,5 @@
 """Episode videos: frames ``[H, W, 3]`` uint8 -> an animated GIF (Pillow) or MP4 (PyAV), written atomically."""
+
 from __future__ import annotations
 
 import os

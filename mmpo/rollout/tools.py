@@ -13,6 +13,7 @@ Calls are written in the Qwen style::
 and parsed strictly: exactly one JSON object with a string ``name`` and an object ``arguments``.
 A malformed call becomes a :class:`ToolCallError` whose message is shown to the model.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,10 @@ class Tool:
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI / Qwen function schema (for the chat template's ``tools=``)."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
     def validate(self, arguments: Any) -> dict[str, Any]:
         """The arguments if they satisfy ``parameters``; else ToolCallError naming the problem."""
@@ -112,4 +116,14 @@ def parse_answer(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-__all__ = ["ANSWER_RE", "TOOLS", "TOOL_CALL_RE", "Tool", "ToolCall", "ToolCallError", "ToolResult", "parse_answer", "parse_tool_calls"]
+__all__ = [
+    "ANSWER_RE",
+    "TOOLS",
+    "TOOL_CALL_RE",
+    "Tool",
+    "ToolCall",
+    "ToolCallError",
+    "ToolResult",
+    "parse_answer",
+    "parse_tool_calls",
+]

@@ -8,6 +8,7 @@ kind (:mod:`mmpo.trainers.kinds`) and the task can compute. A combination that c
 silently ignored. Stateful pieces keep their state in :attr:`Algorithm.states`, which every
 trainer saves in its checkpoints.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,7 +69,9 @@ class Algorithm:
     def kl_placement(self) -> str:
         return self.config.kl_placement
 
-    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, prompt_keys: list[str] | None = None) -> torch.Tensor:
+    def advantages(
+        self, rewards: torch.Tensor, group_ids: torch.Tensor, prompt_keys: list[str] | None = None
+    ) -> torch.Tensor:
         """``advantage_fn(rewards [N], group_ids [N])`` -> ``[N]`` float32, with its state carried
         across steps; ``prompt_keys`` (one str per row) name the prompts for ``dcpo_sas``."""
         opts = dict(self.config.advantage_options)
@@ -119,8 +122,11 @@ def build_algorithm(cfg: RunConfig | AlgorithmConfig, kind: TrainerKind, task: A
     densities = kind.densities if densities is None else bool(densities)
     if densities and getattr(loss_fn, "needs_probabilities", False):
         raise _refuse(
-            "algorithm.loss", a.loss, kind,
-            "its bounds come from the old action's probability, and these log-probs are densities (no probability in [0, 1])",
+            "algorithm.loss",
+            a.loss,
+            kind,
+            "its bounds come from the old action's probability, and these log-probs are densities "
+            "(no probability in [0, 1])",
         )
     loss_agg = a.loss_agg if a.loss_agg != AUTO else getattr(loss_fn, "default_agg_mode", "token-mean")
     AGGREGATIONS.get(loss_agg)
@@ -133,24 +139,35 @@ def build_algorithm(cfg: RunConfig | AlgorithmConfig, kind: TrainerKind, task: A
         if not kind.kl_estimators:
             what = "algorithm.kl_options.beta" if a.kl_schedule == "constant" else "algorithm.kl_schedule"
             value = a.kl_options.get("beta") if a.kl_schedule == "constant" else a.kl_schedule
-            raise _refuse(what, value, kind, "it holds no reference policy, so no KL term (set kl_schedule constant with beta 0)")
+            raise _refuse(
+                what, value, kind, "it holds no reference policy, so no KL term (set kl_schedule constant with beta 0)"
+            )
         if estimator not in kind.kl_estimators:
             raise _refuse("algorithm.kl_estimator", estimator, kind, f"it computes {', '.join(kind.kl_estimators)}")
         if a.kl_placement not in kind.kl_placements:
-            raise _refuse("algorithm.kl_placement", a.kl_placement, kind, f"beta * KL goes in {', '.join(kind.kl_placements)}")
+            raise _refuse(
+                "algorithm.kl_placement", a.kl_placement, kind, f"beta * KL goes in {', '.join(kind.kl_placements)}"
+            )
         needs = getattr(schedule_fn, "needs_row_info", ())
         have = tuple(getattr(task, "row_info_keys", ()) or ())
         missing = [k for k in needs if k not in have]
         if missing:
             raise _refuse(
-                "algorithm.kl_schedule", a.kl_schedule, kind,
+                "algorithm.kl_schedule",
+                a.kl_schedule,
+                kind,
                 f"task {getattr(task, 'name', '?')!r} gives no per-row {', '.join(missing)} "
                 "(vlm_reasoning with task.ares.enabled assigns difficulty buckets)",
             )
     kl_fn = KL_ESTIMATORS.get(estimator)
     # -- entropy, filters, dynamic sampling ----------------------------------------------------------
     if a.entropy_coef and not kind.entropy:
-        raise _refuse("algorithm.entropy_coef", a.entropy_coef, kind, "its policy pass gives no per-unit entropy that the weights change")
+        raise _refuse(
+            "algorithm.entropy_coef",
+            a.entropy_coef,
+            kind,
+            "its policy pass gives no per-unit entropy that the weights change",
+        )
     if a.dynamic_sampling and not kind.dynamic_sampling:
         raise _refuse("algorithm.dynamic_sampling", True, kind, "it does not redraw prompts")
     for i, item in enumerate(a.filters):

@@ -10,6 +10,7 @@ through the same code.
 The update is :func:`mmpo.trainers.update.run_update`: rows are images, each micro batch yields
 one :class:`~mmpo.trainers.update.UnitTerms` per trained chunk (one unit per row).
 """
+
 from __future__ import annotations
 
 import copy
@@ -119,8 +120,12 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
     """Flow-GRPO / Chunk-GRPO on a diffusers denoiser (full fine-tuning or LoRA)."""
 
     kind = DENOISING
-    contract: ClassVar[Contract] = (("task", DenoisingTask), ("task.config", DenoisingConfig),
-                                    ("task.config.sampling", SamplingSettings), ("task.config.chunks", ChunkSettings))
+    contract: ClassVar[Contract] = (
+        ("task", DenoisingTask),
+        ("task.config", DenoisingConfig),
+        ("task.config.sampling", SamplingSettings),
+        ("task.config.chunks", ChunkSettings),
+    )
     model_markers: ClassVar[tuple[str, ...]] = ("model_index.json", "pytorch_lora_weights.safetensors")
     task: DenoisingTask  # type: ignore[assignment]
 
@@ -147,8 +152,13 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
                     "diffusers attention uses to_q, to_k, to_v, to_out.0 (and add_q_proj, ... in joint blocks)"
                 )
             denoiser.add_adapter(
-                PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                               target_modules=list(lora.target_modules), init_lora_weights="gaussian")
+                PeftLoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=list(lora.target_modules),
+                    init_lora_weights="gaussian",
+                )
             )
             for p in denoiser.parameters():
                 if p.requires_grad:
@@ -213,8 +223,16 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
     def image_sampler(self) -> DenoiserImages:
         """The live denoiser's deterministic evaluation images."""
         s = self.task.config.sampling
-        return DenoiserImages(self.model, self.eval_schedule, self.height, self.width, s.negative_prompt,
-                              self.engine.autocast, self.policy, self.engine.module)
+        return DenoiserImages(
+            self.model,
+            self.eval_schedule,
+            self.height,
+            self.width,
+            s.negative_prompt,
+            self.engine.autocast,
+            self.policy,
+            self.engine.module,
+        )
 
     def rollout(self) -> tuple[DenoiseBatch, dict[str, float]]:
         """G SDE trajectories per prompt (sampled in micro batches), decoded and scored."""
@@ -239,9 +257,12 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         t2 = time.perf_counter()
         batch = DenoiseBatch(rows, cond, traj, out.rewards.float(), adv, out.components)
         metrics = {
-            "rollout_s": t1 - t0, "reward_s": t2 - t1, "reward_mean": float(out.rewards.mean()),
+            "rollout_s": t1 - t0,
+            "reward_s": t2 - t1,
+            "reward_mean": float(out.rewards.mean()),
             "reward_std": float(out.rewards.std()) if len(rows) > 1 else 0.0,
-            "advantage_abs_mean": float(adv.abs().mean()), "zero_advantage_frac": float((adv == 0).float().mean()),
+            "advantage_abs_mean": float(adv.abs().mean()),
+            "zero_advantage_frac": float((adv == 0).float().mean()),
             "rollout_logp_mean": float(traj.log_probs.mean()),
         }
         metrics.update({f"reward/{k}": float(v.float().mean()) for k, v in out.components.items()})
@@ -319,8 +340,9 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         mask = torch.ones_like(chunk_logp, dtype=torch.bool)
         return UnitTerms(chunk_logp, chunk_old, batch.advantages[rows].to(self.device), mask, kl=kl)
 
-    def _chunk_loss(self, batch: DenoiseBatch, rows: torch.Tensor, start: int, end: int,
-                    beta: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    def _chunk_loss(
+        self, batch: DenoiseBatch, rows: torch.Tensor, start: int, end: int, beta: float | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss the update routine composes for one chunk (:func:`~mmpo.trainers.update.compose_loss`
         of :meth:`_chunk_terms`) and its metrics; ``beta`` defaults to the current step's."""
         beta = self.beta(self.step) if beta is None else beta
@@ -328,8 +350,9 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
 
     # -- saving and `mmpo eval` ----------------------------------------------------------------------
     @classmethod
-    def saved_image_sampler(cls, cfg: RunConfig, task: DenoisingTask, model_dir: Path | None, device: torch.device,
-                            precision: str) -> tuple[DenoiserImages, str]:
+    def saved_image_sampler(
+        cls, cfg: RunConfig, task: DenoisingTask, model_dir: Path | None, device: torch.device, precision: str
+    ) -> tuple[DenoiserImages, str]:
         """A full pipeline in ``model_dir`` (or its ``merged/``) is the model; a LoRA-only folder is
         fused into model.path's denoiser; none: model.path as it is. The denoiser in float32, as trained."""
         path, lora = cfg.model.path, None
@@ -340,8 +363,10 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
             elif (model_dir / "pytorch_lora_weights.safetensors").is_file():
                 lora = model_dir
             else:
-                raise ConfigError(f"'{model_dir}' holds neither a diffusers pipeline (model_index.json) nor "
-                                  "pytorch_lora_weights.safetensors")
+                raise ConfigError(
+                    f"'{model_dir}' holds neither a diffusers pipeline (model_index.json) nor "
+                    "pytorch_lora_weights.safetensors"
+                )
         model, height, width = load_pipeline(cfg, task, device, precision, path)
         model.denoiser.float()
         if lora is not None:

@@ -13,6 +13,7 @@ The task is read through attributes only (``mmpo`` never imports the plugins): w
 needs is written down as :class:`typing.Protocol` classes (:class:`ImageTask` here, extended per
 kind) and checked once, at construction, by :func:`check_task`.
 """
+
 from __future__ import annotations
 
 import time
@@ -94,8 +95,9 @@ def check_task(task: Any, contract: Contract, kind: TrainerKind) -> None:
             )
 
 
-def load_pipeline(cfg: RunConfig, task: ImageTask, device: torch.device, precision: str,
-                  path: str | None = None) -> tuple[DiffusionModel, int, int]:
+def load_pipeline(
+    cfg: RunConfig, task: ImageTask, device: torch.device, precision: str, path: str | None = None
+) -> tuple[DiffusionModel, int, int]:
     """The pipeline of ``path`` (default ``model.path``; the frozen parts in bf16 under bf16
     precision, the trained weights are cast to float32 by the trainer) and the image ``(height,
     width)`` of ``task.config.sampling`` (0: the pipeline's default), checked against the VAE."""
@@ -113,8 +115,11 @@ class DiffusionTrainerBase(TrainerBase):
     """See the module docstring. ``contract`` lists the Protocols the task must satisfy;
     ``model_markers`` the files that mark a model folder of the kind (``mmpo eval checkpoint=``)."""
 
-    contract: ClassVar[Contract] = (("task", ImageTask), ("task.config", ImageTaskConfig),
-                                    ("task.config.sampling", SamplingSettings))
+    contract: ClassVar[Contract] = (
+        ("task", ImageTask),
+        ("task.config", ImageTaskConfig),
+        ("task.config.sampling", SamplingSettings),
+    )
     model_markers: ClassVar[tuple[str, ...]] = ("model_index.json",)
     task: ImageTask  # type: ignore[assignment]
     shape: UpdateShape
@@ -151,8 +156,9 @@ class DiffusionTrainerBase(TrainerBase):
         raise NotImplementedError
 
     @classmethod
-    def saved_image_sampler(cls, cfg: RunConfig, task: ImageTask, model_dir: Path | None, device: torch.device,
-                            precision: str) -> tuple[ImageSampler, str]:
+    def saved_image_sampler(
+        cls, cfg: RunConfig, task: ImageTask, model_dir: Path | None, device: torch.device, precision: str
+    ) -> tuple[ImageSampler, str]:
         """The evaluation images of the model saved in ``model_dir`` (None: the config's untrained
         model), loaded without optimizer or engine; returns ``(sampler, what was loaded)``."""
         raise NotImplementedError
@@ -247,16 +253,24 @@ class DiffusionTrainerBase(TrainerBase):
         return self.reduce_metrics(metrics)
 
 
-def image_evaluator(cfg: RunConfig, task: ImageTask, sampler: ImageSampler,
-                    params: Callable[[], AbstractContextManager] = nullcontext) -> ImageEvaluator:
+def image_evaluator(
+    cfg: RunConfig, task: ImageTask, sampler: ImageSampler, params: Callable[[], AbstractContextManager] = nullcontext
+) -> ImageEvaluator:
     """The evaluator of ``eval.num_samples`` prompts in batches of ``eval.batch_size``, noise from
     ``task.eval_seed``."""
     e = cfg.eval
-    return ImageEvaluator(task, sampler, num_samples=e.num_samples, batch_size=e.batch_size,
-                          seed=task.config.eval_seed, params=params)
+    return ImageEvaluator(
+        task, sampler, num_samples=e.num_samples, batch_size=e.batch_size, seed=task.config.eval_seed, params=params
+    )
 
 
 __all__ = [
-    "Contract", "DiffusionTrainerBase", "ImageTask", "ImageTaskConfig", "SamplingSettings", "check_task",
-    "image_evaluator", "load_pipeline",
+    "Contract",
+    "DiffusionTrainerBase",
+    "ImageTask",
+    "ImageTaskConfig",
+    "SamplingSettings",
+    "check_task",
+    "image_evaluator",
+    "load_pipeline",
 ]

@@ -31,6 +31,7 @@ public hooks: :meth:`sft_examples` (its demonstrations), :meth:`episode_reward`,
 :meth:`build_extra_state` with :meth:`save_extra` / :meth:`load_extra` (state beside the engine's),
 and ``evaluator_class`` (its evaluator, e.g. with per-task metrics).
 """
+
 from __future__ import annotations
 
 import json
@@ -117,7 +118,9 @@ class EnvironmentTrainer(TrainerBase):
         do_sft = bool(self.tc.sft.demos) and not (sft_model / "config.json").is_file()
         path = str(sft_model) if self.tc.sft.demos and not do_sft else cfg.model.path
         model, processor, info = load_model(
-            path, seed=cfg.seed, tiny_overrides=None if path != cfg.model.path else cfg.model.tiny,
+            path,
+            seed=cfg.seed,
+            tiny_overrides=None if path != cfg.model.path else cfg.model.tiny,
             attn_implementation=cfg.model.attn_implementation,
         )
         if cfg.model.freeze_vision:
@@ -218,9 +221,13 @@ class EnvironmentTrainer(TrainerBase):
             lambda seeds: self.run_episodes(seeds, gen),
             self.episode_reward,
             lambda e: e.success,
-            target=r.prompts_per_step, group_size=r.group_size, max_draws=rc.max_draws,
-            early_stop_fraction=rc.early_stop_fraction, dynamic_sampling=rc.dynamic_sampling,
-            skip_state=skip, skip_threshold=rc.skip_threshold,
+            target=r.prompts_per_step,
+            group_size=r.group_size,
+            max_draws=rc.max_draws,
+            early_stop_fraction=rc.early_stop_fraction,
+            dynamic_sampling=rc.dynamic_sampling,
+            skip_state=skip,
+            skip_threshold=rc.skip_threshold,
         )
         if res.episodes:  # what this rank's update runs on if it keeps no context (weight 0)
             self.stand_in = res.episodes[0]
@@ -345,7 +352,11 @@ class EnvironmentTrainer(TrainerBase):
             return {}
         if self._evaluator is None:
             self._evaluator = self.evaluator_class(
-                self.policy, self.runner, self.task.eval_seeds[:n], self.tc, batch_size=self.cfg.eval.batch_size,
+                self.policy,
+                self.runner,
+                self.task.eval_seeds[:n],
+                self.tc,
+                batch_size=self.cfg.eval.batch_size,
                 params=self.engine.gathered_params,
             )
         e = self.engine

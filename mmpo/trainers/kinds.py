@@ -4,6 +4,7 @@ Every trainer declares one :class:`TrainerKind`. The algorithm builder
 (:func:`mmpo.trainers.algorithm.build_algorithm`) checks the configured objective against it at
 config load, so an option a trainer cannot honour is refused there instead of being ignored.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,23 +42,41 @@ class TrainerKind:
 SAMPLE_KL = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "kl+", "k3+", "low_var_kl+")
 
 TOKEN = TrainerKind(
-    "token", densities=False, kl_estimators=SAMPLE_KL, default_kl_estimator="k3", kl_placements=("loss", "reward"),
-    entropy=True, filters=("soft_overlong_punishment", "lspo", "overlong_filter", "cppo_prune", "dynamic"), dynamic_sampling=True,
+    "token",
+    densities=False,
+    kl_estimators=SAMPLE_KL,
+    default_kl_estimator="k3",
+    kl_placements=("loss", "reward"),
+    entropy=True,
+    filters=("soft_overlong_punishment", "lspo", "overlong_filter", "cppo_prune", "dynamic"),
+    dynamic_sampling=True,
 )
 DENOISING = TrainerKind(
-    "denoising", densities=True, kl_estimators=("gaussian",), default_kl_estimator="gaussian",
+    "denoising",
+    densities=True,
+    kl_estimators=("gaussian",),
+    default_kl_estimator="gaussian",
     hint="the reference KL is Flow-GRPO's closed-form Gaussian KL of the step means (task.kl_std picks its std)",
 )
 NOISE = TrainerKind(
-    "noise", densities=True, kl_estimators=(), default_kl_estimator="gaussian",
+    "noise",
+    densities=True,
+    kl_estimators=(),
+    default_kl_estimator="gaussian",
     hint="FIND's pull toward N(0, I) is task.reg_weight",
 )
 ENVIRONMENT = TrainerKind(
-    "environment", densities=False, kl_estimators=(), default_kl_estimator="k3",
+    "environment",
+    densities=False,
+    kl_estimators=(),
+    default_kl_estimator="k3",
     hint="RIPT's context filtering is task.ript.dynamic_sampling / task.ript.skip_solved",
 )
 SERIES = TrainerKind(
-    "series", densities=True, kl_estimators=("gaussian", *SAMPLE_KL), default_kl_estimator="gaussian",
+    "series",
+    densities=True,
+    kl_estimators=("gaussian", *SAMPLE_KL),
+    default_kl_estimator="gaussian",
 )
 
 KINDS: dict[str, TrainerKind] = {k.name: k for k in (TOKEN, DENOISING, NOISE, ENVIRONMENT, SERIES)}

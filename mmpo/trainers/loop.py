@@ -5,6 +5,7 @@ through :func:`mmpo.trainers.update.run_update`.
 
 A task picks its trainer (``Task.trainer_class``), so ``mmpo train`` runs any plugin the same way.
 """
+
 from __future__ import annotations
 
 import abc
@@ -79,7 +80,9 @@ class TrainerBase(abc.ABC):
 
     def _make_sampler(self) -> None:
         """The resumable prompt sampler, sharded over ranks."""
-        self.sampler = PromptSampler(self.task.num_train(), seed=self.cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size)
+        self.sampler = PromptSampler(
+            self.task.num_train(), seed=self.cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
+        )
 
     def _start(self) -> None:
         """Resume from the newest complete checkpoint in the run folder; write the config; open the tracker."""
@@ -92,7 +95,9 @@ class TrainerBase(abc.ABC):
         if self.engine.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
-        self.tracker = Tracker(self.run_dir, self.cfg.trainer.max_steps, start_step=self.step, enabled=self.engine.is_main and self.track)
+        self.tracker = Tracker(
+            self.run_dir, self.cfg.trainer.max_steps, start_step=self.step, enabled=self.engine.is_main and self.track
+        )
 
     # -- hooks ----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -168,10 +173,18 @@ class TrainerBase(abc.ABC):
         return Engine.build(
             module,
             EngineOptions(
-                lr=t.lr, weight_decay=t.weight_decay, adam_betas=tuple(t.adam_betas), max_grad_norm=t.max_grad_norm,
-                lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.max_steps * self.shape.optimizer_steps,
-                grad_accum_steps=self.shape.backwards_per_step, micro_batch_size=self.shape.micro_batch_size,
-                device=self.cfg.device, precision=precision, deepspeed_config=self.cfg.deepspeed,
+                lr=t.lr,
+                weight_decay=t.weight_decay,
+                adam_betas=tuple(t.adam_betas),
+                max_grad_norm=t.max_grad_norm,
+                lr_schedule=t.lr_schedule,
+                warmup_steps=t.warmup_steps,
+                total_steps=t.max_steps * self.shape.optimizer_steps,
+                grad_accum_steps=self.shape.backwards_per_step,
+                micro_batch_size=self.shape.micro_batch_size,
+                device=self.cfg.device,
+                precision=precision,
+                deepspeed_config=self.cfg.deepspeed,
             ),
         )
 
@@ -184,14 +197,32 @@ class TrainerBase(abc.ABC):
         return self.algo.beta(step, self.cfg.trainer.max_steps, self.last_kl)
 
     def update_policy(
-        self, shape: UpdateShape, rows: torch.Tensor, sizes: RowSizes, terms: TermsFn, beta: float, step: int,
-        *, max_len: int | None = None, stand_in: int = 0,
+        self,
+        shape: UpdateShape,
+        rows: torch.Tensor,
+        sizes: RowSizes,
+        terms: TermsFn,
+        beta: float,
+        step: int,
+        *,
+        max_len: int | None = None,
+        stand_in: int = 0,
     ) -> dict[str, float]:
         """One step's policy update through :func:`mmpo.trainers.update.run_update` (this engine's
         backward and optimizer step, the run's seed); records the KL measured over all ranks for the schedule."""
         out = run_update(
-            shape=shape, rows=rows, sizes=sizes, terms=terms, algo=self.algo, beta=beta, step=step, seed=self.cfg.seed,
-            backward=self.engine.backward, optimizer_step=self.optimizer_step, max_len=max_len, stand_in=stand_in,
+            shape=shape,
+            rows=rows,
+            sizes=sizes,
+            terms=terms,
+            algo=self.algo,
+            beta=beta,
+            step=step,
+            seed=self.cfg.seed,
+            backward=self.engine.backward,
+            optimizer_step=self.optimizer_step,
+            max_len=max_len,
+            stand_in=stand_in,
         )
         if self.algo.uses_kl:  # every rank joins the mean, so every rank's schedule moves alike
             self.last_kl = self.engine.all_reduce_mean(out.get("kl", 0.0))
@@ -214,7 +245,9 @@ class TrainerBase(abc.ABC):
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Everything an exact resume needs, written atomically; keeps the last K."""
-        with ckpt.atomic_checkpoint(self.run_dir, self.step, enabled=self.engine.is_main, barrier=self.engine.barrier) as folder:
+        with ckpt.atomic_checkpoint(
+            self.run_dir, self.step, enabled=self.engine.is_main, barrier=self.engine.barrier
+        ) as folder:
             self.engine.save(folder / "engine")
             if self.engine.is_main:
                 ckpt.save_json(folder / "trainer_state.json", self.trainer_state())

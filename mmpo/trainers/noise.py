@@ -9,6 +9,7 @@ pulling toward N(0, I) (an extra loss term; the kind holds no reference, so no K
 
 The update is :func:`mmpo.trainers.update.run_update`: rows are noise samples, one unit each.
 """
+
 from __future__ import annotations
 
 import time
@@ -121,8 +122,14 @@ def build_noise_policy(
                 "are not training prompts (set task.eval_prompts null, or task.policy conditioned)"
             )
     cond_dim = int(prompt_features(model, [task.train_sample(0)]).shape[-1])
-    policy = NoisePolicy(model.latent_shape(height, width), mode=c.policy, num_prompts=len(task.prompts),
-                         cond_dim=cond_dim, sigma_init=c.sigma_init, sigma_min=c.sigma_min)
+    policy = NoisePolicy(
+        model.latent_shape(height, width),
+        mode=c.policy,
+        num_prompts=len(task.prompts),
+        cond_dim=cond_dim,
+        sigma_init=c.sigma_init,
+        sigma_min=c.sigma_min,
+    )
     return policy, prompt_index
 
 
@@ -142,8 +149,9 @@ class NoiseImages(ImageSampler):
     def decode(self, rows: list[Sample], x_T: torch.Tensor, schedule: Schedule) -> torch.Tensor:
         """Images ``[N, 3, H, W]`` of the frozen deterministic sampler from ``x_T [N, C, h, w]`` (one batch)."""
         with self.autocast():
-            traj = self.decoder.sample(self.model.denoiser, self.condition(rows), x_T.to(self.model.device), schedule,
-                                       stochastic=False)
+            traj = self.decoder.sample(
+                self.model.denoiser, self.condition(rows), x_T.to(self.model.device), schedule, stochastic=False
+            )
         return self.model.decode(traj.final)
 
     def __call__(self, samples: list[Sample], noise: torch.Tensor) -> torch.Tensor:
@@ -159,8 +167,11 @@ class FindTrainer(DiffusionTrainerBase):
     """FIND on a frozen diffusers pipeline: the trained module is the :class:`NoisePolicy`."""
 
     kind = NOISE
-    contract: ClassVar[Contract] = (("task", NoiseTask), ("task.config", NoiseConfig),
-                                    ("task.config.sampling", SamplingSettings))
+    contract: ClassVar[Contract] = (
+        ("task", NoiseTask),
+        ("task.config", NoiseConfig),
+        ("task.config.sampling", SamplingSettings),
+    )
     model_markers: ClassVar[tuple[str, ...]] = ("noise_policy.safetensors",)
     task: NoiseTask  # type: ignore[assignment]
 
@@ -186,8 +197,17 @@ class FindTrainer(DiffusionTrainerBase):
         state = {k: v.cpu() for k, v in self.value.state_dict().items()}
         self.value.load_state_dict(self.engine.all_gather_object(state)[0])
         s = self.task.config.sampling
-        self.images = NoiseImages(self.model, self.eval_schedule, self.height, self.width, s.negative_prompt,
-                                  self.engine.autocast, self.decoder, self.engine.module, self.prompt_index)
+        self.images = NoiseImages(
+            self.model,
+            self.eval_schedule,
+            self.height,
+            self.width,
+            s.negative_prompt,
+            self.engine.autocast,
+            self.decoder,
+            self.engine.module,
+            self.prompt_index,
+        )
 
     def _prompt_features(self, rows: list[Sample]) -> torch.Tensor:
         """Pooled prompt embedding ``[N, D]`` (the token-mean where the pipeline has no pooled one)."""
@@ -246,11 +266,17 @@ class FindTrainer(DiffusionTrainerBase):
             adv = rewards.clone()
         t2 = time.perf_counter()
         batch = NoiseBatch(rows, index, cond.cpu(), x_T.cpu(), logp_old.cpu(), rewards, adv)
-        metrics.update({
-            "rollout_s": t1 - t0, "reward_s": t2 - t1, "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if len(rows) > 1 else 0.0, "advantage_abs_mean": float(adv.abs().mean()),
-            "sigma_mean": float(sigma.mean()), "mu_abs_mean": float(mu.abs().mean()),
-        })
+        metrics.update(
+            {
+                "rollout_s": t1 - t0,
+                "reward_s": t2 - t1,
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std()) if len(rows) > 1 else 0.0,
+                "advantage_abs_mean": float(adv.abs().mean()),
+                "sigma_mean": float(sigma.mean()),
+                "mu_abs_mean": float(mu.abs().mean()),
+            }
+        )
         metrics.update({f"reward/{k}": float(v.float().mean()) for k, v in out.components.items()})
         return batch, metrics
 
@@ -282,8 +308,12 @@ class FindTrainer(DiffusionTrainerBase):
             logp = diag_gaussian_log_prob(batch.x_T[rows].to(self.device), mu, sigma)[:, None]
             reg = NoisePolicy.regulariser(mu, sigma).mean()
             yield UnitTerms(
-                logp, batch.logp_old[rows].to(self.device)[:, None], batch.advantages[rows].to(self.device),
-                torch.ones_like(logp, dtype=torch.bool), extra_loss=reg_w * reg, metrics={"reg": float(reg.detach())},
+                logp,
+                batch.logp_old[rows].to(self.device)[:, None],
+                batch.advantages[rows].to(self.device),
+                torch.ones_like(logp, dtype=torch.bool),
+                extra_loss=reg_w * reg,
+                metrics={"reg": float(reg.detach())},
             )
 
         sizes = RowSizes.from_mask(torch.ones(n, 1, dtype=torch.bool))
@@ -315,8 +345,9 @@ class FindTrainer(DiffusionTrainerBase):
         return next(self.value.parameters()).device
 
     @classmethod
-    def saved_image_sampler(cls, cfg: RunConfig, task: NoiseTask, model_dir: Path | None, device: torch.device,
-                            precision: str) -> tuple[NoiseImages, str]:
+    def saved_image_sampler(
+        cls, cfg: RunConfig, task: NoiseTask, model_dir: Path | None, device: torch.device, precision: str
+    ) -> tuple[NoiseImages, str]:
         """model.path's frozen pipeline with the noise policy of ``model_dir`` (``noise_policy.safetensors``;
         None: the untrained N(0, I))."""
         model, height, width = load_pipeline(cfg, task, device, precision)
@@ -330,8 +361,17 @@ class FindTrainer(DiffusionTrainerBase):
         s = task.config.sampling
         schedule = model.schedule(s.eval_num_steps, height, width)
         decoder = DenoisingPolicy(model, guidance_scale=s.guidance_scale)
-        sampler = NoiseImages(model, schedule, height, width, s.negative_prompt, precision_autocast(device, precision),
-                              decoder, policy, prompt_index)
+        sampler = NoiseImages(
+            model,
+            schedule,
+            height,
+            width,
+            s.negative_prompt,
+            precision_autocast(device, precision),
+            decoder,
+            policy,
+            prompt_index,
+        )
         return sampler, str(model_dir or cfg.model.path)
 
     def save_final_model(self) -> None:
@@ -340,14 +380,24 @@ class FindTrainer(DiffusionTrainerBase):
         folder = self.run_dir / "model"
 
         def save(module: torch.nn.Module, f: Path, state: dict[str, torch.Tensor]) -> None:
-            meta = {"mode": module.mode, "shape": ",".join(map(str, module.shape)), "pipeline": str(self.model.folder),
-                    "prompts": "\n".join(p.text for p in self.task.prompts)}
+            meta = {
+                "mode": module.mode,
+                "shape": ",".join(map(str, module.shape)),
+                "pipeline": str(self.model.folder),
+                "prompts": "\n".join(p.text for p in self.task.prompts),
+            }
             save_state_tensors(f / "noise_policy.safetensors", state, metadata=meta)
 
         self.engine.save_pretrained(folder, save_fn=save)
 
 
 __all__ = [
-    "FindTrainer", "NoiseBatch", "NoiseConfig", "NoiseImages", "NoiseTask", "ValueNet", "build_noise_policy",
+    "FindTrainer",
+    "NoiseBatch",
+    "NoiseConfig",
+    "NoiseImages",
+    "NoiseTask",
+    "ValueNet",
+    "build_noise_policy",
     "prompt_features",
 ]

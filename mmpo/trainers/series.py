@@ -24,6 +24,7 @@ task's :meth:`SeriesTask.evaluator`, during training (the live model) and for ``
 
 ``mmpo`` never imports a task plugin: everything task-specific comes through :class:`SeriesTask`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -155,7 +156,11 @@ class SeriesTask(Protocol):
         ...
 
     def evaluator(
-        self, models: dict[str, nn.Module], device: torch.device, *, test: bool = False,
+        self,
+        models: dict[str, nn.Module],
+        device: torch.device,
+        *,
+        test: bool = False,
         params: Callable[[], AbstractContextManager] = nullcontext,
     ) -> Evaluator:
         """The :class:`~mmpo.evaluate.Evaluator` of the models ``{label: ForecastPolicy}`` side by
@@ -172,8 +177,19 @@ class SeriesTask(Protocol):
 
 #: the members of :class:`SeriesTask` (checked when the trainer starts)
 SERIES_TASK_MEMBERS = (
-    "fresh_model", "antithetic", "prepare", "build_model", "load_model", "stage_one", "horizon", "windows", "reward",
-    "after_step", "checkpoint_states", "evaluator", "save_model_files",
+    "fresh_model",
+    "antithetic",
+    "prepare",
+    "build_model",
+    "load_model",
+    "stage_one",
+    "horizon",
+    "windows",
+    "reward",
+    "after_step",
+    "checkpoint_states",
+    "evaluator",
+    "save_model_files",
 )
 
 
@@ -217,8 +233,10 @@ class SeriesTrainer(TrainerBase):
         if missing:
             raise ConfigError(f"task {cfg.task.name!r} is not a SeriesTask: it lacks {', '.join(missing)}")
         if task.antithetic and cfg.rollout.group_size % 2:
-            raise ConfigError(f"task.antithetic pairs eps with -eps: it needs an even rollout.group_size, "
-                              f"got {cfg.rollout.group_size}")
+            raise ConfigError(
+                f"task.antithetic pairs eps with -eps: it needs an even rollout.group_size, "
+                f"got {cfg.rollout.group_size}"
+            )
         task.prepare()
         if not len(task.train_starts):
             raise ConfigError(f"task {cfg.task.name!r} has no training start")
@@ -230,8 +248,9 @@ class SeriesTrainer(TrainerBase):
         self.device = self.engine.device
         if self.ref_model is not None:  # rank 0's (the engine broadcast its policy): ranks agree by construction
             if self.engine.distributed:
-                self.ref_model.load_state_dict(self.engine.all_gather_object(
-                    self.ref_model.state_dict() if self.engine.is_main else None)[0])
+                self.ref_model.load_state_dict(
+                    self.engine.all_gather_object(self.ref_model.state_dict() if self.engine.is_main else None)[0]
+                )
             self.ref_model.to(self.device)
         self.sampler = PromptSampler(
             len(task.train_starts), seed=cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
@@ -350,11 +369,19 @@ class SeriesTrainer(TrainerBase):
         rows = self.engine.all_gather_object((batch.pred, batch.truth, batch.mask_cpu))  # every rank's
         metrics.update(self.task.after_step(*(torch.cat(t) for t in zip(*rows))))
         rewards, H = out.rewards.float(), batch.actions.shape[1]
-        metrics.update({
-            "horizon": float(H), "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "beta": beta, "rollout_s": t1 - t0, "reward_s": t2 - t1, "update_s": time.perf_counter() - t2,
-            "step_time_s": time.perf_counter() - t0, "lr": self.engine.lr(),
-        })
+        metrics.update(
+            {
+                "horizon": float(H),
+                "reward": float(rewards.mean()),
+                "reward_std": float(rewards.std()),
+                "beta": beta,
+                "rollout_s": t1 - t0,
+                "reward_s": t2 - t1,
+                "update_s": time.perf_counter() - t2,
+                "step_time_s": time.perf_counter() - t0,
+                "lr": self.engine.lr(),
+            }
+        )
         metrics.update({f"reward/{k}": float(v.float().mean()) for k, v in out.components.items()})
         return self.reduce_metrics(metrics)
 
@@ -378,8 +405,12 @@ class SeriesTrainer(TrainerBase):
     def update(self, batch: SeriesBatch, beta: float, step: int) -> dict[str, float]:
         """``trainer.update_epochs`` passes over the batch through the one update routine."""
         return self.update_policy(
-            self.shape, torch.arange(len(batch)), RowSizes.from_mask(batch.mask_cpu),
-            lambda idx, padding: [self.unit_terms(batch, idx)], beta, step,
+            self.shape,
+            torch.arange(len(batch)),
+            RowSizes.from_mask(batch.mask_cpu),
+            lambda idx, padding: [self.unit_terms(batch, idx)],
+            beta,
+            step,
         )
 
     # -- evaluation --------------------------------------------------------------------------
@@ -408,12 +439,17 @@ class SeriesTrainer(TrainerBase):
 
         task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
         path = Path(checkpoint or cfg.model.path)
-        folders = {label: path / sub for label, sub in (("SFT", f"{SFT_DIR}/model"), ("GRPO", "model"))
-                   if (path / sub / MODEL_MARKER).is_file()}
+        folders = {
+            label: path / sub
+            for label, sub in (("SFT", f"{SFT_DIR}/model"), ("GRPO", "model"))
+            if (path / sub / MODEL_MARKER).is_file()
+        }
         if not folders:
             if not (path / MODEL_MARKER).is_file():
-                raise ConfigError(f"mmpo eval of {cfg.task.name} needs checkpoint=<run folder or model folder>; "
-                                  f"'{path}' has neither {SFT_DIR}/model, model/ nor a model's {MODEL_MARKER}")
+                raise ConfigError(
+                    f"mmpo eval of {cfg.task.name} needs checkpoint=<run folder or model folder>; "
+                    f"'{path}' has neither {SFT_DIR}/model, model/ nor a model's {MODEL_MARKER}"
+                )
             folders[path.name] = path
         task.prepare()
         device = resolve_device(cfg.device)
@@ -430,6 +466,12 @@ class SeriesTrainer(TrainerBase):
 
 
 __all__ = [
-    "SERIES_TASK_MEMBERS", "SFT_DIR", "ForecastPolicy", "SeriesBatch", "SeriesTask", "SeriesTrainer", "StageOne",
+    "SERIES_TASK_MEMBERS",
+    "SFT_DIR",
+    "ForecastPolicy",
+    "SeriesBatch",
+    "SeriesTask",
+    "SeriesTrainer",
+    "StageOne",
     "step_log_probs",
 ]

@@ -5,6 +5,7 @@ one method per phase (CleanRL style). Models are adapted by a policy
 (``mmpo.policies``); the objective is the core's registered tensor functions; who steps the
 weights is the engine (plain torch or DeepSpeed ZeRO).
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,20 +18,18 @@ from typing import Any
 import torch
 
 from mmpo.config import RunConfig
-from mmpo.core import GROUP_FILTERS
-from mmpo.core import ares
+from mmpo.core import GROUP_FILTERS, ares
 from mmpo.core.ares import AresKLState
 from mmpo.core.rollout_correction import rollout_is_weights
 from mmpo.errors import ConfigError
 from mmpo.evaluate import run_evaluation
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
-from mmpo.rollout import ROLLOUT_ENGINES
-from mmpo.rollout import filters
+from mmpo.rollout import ROLLOUT_ENGINES, filters
 from mmpo.rollout.agent_loop import AgentLoop, AgentSettings, trajectory_tensors
 from mmpo.rollout.batch import RolloutBatch
-from mmpo.rollout.filters import dynamic_options
 from mmpo.rollout.engines.base import Generation, GenerationSettings
+from mmpo.rollout.filters import dynamic_options
 from mmpo.tasks import RolloutView, Sample, TokenTask
 from mmpo.trainers.kinds import TOKEN
 from mmpo.trainers.loop import TrainerBase
@@ -56,11 +55,17 @@ class Trainer(TrainerBase):
         # -- task and objective first: config mistakes fail before any model loads --------
         device, precision = self._setup(cfg, run_dir)
         if not isinstance(self.task, TokenTask):
-            raise ConfigError(f"task {cfg.task.name!r} ({type(self.task).__name__}) is not a TokenTask; the token trainer cannot run it")
+            raise ConfigError(
+                f"task {cfg.task.name!r} ({type(self.task).__name__}) is not a TokenTask; "
+                "the token trainer cannot run it"
+            )
         # -- model, reference, engine -------------------------------------------------------
         # the model stays in eval mode: no dropout, so sampled and trained log-probs agree
         model, processor, info = load_model(
-            cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny, attn_implementation=cfg.model.attn_implementation
+            cfg.model.path,
+            seed=cfg.seed,
+            tiny_overrides=cfg.model.tiny,
+            attn_implementation=cfg.model.attn_implementation,
         )
         if cfg.model.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -91,11 +96,21 @@ class Trainer(TrainerBase):
         tools = self.task.tools()
         if tools:  # multi-turn rollouts: generate -> tool call -> observation -> ...
             if self.task.needs_token_entropy:
-                raise ConfigError(f"task {cfg.task.name!r}: token-entropy rewards are not available for multi-turn rollouts")
+                raise ConfigError(
+                    f"task {cfg.task.name!r}: token-entropy rewards are not available for multi-turn rollouts"
+                )
             r = cfg.rollout
             self.agent = AgentLoop(
-                self.policy, self.rollout_engine, tools,
-                AgentSettings(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, **self.task.agent_settings()),
+                self.policy,
+                self.rollout_engine,
+                tools,
+                AgentSettings(
+                    max_new_tokens=r.max_new_tokens,
+                    temperature=r.temperature,
+                    top_p=r.top_p,
+                    top_k=r.top_k,
+                    **self.task.agent_settings(),
+                ),
             )
         self.task.all_gather = self.engine.all_gather_object
         self._make_sampler()
@@ -122,7 +137,9 @@ class Trainer(TrainerBase):
             inputs, per_prompt = self.policy.collate(unique), G
         ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
         with ctx:
-            gen = self.rollout_engine.generate(self.engine.module, inputs, settings, device=self.device, num_samples=per_prompt)
+            gen = self.rollout_engine.generate(
+                self.engine.module, inputs, settings, device=self.device, num_samples=per_prompt
+            )
         if gen.logprobs is None and self.cfg.rollout.is_correction != "none":
             raise ConfigError(
                 f"rollout.is_correction={self.cfg.rollout.is_correction} needs sampling log-probs, but rollout "
@@ -130,7 +147,9 @@ class Trainer(TrainerBase):
             )
         return encodings, gen
 
-    def _agent_rollout(self, prompts: list[Sample], rows: list[Sample], group_ids: torch.Tensor) -> tuple[RolloutBatch, list[Any]]:
+    def _agent_rollout(
+        self, prompts: list[Sample], rows: list[Sample], group_ids: torch.Tensor
+    ) -> tuple[RolloutBatch, list[Any]]:
         """G multi-turn trajectories of each prompt (the k-th from the task's k-th rollout prompt),
         as a batch of whole conversations (see ``RolloutBatch``)."""
         G = self.cfg.rollout.group_size
@@ -142,8 +161,15 @@ class Trainer(TrainerBase):
             trajs = self.agent.run(self.engine.module, encodings, contexts, device=self.device)
         t = trajectory_tensors(trajs, self.policy.pad_token_id)
         batch = RolloutBatch(
-            rows, [tr.encoding for tr in trajs], t["completion_ids"], t["mask"], torch.tensor([tr.truncated for tr in trajs]),
-            torch.zeros(len(rows)), group_ids, texts=["".join(tr.turn_texts) for tr in trajs], logp_rollout=t["logprobs"],
+            rows,
+            [tr.encoding for tr in trajs],
+            t["completion_ids"],
+            t["mask"],
+            torch.tensor([tr.truncated for tr in trajs]),
+            torch.zeros(len(rows)),
+            group_ids,
+            texts=["".join(tr.turn_texts) for tr in trajs],
+            logp_rollout=t["logprobs"],
             conversation_lengths=t["lengths"],
         )
         return batch, trajs
@@ -151,7 +177,9 @@ class Trainer(TrainerBase):
     def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:
         """Sample G completions for each prompt and score them (with DAPO dynamic sampling if on)."""
         r, a = self.cfg.rollout, self.cfg.algorithm
-        settings = GenerationSettings(r.max_new_tokens, r.temperature, r.top_p, r.top_k, min_new_tokens=r.min_new_tokens)
+        settings = GenerationSettings(
+            r.max_new_tokens, r.temperature, r.top_p, r.top_k, min_new_tokens=r.min_new_tokens
+        )
         kept: list[RolloutBatch] = []
         drawn_rewards: list[torch.Tensor] = []
         drawn_components: dict[str, list[torch.Tensor]] = {}
@@ -171,7 +199,14 @@ class Trainer(TrainerBase):
                     ids, mask = gen.completion_ids, gen.mask
                     texts = self.policy.decode(ids, mask)
                     batch = RolloutBatch(
-                        rows, encodings, ids, mask, gen.truncated, torch.zeros(len(rows)), group_ids, texts=texts,
+                        rows,
+                        encodings,
+                        ids,
+                        mask,
+                        gen.truncated,
+                        torch.zeros(len(rows)),
+                        group_ids,
+                        texts=texts,
                         logp_rollout=gen.logprobs,
                     )
                     view = RolloutView(ids, mask, group_ids)
@@ -245,8 +280,12 @@ class Trainer(TrainerBase):
         compressed branch)."""
         kw = dict(model=model, temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device)
         if part.conversation_lengths is not None:  # multi-turn: score the whole conversations
-            return self.policy.score_conversations(part.encodings, part.conversation_lengths, part.completion_ids, part.mask, **kw)
-        return self.policy.score(part.encodings, part.completion_ids, part.mask, share_prefix=self.cfg.rollout.prefix_sharing, **kw)
+            return self.policy.score_conversations(
+                part.encodings, part.conversation_lengths, part.completion_ids, part.mask, **kw
+            )
+        return self.policy.score(
+            part.encodings, part.completion_ids, part.mask, share_prefix=self.cfg.rollout.prefix_sharing, **kw
+        )
 
     def reference_context(self) -> tuple[torch.nn.Module, Any]:
         """``(model, context)`` under which ``token_logprobs`` gives the reference's log-probs: the
@@ -294,7 +333,13 @@ class Trainer(TrainerBase):
             return [self.unit_terms(batch.select(idx.tolist()), beta, padding)]
 
         return self.update_policy(
-            self.shape, rows, RowSizes.from_mask(batch.mask), terms, beta, step, max_len=self.cfg.rollout.max_new_tokens,
+            self.shape,
+            rows,
+            RowSizes.from_mask(batch.mask),
+            terms,
+            beta,
+            step,
+            max_len=self.cfg.rollout.max_new_tokens,
         )
 
     def unit_terms(self, micro: RolloutBatch, beta: float, padding: bool = False) -> UnitTerms:
@@ -308,15 +353,24 @@ class Trainer(TrainerBase):
         logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else logp.detach()
         weights, metrics, r = None, {}, self.cfg.rollout
         if micro.logp_rollout is not None:  # the engine's sampling log-probs against the trainer's pi_old
-            weights, metrics = rollout_is_weights(logp_old, micro.logp_rollout.to(self.device), mask, r.is_correction, r.is_cap)
+            weights, metrics = rollout_is_weights(
+                logp_old, micro.logp_rollout.to(self.device), mask, r.is_correction, r.is_cap
+            )
             weights = weights if r.is_correction != "none" else None
         logp_ref = micro.logp_ref.to(self.device) if micro.logp_ref is not None else None
         row_weights = None
         if logp_ref is not None and isinstance(self.states.get("kl_schedule"), AresKLState):
             row_weights = self._ares_kl_weights(micro, self.algo.kl(logp, logp_ref).detach(), mask, padding)
         return UnitTerms(
-            logp, logp_old, micro.advantages.to(self.device), mask, entropy=out.entropy, logp_ref=logp_ref,
-            loss_weights=weights, kl_row_weights=row_weights, metrics=metrics,
+            logp,
+            logp_old,
+            micro.advantages.to(self.device),
+            mask,
+            entropy=out.entropy,
+            logp_ref=logp_ref,
+            loss_weights=weights,
+            kl_row_weights=row_weights,
+            metrics=metrics,
         )
 
     def _ares_kl_weights(
@@ -337,7 +391,9 @@ class Trainer(TrainerBase):
             sums[:, 0].index_add_(0, buckets, seq_kl.double())
             sums[:, 1].index_add_(0, buckets, torch.ones_like(seq_kl, dtype=torch.float64))
         sums = torch.tensor(self.engine.all_gather_object(sums.tolist()), dtype=torch.float64).sum(0)
-        ares.ares_bucket_observe(state, {b: float(sums[i, 0] / sums[i, 1]) for i, b in enumerate(ares.BUCKETS) if sums[i, 1] > 0})
+        ares.ares_bucket_observe(
+            state, {b: float(sums[i, 0] / sums[i, 1]) for i, b in enumerate(ares.BUCKETS) if sums[i, 1] > 0}
+        )
         weights = ares.ares_bucket_betas(state, buckets)
         if "soft_cost" in info and "correct" in info:
             weights = weights * ares.second_chance_factor(buckets, info["correct"], info["soft_cost"])
@@ -351,11 +407,18 @@ class Trainer(TrainerBase):
             return {}
         if self._evaluator is None:
             self._evaluator = TokenEvaluator(
-                self.policy, self.engine.module, self.task, **eval_sizes(self.cfg), device=self.device,
+                self.policy,
+                self.engine.module,
+                self.task,
+                **eval_sizes(self.cfg),
+                device=self.device,
                 params=self.engine.gathered_params,
             )
         result = run_evaluation(
-            self._evaluator, rank=self.engine.rank, world_size=self.engine.world_size, gather=self.engine.all_gather_object
+            self._evaluator,
+            rank=self.engine.rank,
+            world_size=self.engine.world_size,
+            gather=self.engine.all_gather_object,
         )
         return {f"eval/{k}": v for k, v in result.metrics.items()}
 
@@ -372,7 +435,9 @@ class Trainer(TrainerBase):
             merged, processor = self.cfg.model.lora.save_merged, self.policy.processor
             self.engine.save_pretrained(
                 self.run_dir / "model",
-                save_fn=lambda module, folder, state: save_lora(module, folder, processor, merged=merged, state_dict=state),
+                save_fn=lambda module, folder, state: save_lora(
+                    module, folder, processor, merged=merged, state_dict=state
+                ),
             )
         else:
             self.engine.save_pretrained(self.run_dir / "model")
@@ -421,4 +486,3 @@ class Trainer(TrainerBase):
 
     def close(self) -> None:
         self.rollout_engine.close()
-

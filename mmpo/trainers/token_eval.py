@@ -1,5 +1,6 @@
 """The token kind's evaluator: greedy completions (or multi-turn agent trajectories) of the task's
 held-out samples, scored by the task (see :mod:`mmpo.evaluate` for the row layout)."""
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
@@ -32,11 +33,24 @@ class TokenEvaluator:
     gathers the sharded parameters there)."""
 
     def __init__(
-        self, policy: CausalLMPolicy, model: torch.nn.Module, task: Any, *, num_samples: int, max_new_tokens: int,
-        batch_size: int, device: torch.device, params: Callable[[], AbstractContextManager] = nullcontext,
+        self,
+        policy: CausalLMPolicy,
+        model: torch.nn.Module,
+        task: Any,
+        *,
+        num_samples: int,
+        max_new_tokens: int,
+        batch_size: int,
+        device: torch.device,
+        params: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self.policy, self.model, self.task = policy, model, task
-        self.num_samples, self.max_new_tokens, self.batch_size, self.device = num_samples, max_new_tokens, batch_size, device
+        self.num_samples, self.max_new_tokens, self.batch_size, self.device = (
+            num_samples,
+            max_new_tokens,
+            batch_size,
+            device,
+        )
         self.params = params
         self._items: list[Sample] | None = None
 
@@ -100,7 +114,11 @@ class TokenEvaluator:
 def eval_sizes(cfg: Any) -> dict[str, int]:
     """The evaluator's sizes from ``eval.*`` (``max_new_tokens`` 0: the rollout's)."""
     e = cfg.eval
-    return {"num_samples": e.num_samples, "max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens, "batch_size": e.batch_size}
+    return {
+        "num_samples": e.num_samples,
+        "max_new_tokens": e.max_new_tokens or cfg.rollout.max_new_tokens,
+        "batch_size": e.batch_size,
+    }
 
 
 __all__ = ["TokenEvaluator", "eval_sizes", "prompt_text"]

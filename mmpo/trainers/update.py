@@ -11,6 +11,7 @@ The numbers of optimizer steps and of backward calls per step come from the conf
 the batch: every rank makes the same collective calls even when filters left ranks with
 different row counts (an empty slot runs a stand-in row with weight 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -231,5 +232,12 @@ def run_update(
 
 
 __all__ = [
-    "RowSizes", "UnitTerms", "UpdateShape", "compose_loss", "micro_weight", "run_update", "shuffle_generator", "update_shape",
+    "RowSizes",
+    "UnitTerms",
+    "UpdateShape",
+    "compose_loss",
+    "micro_weight",
+    "run_update",
+    "shuffle_generator",
+    "update_shape",
 ]

@@ -1,6 +1,7 @@
 """Prompts for text-to-image RL: a text file (one prompt a line), JSONL (``{"prompt": ..., <meta>}``)
 or an inline YAML list of strings / mappings. Extra keys of a row travel with the prompt as its
 ``meta`` (e.g. ``color`` or ``box`` for the verifiable rewards)."""
+
 from __future__ import annotations
 
 import json

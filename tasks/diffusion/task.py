@@ -1,4 +1,5 @@
 """The shared part of the text-to-image tasks: prompts, image rewards, sampler settings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,22 +16,34 @@ from mmpo_tasks.diffusion.data import Prompt, load_prompts
 class SamplingConfig:
     """How images are sampled (Flow-GRPO ``config.sample`` defaults unless said otherwise)."""
 
-    num_steps: int = field(default=10, metadata={
-        "help": "Denoising steps while training (Flow-GRPO: 10; Chunk-GRPO: 16).",
-        "min": 1,
-    })
-    eval_num_steps: int = field(default=40, metadata={
-        "help": "Deterministic (ODE / DDIM eta=0) steps at evaluation (Flow-GRPO: 40).",
-        "min": 1,
-    })
-    guidance_scale: float = field(default=4.5, metadata={
-        "help": "Classifier-free guidance scale (SD3 4.5); for Flux the embedded guidance (3.5 for FLUX.1-dev). <=1 "
-                "turns CFG off.",
-    })
-    noise_level: float = field(default=0.7, metadata={
-        "help": "Flow-GRPO SDE noise a in sigma_t = a*sqrt(t/(1-t)) (flow models).",
-        "min": 0.0,
-    })
+    num_steps: int = field(
+        default=10,
+        metadata={
+            "help": "Denoising steps while training (Flow-GRPO: 10; Chunk-GRPO: 16).",
+            "min": 1,
+        },
+    )
+    eval_num_steps: int = field(
+        default=40,
+        metadata={
+            "help": "Deterministic (ODE / DDIM eta=0) steps at evaluation (Flow-GRPO: 40).",
+            "min": 1,
+        },
+    )
+    guidance_scale: float = field(
+        default=4.5,
+        metadata={
+            "help": "Classifier-free guidance scale (SD3 4.5); for Flux the embedded guidance (3.5 for FLUX.1-dev). "
+            "<=1 turns CFG off.",
+        },
+    )
+    noise_level: float = field(
+        default=0.7,
+        metadata={
+            "help": "Flow-GRPO SDE noise a in sigma_t = a*sqrt(t/(1-t)) (flow models).",
+            "min": 0.0,
+        },
+    )
     eta: float = field(default=1.0, metadata={"help": "DDIM eta for UNet (SD 1.x) pipelines (DDPO: 1.0).", "min": 0.0})
     height: int = field(default=0, metadata={"help": "Image height in pixels; 0 = the pipeline's default.", "min": 0})
     width: int = field(default=0, metadata={"help": "Image width in pixels; 0 = the pipeline's default.", "min": 0})
@@ -40,29 +53,34 @@ class SamplingConfig:
 @dataclass
 class TextToImageConfig:
     prompts: Union[str, list[Any]] = field(
-        default_factory=list, metadata={
+        default_factory=list,
+        metadata={
             "help": "Training prompts: a .txt file (one a line), a .jsonl file ({'prompt': ..., <meta keys>}) or an "
-                    "inline list.",
-        }
+            "inline list.",
+        },
     )
     eval_prompts: Union[str, list[Any], None] = field(
-        default=None, metadata={
+        default=None,
+        metadata={
             "help": "Held-out prompts for evaluation (same formats); null = the training prompts with fixed noise "
-                    "seeds.",
-        }
+            "seeds.",
+        },
     )
     rewards: list[dict[str, Any]] = field(
         default_factory=lambda: [{"name": "brightness"}],
         metadata={
             "help": "Reward components, each {name, weight, <options>} (target_color, brightness, shape_at, "
-                    "clip_score, reward_server); their weighted sum is the reward, every component is logged.",
+            "clip_score, reward_server); their weighted sum is the reward, every component is logged.",
         },
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Sampler settings."})
-    eval_seed: int = field(default=1234, metadata={
-        "help": "Seed of the evaluation noise: the i-th evaluation prompt's starting noise is drawn with seed "
-                "eval_seed + i, the same at every evaluation and however the prompts are sharded or batched.",
-    })
+    eval_seed: int = field(
+        default=1234,
+        metadata={
+            "help": "Seed of the evaluation noise: the i-th evaluation prompt's starting noise is drawn with seed "
+            "eval_seed + i, the same at every evaluation and however the prompts are sharded or batched.",
+        },
+    )
 
 
 class TextToImageTask(Task):

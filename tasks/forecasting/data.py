@@ -18,6 +18,7 @@ Errors caused by the file raise :class:`~mmpo.errors.DataError` naming the file,
 the first offending line (line in the CSV = row index + 2) and value; bad split settings raise
 :class:`~mmpo.errors.ConfigError`.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,8 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 import torch
+
+from mmpo.errors import ConfigError, DataError
 from mmpo_tasks.forecasting.pm25_file import (  # the file layout and its reader (re-exported)
     CBWD_CODES,
     FRAME_COLUMNS,
@@ -47,8 +50,6 @@ from mmpo_tasks.forecasting.pm25_file import (  # the file layout and its reader
     read_pm25_csv,
 )
 
-from mmpo.errors import ConfigError, DataError
-
 # ------------------------------------------------------------------------------------ layout
 
 #: Continuous columns the :class:`Normalizer` standardises (``log1p_Iws`` = ``log1p(Iws)``).
@@ -56,9 +57,19 @@ NORM_COLUMNS: tuple[str, ...] = (PM25, "DEWP", "TEMP", "PRES", "log1p_Iws", "Is"
 STD_FLOOR = 1e-6
 #: Covariates per hour, in the order of :func:`features` (F = 16).
 FEATURE_NAMES: tuple[str, ...] = (
-    "DEWP", "TEMP", "PRES", "log1p_Iws", "Is", "Ir",
+    "DEWP",
+    "TEMP",
+    "PRES",
+    "log1p_Iws",
+    "Is",
+    "Ir",
     *(f"cbwd_{c}" for c in CBWD_CODES),
-    "hour_sin", "hour_cos", "doy_sin", "doy_cos", "weekday_sin", "weekday_cos",
+    "hour_sin",
+    "hour_cos",
+    "doy_sin",
+    "doy_cos",
+    "weekday_sin",
+    "weekday_cos",
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -66,6 +77,7 @@ _Arr = TypeVar("_Arr")
 
 
 # ------------------------------------------------------------------------------- normalizer
+
 
 def _continuous(df: pd.DataFrame) -> pd.DataFrame:
     """The :data:`NORM_COLUMNS` of ``df`` (``log1p_Iws`` computed), float64 ``[T, 7]``."""
@@ -125,7 +137,11 @@ class Normalizer:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Normalizer:
         """Inverse of :meth:`to_dict`; ConfigError if a column or a statistic is missing or not a number."""
-        if not isinstance(d, Mapping) or not isinstance(d.get("mean"), Mapping) or not isinstance(d.get("std"), Mapping):
+        if (
+            not isinstance(d, Mapping)
+            or not isinstance(d.get("mean"), Mapping)
+            or not isinstance(d.get("std"), Mapping)
+        ):
             raise ConfigError(f"normalizer: expected a mapping with 'mean' and 'std' mappings, got {d!r:.200}")
         mean, std = {}, {}
         for key, src, dst in (("mean", d["mean"], mean), ("std", d["std"], std)):
@@ -141,6 +157,7 @@ class Normalizer:
 
 # ------------------------------------------------------------------------------------ splits
 
+
 @dataclass(frozen=True)
 class SplitConfig:
     """Calendar-year split (defaults: train 2010-2012, validation 2013, test 2014)."""
@@ -154,7 +171,9 @@ class SplitConfig:
         check_year_sets(self.train_years, self.val_years, self.test_years)
 
 
-def check_year_sets(train_years: Iterable[int], val_years: Iterable[int], test_years: Iterable[int]) -> dict[str, list[int]]:
+def check_year_sets(
+    train_years: Iterable[int], val_years: Iterable[int], test_years: Iterable[int]
+) -> dict[str, list[int]]:
     """``{"train": [...], "val": [...], "test": [...]}`` sorted; ConfigError if a set is empty,
     holds something other than an integer year or overlaps another set."""
     sets: dict[str, list[int]] = {}
@@ -170,7 +189,7 @@ def check_year_sets(train_years: Iterable[int], val_years: Iterable[int], test_y
                 raise ConfigError(f"{key}: years must be integers, got {y!r}")
         sets[name] = sorted({int(y) for y in ys})
     for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
+        for b in SPLITS[i + 1 :]:
             both = sorted(set(sets[a]) & set(sets[b]))
             if both:
                 raise ConfigError(
@@ -203,6 +222,7 @@ def split_by_time(
 
 # ---------------------------------------------------------------------------------- features
 
+
 def features(df: pd.DataFrame, normalizer: Normalizer) -> tuple[np.ndarray, list[str]]:
     """Covariates ``[T, F=16]`` float32 and their names (:data:`FEATURE_NAMES`).
 
@@ -222,7 +242,9 @@ def features(df: pd.DataFrame, normalizer: Normalizer) -> tuple[np.ndarray, list
     x = np.stack(cols, axis=1).astype(np.float32) if len(df) else np.zeros((0, len(FEATURE_NAMES)), np.float32)
     if not np.isfinite(x).all():
         r, c = np.argwhere(~np.isfinite(x))[0]
-        raise DataError(f"covariate {FEATURE_NAMES[c]} is not finite at {idx[r]} (weather must be filled first: use the loaders)")
+        raise DataError(
+            f"covariate {FEATURE_NAMES[c]} is not finite at {idx[r]} (weather must be filled first: use the loaders)"
+        )
     return x, list(FEATURE_NAMES)
 
 
@@ -249,7 +271,11 @@ class PM25Series:
         T = len(self.times)
         if self.weather_filled.size == 0 and T:
             self.weather_filled = np.zeros(T, bool)
-        if self.target.shape != (T,) or self.mask.shape != (T,) or self.covariates.shape != (T, len(self.feature_names)):
+        if (
+            self.target.shape != (T,)
+            or self.mask.shape != (T,)
+            or self.covariates.shape != (T, len(self.feature_names))
+        ):
             raise ValueError(
                 f"PM25Series: shapes disagree: times {self.times.shape}, target {self.target.shape}, "
                 f"mask {self.mask.shape}, covariates {self.covariates.shape}, {len(self.feature_names)} feature names"
@@ -279,6 +305,7 @@ def build_series(df: pd.DataFrame, normalizer: Normalizer) -> PM25Series:
 
 
 # ----------------------------------------------------------------------------------- windows
+
 
 def _check_window(window: int, horizon: int) -> None:
     for name, v in (("window", window), ("horizon", horizon)):
@@ -332,7 +359,9 @@ def make_windows(series: PM25Series, starts: np.ndarray, window: int, horizon: i
     starts = np.asarray(starts, dtype=np.int64).reshape(-1)
     T, F = len(series), series.num_features
     if starts.size and (starts.min() < window or starts.max() + horizon > T):
-        raise ValueError(f"make_windows: starts must lie in [{window}, {T - horizon}] (window {window}, horizon {horizon}, T {T})")
+        raise ValueError(
+            f"make_windows: starts must lie in [{window}, {T - horizon}] (window {window}, horizon {horizon}, T {T})"
+        )
     target0 = np.where(series.mask, series.target, 0.0).astype(np.float32)  # [T], no NaN
     past_idx = starts[:, None] + np.arange(-window, 0)[None, :]  # [N, W]
     fut_idx = starts[:, None] + np.arange(horizon)[None, :]  # [N, H]
@@ -343,7 +372,9 @@ def make_windows(series: PM25Series, starts: np.ndarray, window: int, horizon: i
     tmask = series.mask[fut_idx]
     return {
         "past": torch.from_numpy(np.ascontiguousarray(past.reshape(len(starts), window, 2 + F), dtype=np.float32)),
-        "future_cov": torch.from_numpy(np.ascontiguousarray(series.covariates[fut_idx].reshape(len(starts), horizon, F))),
+        "future_cov": torch.from_numpy(
+            np.ascontiguousarray(series.covariates[fut_idx].reshape(len(starts), horizon, F))
+        ),
         "target": torch.from_numpy(np.where(tmask, target0[fut_idx], 0.0).astype(np.float32)),
         "target_mask": torch.from_numpy(tmask.astype(bool)),
         "start": torch.from_numpy(starts.copy()),
@@ -351,6 +382,7 @@ def make_windows(series: PM25Series, starts: np.ndarray, window: int, horizon: i
 
 
 # ---------------------------------------------------------------------------------- pipeline
+
 
 def load_splits(
     path: str | Path,
@@ -368,8 +400,33 @@ def load_splits(
 
 
 __all__ = [
-    "CBWD_CODES", "FEATURE_NAMES", "FRAME_COLUMNS", "NORM_COLUMNS", "ONE_HOUR", "PARQUET_COLUMNS", "PLAUSIBLE_RANGES", "PM25",
-    "REQUIRED_COLUMNS", "SPLITS", "STD_FLOOR", "TIME_COLUMNS", "UNITS", "WEATHER_COLUMNS", "WEATHER_NUMERIC",
-    "Normalizer", "PM25Series", "SplitConfig", "build_series", "check_year_sets", "features", "load_pm25", "load_pm25_csv",
-    "load_pm25_parquet", "load_splits", "make_windows", "read_pm25_csv", "split_by_time", "valid_starts",
+    "CBWD_CODES",
+    "FEATURE_NAMES",
+    "FRAME_COLUMNS",
+    "NORM_COLUMNS",
+    "ONE_HOUR",
+    "PARQUET_COLUMNS",
+    "PLAUSIBLE_RANGES",
+    "PM25",
+    "REQUIRED_COLUMNS",
+    "SPLITS",
+    "STD_FLOOR",
+    "TIME_COLUMNS",
+    "UNITS",
+    "WEATHER_COLUMNS",
+    "WEATHER_NUMERIC",
+    "Normalizer",
+    "PM25Series",
+    "SplitConfig",
+    "build_series",
+    "check_year_sets",
+    "features",
+    "load_pm25",
+    "load_pm25_csv",
+    "load_pm25_parquet",
+    "load_splits",
+    "make_windows",
+    "read_pm25_csv",
+    "split_by_time",
+    "valid_starts",
 ]

@@ -2,6 +2,7 @@
 the task's evaluator for the one evaluator (:mod:`mmpo.evaluate`): rows per start hour, the
 pooled summary as metrics, and the models side by side by lead time (``table.md``,
 ``lead_times.json``, ``forecasts.png``)."""
+
 from __future__ import annotations
 
 import math
@@ -12,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from mmpo_tasks.forecasting.data import PM25Series
-from mmpo_tasks.forecasting.rewards import contingency
 
 from mmpo.checkpoint import save_json
+from mmpo_tasks.forecasting.data import PM25Series
+from mmpo_tasks.forecasting.rewards import contingency
 
 if TYPE_CHECKING:
     from mmpo_tasks.forecasting.task import AirQualityTask
@@ -24,8 +25,13 @@ if TYPE_CHECKING:
 Forecasts = dict[str, torch.Tensor]
 
 
-def forecast(model: torch.nn.Module, windows: dict[str, torch.Tensor], horizon: int, device: torch.device,
-             to_ug: Callable[[torch.Tensor], torch.Tensor]) -> Forecasts:
+def forecast(
+    model: torch.nn.Module,
+    windows: dict[str, torch.Tensor],
+    horizon: int,
+    device: torch.device,
+    to_ug: Callable[[torch.Tensor], torch.Tensor],
+) -> Forecasts:
     """The mean path of ``horizon`` hours from each window (``past [N, W, C]``, ``future_cov
     [N, H, F]``), in µg/m³, with the truth and its mask."""
     with torch.no_grad():
@@ -42,8 +48,11 @@ def lead_table(fc: Forecasts, edges: list[float], high_class: int) -> dict[str, 
     n = m.sum(0).clamp(min=1.0)
     c = contingency(fc["pred"], fc["truth"], fc["mask"], edges, high_class, dim=0)
     return {
-        "rmse": ((err**2).sum(0) / n).sqrt().tolist(), "mae": (err.abs().sum(0) / n).tolist(),
-        "far": c.far().tolist(), "pod": c.pod().tolist(), "f1": c.f1().tolist(),
+        "rmse": ((err**2).sum(0) / n).sqrt().tolist(),
+        "mae": (err.abs().sum(0) / n).tolist(),
+        "far": c.far().tolist(),
+        "pod": c.pod().tolist(),
+        "f1": c.f1().tolist(),
     }
 
 
@@ -53,8 +62,12 @@ def summary(fc: Forecasts, edges: list[float], high_class: int) -> dict[str, flo
     err = (fc["pred"] - fc["truth"]) * m
     c = contingency(fc["pred"], fc["truth"], fc["mask"], edges, high_class)
     return {
-        "rmse": float(((err**2).sum() / m.sum()).sqrt()), "mae": float(err.abs().sum() / m.sum()),
-        "far": float(c.far()), "pod": float(c.pod()), "f1": float(c.f1()), "forecasts": float(len(fc["start"])),
+        "rmse": float(((err**2).sum() / m.sum()).sqrt()),
+        "mae": float(err.abs().sum() / m.sum()),
+        "far": float(c.far()),
+        "pod": float(c.pod()),
+        "f1": float(c.f1()),
+        "forecasts": float(len(fc["start"])),
     }
 
 
@@ -74,8 +87,15 @@ class ForecastEvaluator:
     (ZeRO-3 gathers the sharded parameters there)."""
 
     def __init__(
-        self, task: AirQualityTask, models: dict[str, torch.nn.Module], split: str, starts: Sequence[int], *,
-        horizon: int, device: torch.device, params: Callable[[], AbstractContextManager] = nullcontext,
+        self,
+        task: AirQualityTask,
+        models: dict[str, torch.nn.Module],
+        split: str,
+        starts: Sequence[int],
+        *,
+        horizon: int,
+        device: torch.device,
+        params: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self.task, self.models, self.split, self.starts = task, models, split, [int(s) for s in starts]
         self.horizon, self.device, self.params = horizon, device, params
@@ -109,9 +129,14 @@ class ForecastEvaluator:
         time = self.start_time(start)
         err = (pred - truth)[mask]
         return {
-            "id": time if len(self.models) == 1 else f"{label}/{time}", "input": time, "prediction": pred.tolist(),
+            "id": time if len(self.models) == 1 else f"{label}/{time}",
+            "input": time,
+            "prediction": pred.tolist(),
             "answer": [float(v) if m else None for v, m in zip(truth.tolist(), mask.tolist())],
-            "rmse": float(err.pow(2).mean().sqrt()), "mae": float(err.abs().mean()), "_model": label, "_start": start,
+            "rmse": float(err.pow(2).mean().sqrt()),
+            "mae": float(err.abs().mean()),
+            "_model": label,
+            "_start": start,
         }
 
     def forecasts(self, rows: list[dict[str, Any]]) -> dict[str, Forecasts]:
@@ -134,7 +159,8 @@ class ForecastEvaluator:
         one = len(self.models) == 1
         return {
             (k if one else f"{label}/{k}"): v
-            for label, fc in sets.items() for k, v in summary(fc, self.edges, self.high_class).items()
+            for label, fc in sets.items()
+            for k, v in summary(fc, self.edges, self.high_class).items()
         }
 
     def write_artifacts(
@@ -171,7 +197,9 @@ def format_lead_table(
     threshold = cfg_edges[high_class - 1]
     head = "| lead (h) | " + " | ".join(f"{k.upper()} {n}" for k in keys for n in names) + " |"
     lines = [
-        f"High class: PM2.5 >= {threshold:g} µg/m³ ({split} years). RMSE / MAE in µg/m³.", "", head,
+        f"High class: PM2.5 >= {threshold:g} µg/m³ ({split} years). RMSE / MAE in µg/m³.",
+        "",
+        head,
         "|" + "---|" * (1 + len(keys) * len(names)),
     ]
     H = len(results[names[0]]["by_lead"]["rmse"])

@@ -9,10 +9,12 @@ As a policy each step samples ``a_t = mu_t + sigma * eps_t`` (sigma from the con
 normalised units) and feeds ``a_t`` back as the next step's input: the action unit is one
 forecast step, ``log pi(a_t) = log N(a_t; mu_t, sigma^2)`` (:func:`step_log_probs`, the series
 trainer's). Replaying the stored actions with grad (teacher forcing on the actions) gives the
-same ``mu`` as the rollout, so stored and recomputed log-probs agree. The KL to a reference model is the core's closed form
+same ``mu`` as the rollout, so stored and recomputed log-probs agree. The KL to a reference model is the core's \
+closed form
 (``KL_ESTIMATORS['gaussian']``), ``(mu - mu_ref)^2 / (2 sigma^2)`` per step, or a sample
 estimator on the actions' log-probs (``algorithm.kl_estimator``).
 """
+
 from __future__ import annotations
 
 import json
@@ -121,7 +123,9 @@ class PM25Forecaster(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps({"model_type": "mmpo_pm25_forecaster", **asdict(self.config)}, indent=1))
+        (folder / CONFIG_FILE).write_text(
+            json.dumps({"model_type": "mmpo_pm25_forecaster", **asdict(self.config)}, indent=1)
+        )
         state = state_dict if state_dict is not None else self.state_dict()
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / WEIGHTS_FILE))
 

@@ -8,6 +8,7 @@ imputed); the weather columns are forward-filled (inputs only) and the filled ho
 ``weather_filled``. Errors raise :class:`~mmpo.errors.DataError` naming the file, the column and
 the first offending line (line in the CSV = row index + 2) and value.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -57,6 +58,7 @@ ONE_HOUR = np.timedelta64(1, "h")
 
 # ------------------------------------------------------------------------------------ checks
 
+
 def _hint(column: str, v: float) -> str:
     """Why a value may be out of range, in the user's terms (appended after an em dash)."""
     lo, hi = PLAUSIBLE_RANGES[column]
@@ -92,8 +94,7 @@ def _check_columns(found: Iterable[str], required: Iterable[str], path: Path, la
     missing = [c for c in required if c not in found]
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {missing}; found {found} "
-            f"(expected the {layout} layout: {', '.join(required)})"
+            f"{path}: missing column(s) {missing}; found {found} (expected the {layout} layout: {', '.join(required)})"
         )
 
 
@@ -171,7 +172,10 @@ def _times_from_parts(raw: pd.DataFrame, path: Path, where: Callable[[int], str]
 
 
 def _complete(
-    values: pd.DataFrame, times: pd.DatetimeIndex, path: Path, where: Callable[[int], str],
+    values: pd.DataFrame,
+    times: pd.DatetimeIndex,
+    path: Path,
+    where: Callable[[int], str],
     weather_filled: np.ndarray | None = None,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Checked columns + their timestamps -> the frame on a complete hourly index (module docstring)
@@ -295,4 +299,6 @@ def load_pm25(path: str | Path) -> pd.DataFrame:
         return load_pm25_csv(path)
     if suffix in (".parquet", ".pq"):
         return load_pm25_parquet(path)
-    raise DataError(f"{path}: unknown file type {path.suffix!r}; expected the UCI .csv or the .parquet of data_prep/beijing_pm25.py")
+    raise DataError(
+        f"{path}: unknown file type {path.suffix!r}; expected the UCI .csv or the .parquet of data_prep/beijing_pm25.py"
+    )

@@ -9,6 +9,7 @@ averaged over the observed hours of a rollout. Optional Lagrangian terms per rol
 ``+ lam_rec (recall - recall_target) - lam_far max(0, FAR - far_target)``, with the multipliers
 PI-updated from the batch's recall and FAR (``LagrangeState``, checkpointed).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,15 +25,35 @@ from mmpo.errors import ConfigError
 class ClassRewardConfig:
     edges: list[float] = field(
         default_factory=lambda: [35.0, 75.0, 150.0],
-        metadata={"help": "Class edges in µg/m³, increasing (PM2.5 default: 35 / 75 / 150, China's grade I / II 24-h limits and 'heavy'; FAKER's CMAQ setting: 15 / 35 / 75)."},
+        metadata={
+            "help": "Class edges in µg/m³, increasing (PM2.5 default: 35 / 75 / 150, China's grade I / II 24-h limits "
+            "and 'heavy'; FAKER's CMAQ setting: 15 / 35 / 75)."
+        },
     )
-    high_class: int = field(default=2, metadata={"help": "Classes >= this are 'high' (default 2: >= 75 µg/m³).", "min": 1})
-    w_class: float = field(default=1.0, metadata={"help": "w_e: reward for hitting the true class (FAKER released run: 1).", "min": 0.0})
-    w_high: float = field(default=0.0, metadata={"help": "w_c: reward for the right high / not-high decision (FAKER released run: 0).", "min": 0.0})
-    lambda_fa: float = field(default=0.1, metadata={"help": "Penalty per false-alarm hour (predicted high, observed not high; FAKER: 0.1).", "min": 0.0})
-    lagrangian: bool = field(default=False, metadata={"help": "Add the recall / FAR Lagrangian terms with PI-updated multipliers."})
-    recall_target: float = field(default=0.60, metadata={"help": "Recall the Lagrangian pushes toward (FAKER: 0.60).", "min": 0.0, "max": 1.0})
-    far_target: float = field(default=0.18, metadata={"help": "FAR above which the Lagrangian penalises (FAKER: 0.18).", "min": 0.0, "max": 1.0})
+    high_class: int = field(
+        default=2, metadata={"help": "Classes >= this are 'high' (default 2: >= 75 µg/m³).", "min": 1}
+    )
+    w_class: float = field(
+        default=1.0, metadata={"help": "w_e: reward for hitting the true class (FAKER released run: 1).", "min": 0.0}
+    )
+    w_high: float = field(
+        default=0.0,
+        metadata={"help": "w_c: reward for the right high / not-high decision (FAKER released run: 0).", "min": 0.0},
+    )
+    lambda_fa: float = field(
+        default=0.1,
+        metadata={"help": "Penalty per false-alarm hour (predicted high, observed not high; FAKER: 0.1).", "min": 0.0},
+    )
+    lagrangian: bool = field(
+        default=False, metadata={"help": "Add the recall / FAR Lagrangian terms with PI-updated multipliers."}
+    )
+    recall_target: float = field(
+        default=0.60, metadata={"help": "Recall the Lagrangian pushes toward (FAKER: 0.60).", "min": 0.0, "max": 1.0}
+    )
+    far_target: float = field(
+        default=0.18,
+        metadata={"help": "FAR above which the Lagrangian penalises (FAKER: 0.18).", "min": 0.0, "max": 1.0},
+    )
     lambda_init: float = field(default=0.2, metadata={"help": "Initial multipliers (FAKER: 0.2).", "min": 0.0})
     lambda_max: float = field(default=3.0, metadata={"help": "Multiplier cap (FAKER: 3).", "min": 0.0})
     kp: float = field(default=0.5, metadata={"help": "Proportional gain of the multiplier update.", "min": 0.0})
@@ -42,7 +63,10 @@ class ClassRewardConfig:
         if not self.edges or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
             raise ConfigError(f"task.reward.edges must be increasing; got {self.edges}")
         if self.high_class > len(self.edges):
-            raise ConfigError(f"task.reward.high_class={self.high_class} but {len(self.edges)} edges make only {len(self.edges) + 1} classes (0..{len(self.edges)})")
+            raise ConfigError(
+                f"task.reward.high_class={self.high_class} but {len(self.edges)} edges make only "
+                f"{len(self.edges) + 1} classes (0..{len(self.edges)})"
+            )
 
 
 def classify(values: torch.Tensor, edges: list[float]) -> torch.Tensor:
@@ -72,7 +96,14 @@ class Contingency:
         return 2 * self.hits / (2 * self.hits + self.misses + self.false_alarms)
 
 
-def contingency(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, edges: list[float], high_class: int, dim: int | None = None) -> Contingency:
+def contingency(
+    pred: torch.Tensor,
+    truth: torch.Tensor,
+    mask: torch.Tensor,
+    edges: list[float],
+    high_class: int,
+    dim: int | None = None,
+) -> Contingency:
     """High-class contingency counts of ``pred`` vs ``truth`` (µg/m³) over the ``mask``ed hours,
     summed over ``dim`` (None: all)."""
     ph = classify(pred, edges) >= high_class
@@ -117,7 +148,11 @@ class LagrangeState:
 
 
 def classwise_reward(
-    pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, cfg: ClassRewardConfig, lagrange: LagrangeState | None = None
+    pred: torch.Tensor,
+    truth: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: ClassRewardConfig,
+    lagrange: LagrangeState | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reward ``[N]`` of forecasts ``pred [N, H]`` against ``truth [N, H]`` (µg/m³) over the observed
     hours ``mask [N, H]``, and its components ``[N]`` (class hit rate, high-decision hit rate,

@@ -12,6 +12,7 @@ The run is the series trainer's (:class:`mmpo.trainers.series.SeriesTrainer`); t
 class-wise rewards with their Lagrangian state, and the lead-time evaluation (its evaluator for
 the one evaluator, :class:`~mmpo_tasks.forecasting.evaluation.ForecastEvaluator`).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from mmpo_tasks.forecasting.rewards import ClassRewardConfig, LagrangeState, classwise_reward, contingency
 
 from mmpo.errors import ConfigError
 from mmpo.sft import SFTConfig
 from mmpo.tasks import RewardOutput, Sample, Task
+from mmpo_tasks.forecasting.rewards import ClassRewardConfig, LagrangeState, classwise_reward, contingency
 
 if TYPE_CHECKING:  # the data module (pandas) and the model load when a run prepares, not with the plugin list
+    from mmpo.trainers.series import StageOne
     from mmpo_tasks.forecasting.data import Normalizer, PM25Series
     from mmpo_tasks.forecasting.evaluation import ForecastEvaluator
     from mmpo_tasks.forecasting.model import PM25Forecaster
-
-    from mmpo.trainers.series import StageOne
 
 BUNDLED_CSV = Path(__file__).resolve().parent / "data_sources" / "beijing_pm25.csv"
 
@@ -45,7 +45,9 @@ class CurriculumConfig:
     inc: int = field(default=1, metadata={"help": "Hours added every `every` epochs (FAKER: 1).", "min": 0})
     every: int = field(default=1, metadata={"help": "Epochs between increments (FAKER: 1).", "min": 1})
     max: int = field(default=12, metadata={"help": "Largest training horizon (FAKER: 12 steps).", "min": 1})
-    steps_per_epoch: int = field(default=10, metadata={"help": "Trainer steps that make one curriculum epoch.", "min": 1})
+    steps_per_epoch: int = field(
+        default=10, metadata={"help": "Trainer steps that make one curriculum epoch.", "min": 1}
+    )
 
     def horizon(self, epoch: int) -> int:
         """``min(max, base + inc * floor(epoch / every))``."""
@@ -54,32 +56,68 @@ class CurriculumConfig:
 
 @dataclass
 class StageOneConfig(SFTConfig):
-    loss: str = field(default="mse", metadata={"help": "'mse' or 'nll' (Gaussian NLL with the policy's sigma) on the observed hours."})
-    horizon: int = field(default=12, metadata={"help": "Hours rolled out autoregressively (own predictions fed back) per training window.", "min": 1})
-    max_windows: int = field(default=4000, metadata={"help": "Training windows drawn (evenly) from the training years; 0 = all.", "min": 0})
+    loss: str = field(
+        default="mse", metadata={"help": "'mse' or 'nll' (Gaussian NLL with the policy's sigma) on the observed hours."}
+    )
+    horizon: int = field(
+        default=12,
+        metadata={
+            "help": "Hours rolled out autoregressively (own predictions fed back) per training window.",
+            "min": 1,
+        },
+    )
+    max_windows: int = field(
+        default=4000, metadata={"help": "Training windows drawn (evenly) from the training years; 0 = all.", "min": 0}
+    )
 
 
 @dataclass
 class ForecastConfig:
-    data: str = field(default="", metadata={"help": "The UCI Beijing PM2.5 CSV, or the folder / series.parquet written by data_prep/beijing_pm25.py; empty: the copy bundled in tasks/forecasting/data_sources/."})
-    train_years: list[int] = field(default_factory=lambda: [2010, 2011, 2012], metadata={"help": "Training years (also the normalisation statistics)."})
-    val_years: list[int] = field(default_factory=lambda: [2013], metadata={"help": "Validation years (evaluation during training)."})
+    data: str = field(
+        default="",
+        metadata={
+            "help": "The UCI Beijing PM2.5 CSV, or the folder / series.parquet written by data_prep/beijing_pm25.py; "
+            "empty: the copy bundled in tasks/forecasting/data_sources/."
+        },
+    )
+    train_years: list[int] = field(
+        default_factory=lambda: [2010, 2011, 2012],
+        metadata={"help": "Training years (also the normalisation statistics)."},
+    )
+    val_years: list[int] = field(
+        default_factory=lambda: [2013], metadata={"help": "Validation years (evaluation during training)."}
+    )
     test_years: list[int] = field(default_factory=lambda: [2014], metadata={"help": "Test years (`mmpo eval`)."})
     window: int = field(default=48, metadata={"help": "Past hours the forecaster reads.", "min": 1})
-    min_observed_frac: float = field(default=0.75, metadata={"help": "A start time needs this fraction of its window observed.", "min": 0.0, "max": 1.0})
+    min_observed_frac: float = field(
+        default=0.75,
+        metadata={"help": "A start time needs this fraction of its window observed.", "min": 0.0, "max": 1.0},
+    )
     hidden: int = field(default=64, metadata={"help": "GRU width.", "min": 1})
     layers: int = field(default=1, metadata={"help": "Encoder GRU layers.", "min": 1})
     sigma: float = field(default=3.0, metadata={"help": "Policy std in µg/m³ (FAKER PM2.5: 3.0).", "gt": 0.0})
-    antithetic: bool = field(default=False, metadata={"help": "Pair rollouts with noise eps and -eps (G must be even)."})
-    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig, metadata={"help": "Training horizon schedule."})
+    antithetic: bool = field(
+        default=False, metadata={"help": "Pair rollouts with noise eps and -eps (G must be even)."}
+    )
+    curriculum: CurriculumConfig = field(
+        default_factory=CurriculumConfig, metadata={"help": "Training horizon schedule."}
+    )
     reward: ClassRewardConfig = field(default_factory=ClassRewardConfig, metadata={"help": "Class-wise reward."})
-    sft: StageOneConfig = field(default_factory=StageOneConfig, metadata={"help": "Stage 1 (supervised) when model.path is 'tiny:forecaster' (a fresh forecaster); skipped when it is a trained forecaster folder."})
+    sft: StageOneConfig = field(
+        default_factory=StageOneConfig,
+        metadata={
+            "help": "Stage 1 (supervised) when model.path is 'tiny:forecaster' (a fresh forecaster); "
+            "skipped when it is a trained forecaster folder."
+        },
+    )
     eval_horizon: int = field(default=24, metadata={"help": "Lead times evaluated (hours).", "min": 1})
     eval_stride: int = field(default=24, metadata={"help": "Hours between evaluation start times.", "min": 1})
-    eval_split: str = field(default="val", metadata={"help": "Split evaluated during training ('val'); `mmpo eval` uses 'test'."})
-    plot_starts: int = field(default=4, metadata={"help": "`mmpo eval` plots this many forecasts against the truth.", "min": 0})
-
-
+    eval_split: str = field(
+        default="val", metadata={"help": "Split evaluated during training ('val'); `mmpo eval` uses 'test'."}
+    )
+    plot_starts: int = field(
+        default=4, metadata={"help": "`mmpo eval` plots this many forecasts against the truth.", "min": 0}
+    )
 
 
 def resolve_data(path: str) -> str:
@@ -88,7 +126,9 @@ def resolve_data(path: str) -> str:
     if p.is_dir():
         p = p / "series.parquet"
     if not p.exists():
-        raise ConfigError(f"task.data='{path}' does not exist (the UCI Beijing PM2.5 CSV, or a folder from data_prep/beijing_pm25.py)")
+        raise ConfigError(
+            f"task.data='{path}' does not exist (the UCI Beijing PM2.5 CSV, or a folder from data_prep/beijing_pm25.py)"
+        )
     return str(p)
 
 
@@ -97,7 +137,10 @@ class AirQualityTask(Task):
     Values the trainer hands over are normalised PM2.5; rewards and reports are in µg/m³."""
 
     name = "airquality_grpo"
-    description = "FAKER-Air: GRPO on an autoregressive PM2.5 forecaster (Beijing hourly series) with class-wise rewards, false-alarm penalty and curriculum rollout"
+    description = (
+        "FAKER-Air: GRPO on an autoregressive PM2.5 forecaster (Beijing hourly series) with class-wise rewards, "
+        "false-alarm penalty and curriculum rollout"
+    )
     Config = ForecastConfig
     #: ``model.path`` of a fresh forecaster (sizes from the task config), trained by stage 1 first
     fresh_model = "tiny:forecaster"
@@ -139,7 +182,9 @@ class AirQualityTask(Task):
         self.sigma = c.sigma / float(self._normalizer.std[PM25])
         starts = valid_starts(self.splits["train"], c.window, c.curriculum.max, c.min_observed_frac)
         if len(starts) == 0:
-            raise ConfigError(f"no training start hour has {c.min_observed_frac:.0%} of a {c.window}-hour window observed")
+            raise ConfigError(
+                f"no training start hour has {c.min_observed_frac:.0%} of a {c.window}-hour window observed"
+            )
         self.train_starts = [int(s) for s in starts]
 
     @property
@@ -192,9 +237,8 @@ class AirQualityTask(Task):
     def stage_one(self) -> StageOne:
         """``task.sft``: autoregressive ``sft.horizon``-hour windows (at most ``sft.max_windows``,
         evenly drawn) from the training years."""
-        from mmpo_tasks.forecasting.data import valid_starts
-
         from mmpo.trainers.series import StageOne
+        from mmpo_tasks.forecasting.data import valid_starts
 
         c, s = self.config, self.config.sft
         starts = valid_starts(self.splits["train"], c.window, s.horizon, c.min_observed_frac)
@@ -230,7 +274,11 @@ class AirQualityTask(Task):
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluator(
-        self, models: dict[str, torch.nn.Module], device: torch.device, *, test: bool = False,
+        self,
+        models: dict[str, torch.nn.Module],
+        device: torch.device,
+        *,
+        test: bool = False,
         params: Callable[[], AbstractContextManager] = nullcontext,
     ) -> ForecastEvaluator:
         """The evaluator of ``models`` ``{label: forecaster}``: deterministic ``eval_horizon``-hour

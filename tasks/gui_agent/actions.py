@@ -13,6 +13,7 @@ Anything else - no tag, an unknown verb, wrong arity or types, coordinates outsi
 a *malformed* action: a no-op that is counted (``Action.malformed``) and reported (``error``).
 Arguments are parsed as Python literals (``ast.literal_eval``), never evaluated.
 """
+
 from __future__ import annotations
 
 import ast

@@ -18,6 +18,7 @@ repeated id...) does not stop the load: it is skipped and recorded as ``{"line":
 "error": "<file>: line <n>: key '<k>': <why>"}`` (lines counted from 1). ``DataError`` is raised
 only when the file cannot be read or no episode is valid.
 """
+
 from __future__ import annotations
 
 import json
@@ -156,8 +157,12 @@ def _episode(rec: Any, folder: Path) -> GuiEpisode:
         meta = {}
     if not isinstance(meta, dict):
         raise _RowError("meta", f"must be an object, got {type(meta).__name__}")
-    return GuiEpisode(id=str(rid).strip(), instruction=instruction.strip(),
-                      steps=[_step(s, k, folder) for k, s in enumerate(steps)], meta=dict(meta))
+    return GuiEpisode(
+        id=str(rid).strip(),
+        instruction=instruction.strip(),
+        steps=[_step(s, k, folder) for k, s in enumerate(steps)],
+        meta=dict(meta),
+    )
 
 
 def load_episodes(path: str | os.PathLike[str]) -> tuple[list[GuiEpisode], list[dict[str, Any]]]:
@@ -205,8 +210,10 @@ def _stored_path(screenshot: str, folder: Path, where: str) -> str:
     try:
         return check_relative(rel)
     except ValueError:
-        raise DataError(f"{where}: screenshot {screenshot} is outside the output folder {folder}; "
-                        "the layout keeps screenshots inside the JSONL file's folder") from None
+        raise DataError(
+            f"{where}: screenshot {screenshot} is outside the output folder {folder}; "
+            "the layout keeps screenshots inside the JSONL file's folder"
+        ) from None
 
 
 def episode_record(ep: GuiEpisode, folder: Path) -> dict[str, Any]:
@@ -218,9 +225,14 @@ def episode_record(ep: GuiEpisode, folder: Path) -> dict[str, Any]:
             text = action_text(s.action)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
-        steps.append({"screenshot": _stored_path(s.screenshot, folder, where), "action": text,
-                      "target_box": None if s.target_box is None else [float(v) for v in s.target_box],
-                      "screen_size": None if s.screen_size is None else [int(v) for v in s.screen_size]})
+        steps.append(
+            {
+                "screenshot": _stored_path(s.screenshot, folder, where),
+                "action": text,
+                "target_box": None if s.target_box is None else [float(v) for v in s.target_box],
+                "screen_size": None if s.screen_size is None else [int(v) for v in s.screen_size],
+            }
+        )
     return {"id": ep.id, "instruction": ep.instruction, "steps": steps, "meta": ep.meta}
 
 
@@ -241,5 +253,13 @@ def save_episodes(episodes: list[GuiEpisode], path: str | os.PathLike[str]) -> N
         tmp.unlink(missing_ok=True)
 
 
-__all__ = ["GuiEpisode", "GuiStep", "action_text", "check_box", "check_relative", "episode_record",
-           "load_episodes", "save_episodes"]
+__all__ = [
+    "GuiEpisode",
+    "GuiStep",
+    "action_text",
+    "check_box",
+    "check_relative",
+    "episode_record",
+    "load_episodes",
+    "save_episodes",
+]

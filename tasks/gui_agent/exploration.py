@@ -21,6 +21,7 @@ when asked, forced to 0 on steps whose action was malformed (ScreenExplorer runs
 Embeddings are not guaranteed non-negative, so ``sim`` lies in ``[-1, 1]``: change, diversity and
 curiosity in ``[0, 2]``, intent in ``[-2, 2]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -82,20 +83,38 @@ def click_intent_reward(under_click_txt: torch.Tensor, intent_txt: torch.Tensor)
 class ExplorationRewardConfig:
     image_change: float = field(default=1.0, metadata={"help": "Weight of 1 - sim(s, s') on image embeddings."})
     text_change: float = field(default=1.0, metadata={"help": "Weight of 1 - sim(s, s') on text embeddings."})
-    image_diversity: float = field(default=1.0, metadata={"help": "Weight of 1 - mean sim(earlier states, s') on image embeddings."})
-    text_diversity: float = field(default=1.0, metadata={"help": "Weight of 1 - mean sim(earlier states, s') on text embeddings."})
-    image_curiosity: float = field(default=1.0, metadata={"help": "Weight of 1 - sim(s', world-model prediction) on image embeddings."})
-    text_curiosity: float = field(default=1.0, metadata={"help": "Weight of 1 - sim(s', world-model prediction) on text embeddings."})
+    image_diversity: float = field(
+        default=1.0, metadata={"help": "Weight of 1 - mean sim(earlier states, s') on image embeddings."}
+    )
+    text_diversity: float = field(
+        default=1.0, metadata={"help": "Weight of 1 - mean sim(earlier states, s') on text embeddings."}
+    )
+    image_curiosity: float = field(
+        default=1.0, metadata={"help": "Weight of 1 - sim(s', world-model prediction) on image embeddings."}
+    )
+    text_curiosity: float = field(
+        default=1.0, metadata={"help": "Weight of 1 - sim(s', world-model prediction) on text embeddings."}
+    )
     intent: float = field(default=1.0, metadata={"help": "Weight of sim(pre text, intent) + sim(post text, intent)."})
     intent_click: float = field(default=1.0, metadata={"help": "Weight of sim(text under the click box, intent)."})
-    use_task_reward: bool = field(default=False, metadata={"help": "Add the environment's task reward (ScreenExplorer uses none)."})
+    use_task_reward: bool = field(
+        default=False, metadata={"help": "Add the environment's task reward (ScreenExplorer uses none)."}
+    )
     task_reward: float = field(default=1.0, metadata={"help": "Weight of the task reward when use_task_reward."})
-    invalid_zero: bool = field(default=True, metadata={"help": "Force the total reward of a malformed action to 0 (ScreenExplorer)."})
+    invalid_zero: bool = field(
+        default=True, metadata={"help": "Force the total reward of a malformed action to 0 (ScreenExplorer)."}
+    )
 
 
 COMPONENTS = (
-    "image_change", "text_change", "image_diversity", "text_diversity",
-    "image_curiosity", "text_curiosity", "intent", "intent_click",
+    "image_change",
+    "text_change",
+    "image_diversity",
+    "text_diversity",
+    "image_curiosity",
+    "text_curiosity",
+    "intent",
+    "intent_click",
 )
 
 

@@ -15,10 +15,12 @@ elements and ``info["screen_size"]`` the screenshot's ``(width, height)``. Actio
   ``info["malformed"]``).
 
 ``info["success"]`` is True once MiniWoB's reward is positive (``reward``: ``raw`` +1 / -1, or
-MiniWoB's ``time_decayed``; its 10 s episode limit is lifted unless ``episode_time_limit_s``). A browser crash or hang ends the
+MiniWoB's ``time_decayed``; its 10 s episode limit is lifted unless ``episode_time_limit_s``). \
+A browser crash or hang ends the
 episode as failed (``info["env_error"]``); the next reset starts on a fresh browser. One browser
 per task is kept open (a task switch costs no restart).
 """
+
 from __future__ import annotations
 
 import string
@@ -40,24 +42,32 @@ class MiniWobGymEnv(gymnasium.Env):
     metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(
-        self, tasks: Sequence[str] | str = ("click-test-2",), timeout_s: float = 30.0, reward: str = "raw",
-        episode_time_limit_s: float | None = None, render_mode: str | None = None,
+        self,
+        tasks: Sequence[str] | str = ("click-test-2",),
+        timeout_s: float = 30.0,
+        reward: str = "raw",
+        episode_time_limit_s: float | None = None,
+        render_mode: str | None = None,
     ) -> None:
         self.tasks = [tasks] if isinstance(tasks, str) else [str(t) for t in tasks]
         if not self.tasks:
             raise ConfigError("task.env.kwargs.tasks: give at least one MiniWoB task (e.g. click-test-2)")
         self._check_tasks()
         if reward not in ("raw", "time_decayed"):
-            raise ConfigError(f"task.env.kwargs.reward={reward!r}: use 'raw' (+1/-1) or 'time_decayed' (MiniWoB's original)")
+            raise ConfigError(
+                f"task.env.kwargs.reward={reward!r}: use 'raw' (+1/-1) or 'time_decayed' (MiniWoB's original)"
+            )
         self.timeout_s = float(timeout_s)
         self.reward = reward
         self.episode_time_limit_s = episode_time_limit_s
         self.render_mode = render_mode
         self.action_space = gymnasium.spaces.Box(0.0, 1.0, shape=(2,), dtype=np.float32)
-        self.observation_space = gymnasium.spaces.Dict({
-            "image": gymnasium.spaces.Box(0, 255, shape=(210, 160, 3), dtype=np.uint8),
-            "instruction": gymnasium.spaces.Text(max_length=4096, charset=string.printable),
-        })
+        self.observation_space = gymnasium.spaces.Dict(
+            {
+                "image": gymnasium.spaces.Box(0, 255, shape=(210, 160, 3), dtype=np.uint8),
+                "instruction": gymnasium.spaces.Text(max_length=4096, charset=string.printable),
+            }
+        )
         self._envs: dict[str, MiniWobEnv] = {}
         self.task: str = self.tasks[0]
         self.current: GuiObservation | None = None
@@ -83,7 +93,9 @@ class MiniWobGymEnv(gymnasium.Env):
     def _observation(self, obs: GuiObservation) -> dict[str, Any]:
         return {"image": obs.screenshot, "instruction": obs.instruction}
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         super().reset(seed=seed)
         self.task, task_seed = self.task_of(int(seed or 0))
         if self.task not in self._envs:
@@ -92,7 +104,11 @@ class MiniWobGymEnv(gymnasium.Env):
             )
         self.current = self._envs[self.task].reset(task_seed)
         self._acted_on, self._action = None, None
-        return self._observation(self.current), {"dom": self.current.dom, "task": self.task, "screen_size": self.current.screen_size}
+        return self._observation(self.current), {
+            "dom": self.current.dom,
+            "task": self.task,
+            "screen_size": self.current.screen_size,
+        }
 
     def to_action(self, action: Any) -> Action:
         """The GUI action of an env action (see the module docstring)."""

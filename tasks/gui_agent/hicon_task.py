@@ -15,6 +15,7 @@ the reward is format + action type + value/grounding (``rewards.py``) against th
 Held-out episodes (``eval_data``, or a stable ``eval_fraction`` of the episodes by id) give the
 step success rate, action-type accuracy and episode success (every step of an episode right).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -36,7 +37,7 @@ IMAGE_CACHE = 4096  # resized screenshots kept in memory (a prompt reuses its ep
 SYSTEM_PROMPT = (
     "You operate a GUI. Given the task, the previous steps and the current screen, reply with "
     "<think>...</think><action>...</action>, where the action is one of: click(x, y) with x, y in "
-    "[0, 1] of the screen, type(\"text\"), scroll(up|down|left|right), back(), home(), enter(), finished()."
+    '[0, 1] of the screen, type("text"), scroll(up|down|left|right), back(), home(), enter(), finished().'
 )
 
 
@@ -44,21 +45,55 @@ SYSTEM_PROMPT = (
 class AhcConfig:
     """Anchor-guided History Compression (the trainer's compressed branch)."""
 
-    enabled: bool = field(default=True, metadata={"help": "Train with HCPO's two branches; off: plain GRPO on the full prompt."})
-    drop_layer: int = field(default=6, metadata={"help": "Decoder layer k at which history screenshot tokens are dropped (HiconAgent: 6).", "min": 0})
-    alignment_coef: float = field(default=10.0, metadata={"help": "Weight of KL(pi_c || sg(pi_u)) inside the beta bracket (HiconAgent: 10).", "min": 0.0})
+    enabled: bool = field(
+        default=True, metadata={"help": "Train with HCPO's two branches; off: plain GRPO on the full prompt."}
+    )
+    drop_layer: int = field(
+        default=6,
+        metadata={"help": "Decoder layer k at which history screenshot tokens are dropped (HiconAgent: 6).", "min": 0},
+    )
+    alignment_coef: float = field(
+        default=10.0,
+        metadata={"help": "Weight of KL(pi_c || sg(pi_u)) inside the beta bracket (HiconAgent: 10).", "min": 0.0},
+    )
 
 
 @dataclass
 class HiconConfig:
-    data: str = field(default="", metadata={"help": "GUI episodes JSONL (layout: tasks/gui_agent/episodes.py; e.g. from data_prep/miniwob_episodes.py or data_prep/gui_to_jsonl.py)."})
-    eval_data: str = field(default="", metadata={"help": "Held-out episodes JSONL; empty: hold out eval_fraction of `data` by episode id."})
-    eval_fraction: float = field(default=0.2, metadata={"help": "Share of `data` episodes held out when eval_data is empty.", "min": 0.0, "max": 0.9})
-    max_history: int = field(default=2, metadata={"help": "History steps (screenshot + action) a prompt holds at most (HiconAgent: <= 3 images with the current one).", "min": 0})
-    image_size: int = field(default=112, metadata={"help": "Screenshots are resized so their longer side is this many pixels.", "min": 28})
-    dcs: bool = field(default=True, metadata={"help": "Dynamic Context Sampling: each rollout keeps its own history length."})
-    dcs_s: float = field(default=2.0, metadata={"help": "DCS sharpness s in P(k) ∝ exp(s·w·k) (HiconAgent: 2).", "min": 0.0})
-    dcs_total_steps: int = field(default=0, metadata={"help": "S of the DCS schedule; 0 = trainer.max_steps (HiconAgent: 414).", "min": 0})
+    data: str = field(
+        default="",
+        metadata={
+            "help": "GUI episodes JSONL (layout: tasks/gui_agent/episodes.py; "
+            "e.g. from data_prep/miniwob_episodes.py or data_prep/gui_to_jsonl.py)."
+        },
+    )
+    eval_data: str = field(
+        default="", metadata={"help": "Held-out episodes JSONL; empty: hold out eval_fraction of `data` by episode id."}
+    )
+    eval_fraction: float = field(
+        default=0.2,
+        metadata={"help": "Share of `data` episodes held out when eval_data is empty.", "min": 0.0, "max": 0.9},
+    )
+    max_history: int = field(
+        default=2,
+        metadata={
+            "help": "History steps (screenshot + action) a prompt holds at most "
+            "(HiconAgent: <= 3 images with the current one).",
+            "min": 0,
+        },
+    )
+    image_size: int = field(
+        default=112, metadata={"help": "Screenshots are resized so their longer side is this many pixels.", "min": 28}
+    )
+    dcs: bool = field(
+        default=True, metadata={"help": "Dynamic Context Sampling: each rollout keeps its own history length."}
+    )
+    dcs_s: float = field(
+        default=2.0, metadata={"help": "DCS sharpness s in P(k) ∝ exp(s·w·k) (HiconAgent: 2).", "min": 0.0}
+    )
+    dcs_total_steps: int = field(
+        default=0, metadata={"help": "S of the DCS schedule; 0 = trainer.max_steps (HiconAgent: 414).", "min": 0}
+    )
     reward: GuiRewardConfig = field(default_factory=GuiRewardConfig, metadata={"help": "Step reward weights."})
     ahc: AhcConfig = field(default_factory=AhcConfig, metadata={"help": "History compression (HCPO)."})
     system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "System message (the action space)."})
@@ -71,7 +106,10 @@ def _held_out(episode_id: str, fraction: float) -> bool:
 
 class HiconAgentTask(TokenTask):
     name = "hiconagent"
-    description = "HiconAgent: GUI agent GRPO on episode data with Dynamic Context Sampling and Anchor-guided History Compression (HCPO)"
+    description = (
+        "HiconAgent: GUI agent GRPO on episode data with Dynamic Context Sampling and "
+        "Anchor-guided History Compression (HCPO)"
+    )
     Config = HiconConfig
     rollout_prompts_differ = True
 
@@ -84,7 +122,10 @@ class HiconAgentTask(TokenTask):
     def __init__(self, config: HiconConfig, *, seed: int = 0) -> None:
         super().__init__(config, seed=seed)
         if not config.data:
-            raise ConfigError("task.data: give a GUI episodes JSONL (e.g. `python data_prep/miniwob_episodes.py --out runs/data/miniwob_gui`)")
+            raise ConfigError(
+                "task.data: give a GUI episodes JSONL "
+                "(e.g. `python data_prep/miniwob_episodes.py --out runs/data/miniwob_gui`)"
+            )
         episodes, self.skipped = load_episodes(config.data)
         if config.eval_data:
             self.train_episodes = episodes
@@ -92,12 +133,18 @@ class HiconAgentTask(TokenTask):
             self.skipped += skipped
             both = sorted({e.id for e in episodes} & {e.id for e in self.eval_episodes})
             if both:
-                raise ConfigError(f"task.eval_data shares {len(both)} episode id(s) with task.data (e.g. {both[:3]}); held-out episodes must be new")
+                raise ConfigError(
+                    f"task.eval_data shares {len(both)} episode id(s) with task.data (e.g. {both[:3]}); "
+                    "held-out episodes must be new"
+                )
         else:
             self.train_episodes = [e for e in episodes if not _held_out(e.id, config.eval_fraction)]
             self.eval_episodes = [e for e in episodes if _held_out(e.id, config.eval_fraction)]
         if not self.train_episodes:
-            raise ConfigError(f"task.data={config.data!r}: no training episodes left after holding out task.eval_fraction={config.eval_fraction}")
+            raise ConfigError(
+                f"task.data={config.data!r}: no training episodes left "
+                f"after holding out task.eval_fraction={config.eval_fraction}"
+            )
         self.train_index = [(i, t) for i, e in enumerate(self.train_episodes) for t in range(len(e.steps))]
         self.eval_index = [(i, t) for i, e in enumerate(self.eval_episodes) for t in range(len(e.steps))]
         self.step = 1
@@ -132,7 +179,10 @@ class HiconAgentTask(TokenTask):
         content.append({"type": "text", "text": "Current screen:"})
         content.append({"type": "image", "image": self._image(episode.steps[t].screenshot)})
         content.append({"type": "text", "text": "Next action?"})
-        return [{"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]}, {"role": "user", "content": content}]
+        return [
+            {"role": "system", "content": [{"type": "text", "text": self.config.system_prompt}]},
+            {"role": "user", "content": content},
+        ]
 
     def _sample(self, episodes: list[GuiEpisode], i: int, t: int, split: str) -> Sample:
         ep = episodes[i]
@@ -141,7 +191,15 @@ class HiconAgentTask(TokenTask):
             id=f"{ep.id}/{t}",
             messages=self.messages(ep, t, self.config.max_history),
             answer=step.action.to_text(),
-            meta={"action": step.action, "split": split, "episode": i, "episode_id": ep.id, "t": t, "box": step.target_box, "history": min(t, self.config.max_history)},
+            meta={
+                "action": step.action,
+                "split": split,
+                "episode": i,
+                "episode_id": ep.id,
+                "t": t,
+                "box": step.target_box,
+                "history": min(t, self.config.max_history),
+            },
         )
 
     def num_train(self) -> int:
@@ -172,7 +230,9 @@ class HiconAgentTask(TokenTask):
     # -- rewards ---------------------------------------------------------------------------------
     def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
         preds = [parse_action(c) for c in completions]
-        rewards, comps = step_rewards(preds, [s.meta["action"] for s in samples], [s.meta["box"] for s in samples], self.config.reward)
+        rewards, comps = step_rewards(
+            preds, [s.meta["action"] for s in samples], [s.meta["box"] for s in samples], self.config.reward
+        )
         return RewardOutput(rewards=rewards, components=comps)
 
     def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
@@ -182,7 +242,9 @@ class HiconAgentTask(TokenTask):
         by_episode: dict[str, list[float]] = {}
         for s, ok in zip(samples, out.components["step_success"].tolist()):
             by_episode.setdefault(s.meta["episode_id"], []).append(ok)
-        metrics["episode_success"] = float(np.mean([episode_success(v) for v in by_episode.values()])) if by_episode else 0.0
+        metrics["episode_success"] = (
+            float(np.mean([episode_success(v) for v in by_episode.values()])) if by_episode else 0.0
+        )
         return metrics
 
 

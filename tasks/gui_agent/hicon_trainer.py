@@ -18,6 +18,7 @@ Metrics add the forward time of the compressed and the full scoring pass inside 
 (``ahc/compressed_s``, ``ahc/full_s``, ``ahc/time_ratio``); ``mmpo bench ahc`` measures FLOPs and
 time of both branches on a fixed prompt.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,10 +44,15 @@ class HiconTrainer(Trainer):
         self.ahc = self.task.config.ahc
         if self.ahc.enabled:
             if not self.policy.is_vlm:
-                raise ConfigError(f"task.ahc.enabled: history compression drops screenshot tokens; model.path={cfg.model.path!r} is text-only")
+                raise ConfigError(
+                    "task.ahc.enabled: history compression drops screenshot tokens; "
+                    f"model.path={cfg.model.path!r} is text-only"
+                )
             layers = self.engine.module.config.get_text_config().num_hidden_layers
             if not 0 <= self.ahc.drop_layer < layers:
-                raise ConfigError(f"task.ahc.drop_layer={self.ahc.drop_layer} must be below the model's {layers} decoder layers")
+                raise ConfigError(
+                    f"task.ahc.drop_layer={self.ahc.drop_layer} must be below the model's {layers} decoder layers"
+                )
         self._branch = "compressed" if self.ahc.enabled else "full"
         self._timing = {"compressed": 0.0, "full": 0.0}
 
@@ -63,8 +69,14 @@ class HiconTrainer(Trainer):
         if self._branch != "compressed":
             return super().token_logprobs(part, model, with_entropy)
         return self.policy.score(
-            part.encodings, part.completion_ids, part.mask, share_prefix=False, model=model,
-            temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device,
+            part.encodings,
+            part.completion_ids,
+            part.mask,
+            share_prefix=False,
+            model=model,
+            temperature=self.cfg.rollout.temperature,
+            with_entropy=with_entropy,
+            device=self.device,
             compress_layer=self.ahc.drop_layer,
         )
 
@@ -94,14 +106,24 @@ class HiconTrainer(Trainer):
         logp_ref = micro.logp_ref.to(self.device) if micro.logp_ref is not None else None
         advantages = micro.advantages.to(self.device)
         loss_mat, lm = hcpo_loss(
-            comp.logp, full.logp, logp_old, advantages, mask, beta=beta,
-            alignment_coef=self.ahc.alignment_coef, logp_ref=logp_ref, loss=self.algo.loss_fn, loss_options=a.loss_options,
+            comp.logp,
+            full.logp,
+            logp_old,
+            advantages,
+            mask,
+            beta=beta,
+            alignment_coef=self.ahc.alignment_coef,
+            logp_ref=logp_ref,
+            loss=self.algo.loss_fn,
+            loss_options=a.loss_options,
             kl_estimator=self.algo.kl_estimator,
         )
         metrics = {k: float(v) for k, v in lm.items()}
         if "kl_c" in lm:
             metrics["kl"] = lm["kl_c"]  # KL of the sampling (compressed) branch to the reference
-        return UnitTerms(comp.logp, logp_old, advantages, mask, entropy=comp.entropy, loss_matrix=loss_mat, metrics=metrics)
+        return UnitTerms(
+            comp.logp, logp_old, advantages, mask, entropy=comp.entropy, loss_matrix=loss_mat, metrics=metrics
+        )
 
     def train_step(self, step: int) -> dict[str, float]:
         self._timing = {"compressed": 0.0, "full": 0.0}

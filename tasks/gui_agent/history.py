@@ -4,8 +4,8 @@ Each rollout independently keeps the last k of the H history steps, with
 ``P(k) ∝ exp(s · w · k)``, ``k ∈ {0..H}``, ``w = min(1, 3 (step - 1) / (S - 1))`` (s = 2, S the
 total training steps): uniform at the start, skewed toward the full history after about S / 3.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 

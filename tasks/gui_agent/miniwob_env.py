@@ -14,6 +14,7 @@ A browser that crashes or hangs (any WebDriver error, or a call slower than ``ti
 closed and restarted; the episode is marked failed (``info["env_error"]``, reward 0) and the next
 ``reset`` starts on a fresh browser. ``close`` quits the driver and its browser.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -25,7 +26,11 @@ import numpy as np
 
 from mmpo_tasks.gui_agent.actions import Action
 
-DEFAULTS = {"MINIWOB_CHROME_BINARY": "/usr/bin/chromium", "MINIWOB_CHROMEDRIVER": "/usr/bin/chromedriver", "SE_OFFLINE": "true"}
+DEFAULTS = {
+    "MINIWOB_CHROME_BINARY": "/usr/bin/chromium",
+    "MINIWOB_CHROMEDRIVER": "/usr/bin/chromedriver",
+    "SE_OFFLINE": "true",
+}
 
 
 @dataclass
@@ -43,7 +48,9 @@ class GuiObservation:
 class MiniWobEnv:
     """One MiniWoB++ task (e.g. ``click-test-2``), restarted when its browser fails."""
 
-    def __init__(self, task: str, *, timeout_s: float = 30.0, reward: str = "raw", episode_time_limit_s: float | None = None) -> None:
+    def __init__(
+        self, task: str, *, timeout_s: float = 30.0, reward: str = "raw", episode_time_limit_s: float | None = None
+    ) -> None:
         for k, v in DEFAULTS.items():
             os.environ.setdefault(k, v)
         import miniwob  # noqa: F401  (registers the miniwob/* ids)
@@ -117,7 +124,9 @@ class MiniWobEnv:
         self._pids = set()
 
     def _obs(self, raw: dict[str, Any]) -> GuiObservation:
-        return GuiObservation(np.asarray(raw["screenshot"], dtype=np.uint8), str(raw["utterance"]), list(raw["dom_elements"]))
+        return GuiObservation(
+            np.asarray(raw["screenshot"], dtype=np.uint8), str(raw["utterance"]), list(raw["dom_elements"])
+        )
 
     # -- gymnasium-like API ----------------------------------------------------------------------
     def reset(self, seed: int) -> GuiObservation:
@@ -141,20 +150,27 @@ class MiniWobEnv:
 
         u = self.env.unwrapped
         if action.kind == "click":
-            return u.create_action(ActionTypes.CLICK_COORDS, coords=np.array([action.x * screen_size[0], action.y * screen_size[1]], dtype=np.float32))
+            return u.create_action(
+                ActionTypes.CLICK_COORDS,
+                coords=np.array([action.x * screen_size[0], action.y * screen_size[1]], dtype=np.float32),
+            )
         if action.kind == "click_element":
             return u.create_action(ActionTypes.CLICK_ELEMENT, ref=int(action.ref))
         if action.kind == "type":
             return u.create_action(ActionTypes.TYPE_TEXT, text=str(action.text))
         return None
 
-    def step(self, action: Action, screen_size: tuple[int, int]) -> tuple[GuiObservation | None, float, bool, dict[str, Any]]:
+    def step(
+        self, action: Action, screen_size: tuple[int, int]
+    ) -> tuple[GuiObservation | None, float, bool, dict[str, Any]]:
         """``(observation, reward, done, info)``. A browser failure ends the episode as failed
         (reward 0, ``info["env_error"]``) and restarts the browser for the next reset."""
         try:
             a = self.to_miniwob(action, screen_size)
             if a is None:
-                a = self.env.unwrapped.create_action(__import__("miniwob.action", fromlist=["ActionTypes"]).ActionTypes.NONE)
+                a = self.env.unwrapped.create_action(
+                    __import__("miniwob.action", fromlist=["ActionTypes"]).ActionTypes.NONE
+                )
             raw, reward, terminated, truncated, info = self._call(lambda: self.env.step(a))
             return self._obs(raw), float(reward), bool(terminated or truncated), dict(info)
         except Exception as e:

@@ -11,40 +11,58 @@ of K rollouts per context, dynamic sampling of contexts whose K rewards differ, 
 held-out seeds with a Wilson interval, ``mmpo eval`` with GIFs) and its options
 (:mod:`mmpo.rollout.env_config`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo_tasks.gui_agent.gym_env import ENV_ID
-
 from mmpo.rollout.env_config import EnvTaskConfig, RiptConfig, VLAPolicyConfig
 from mmpo.rollout.env_runner import EnvSpec, SeedRange
 from mmpo.rollout.env_task import EnvSeedTask
+from mmpo_tasks.gui_agent.gym_env import ENV_ID
 
 GUI_PROMPT = "Screen task: {instruction} Click:"
 
 
-def miniwob_env_spec(tasks: list[str] | None = None, max_steps: int = 3, image_size: int = 112, max_envs: int = 16) -> EnvSpec:
+def miniwob_env_spec(
+    tasks: list[str] | None = None, max_steps: int = 3, image_size: int = 112, max_envs: int = 16
+) -> EnvSpec:
     """The ``EnvSpec`` of ``mmpo/MiniWoB-v0`` on ``tasks``."""
     return EnvSpec(
-        id=ENV_ID, kwargs={"tasks": list(tasks or ["click-test"])}, observation="image", image_size=image_size,
-        instruction_key="instruction", max_steps=max_steps, success="info_success", max_envs=max_envs,
+        id=ENV_ID,
+        kwargs={"tasks": list(tasks or ["click-test"])},
+        observation="image",
+        image_size=image_size,
+        instruction_key="instruction",
+        max_steps=max_steps,
+        success="info_success",
+        max_envs=max_envs,
     )
 
 
 @dataclass
 class MiniWobGrpoConfig(EnvTaskConfig):
-    env: EnvSpec = field(default_factory=miniwob_env_spec, metadata={"help": "The MiniWoB environment (kwargs.tasks: which tasks; a seed picks one)."})
+    env: EnvSpec = field(
+        default_factory=miniwob_env_spec,
+        metadata={"help": "The MiniWoB environment (kwargs.tasks: which tasks; a seed picks one)."},
+    )
     policy: VLAPolicyConfig = field(
-        default_factory=lambda: VLAPolicyConfig(action_space="binned", bins=16, action_vocab="actions", prompt_template=GUI_PROMPT),
+        default_factory=lambda: VLAPolicyConfig(
+            action_space="binned", bins=16, action_vocab="actions", prompt_template=GUI_PROMPT
+        ),
         metadata={"help": "How the VLM acts (binned click coordinates)."},
     )
     ript: RiptConfig = field(
         default_factory=lambda: RiptConfig(dynamic_sampling=True, skip_solved=False),
         metadata={"help": "Context sampling (dynamic: keep contexts whose K rewards differ)."},
     )
-    train_seeds: SeedRange = field(default_factory=lambda: SeedRange(0, 100_000), metadata={"help": "Training contexts (env seeds)."})
-    eval_seeds: SeedRange = field(default_factory=lambda: SeedRange(1_000_000, 100), metadata={"help": "Held-out contexts; must not overlap train_seeds."})
+    train_seeds: SeedRange = field(
+        default_factory=lambda: SeedRange(0, 100_000), metadata={"help": "Training contexts (env seeds)."}
+    )
+    eval_seeds: SeedRange = field(
+        default_factory=lambda: SeedRange(1_000_000, 100),
+        metadata={"help": "Held-out contexts; must not overlap train_seeds."},
+    )
 
 
 class MiniWobGrpoTask(EnvSeedTask):

@@ -8,6 +8,7 @@ Every ``click(x, y)`` step of an episode becomes an example: the screenshot as t
 action units (two bin tokens). Episodes with other actions (typing) are left out, since the
 policy only clicks. The demonstrations' (task, seed) instances must not be evaluation instances.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

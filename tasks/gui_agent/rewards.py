@@ -7,6 +7,7 @@ Value of a matching action type:
 - type: the same text after case and whitespace folding, or token F1 >= ``text_f1``;
 - scroll: the same direction; click_element: the same ref; back / home / enter / finished: the type.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,15 @@ from mmpo_tasks.gui_agent.actions import Action
 class GuiRewardConfig:
     format: float = field(default=0.1, metadata={"help": "Weight of a well-formed action.", "min": 0.0})
     action_type: float = field(default=0.3, metadata={"help": "Weight of the right action type.", "min": 0.0})
-    value: float = field(default=0.6, metadata={"help": "Weight of the right value / grounding (needs the right type).", "min": 0.0})
-    click_radius: float = field(default=0.14, metadata={"help": "Click distance (normalised) that counts without a target box.", "gt": 0.0})
-    text_f1: float = field(default=0.5, metadata={"help": "Token F1 at which a typed text counts.", "min": 0.0, "max": 1.0})
+    value: float = field(
+        default=0.6, metadata={"help": "Weight of the right value / grounding (needs the right type).", "min": 0.0}
+    )
+    click_radius: float = field(
+        default=0.14, metadata={"help": "Click distance (normalised) that counts without a target box.", "gt": 0.0}
+    )
+    text_f1: float = field(
+        default=0.5, metadata={"help": "Token F1 at which a typed text counts.", "min": 0.0, "max": 1.0}
+    )
 
 
 def _fold(text: str) -> list[str]:
@@ -53,7 +60,9 @@ def value_match(pred: Action, gold: Action, box: Sequence[float] | None, cfg: Gu
             return x0 <= pred.x <= x1 and y0 <= pred.y <= y1  # type: ignore[operator]
         return math.dist((pred.x, pred.y), (gold.x, gold.y)) <= cfg.click_radius  # type: ignore[arg-type]
     if pred.kind == "type":
-        return _fold(pred.text or "") == _fold(gold.text or "") or text_f1(pred.text or "", gold.text or "") >= cfg.text_f1
+        return (
+            _fold(pred.text or "") == _fold(gold.text or "") or text_f1(pred.text or "", gold.text or "") >= cfg.text_f1
+        )
     if pred.kind == "scroll":
         return pred.direction == gold.direction
     if pred.kind == "click_element":

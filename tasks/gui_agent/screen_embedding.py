@@ -14,6 +14,7 @@ embedding of its OCR text. Neither model is available offline, so we substitute:
 Empty inputs (an empty text, a uniform image) give the zero vector; see
 :func:`mmpo_tasks.gui_agent.exploration.cosine_sim` for how the rewards treat it.
 """
+
 from __future__ import annotations
 
 import re

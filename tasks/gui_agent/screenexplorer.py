@@ -15,26 +15,32 @@ What differs from ScreenExplorer, and why:
   the task's instruction (MiniWoB gives one; ScreenExplorer's desktop has none);
 - a MiniWoB task episode ends when the task does, not after a fixed 10 steps.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmpo_tasks.gui_agent.exploration import ExplorationRewardConfig
-from mmpo_tasks.gui_agent.miniwob_task import MiniWobGrpoConfig, MiniWobGrpoTask, miniwob_env_spec
-
 from mmpo.errors import ConfigError
 from mmpo.rollout.env_config import RiptConfig
 from mmpo.rollout.env_runner import EnvSpec
+from mmpo_tasks.gui_agent.exploration import ExplorationRewardConfig
+from mmpo_tasks.gui_agent.miniwob_task import MiniWobGrpoConfig, MiniWobGrpoTask, miniwob_env_spec
 
 
 @dataclass
 class WorldModelConfig:
     hidden: int = field(default=256, metadata={"help": "MLP width.", "min": 1})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (ScreenExplorer: 4e-5 for its 1B model).", "gt": 0.0})
-    epochs: int = field(default=3, metadata={"help": "Passes over the replay buffer after each rollout (ScreenExplorer: 3).", "min": 0})
+    lr: float = field(
+        default=1e-3, metadata={"help": "Adam learning rate (ScreenExplorer: 4e-5 for its 1B model).", "gt": 0.0}
+    )
+    epochs: int = field(
+        default=3, metadata={"help": "Passes over the replay buffer after each rollout (ScreenExplorer: 3).", "min": 0}
+    )
     batch_size: int = field(default=32, metadata={"help": "Transitions per world-model step.", "min": 1})
     capacity: int = field(default=4096, metadata={"help": "Replay buffer size (transitions).", "min": 1})
-    image_grid: int = field(default=16, metadata={"help": "Screen thumbnail side (image embedding = 3 * grid^2).", "min": 2})
+    image_grid: int = field(
+        default=16, metadata={"help": "Screen thumbnail side (image embedding = 3 * grid^2).", "min": 2}
+    )
     text_dim: int = field(default=512, metadata={"help": "Hashed text embedding size.", "min": 8})
 
 
@@ -49,17 +55,28 @@ class ScreenExplorerConfig(MiniWobGrpoConfig):
         metadata={"help": "Context sampling (no dynamic sampling: step rewards are rarely equal)."},
     )
     exploration: ExplorationRewardConfig = field(
-        default_factory=lambda: ExplorationRewardConfig(use_task_reward=True), metadata={"help": "Weights of the step reward components."}
+        default_factory=lambda: ExplorationRewardConfig(use_task_reward=True),
+        metadata={"help": "Weights of the step reward components."},
     )
-    world_model: WorldModelConfig = field(default_factory=WorldModelConfig, metadata={"help": "The online world model (curiosity)."})
+    world_model: WorldModelConfig = field(
+        default_factory=WorldModelConfig, metadata={"help": "The online world model (curiosity)."}
+    )
     actor_warmup_steps: int = field(
-        default=0, metadata={"help": "Training steps that only fit the world model before the policy is updated (ScreenExplorer: 5 episodes).", "min": 0}
+        default=0,
+        metadata={
+            "help": "Training steps that only fit the world model before the policy is updated "
+            "(ScreenExplorer: 5 episodes).",
+            "min": 0,
+        },
     )
 
 
 class ScreenExplorerTask(MiniWobGrpoTask):
     name = "screenexplorer"
-    description = "ScreenExplorer: GUI exploration RL on live MiniWoB++ with state-change, diversity, world-model curiosity and intent rewards"
+    description = (
+        "ScreenExplorer: GUI exploration RL on live MiniWoB++ with state-change, diversity, world-model curiosity "
+        "and intent rewards"
+    )
     Config = ScreenExplorerConfig
 
     @classmethod

@@ -14,6 +14,7 @@ from the other environment tasks is expressed through the environment trainer's 
 (:class:`mmpo.trainers.environment.EnvironmentTrainer`): ``build_extra_state``, ``run_episodes``,
 ``episode_reward``, ``step_advantages``, ``trains_policy``, ``save_extra`` / ``load_extra``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,8 +82,12 @@ class ScreenExplorerTrainer(MiniWobTrainer):
                 x, y = np.asarray(a, dtype=np.float64).reshape(-1)[:2]
                 under.append(text_under_box(doms[t], float(x), float(y), tuple(size)))
         return {
-            "pre_img": images[:-1], "post_img": images[1:], "pre_txt": texts[:-1], "post_txt": texts[1:],
-            "intent": self.text_embedder.embed([ep.instruction] * ep.length), "under": self.text_embedder.embed(under),
+            "pre_img": images[:-1],
+            "post_img": images[1:],
+            "pre_txt": texts[:-1],
+            "post_txt": texts[1:],
+            "intent": self.text_embedder.embed([ep.instruction] * ep.length),
+            "under": self.text_embedder.embed(under),
             "valid": torch.tensor([s.valid for s in ep.steps]),
             "task": torch.tensor([s.reward for s in ep.steps], dtype=torch.float32),
             "actions": [action_text(s.env_action) for s in ep.steps],
@@ -105,8 +110,17 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         for tr in trans:
             pred_img, pred_txt = wm.predict(tr["pre_img"], tr["pre_txt"], tr["actions"])
             total, comps = episode_rewards(
-                tr["pre_img"], tr["post_img"], tr["pre_txt"], tr["post_txt"], pred_img, pred_txt, tr["intent"],
-                tr["under"], tr["valid"], tr["task"], self.tc.exploration,
+                tr["pre_img"],
+                tr["post_img"],
+                tr["pre_txt"],
+                tr["post_txt"],
+                pred_img,
+                pred_txt,
+                tr["intent"],
+                tr["under"],
+                tr["valid"],
+                tr["task"],
+                self.tc.exploration,
             )
             step_rewards.append(total)
             for k in sums:

@@ -17,6 +17,7 @@ Every task but ``click-button-sequence`` is solved from the current DOM alone (f
 checkbox states and the focus flag say how far the episode has got), so a step that misfired is
 simply retried; ``click-button-sequence`` remembers the buttons clicked.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,15 +35,30 @@ Element = dict[str, Any]
 CSS_COLORS: dict[str, tuple[float, float, float]] = {
     name: (r / 255, g / 255, b / 255)
     for name, (r, g, b) in {
-        "red": (255, 0, 0), "blue": (0, 0, 255), "olive": (128, 128, 0), "lime": (0, 255, 0),
-        "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128), "gray": (128, 128, 128),
-        "purple": (128, 0, 128), "orange": (255, 165, 0), "yellow": (255, 255, 0), "cyan": (0, 255, 255),
-        "pink": (255, 192, 203), "magenta": (255, 0, 255),
+        "red": (255, 0, 0),
+        "blue": (0, 0, 255),
+        "olive": (128, 128, 0),
+        "lime": (0, 255, 0),
+        "black": (0, 0, 0),
+        "white": (255, 255, 255),
+        "grey": (128, 128, 128),
+        "gray": (128, 128, 128),
+        "purple": (128, 0, 128),
+        "orange": (255, 165, 0),
+        "yellow": (255, 255, 0),
+        "cyan": (0, 255, 255),
+        "pink": (255, 192, 203),
+        "magenta": (255, 0, 255),
     }.items()
 }
 ORDINALS = {"1st": 1, "2nd": 2, "3rd": 3}
-WIDGET_TAGS = {"radio": "input_radio", "checkbox": "input_checkbox", "text": "input_text",
-               "textarea": "textarea", "button": "button"}
+WIDGET_TAGS = {
+    "radio": "input_radio",
+    "checkbox": "input_checkbox",
+    "text": "input_text",
+    "textarea": "textarea",
+    "button": "button",
+}
 GRID = 9  # candidate click points per box side when the centre is covered
 
 
@@ -105,14 +121,20 @@ def _inside(p: tuple[float, float], r: tuple[float, float, float, float]) -> boo
     return r[0] <= p[0] <= r[2] and r[1] <= p[1] <= r[3]
 
 
-def _click_point(dom: list[Element], target: Element, box: tuple[float, float, float, float]) -> tuple[float, float] | None:
+def _click_point(
+    dom: list[Element], target: Element, box: tuple[float, float, float, float]
+) -> tuple[float, float] | None:
     """A point of ``box`` (pixels) not covered by an element painted later (a later DOM element
     that is not inside the target: e.g. click-test-2's second button over the first), the
     nearest to the centre; the centre when nothing covers it, None when all is covered."""
     ref = int(target["ref"])
     idx = next(i for i, e in enumerate(dom) if int(e["ref"]) == ref)
     inner = _descendants(dom, ref)
-    covers = [_rect(e) for e in dom[idx + 1:] if int(e["ref"]) not in inner and _num(e["width"]) > 0 and _num(e["height"]) > 0]
+    covers = [
+        _rect(e)
+        for e in dom[idx + 1 :]
+        if int(e["ref"]) not in inner and _num(e["width"]) > 0 and _num(e["height"]) > 0
+    ]
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     if not any(_inside((cx, cy), r) for r in covers):
         return cx, cy
@@ -137,7 +159,9 @@ def click(obs: GuiObservation, target: Element) -> SolverStep | None:
     if point is None:
         return None
     w, h = obs.screen_size
-    return SolverStep(Action("click", x=point[0] / w, y=point[1] / h), _norm_box(box, obs.screen_size), int(target["ref"]))
+    return SolverStep(
+        Action("click", x=point[0] / w, y=point[1] / h), _norm_box(box, obs.screen_size), int(target["ref"])
+    )
 
 
 def _type(obs: GuiObservation, target: Element, text: str) -> SolverStep | None:
@@ -182,7 +206,9 @@ def _fill(obs: GuiObservation, field_: Element, text: str) -> SolverStep | None 
     return None
 
 
-def _fill_then_submit(obs: GuiObservation, fields: list[tuple[Element | None, str]], submit: Element | None) -> SolverStep | None:
+def _fill_then_submit(
+    obs: GuiObservation, fields: list[tuple[Element | None, str]], submit: Element | None
+) -> SolverStep | None:
     for f, text in fields:
         if f is None:
             return None
@@ -199,7 +225,9 @@ def _by_id(dom: list[Element], id_: str) -> Element | None:
 def _label_text(dom: list[Element], control: Element) -> str:
     """The text of the label wrapping a checkbox / radio (its sibling text nodes)."""
     parent = int(control["parent"])
-    return " ".join(str(e["text"]).strip() for e in dom if int(e["parent"]) == parent and e["ref"] != control["ref"] and e["text"]).strip()
+    return " ".join(
+        str(e["text"]).strip() for e in dom if int(e["parent"]) == parent and e["ref"] != control["ref"] and e["text"]
+    ).strip()
 
 
 # -- one policy per task -------------------------------------------------------------------------
@@ -323,7 +351,9 @@ def _enter_password(obs: GuiObservation, mem: _Memory) -> SolverStep | None:
     pw = _quoted(obs.instruction)
     if not pw:
         return None
-    return _fill_then_submit(obs, [(_by_id(obs.dom, "password"), pw), (_by_id(obs.dom, "verify"), pw)], _submit(obs.dom))
+    return _fill_then_submit(
+        obs, [(_by_id(obs.dom, "password"), pw), (_by_id(obs.dom, "verify"), pw)], _submit(obs.dom)
+    )
 
 
 def _login_user(obs: GuiObservation, mem: _Memory) -> SolverStep | None:
@@ -420,5 +450,14 @@ def solve_step(task: str, obs: GuiObservation) -> Action | None:
     return None if step is None else step.action
 
 
-__all__ = ["CSS_COLORS", "SOLVABLE_TASKS", "STATEFUL_TASKS", "ScriptedSolver", "SolverError", "SolverStep",
-           "check_task", "click", "solve_step"]
+__all__ = [
+    "CSS_COLORS",
+    "SOLVABLE_TASKS",
+    "STATEFUL_TASKS",
+    "ScriptedSolver",
+    "SolverError",
+    "SolverStep",
+    "check_task",
+    "click",
+    "solve_step",
+]

@@ -7,6 +7,7 @@ it; target ``<action>...</action>``) with ``mmpo.sft`` and saves a save_pretrain
 
     python -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml --out runs/hicon_warm [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,12 @@ def target_text(action: Any) -> str:
 def warm_start(cfg: Any, out: str, sft: SFTConfig) -> dict[str, Any]:
     task, model, processor, policy = warm_start_setup(cfg)
     samples = [task.train_sample(i) for i in range(task.num_train())]
-    examples = completion_examples(policy, [s.messages for s in samples], [target_text(s.meta["action"]) for s in samples])
-    result = supervised_train(model, examples, lambda batch: completion_nll(policy, batch), sft, seed=cfg.seed, desc="warm start (GUI steps)")
+    examples = completion_examples(
+        policy, [s.messages for s in samples], [target_text(s.meta["action"]) for s in samples]
+    )
+    result = supervised_train(
+        model, examples, lambda batch: completion_nll(policy, batch), sft, seed=cfg.seed, desc="warm start (GUI steps)"
+    )
     result.update(examples=len(examples))
     save_warm_start(model, processor, out, result)
     return result

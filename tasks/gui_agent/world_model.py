@@ -13,6 +13,7 @@ The model keeps its own :class:`ReplayBuffer` of the last ``capacity`` transitio
 Adam state and its shuffling generator; :meth:`WorldModel.state_dict` holds all of them
 (tensors and plain numbers) for a trainer's checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,7 +42,12 @@ class ReplayBuffer:
         return 0 if not self.data else int(self.data["pre_img"].shape[0])
 
     def add(
-        self, pre_img: torch.Tensor, pre_txt: torch.Tensor, action: torch.Tensor, post_img: torch.Tensor, post_txt: torch.Tensor
+        self,
+        pre_img: torch.Tensor,
+        pre_txt: torch.Tensor,
+        action: torch.Tensor,
+        post_img: torch.Tensor,
+        post_txt: torch.Tensor,
     ) -> None:
         """Append ``B`` transitions (each ``[B, *]``; a single ``[*]`` is one transition), then
         drop the oldest beyond ``capacity``."""
@@ -117,7 +123,9 @@ class WorldModel:
         """Append ``B`` transitions to the model's buffer (``actions``: ``B`` texts or ``[B, Da]``)."""
         self.buffer.add(pre_img, pre_txt, self._action(actions), post_img, post_txt)
 
-    def forward(self, pre_img: torch.Tensor, pre_txt: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pre_img: torch.Tensor, pre_txt: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, D], [B, Dt], [B, Da]`` -> predicted ``([B, D], [B, Dt])`` (with grad)."""
         x = torch.cat([pre_img, pre_txt, action], dim=-1).float().to(self.device)
         out = self.net(x)
@@ -172,7 +180,12 @@ class WorldModel:
     def state_dict(self) -> dict[str, Any]:
         """Weights, Adam state, shuffling-generator state, buffer and dims."""
         return {
-            "config": {"img_dim": self.img_dim, "txt_dim": self.txt_dim, "action_dim": self.action_dim, "hidden": self.hidden},
+            "config": {
+                "img_dim": self.img_dim,
+                "txt_dim": self.txt_dim,
+                "action_dim": self.action_dim,
+                "hidden": self.hidden,
+            },
             "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "generator": self.generator.get_state(),

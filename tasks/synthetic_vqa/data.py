@@ -4,6 +4,7 @@ Each image holds ``count`` shapes (1-4) of one colour and one kind, in distinct 
 2x2 grid with jittered size and position. A question asks for the colour, the kind or the
 count, with the options listed in a fixed order, so the answer can only be read off the image.
 """
+
 from __future__ import annotations
 
 import random

@@ -1,14 +1,13 @@
 """``synthetic_vqa``: the quickstart task. Learn to read colour, shape and count off an image."""
+
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
-import torch
-
 from mmpo.rewards import choice_accuracy, choice_format
 from mmpo.tasks import RewardOutput, Sample, TokenTask
-from mmpo_tasks.synthetic_vqa.data import QUESTION_TYPES, Scene, question, random_scene, render
+from mmpo_tasks.synthetic_vqa.data import QUESTION_TYPES, question, random_scene, render
 
 
 @dataclass
@@ -20,7 +19,9 @@ class SyntheticVQAConfig:
     )
     answer_with: str = field(
         default="option",
-        metadata={"help": "'option': answer with the option text (e.g. 'red'); 'letter': with its letter. Both are accepted."},
+        metadata={
+            "help": "'option': answer with the option text (e.g. 'red'); 'letter': with its letter. Both are accepted."
+        },
     )
     format_weight: float = field(
         default=0.2, metadata={"help": "Weight of the format reward (an option is chosen, right or wrong)."}
@@ -56,7 +57,12 @@ class SyntheticVQATask(TokenTask):
         text, letters, answer, names = question(scene, qtype, self.config.answer_with)
         image = render(scene, self.config.image_size)
         messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
-        sample = Sample(id=f"{split}-{index}", messages=messages, answer=answer, meta={"letters": letters, "options": names, "qtype": qtype})
+        sample = Sample(
+            id=f"{split}-{index}",
+            messages=messages,
+            answer=answer,
+            meta={"letters": letters, "options": names, "qtype": qtype},
+        )
         return sample, (qtype, scene)
 
     def num_train(self) -> int:
@@ -92,11 +98,13 @@ class SyntheticVQATask(TokenTask):
 
     def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
         out = self.reward(samples, completions)
-        metrics = {"accuracy": float(out.components["accuracy"].mean()), "format": float(out.components["format"].mean())}
+        metrics = {
+            "accuracy": float(out.components["accuracy"].mean()),
+            "format": float(out.components["format"].mean()),
+        }
         metrics["chance"] = float(sum(1.0 / len(s.meta["letters"]) for s in samples) / len(samples))
         for q in self.config.question_types:
             idx = [i for i, s in enumerate(samples) if s.meta["qtype"] == q]
             if idx:
                 metrics[f"accuracy_{q}"] = float(out.components["accuracy"][idx].mean())
         return metrics
-

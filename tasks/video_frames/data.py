@@ -17,6 +17,7 @@ recorded as ``{"line": n, "id": ..., "error": "<file>: line <n>: key '<k>': <why
 counted from 1; for Parquet, rows counted from 1). ``DataError`` is raised only when the file
 itself cannot be read or no row is valid.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,7 +64,9 @@ def answer_letter(answer: Any, options: list[str]) -> str:
             return LETTERS[hits[0]]
         if len(hits) > 1:
             raise ValueError(f"{_show(text)} matches options {', '.join(LETTERS[k] for k in hits)}; give the letter")
-    raise ValueError(f"{_show(text)} is neither a letter A..{LETTERS[len(options) - 1]} nor one of the {len(options)} options")
+    raise ValueError(
+        f"{_show(text)} is neither a letter A..{LETTERS[len(options) - 1]} nor one of the {len(options)} options"
+    )
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -136,8 +139,9 @@ def _probe(path: Path) -> dict[str, Any]:
         return {"fps": reader.fps, "num_frames": reader.num_frames, "duration_s": reader.duration_s}
 
 
-def load_video_qa(path: str | os.PathLike[str], *, video_root: str | os.PathLike[str] | None = None,
-                  check_videos: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def load_video_qa(
+    path: str | os.PathLike[str], *, video_root: str | os.PathLike[str] | None = None, check_videos: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(rows, skipped)`` of a video QA file (layout and checks: module docstring).
 
     A row: ``{"id" (str), "video" (absolute path str), "question", "options", "answer" (letter),
@@ -194,8 +198,18 @@ def load_video_qa(path: str | os.PathLike[str], *, video_root: str | os.PathLike
         seen_ids[rid] = n
         meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
         meta.update({k: v for k, v in rec.items() if k not in REQUIRED and k != "meta"})
-        rows.append({"id": rid, "video": str(video), "question": question, "options": options, "answer": letter,
-                     "answer_text": options[LETTERS.index(letter)], **info, "meta": meta})
+        rows.append(
+            {
+                "id": rid,
+                "video": str(video),
+                "question": question,
+                "options": options,
+                "answer": letter,
+                "answer_text": options[LETTERS.index(letter)],
+                **info,
+                "meta": meta,
+            }
+        )
     if not rows:
         first = f"; first: {skipped[0]['error']}" if skipped else ""
         raise DataError(f"{path}: no valid rows ({total} read, {len(skipped)} skipped){first}")

@@ -11,6 +11,7 @@ Reward: accuracy + format + tool use + a turn-efficiency bonus (lambda_turn = 0.
 each logged. By default the tool and turn terms count only for a correct answer
 (``reward.shaping_needs_correct``), so calling tools cannot pay without answering right.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,31 +46,81 @@ class SyntheticVideoConfig:
     fps: float = field(default=4.0, metadata={"help": "Frames per second.", "gt": 0.0})
     size: int = field(default=64, metadata={"help": "Frame side in pixels.", "min": 16})
     num_events: int = field(default=3, metadata={"help": "Shapes shown per clip.", "min": 1})
-    kinds: list[str] = field(default_factory=lambda: ["colour_at"], metadata={"help": "Question kinds: colour_at, first_shape, when_colour, count."})
-    shuffle_options: bool = field(default=True, metadata={"help": "Shuffle colour options per question (false: always red, green, blue, yellow, so a tiny model can tie a colour to a letter)."})
+    kinds: list[str] = field(
+        default_factory=lambda: ["colour_at"],
+        metadata={"help": "Question kinds: colour_at, first_shape, when_colour, count."},
+    )
+    shuffle_options: bool = field(
+        default=True,
+        metadata={
+            "help": "Shuffle colour options per question (false: always red, green, blue, yellow, "
+            "so a tiny model can tie a colour to a letter)."
+        },
+    )
 
 
 @dataclass
 class FrameMindReward:
     accuracy: float = field(default=1.0, metadata={"help": "Weight of the correct answer.", "min": 0.0})
-    format: float = field(default=0.2, metadata={"help": "Weight of a well-formed <answer>LETTER</answer> with no malformed tool call.", "min": 0.0})
+    format: float = field(
+        default=0.2,
+        metadata={"help": "Weight of a well-formed <answer>LETTER</answer> with no malformed tool call.", "min": 0.0},
+    )
     tool: float = field(default=0.2, metadata={"help": "Weight of at least one successful tool call.", "min": 0.0})
-    turn_bonus: float = field(default=0.5, metadata={"help": "lambda_turn: bonus when the rollout used bonus_turns turns with a working tool call (FrameMind: 0.5 for 2-3).", "min": 0.0})
-    bonus_turns: list[int] = field(default_factory=lambda: [2, 3], metadata={"help": "Turn counts that earn the bonus (FrameMind: 2-3)."})
-    shaping_needs_correct: bool = field(default=True, metadata={"help": "Tool and turn terms count only for a correct answer (false: the paper's unconditional terms)."})
+    turn_bonus: float = field(
+        default=0.5,
+        metadata={
+            "help": "lambda_turn: bonus when the rollout used bonus_turns turns with a working tool call "
+            "(FrameMind: 0.5 for 2-3).",
+            "min": 0.0,
+        },
+    )
+    bonus_turns: list[int] = field(
+        default_factory=lambda: [2, 3], metadata={"help": "Turn counts that earn the bonus (FrameMind: 2-3)."}
+    )
+    shaping_needs_correct: bool = field(
+        default=True,
+        metadata={
+            "help": "Tool and turn terms count only for a correct answer (false: the paper's unconditional terms)."
+        },
+    )
 
 
 @dataclass
 class FrameMindConfig:
-    data: str = field(default="", metadata={"help": "Training video QA rows (.jsonl / .parquet: video, question, options, answer); empty: synthetic videos."})
-    eval_data: str = field(default="", metadata={"help": "Held-out rows (same layout); empty: synthetic held-out videos (or the training rows' last 10%)."})
-    synthetic: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig, metadata={"help": "Synthetic videos when data is empty."})
+    data: str = field(
+        default="",
+        metadata={
+            "help": "Training video QA rows (.jsonl / .parquet: video, question, options, answer); "
+            "empty: synthetic videos."
+        },
+    )
+    eval_data: str = field(
+        default="",
+        metadata={
+            "help": "Held-out rows (same layout); empty: synthetic held-out videos (or the training rows' last 10%)."
+        },
+    )
+    synthetic: SyntheticVideoConfig = field(
+        default_factory=SyntheticVideoConfig, metadata={"help": "Synthetic videos when data is empty."}
+    )
     ladder: list[list[int]] = field(
         default_factory=lambda: [[8, 56], [4, 84], [2, 112]],
-        metadata={"help": "DRFS resolution ladder: [num_frames, longer side px] settings, many small ... few large (similar image-token budgets)."},
+        metadata={
+            "help": "DRFS resolution ladder: [num_frames, longer side px] settings, many small ... few large "
+            "(similar image-token budgets)."
+        },
     )
-    drfs: bool = field(default=True, metadata={"help": "Rollout k of a group starts from ladder[k mod len]; false: every rollout from ladder[initial_setting]."})
-    initial_setting: int = field(default=1, metadata={"help": "Ladder index used without DRFS and at evaluation.", "min": 0})
+    drfs: bool = field(
+        default=True,
+        metadata={
+            "help": "Rollout k of a group starts from ladder[k mod len]; "
+            "false: every rollout from ladder[initial_setting]."
+        },
+    )
+    initial_setting: int = field(
+        default=1, metadata={"help": "Ladder index used without DRFS and at evaluation.", "min": 0}
+    )
     max_turns: int = field(default=3, metadata={"help": "Turn cap of a rollout.", "min": 1})
     tool_timeout_s: float = field(default=10.0, metadata={"help": "Per-call timeout.", "gt": 0.0})
     max_concurrency: int = field(default=8, metadata={"help": "Tool calls running at once.", "min": 1})
@@ -77,7 +128,10 @@ class FrameMindConfig:
     frame_size: int = field(default=112, metadata={"help": "Longer side of frame_at frames (px).", "min": 28})
     max_clip_frames: int = field(default=8, metadata={"help": "Cap of video_clip's num_frames.", "min": 1})
     reward: FrameMindReward = field(default_factory=FrameMindReward, metadata={"help": "Reward components."})
-    prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "User text after the initial frames ({duration}, {times}, {question}, {options})."})
+    prompt: str = field(
+        default=DEFAULT_PROMPT,
+        metadata={"help": "User text after the initial frames ({duration}, {times}, {question}, {options})."},
+    )
 
 
 def synthetic_folder(cfg: SyntheticVideoConfig, seed: int, n: int) -> Path:
@@ -87,14 +141,24 @@ def synthetic_folder(cfg: SyntheticVideoConfig, seed: int, n: int) -> Path:
 
     need = 1.0 + cfg.num_events * 1.0 + (cfg.num_events - 1) * 0.5  # 1-s events, 0.5-s gaps and margins
     if cfg.duration_s < need:
-        raise ConfigError(f"task.synthetic: {cfg.num_events} events need duration_s >= {need:g} s; got {cfg.duration_s:g}")
+        raise ConfigError(
+            f"task.synthetic: {cfg.num_events} events need duration_s >= {need:g} s; got {cfg.duration_s:g}"
+        )
     spec = {**asdict(cfg), "seed": seed, "n": n, "version": 1}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     folder = tiny_cache_root() / "video_qa" / f"synthetic-{key}"
     return write_cache_folder(
-        folder, "qa.jsonl",
+        folder,
+        "qa.jsonl",
         lambda out: synthetic_dataset(
-            out, n, seed, kinds=cfg.kinds, duration_s=cfg.duration_s, fps=cfg.fps, size=cfg.size, num_events=cfg.num_events,
+            out,
+            n,
+            seed,
+            kinds=cfg.kinds,
+            duration_s=cfg.duration_s,
+            fps=cfg.fps,
+            size=cfg.size,
+            num_events=cfg.num_events,
             shuffle_options=cfg.shuffle_options,
         ),
         what="Synthetic video set",
@@ -103,7 +167,10 @@ def synthetic_folder(cfg: SyntheticVideoConfig, seed: int, n: int) -> Path:
 
 class FrameMindTask(TokenTask):
     name = "framemind"
-    description = "FrameMind: video QA with frame tools (video_clip, frame_at) in a multi-turn loop, DRFS-GRPO over a resolution ladder"
+    description = (
+        "FrameMind: video QA with frame tools (video_clip, frame_at) in a multi-turn loop, "
+        "DRFS-GRPO over a resolution ladder"
+    )
     Config = FrameMindConfig
 
     def __init__(self, config: FrameMindConfig, *, seed: int = 0) -> None:
@@ -114,7 +181,9 @@ class FrameMindTask(TokenTask):
         if not config.ladder or any(len(s) != 2 or s[0] < 1 or s[1] < 28 for s in config.ladder):
             raise ConfigError(f"task.ladder must be [[num_frames >= 1, size >= 28 px], ...]; got {config.ladder}")
         if config.initial_setting >= len(config.ladder):
-            raise ConfigError(f"task.initial_setting={config.initial_setting} but the ladder has {len(config.ladder)} settings")
+            raise ConfigError(
+                f"task.initial_setting={config.initial_setting} but the ladder has {len(config.ladder)} settings"
+            )
         syn = config.synthetic
         train_path = config.data or synthetic_folder(syn, syn.seed, syn.num_train) / "qa.jsonl"
         self.train_rows, self.skipped = load_video_qa(train_path)
@@ -132,7 +201,11 @@ class FrameMindTask(TokenTask):
             import sys
 
             shown = "; ".join(str(x["error"]) for x in self.skipped[:3])
-            print(f"framemind: skipped {len(self.skipped)} row(s) with a missing or unreadable video or bad fields: {shown}", file=sys.stderr)
+            print(
+                f"framemind: skipped {len(self.skipped)} row(s) "
+                f"with a missing or unreadable video or bad fields: {shown}",
+                file=sys.stderr,
+            )
 
     # -- samples --------------------------------------------------------------------------------
     def _sample(self, row: dict[str, Any], evaluation: bool) -> Sample:
@@ -167,7 +240,9 @@ class FrameMindTask(TokenTask):
         times = [(j + 0.5) * dur / n for j in range(n)]
         frames = reader.frames_at(times, size)
         options = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(row["options"]))
-        text = self.config.prompt.format(duration=dur, times=", ".join(f"{t:.1f} s" for t in times), question=row["question"], options=options)
+        text = self.config.prompt.format(
+            duration=dur, times=", ".join(f"{t:.1f} s" for t in times), question=row["question"], options=options
+        )
         content = [{"type": "image", "image": f} for f in frames] + [{"type": "text", "text": text}]
         return [{"role": "user", "content": content}]
 
@@ -182,7 +257,11 @@ class FrameMindTask(TokenTask):
         return {"max_turns": c.max_turns, "tool_timeout_s": c.tool_timeout_s, "max_concurrency": c.max_concurrency}
 
     def tool_context(self, sample: Sample) -> dict[str, Any]:
-        return {"video": sample.meta["row"]["video"], "clip_size": self.config.clip_size, "frame_size": self.config.frame_size}
+        return {
+            "video": sample.meta["row"]["video"],
+            "clip_size": self.config.clip_size,
+            "frame_size": self.config.frame_size,
+        }
 
     # -- rewards --------------------------------------------------------------------------------
     def _letter(self, answer: str | None, sample: Sample) -> str | None:
@@ -194,7 +273,19 @@ class FrameMindTask(TokenTask):
 
     def reward_trajectories(self, samples: list[Sample], trajectories: list[Any]) -> RewardOutput:
         w = self.config.reward
-        comp: dict[str, list[float]] = {k: [] for k in ("accuracy", "format", "tool_use", "turn_bonus", "turns", "tool_calls", "tool_errors", "malformed_calls")}
+        comp: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "accuracy",
+                "format",
+                "tool_use",
+                "turn_bonus",
+                "turns",
+                "tool_calls",
+                "tool_errors",
+                "malformed_calls",
+            )
+        }
         for s, t in zip(samples, trajectories):
             letter = self._letter(t.answer, s)
             used_tool = t.tool_calls - t.tool_errors > 0
@@ -211,7 +302,11 @@ class FrameMindTask(TokenTask):
             comp["malformed_calls"].append(float(t.malformed_calls))
         c = {k: torch.tensor(v) for k, v in comp.items()}
         gate = c["accuracy"] if w.shaping_needs_correct else torch.ones_like(c["accuracy"])
-        reward = w.accuracy * c["accuracy"] + w.format * c["format"] + gate * (w.tool * c["tool_use"] + w.turn_bonus * c["turn_bonus"])
+        reward = (
+            w.accuracy * c["accuracy"]
+            + w.format * c["format"]
+            + gate * (w.tool * c["tool_use"] + w.turn_bonus * c["turn_bonus"])
+        )
         return RewardOutput(rewards=reward, components=c)
 
     def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:

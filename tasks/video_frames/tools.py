@@ -16,6 +16,7 @@ clamped and the returned text says so; ``end_s < start_s``, a NaN (Python's ``js
 Open readers are kept in a small LRU :class:`ReaderCache` keyed by the context path (plus the
 file's mtime and size), shared by both tools, so the calls of one rollout do not reopen the file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -122,7 +123,9 @@ class _VideoTool(Tool):
             return self.cache.get(Path(video))
         except DataError as e:
             log.warning("%s: %s", self.name, e)
-            return ToolResult(text=f"{self.name}: the video of this sample cannot be read; no frames are available", error=True)
+            return ToolResult(
+                text=f"{self.name}: the video of this sample cannot be read; no frames are available", error=True
+            )
 
     def _number(self, arguments: dict[str, Any], key: str) -> float | ToolResult:
         value = arguments.get(key)
@@ -160,7 +163,9 @@ class VideoClipTool(_VideoTool):
     def __init__(self, max_frames: int = 8, default_frames: int = 4, cache: ReaderCache | None = None) -> None:
         super().__init__(cache)
         if not 1 <= default_frames <= max_frames:
-            raise ValueError(f"video_clip: need 1 <= default_frames <= max_frames, got {default_frames} and {max_frames}")
+            raise ValueError(
+                f"video_clip: need 1 <= default_frames <= max_frames, got {default_frames} and {max_frames}"
+            )
         self.max_frames, self.default_frames = max_frames, default_frames
         self.description = (
             "Look at a stretch of the video: returns num_frames small frames evenly spaced from start_s to "
@@ -172,8 +177,12 @@ class VideoClipTool(_VideoTool):
             "properties": {
                 "start_s": {"type": "number", "description": "start of the range, seconds from the beginning"},
                 "end_s": {"type": "number", "description": "end of the range, seconds (>= start_s)"},
-                "num_frames": {"type": "integer", "minimum": 1, "maximum": max_frames,
-                               "description": f"how many frames, 1..{max_frames} (default {default_frames})"},
+                "num_frames": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": max_frames,
+                    "description": f"how many frames, 1..{max_frames} (default {default_frames})",
+                },
             },
             "required": ["start_s", "end_s"],
             "additionalProperties": False,
@@ -212,15 +221,19 @@ class VideoClipTool(_VideoTool):
             times = [start + k * (end - start) / (n - 1) for k in range(n)]
         indices = list(dict.fromkeys(reader.index_at(t) for t in times))  # unique, in time order
         if len(indices) < n:
-            notes.append(f"{n} frames asked; this range holds {len(indices)} distinct frame(s) "
-                         f"(the video has {reader.fps:g} frames per second)")
+            notes.append(
+                f"{n} frames asked; this range holds {len(indices)} distinct frame(s) "
+                f"(the video has {reader.fps:g} frames per second)"
+            )
         frames = self._frames(reader, indices, size)
         if isinstance(frames, ToolResult):
             return frames
         stamps = ", ".join(f"{fmt_time(reader.time_of(i))} s" for i in indices)
         head = "".join(f"{note}. " for note in notes)
-        text = (f"{head}{len(frames)} frame(s) of {fmt_time(start)}-{fmt_time(end)} s, in order, at {stamps} "
-                f"(the video is {fmt_time(duration)} s long).")
+        text = (
+            f"{head}{len(frames)} frame(s) of {fmt_time(start)}-{fmt_time(end)} s, in order, at {stamps} "
+            f"(the video is {fmt_time(duration)} s long)."
+        )
         return ToolResult(text=text, images=frames)
 
 
@@ -228,8 +241,10 @@ class FrameAtTool(_VideoTool):
     """The frame nearest to ``t_s`` at ``context["frame_size"]`` px, with its time."""
 
     name = "frame_at"
-    description = ("Look closely at one moment: returns the video frame nearest to t_s seconds, "
-                   "larger than video_clip's frames, with its timestamp.")
+    description = (
+        "Look closely at one moment: returns the video frame nearest to t_s seconds, "
+        "larger than video_clip's frames, with its timestamp."
+    )
     parameters = {
         "type": "object",
         "properties": {"t_s": {"type": "number", "description": "time in seconds from the beginning"}},

@@ -10,6 +10,7 @@ Only local files are opened, and always through their resolved absolute path (so
 ``http://...`` or ``concat:...`` can never be taken for an FFmpeg protocol). A missing, corrupt or
 empty file raises ``DataError`` naming the path and the reader's error.
 """
+
 from __future__ import annotations
 
 import json
@@ -191,7 +192,9 @@ class VideoReader:
                 break
             except ImportError as e:
                 errors.append(f"{name} is not installed ({_first_line(e)})")
-            except Exception as e:  # DataError from the checks; decord raises RuntimeError / DECORDError, PyAV FFmpegError
+            except (
+                Exception
+            ) as e:  # DataError from the checks; decord raises RuntimeError / DECORDError, PyAV FFmpegError
                 errors.append(f"{name}: {_first_line(e)}")
         if self._backend is None:
             raise DataError(f"{self.path}: cannot read video: {'; '.join(errors)}")
@@ -294,8 +297,9 @@ class VideoReader:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_video(frames: list[np.ndarray], path: str | os.PathLike[str], fps: float, *, crf: int = 18,
-                gop: int | None = None) -> Path:
+def write_video(
+    frames: list[np.ndarray], path: str | os.PathLike[str], fps: float, *, crf: int = 18, gop: int | None = None
+) -> Path:
     """Encode ``frames`` (each ``[H, W, 3]`` uint8 RGB, all one shape) as H.264 (libx264, yuv420p,
     constant ``fps``) with PyAV. yuv420p needs even sides: an odd height or width is padded by
     repeating the last row / column. ``gop``: key frame interval (x264's default, 250, when None).
@@ -341,7 +345,12 @@ def write_video(frames: list[np.ndarray], path: str | os.PathLike[str], fps: flo
 # ---------------------------------------------------------------------------------------------
 
 #: saturated colours that survive H.264 / yuv420p; the background is mid grey
-COLORS: dict[str, tuple[int, int, int]] = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+}
 BACKGROUND = (128, 128, 128)
 SHAPES = ("square", "circle", "triangle", "diamond")
 QUESTION_KINDS = ("colour_at", "first_shape", "when_colour", "count")
@@ -394,7 +403,9 @@ def _event_times(rng: np.random.Generator, duration_s: float, num_events: int) -
     return starts
 
 
-def _choice(rng: np.random.Generator, correct: str, options: list[str], *, keep_order: bool = False) -> tuple[list[str], str]:
+def _choice(
+    rng: np.random.Generator, correct: str, options: list[str], *, keep_order: bool = False
+) -> tuple[list[str], str]:
     if not keep_order:
         options = [options[k] for k in rng.permutation(len(options))]
     return options, LETTERS[options.index(correct)]
@@ -414,13 +425,27 @@ def event_questions(
     e = events[int(rng.integers(len(events)))]
     mid = (e["start_s"] + e["end_s"]) / 2
     options, answer = _choice(rng, e["color"], list(COLORS), keep_order=not shuffle_options)
-    out.append({"kind": "colour_at", "question": f"What colour is the shape shown at about {_fmt_s(mid)} s?",
-                "options": options, "answer": answer, "answer_text": e["color"]})
+    out.append(
+        {
+            "kind": "colour_at",
+            "question": f"What colour is the shape shown at about {_fmt_s(mid)} s?",
+            "options": options,
+            "answer": answer,
+            "answer_text": e["color"],
+        }
+    )
 
     first = min(events, key=lambda ev: ev["start_s"])
     options, answer = _choice(rng, first["shape"], list(SHAPES))
-    out.append({"kind": "first_shape", "question": "Which shape appears first?",
-                "options": options, "answer": answer, "answer_text": first["shape"]})
+    out.append(
+        {
+            "kind": "first_shape",
+            "question": "Which shape appears first?",
+            "options": options,
+            "answer": answer,
+            "answer_text": first["shape"],
+        }
+    )
 
     e = events[int(rng.integers(len(events)))]
     correct = (e["start_s"], e["end_s"])
@@ -431,17 +456,39 @@ def event_questions(
     labels = [f"{_fmt_s(a)}-{_fmt_s(b)} s" for a, b in spans]
     text = f"{_fmt_s(correct[0])}-{_fmt_s(correct[1])} s"
     options, answer = _choice(rng, text, labels, keep_order=True)
-    out.append({"kind": "when_colour", "question": f"At what time does the {e['color']} shape appear?",
-                "options": options, "answer": answer, "answer_text": text})
+    out.append(
+        {
+            "kind": "when_colour",
+            "question": f"At what time does the {e['color']} shape appear?",
+            "options": options,
+            "answer": answer,
+            "answer_text": text,
+        }
+    )
 
     options, answer = _choice(rng, str(len(events)), [str(k) for k in range(1, len(SHAPES) + 1)], keep_order=True)
-    out.append({"kind": "count", "question": "How many shapes appear in the video?",
-                "options": options, "answer": answer, "answer_text": str(len(events))})
+    out.append(
+        {
+            "kind": "count",
+            "question": "How many shapes appear in the video?",
+            "options": options,
+            "answer": answer,
+            "answer_text": str(len(events)),
+        }
+    )
     return out
 
 
-def synthetic_event_video(path: str | os.PathLike[str], *, seed: int, duration_s: float = 8, fps: float = 4,
-                          size: int = 64, num_events: int = 3, shuffle_options: bool = True) -> dict[str, Any]:
+def synthetic_event_video(
+    path: str | os.PathLike[str],
+    *,
+    seed: int,
+    duration_s: float = 8,
+    fps: float = 4,
+    size: int = 64,
+    num_events: int = 3,
+    shuffle_options: bool = True,
+) -> dict[str, Any]:
     """Write a ``size`` x ``size`` clip of ``duration_s`` s at ``fps`` to ``path``: a grey background
     with per-frame noise where ``num_events`` (1..4) shapes, each of its own colour and shape, are
     shown for 1 s each at random, non-overlapping times (starts on a 0.5 s grid).
@@ -465,8 +512,15 @@ def synthetic_event_video(path: str | os.PathLike[str], *, seed: int, duration_s
     events = []
     for start, color, shape in zip(starts, colors, shapes):
         x0, y0 = (int(v) for v in rng.integers(0, size - box + 1, size=2))
-        events.append({"start_s": float(start), "end_s": float(round(start + EVENT_S, 3)), "color": color, "shape": shape,
-                       "position": [x0, y0, x0 + box, y0 + box]})
+        events.append(
+            {
+                "start_s": float(start),
+                "end_s": float(round(start + EVENT_S, 3)),
+                "color": color,
+                "shape": shape,
+                "position": [x0, y0, x0 + box, y0 + box],
+            }
+        )
 
     num_frames = int(round(duration_s * fps))
     frames = []
@@ -482,8 +536,15 @@ def synthetic_event_video(path: str | os.PathLike[str], *, seed: int, duration_s
         img += rng.integers(-NOISE, NOISE + 1, size=img.shape, dtype=np.int16)
         frames.append(np.clip(img, 0, 255).astype(np.uint8))
     write_video(frames, path, fps)
-    return {"path": str(path), "fps": float(fps), "duration_s": float(duration_s), "num_frames": num_frames,
-            "size": size, "events": events, "questions": event_questions(events, float(duration_s), rng, shuffle_options=shuffle_options)}
+    return {
+        "path": str(path),
+        "fps": float(fps),
+        "duration_s": float(duration_s),
+        "num_frames": num_frames,
+        "size": size,
+        "events": events,
+        "questions": event_questions(events, float(duration_s), rng, shuffle_options=shuffle_options),
+    }
 
 
 def synthetic_dataset(
@@ -507,8 +568,17 @@ def synthetic_dataset(
         video_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         info = synthetic_event_video(folder / rel, seed=video_seed, **video_kwargs)
         q = next(q for q in info["questions"] if q["kind"] == kinds[i % len(kinds)])
-        rows.append({"id": f"synth_{i:05d}", "video": rel, "question": q["question"], "options": q["options"],
-                     "answer": q["answer"], "events": info["events"], "kind": q["kind"]})
+        rows.append(
+            {
+                "id": f"synth_{i:05d}",
+                "video": rel,
+                "question": q["question"],
+                "options": q["options"],
+                "answer": q["answer"],
+                "events": info["events"],
+                "kind": q["kind"],
+            }
+        )
     tmp = folder / f".qa.jsonl.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
@@ -518,6 +588,16 @@ def synthetic_dataset(
 
 
 __all__ = [
-    "BACKGROUND", "COLORS", "QUESTION_KINDS", "SHAPES", "VideoReader", "event_questions", "nearest_color",
-    "resize_longer", "shape_mask", "synthetic_dataset", "synthetic_event_video", "write_video",
+    "BACKGROUND",
+    "COLORS",
+    "QUESTION_KINDS",
+    "SHAPES",
+    "VideoReader",
+    "event_questions",
+    "nearest_color",
+    "resize_longer",
+    "shape_mask",
+    "synthetic_dataset",
+    "synthetic_event_video",
+    "write_video",
 ]

@@ -9,6 +9,7 @@ for ``mmpo train ... model.path=<out>``.
 
     python -m mmpo_tasks.video_frames.warm_start configs/framemind.yaml --out runs/framemind_warm [key=value ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,23 @@ def expert_script(row: dict[str, Any], answer: str, use_tool: bool, num_frames: 
     final = f"<answer>{answer}</answer>"
     if not use_tool:
         return [final]
-    call = {"name": "video_clip", "arguments": {"start_s": 0, "end_s": round(float(row["duration_s"]), 2), "num_frames": num_frames}}
+    call = {
+        "name": "video_clip",
+        "arguments": {"start_s": 0, "end_s": round(float(row["duration_s"]), 2), "num_frames": num_frames},
+    }
     return [f"<tool_call>{json.dumps(call)}</tool_call>", final]
 
 
-def expert_trajectories(task: Any, policy: Any, model: torch.nn.Module, *, examples: int, tool_fraction: float, seed: int, batch_size: int = 16) -> list[AgentTrajectory]:
+def expert_trajectories(
+    task: Any,
+    policy: Any,
+    model: torch.nn.Module,
+    *,
+    examples: int,
+    tool_fraction: float,
+    seed: int,
+    batch_size: int = 16,
+) -> list[AgentTrajectory]:
     """``examples`` expert conversations over the training rows (cycling; the k-th from DRFS setting k)."""
     from mmpo.rollout.engines.forced import ForcedTextEngine
 
@@ -45,7 +58,9 @@ def expert_trajectories(task: Any, policy: Any, model: torch.nn.Module, *, examp
         samples = [task.train_sample(i % task.num_train()) for i in idx]
         tools = rng.random(len(idx)) < tool_fraction
         scripts = [expert_script(x.meta["row"], x.answer, bool(t), n_frames) for x, t in zip(samples, tools)]
-        loop = AgentLoop(policy, ForcedTextEngine(policy, scripts), task.tools(), AgentSettings(**task.agent_settings()))
+        loop = AgentLoop(
+            policy, ForcedTextEngine(policy, scripts), task.tools(), AgentSettings(**task.agent_settings())
+        )
         encodings = [policy.encode(task.rollout_messages(x, i)) for x, i in zip(samples, idx)]
         out.extend(loop.run(model, encodings, [task.tool_context(x) for x in samples], device=torch.device("cpu")))
     return out
@@ -76,20 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--examples", type=int, default=256, help="expert conversations (default 256)")
-    p.add_argument("--tool-fraction", type=float, default=0.35, help="share of conversations that call video_clip (default 0.35)")
+    p.add_argument(
+        "--tool-fraction", type=float, default=0.35, help="share of conversations that call video_clip (default 0.35)"
+    )
     p.add_argument("--epochs", type=int, default=25)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     a = p.parse_args(argv)
     try:
         cfg = load_config(a.config, a.overrides)
-        res = warm_start(cfg, a.out, examples=a.examples, tool_fraction=a.tool_fraction,
-                         sft=SFTConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr))
+        res = warm_start(
+            cfg,
+            a.out,
+            examples=a.examples,
+            tool_fraction=a.tool_fraction,
+            sft=SFTConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr),
+        )
     except MMPOError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{a.out}: {res['examples']} expert conversations ({res['tool_fraction']:.0%} with a tool call), "
-          f"loss {res['loss_first_epoch']:.3f} -> {res['loss_last_epoch']:.3f}")
+    print(
+        f"{a.out}: {res['examples']} expert conversations ({res['tool_fraction']:.0%} with a tool call), "
+        f"loss {res['loss_first_epoch']:.3f} -> {res['loss_last_epoch']:.3f}"
+    )
     return 0
 
 

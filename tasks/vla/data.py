@@ -7,6 +7,7 @@ folder: absolute paths and ``..`` are refused, and no file outside the folder is
 
 A bad file raises ``DataError`` naming the file (and, for ``demos.jsonl``, the line counted from 1).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,13 @@ from mmpo.errors import DataError
 
 GENERATE_HINT = "python data_prep/babyai_demos.py --out {folder}"
 _KEYS: dict[str, type] = {
-    "episode": int, "seed": int, "t": int, "image": str, "instruction": str, "action": int, "action_name": str,
+    "episode": int,
+    "seed": int,
+    "t": int,
+    "image": str,
+    "instruction": str,
+    "action": int,
+    "action_name": str,
 }
 
 
@@ -81,7 +88,12 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 def _image_path(folder: Path, entry: str, where: str) -> Path:
     """The file of a relative image entry, refused when it could leave ``folder``."""
-    if not entry or PurePosixPath(entry).is_absolute() or PureWindowsPath(entry).is_absolute() or PureWindowsPath(entry).drive:
+    if (
+        not entry
+        or PurePosixPath(entry).is_absolute()
+        or PureWindowsPath(entry).is_absolute()
+        or PureWindowsPath(entry).drive
+    ):
         raise DataError(f"{where}: key 'image': {entry!r} must be a path relative to the demonstration folder")
     if ".." in PurePosixPath(entry.replace("\\", "/")).parts:
         raise DataError(f"{where}: key 'image': {entry!r} leaves the demonstration folder ('..' is refused)")
@@ -131,8 +143,17 @@ def load_demos(folder: str | Path, max_episodes: int = 0) -> tuple[list[DemoStep
             chosen.add(episode)
         where = f"{path}: line {lineno}"
         image = _load_image(_image_path(folder, row["image"], where), where)
-        steps.append(DemoStep(episode=episode, seed=row["seed"], t=row["t"], image=image,
-                              instruction=row["instruction"], action=row["action"], action_name=row["action_name"]))
+        steps.append(
+            DemoStep(
+                episode=episode,
+                seed=row["seed"],
+                t=row["t"],
+                image=image,
+                instruction=row["instruction"],
+                action=row["action"],
+                action_name=row["action_name"],
+            )
+        )
     return steps, meta
 
 

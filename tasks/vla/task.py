@@ -9,6 +9,7 @@ The options, the base task and the trainer are the shared environment ones
 (:mod:`mmpo.rollout.env_config`, :mod:`mmpo.rollout.env_task`, :mod:`mmpo.trainers.environment`);
 this plugin adds the reader of the BabyAI demonstrations.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

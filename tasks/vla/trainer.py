@@ -5,6 +5,7 @@ Every demonstration step becomes an example: the frame and the mission as the po
 and the demonstrated action as the policy's action units. The demonstrations must come from the
 task's environment, and their seeds must not be evaluation seeds.
 """
+
 from __future__ import annotations
 
 from typing import Any

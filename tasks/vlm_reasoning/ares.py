@@ -15,6 +15,7 @@ Pure torch / python, no model. One training step uses them in this order (as the
 Windows: ``H_bar[t]`` is the mean entropy of the ``w`` tokens *after* t (``t+1 .. t+w``, ARES code;
 ``include_current=True`` gives the paper's ``t .. t+w-1``); only complete windows count.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,9 +85,7 @@ TRIGGER_WORDS: frozenset[str] = load_trigger_words()
 # ----------------------------------------------------------------------------- HWE threshold
 def _check_entropy(token_entropy: Tensor, mask: Tensor) -> None:
     if token_entropy.dim() != 2 or token_entropy.shape != mask.shape:
-        raise ValueError(
-            f"token_entropy {tuple(token_entropy.shape)} and mask {tuple(mask.shape)} must both be [N, T]"
-        )
+        raise ValueError(f"token_entropy {tuple(token_entropy.shape)} and mask {tuple(mask.shape)} must both be [N, T]")
 
 
 def window_percentiles(
@@ -193,7 +192,7 @@ def hwe_count(
     for i, row in enumerate(token_texts):
         if len(row) > t_len:
             raise ValueError(f"token_texts row {i} has {len(row)} tokens, more than T = {t_len}")
-        if bool(valid[i, len(row):].any()):
+        if bool(valid[i, len(row) :].any()):
             raise ValueError(f"token_texts row {i} has {len(row)} tokens but the mask has valid positions beyond")
         for t, text in enumerate(row):
             if normalize_token(text, strip_punctuation) in lex:

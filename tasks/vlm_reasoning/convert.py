@@ -12,6 +12,7 @@ first data row of a file, after a CSV header), as the task's loader does, in err
 and counted instead (logged as a warning, with the first reason). The output JSONL is written
 to a temporary file and renamed, so it is never half written.
 """
+
 from __future__ import annotations
 
 import base64
@@ -181,7 +182,9 @@ class _Writer:
         tmp.write_text("".join(line + "\n" for line in self.lines), encoding="utf-8")
         os.replace(tmp, self.out_path)
         if self.stats.skipped:
-            log.warning("%s: skipped %d bad row(s); first: %s", self.out_path, self.stats.skipped, self.stats.first_error)
+            log.warning(
+                "%s: skipped %d bad row(s); first: %s", self.out_path, self.stats.skipped, self.stats.first_error
+            )
         log.info("%s: wrote %d row(s)", self.out_path, self.stats.written)
         return self.out_path
 
@@ -244,8 +247,16 @@ def pathvqa_to_jsonl(
             rid = f"pathvqa-{split_name}-{n:06d}"
             rel = f"images/{rid}.png"
             save_png(img, out / rel)
-            writer.add({"id": rid, "images": [rel], "question": question, "options": None, "answer": answer,
-                        "meta": {"source": "pathvqa", "qtype": qtype, "file": src.name, "row": i}})
+            writer.add(
+                {
+                    "id": rid,
+                    "images": [rel],
+                    "question": question,
+                    "options": None,
+                    "answer": answer,
+                    "meta": {"source": "pathvqa", "qtype": qtype, "file": src.name, "row": i},
+                }
+            )
             n += 1
     return writer.finish()
 
@@ -260,7 +271,10 @@ def _options(row: dict[str, Any]) -> list[str]:
     last = max((k for k, t in enumerate(present) if t), default=-1)
     for k in range(last):
         if not present[k]:
-            raise RowError(OPTION_LETTERS[k], f"empty, but option {OPTION_LETTERS[last]} is set (options must be A, B, ... without gaps)")
+            raise RowError(
+                OPTION_LETTERS[k],
+                f"empty, but option {OPTION_LETTERS[last]} is set (options must be A, B, ... without gaps)",
+            )
     options = present[: last + 1]
     if len(options) < 2:
         raise RowError("B", f"a multiple-choice row needs at least options A and B, got {len(options)}")
@@ -274,12 +288,16 @@ def _answer_letter(row: dict[str, Any], options: list[str]) -> str:
     if m:
         letter = m.group(1).upper()
         if OPTION_LETTERS.index(letter) >= len(options):
-            raise RowError("answer", f"{raw!r} names option {letter}, but only {OPTION_LETTERS[:len(options)]} are set")
+            raise RowError(
+                "answer", f"{raw!r} names option {letter}, but only {OPTION_LETTERS[: len(options)]} are set"
+            )
         return letter
     matches = [k for k, t in enumerate(options) if t.lower() == raw.lower()]
     if len(matches) == 1:
         return OPTION_LETTERS[matches[0]]
-    raise RowError("answer", f"{raw!r} is neither an option letter ({OPTION_LETTERS[:len(options)]}) nor the text of one option")
+    raise RowError(
+        "answer", f"{raw!r} is neither an option letter ({OPTION_LETTERS[: len(options)]}) nor the text of one option"
+    )
 
 
 def mcq_to_jsonl(
@@ -315,7 +333,9 @@ def mcq_to_jsonl(
     rows = iter_rows(src)
     if src.suffix.lower() in (".csv", ".tsv"):
         with open(src, encoding="utf-8-sig", newline="") as f:
-            header = [h.strip() for h in next(csv.reader(f, delimiter="\t" if src.suffix.lower() == ".tsv" else ","), [])]
+            header = [
+                h.strip() for h in next(csv.reader(f, delimiter="\t" if src.suffix.lower() == ".tsv" else ","), [])
+            ]
         missing = [c for c in ("question", "A", "B", "answer", "image") if c not in header]
         if missing:
             raise DataError(f"{src}: missing column(s) {missing}; header is {header}")
@@ -346,8 +366,13 @@ def mcq_to_jsonl(
         meta: dict[str, Any] = {"source": stem, "row": i}
         if row.get("id") not in (None, ""):
             meta["source_id"] = row["id"]
-        out_row: dict[str, Any] = {"id": f"{stem}-{n:06d}", "images": rels, "question": question,
-                                   "options": options, "answer": answer}
+        out_row: dict[str, Any] = {
+            "id": f"{stem}-{n:06d}",
+            "images": rels,
+            "question": question,
+            "options": options,
+            "answer": answer,
+        }
         solution = row.get("solution") or row.get("explanation")
         if isinstance(solution, str) and solution.strip():
             out_row["solution"] = solution.strip()

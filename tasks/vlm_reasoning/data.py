@@ -32,6 +32,7 @@ A bad row raises ``DataError("<file>: row <i>: field '<name>': <why>")`` (rows c
 with ``skip_bad_rows`` it is skipped and the loader logs once
 ``"skipped K of N rows in <file>: first: <reason>"``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -240,7 +241,9 @@ def iter_records(path: Path, *, json_lines: bool = False) -> Iterator[tuple[int,
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); a .json file holds a list of rows, use .jsonl for one row a line") from None
+            raise DataError(
+                f"{path}: not valid JSON ({exc}); a .json file holds a list of rows, use .jsonl for one row a line"
+            ) from None
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
         yield from enumerate(data)
@@ -282,7 +285,7 @@ class _Context:
 
     def resolve(self, ref: str, field_name: str) -> Path:
         """An existing file for path ``ref`` (absolute; else under image_root, then the file's folder)."""
-        ref = ref[len("file://"):] if ref.startswith("file://") else ref
+        ref = ref[len("file://") :] if ref.startswith("file://") else ref
         p = Path(ref).expanduser()
         if p.is_absolute():
             tried = [p]
@@ -515,10 +518,20 @@ def _from_llava(rec: dict[str, Any], ctx: _Context) -> dict[str, Any]:
     q_i = next((i for i, t in enumerate(conv) if isinstance(t, dict) and t.get("from") in ("human", "user")), None)
     if q_i is None:
         raise RowError("conversations", "has no turn from 'human'")
-    a_i = next((i for i in range(q_i + 1, len(conv)) if isinstance(conv[i], dict) and conv[i].get("from") in ("gpt", "assistant")), None)
+    a_i = next(
+        (
+            i
+            for i in range(q_i + 1, len(conv))
+            if isinstance(conv[i], dict) and conv[i].get("from") in ("gpt", "assistant")
+        ),
+        None,
+    )
     return {
         "question": _text(conv[q_i].get("value"), f"conversations[{q_i}].value"),
-        "answer": (f"conversations[{a_i if a_i is not None else q_i + 1}].value", conv[a_i].get("value") if a_i is not None else None),
+        "answer": (
+            f"conversations[{a_i if a_i is not None else q_i + 1}].value",
+            conv[a_i].get("value") if a_i is not None else None,
+        ),
         "images": _images(rec.get("image", rec.get("images")), "image" if "image" in rec else "images", ctx),
         "options": ("options", rec.get("options")),
         "solution": None,
@@ -597,7 +610,9 @@ def _letter_for(answer: str, original: Any, options: list[str], field_name: str)
             return letters[k]
     if isinstance(original, int) and not isinstance(original, bool) and 0 <= original < len(options):
         return letters[original]
-    raise RowError(field_name, f"{answer!r} is neither an option letter {letters[0]}-{letters[-1]} nor one of the options")
+    raise RowError(
+        field_name, f"{answer!r} is neither an option letter {letters[0]}-{letters[-1]} nor one of the options"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +661,9 @@ def load_file(
     if skipped:
         log.warning("skipped %d of %d rows in %s: first: %s", skipped, total, ctx.file, first_error)
     if not rows:
-        raise DataError(f"{ctx.file}: no usable rows" + (f" (all {total} were bad; first: {first_error})" if total else ""))
+        raise DataError(
+            f"{ctx.file}: no usable rows" + (f" (all {total} were bad; first: {first_error})" if total else "")
+        )
     return LoadResult(rows=rows, total=total, skipped=skipped, first_error=first_error)
 
 
@@ -669,8 +686,9 @@ def load_rows(
         left = max_rows - len(out.rows) if max_rows else 0
         if max_rows and left <= 0:
             break
-        res = load_file(f, format=format, image_root=image_root, answer_type=answer_type,
-                        skip_bad_rows=skip_bad_rows, max_rows=left)
+        res = load_file(
+            f, format=format, image_root=image_root, answer_type=answer_type, skip_bad_rows=skip_bad_rows, max_rows=left
+        )
         out.rows.extend(res.rows)
         out.total += res.total
         out.skipped += res.skipped
@@ -679,6 +697,19 @@ def load_rows(
 
 
 __all__ = [
-    "FORMATS", "ANSWER_TYPES", "IMAGE_PLACEHOLDER", "VIDEO_PLACEHOLDER", "LETTERS", "ImageSource", "VideoSource",
-    "Row", "LoadResult", "RowError", "data_files", "iter_records", "detect_format", "load_file", "load_rows",
+    "FORMATS",
+    "ANSWER_TYPES",
+    "IMAGE_PLACEHOLDER",
+    "VIDEO_PLACEHOLDER",
+    "LETTERS",
+    "ImageSource",
+    "VideoSource",
+    "Row",
+    "LoadResult",
+    "RowError",
+    "data_files",
+    "iter_records",
+    "detect_format",
+    "load_file",
+    "load_rows",
 ]

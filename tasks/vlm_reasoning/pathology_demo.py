@@ -29,6 +29,7 @@ split) by deterministic subsampling; rows are shuffled with a fixed seed. Option
 order per question (as in "A. yes B. no" benchmarks), so the answer letter depends on the image
 alone; with balanced labels a constant letter still scores only chance (0.5).
 """
+
 from __future__ import annotations
 
 import json
@@ -136,7 +137,9 @@ def stain_label(rgb: np.ndarray, pair: str, fraction: float | None = None) -> tu
     ``fraction``: the crop's tissue fraction when already known.
     """
     balance, margin, min_tissue, other = (
-        (HE_BALANCE, HE_MARGIN, HE_MIN_TISSUE, "eosin") if pair == "he" else (IHC_BALANCE, IHC_MARGIN, IHC_MIN_TISSUE, "DAB")
+        (HE_BALANCE, HE_MARGIN, HE_MIN_TISSUE, "eosin")
+        if pair == "he"
+        else (IHC_BALANCE, IHC_MARGIN, IHC_MIN_TISSUE, "DAB")
     )
     if (tissue_fraction(rgb) if fraction is None else fraction) < min_tissue:
         return None, float("nan")
@@ -269,15 +272,24 @@ def build(out_dir: Path, *, image_size: int = DEFAULT_IMAGE_SIZE, data_dir: Path
             rel = f"images/{split}-{i:05d}.png"
             Image.fromarray(c.pixels).resize((image_size, image_size), Image.Resampling.LANCZOS).save(out_dir / rel)
             qtype = c.group.split("_")[0]
-            lines.append(json.dumps({
-                "id": f"pathdemo-{split}-{i:05d}",
-                "images": [rel],
-                "question": text,
-                "options": options,
-                "answer": LETTERS[options.index(c.label)],
-                "meta": {"source": c.source, "qtype": qtype, "label": c.label,
-                         "region": list(c.region), "value": round(c.value, 4)},
-            }))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": f"pathdemo-{split}-{i:05d}",
+                        "images": [rel],
+                        "question": text,
+                        "options": options,
+                        "answer": LETTERS[options.index(c.label)],
+                        "meta": {
+                            "source": c.source,
+                            "qtype": qtype,
+                            "label": c.label,
+                            "region": list(c.region),
+                            "value": round(c.value, 4),
+                        },
+                    }
+                )
+            )
             counts[f"{split}/{qtype}/{c.label}"] += 1
         paths[split] = out_dir / f"{split}.jsonl"
         paths[split].write_text("\n".join(lines) + "\n")
@@ -292,8 +304,10 @@ def _is_complete(root: Path, image_size: int) -> bool:
     except (OSError, ValueError):
         return False
     return (
-        m.get("version") == VERSION and m.get("image_size") == image_size
-        and (root / "train.jsonl").is_file() and (root / "test.jsonl").is_file()
+        m.get("version") == VERSION
+        and m.get("image_size") == image_size
+        and (root / "train.jsonl").is_file()
+        and (root / "test.jsonl").is_file()
     )
 
 
@@ -309,8 +323,9 @@ def _replaceable(root: Path) -> bool:
         return False
 
 
-def ensure_demo(root: Path | None = None, *, image_size: int = DEFAULT_IMAGE_SIZE,
-                data_dir: Path | None = None) -> dict[str, Path]:
+def ensure_demo(
+    root: Path | None = None, *, image_size: int = DEFAULT_IMAGE_SIZE, data_dir: Path | None = None
+) -> dict[str, Path]:
     """Build the demo set once into ``root`` (default :func:`default_root`) and return its files.
 
     The set is built in a temporary sibling folder and renamed into place, so ``root`` is either

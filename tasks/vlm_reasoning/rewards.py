@@ -11,6 +11,7 @@ Components (each a float tensor ``[N]``, all logged as ``reward/<name>``):
   completion, an option is named (multiple choice) or the answer is non-empty (open)).
 - ``answer_found``: an answer block with some content exists (weight 0: logged only).
 """
+
 from __future__ import annotations
 
 from typing import Sequence

@@ -4,6 +4,7 @@ Data come from a JSONL / JSON / Parquet file (ours, TRL, verl / EasyR1 or LLaVA 
 ``data.py``), or, with no ``train_file``, from the offline pathology demo set. The reward is
 ``accuracy_weight * accuracy + format_weight * format`` (Patho-R1 / OThink-MR1 use 1 and 1).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from mmpo.config import FieldError
-from mmpo.errors import DataError
 import torch
 
+from mmpo.config import FieldError
 from mmpo.core.ares import bucket_codes
+from mmpo.errors import DataError
 from mmpo.tasks import RewardOutput, RolloutView, Sample, TokenTask
 from mmpo_tasks.vlm_reasoning import ares
 from mmpo_tasks.vlm_reasoning.data import Row, load_rows
@@ -31,18 +32,28 @@ class AresConfig:
     enabled: bool = field(default=False, metadata={"help": "Add ARES's hierarchical entropy reward r_H to the reward."})
     window: int = field(default=4, metadata={"help": "Window entropy length w (tokens after each position).", "min": 1})
     percentile: float = field(
-        default=95.0, metadata={"help": "Per-response percentile of window entropies behind the HWE threshold.",
-                                "min": 0.0, "max": 100.0}
+        default=95.0,
+        metadata={
+            "help": "Per-response percentile of window entropies behind the HWE threshold.",
+            "min": 0.0,
+            "max": 100.0,
+        },
     )
     tau_init: float = field(default=1.5, metadata={"help": "Initial HWE threshold (ARES's fallback 1.5).", "gt": 0.0})
     tau_momentum: float = field(
-        default=0.99, metadata={"help": "EMA weight of the old threshold (0.99 old / 0.01 new batch median).",
-                                "min": 0.0, "max": 1.0}
+        default=0.99,
+        metadata={
+            "help": "EMA weight of the old threshold (0.99 old / 0.01 new batch median).",
+            "min": 0.0,
+            "max": 1.0,
+        },
     )
     targets: Optional[dict[str, float]] = field(
         default=None,
-        metadata={"help": "Fixed HWE-count targets per bucket {easy, medium, hard}; null = each step's rounded bucket "
-                  "mean (ARES code, which makes the alpha adaptation nearly inert)."},
+        metadata={
+            "help": "Fixed HWE-count targets per bucket {easy, medium, hard}; null = each step's rounded bucket "
+            "mean (ARES code, which makes the alpha adaptation nearly inert)."
+        },
     )
 
 
@@ -50,35 +61,48 @@ class AresConfig:
 class VLMReasoningConfig:
     train_file: Optional[str] = field(
         default=None,
-        metadata={"help": "Training data: a .jsonl/.json/.parquet file or a folder of them; null = the offline "
-                  "pathology demo set.", "path": True},
+        metadata={
+            "help": "Training data: a .jsonl/.json/.parquet file or a folder of them; null = the offline "
+            "pathology demo set.",
+            "path": True,
+        },
     )
     eval_file: Optional[str] = field(
         default=None,
-        metadata={"help": "Held-out data; null = the demo test split (no train_file) or eval_fraction of the "
-                  "train rows.", "path": True},
+        metadata={
+            "help": "Held-out data; null = the demo test split (no train_file) or eval_fraction of the train rows.",
+            "path": True,
+        },
     )
     eval_fraction: float = field(
         default=0.1,
-        metadata={"help": "Share of train_file rows held out for evaluation when eval_file is null (chosen by a "
-                  "hash of each row, so the split does not depend on the seed or the row order).", "min": 0.0, "max": 0.9},
+        metadata={
+            "help": "Share of train_file rows held out for evaluation when eval_file is null (chosen by a "
+            "hash of each row, so the split does not depend on the seed or the row order).",
+            "min": 0.0,
+            "max": 0.9,
+        },
     )
     format: Literal["auto", "mmpo", "trl", "verl", "llava"] = field(
         default="auto", metadata={"help": "Data layout; 'auto' detects it per file from its first row."}
     )
     image_root: Optional[str] = field(
         default=None,
-        metadata={"help": "Folder that relative image paths are read from first (then the data file's folder).",
-                  "path": True},
+        metadata={
+            "help": "Folder that relative image paths are read from first (then the data file's folder).",
+            "path": True,
+        },
     )
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Skip rows that do not fit (counted and reported) instead of stopping."}
     )
     template: Literal["think", "concise", "plain", "direct"] = field(
         default="think",
-        metadata={"help": "'think': <think>..</think><answer>..</answer> (R1 / Patho-R1); 'concise': the same with "
-                  "chain-of-draft (short) thinking; 'plain': only <answer>..</answer>; 'direct': the bare answer "
-                  "(option text), for tiny / base models that cannot follow tags yet."},
+        metadata={
+            "help": "'think': <think>..</think><answer>..</answer> (R1 / Patho-R1); 'concise': the same with "
+            "chain-of-draft (short) thinking; 'plain': only <answer>..</answer>; 'direct': the bare answer "
+            "(option text), for tiny / base models that cannot follow tags yet."
+        },
     )
     system_prompt: Optional[str] = field(
         default=None, metadata={"help": "Replaces the template's system prompt (keep its output contract)."}
@@ -90,23 +114,27 @@ class VLMReasoningConfig:
     )
     answer_type: Literal["auto", "choice", "open"] = field(
         default="auto",
-        metadata={"help": "'auto': multiple choice when a row has options; 'choice': rows without options are bad "
-                  "rows; 'open': ask for the option's text instead of its letter."},
+        metadata={
+            "help": "'auto': multiple choice when a row has options; 'choice': rows without options are bad "
+            "rows; 'open': ask for the option's text instead of its letter."
+        },
     )
     rel_tol: float = field(
-        default=0.0, metadata={"help": "Relative tolerance for numeric open answers (absolute 1e-6 always).", "min": 0.0}
+        default=0.0,
+        metadata={"help": "Relative tolerance for numeric open answers (absolute 1e-6 always).", "min": 0.0},
     )
     min_pixels: int = field(
         default=28 * 28 * 4, metadata={"help": "Fewest pixels per image / video frame after resizing.", "min": 1}
     )
     max_pixels: int = field(
         default=28 * 28 * 16,
-        metadata={"help": "Most pixels per image / video frame after resizing (28x28 px = one vision token).", "min": 1},
+        metadata={
+            "help": "Most pixels per image / video frame after resizing (28x28 px = one vision token).",
+            "min": 1,
+        },
     )
     video_fps: float = field(default=2.0, metadata={"help": "Frames per second sampled from video files.", "gt": 0.0})
-    video_max_frames: int = field(
-        default=8, metadata={"help": "Most frames kept per video (evenly spread).", "min": 2}
-    )
+    video_max_frames: int = field(default=8, metadata={"help": "Most frames kept per video (evenly spread).", "min": 2})
     max_rows: int = field(
         default=0, metadata={"help": "Use only the first N good rows of each data source (0 = all).", "min": 0}
     )
@@ -149,8 +177,12 @@ class VLMReasoningTask(TokenTask):
     def _load(self, path: str | Path) -> list[Row]:
         c = self.config
         return load_rows(
-            path, format=c.format, image_root=c.image_root, answer_type=c.answer_type,
-            skip_bad_rows=c.skip_bad_rows, max_rows=c.max_rows,
+            path,
+            format=c.format,
+            image_root=c.image_root,
+            answer_type=c.answer_type,
+            skip_bad_rows=c.skip_bad_rows,
+            max_rows=c.max_rows,
         ).rows
 
     def _load_splits(self) -> tuple[list[Row], list[Row]]:
@@ -172,7 +204,9 @@ class VLMReasoningTask(TokenTask):
 
     def sample(self, row: Row) -> Sample:
         """The prompt of one row (images decoded now)."""
-        messages = build_messages(row, template=self.config.template, system=self.config.system_prompt, vision=self.vision)
+        messages = build_messages(
+            row, template=self.config.template, system=self.config.system_prompt, vision=self.vision
+        )
         meta = {
             "options": list(row.options) if row.options else None,
             "letters": row.letters,
@@ -202,8 +236,12 @@ class VLMReasoningTask(TokenTask):
     def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
         c = self.config
         return score(
-            samples, completions, template=c.template, accuracy_weight=c.accuracy_weight,
-            format_weight=c.format_weight, rel_tol=c.rel_tol,
+            samples,
+            completions,
+            template=c.template,
+            accuracy_weight=c.accuracy_weight,
+            format_weight=c.format_weight,
+            rel_tol=c.rel_tol,
         )
 
     def reward_with_rollout(self, samples: list[Sample], completions: list[str], rollout: RolloutView) -> RewardOutput:
@@ -232,10 +270,18 @@ class VLMReasoningTask(TokenTask):
         ares.update_alpha(self.ares_state, all_counts, all_buckets, targets)
         r_h = ares.hierarchical_entropy_reward(correct, count, buckets, self.ares_state, targets=targets)
         components = dict(out.components)
-        components.update({"entropy_shaping": r_h, "hwe_count": count.float(), "hwe_invalid": invalid.float(),
-                           "hwe_tau": torch.full_like(r_h, self.hwe_threshold.tau)})
+        components.update(
+            {
+                "entropy_shaping": r_h,
+                "hwe_count": count.float(),
+                "hwe_invalid": invalid.float(),
+                "hwe_tau": torch.full_like(r_h, self.hwe_threshold.tau),
+            }
+        )
         row_info = {"bucket": bucket_codes(buckets), "correct": correct, "soft_cost": soft.float()}
-        return RewardOutput(rewards=self.config.accuracy_weight * correct + r_h, components=components, row_info=row_info)
+        return RewardOutput(
+            rewards=self.config.accuracy_weight * correct + r_h, components=components, row_info=row_info
+        )
 
     def state_dict(self) -> dict[str, object]:
         if not self.config.ares.enabled:
@@ -256,7 +302,9 @@ class VLMReasoningTask(TokenTask):
         acc = out.components["accuracy"]
         metrics = {"reward": float(out.rewards.mean())}
         metrics.update({k: float(v.mean()) for k, v in out.components.items()})
-        metrics["chance"] = sum(1.0 / len(s.meta["letters"]) if s.meta.get("letters") else 0.0 for s in samples) / len(samples)
+        metrics["chance"] = sum(1.0 / len(s.meta["letters"]) if s.meta.get("letters") else 0.0 for s in samples) / len(
+            samples
+        )
         qtypes = sorted({str(s.meta["qtype"]) for s in samples if s.meta.get("qtype") is not None})
         for q in qtypes:
             idx = [i for i, s in enumerate(samples) if s.meta.get("qtype") is not None and str(s.meta["qtype"]) == q]

@@ -13,6 +13,7 @@ A multiple-choice question lists its options as ``"A. text"`` lines (unless the 
 has them) and asks for the letter. Images go where the question has ``<image>`` placeholders when
 their number matches the images, else all before the text; a video goes first.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ SYSTEM_PROMPTS: dict[str, str] = {
     "think": (
         "You are a careful visual reasoning assistant. First think about the question step by step, "
         "then give the final answer. Write your reasoning inside <think> </think> tags, followed by the "
-        "final answer inside <answer> </answer> tags, i.e. <think> reasoning here </think><answer> answer here </answer>."
+        "final answer inside <answer> </answer> tags, "
+        "i.e. <think> reasoning here </think><answer> answer here </answer>."
     ),
     "concise": (
         "You are a careful visual reasoning assistant. Think step by step, but keep only a minimal draft "
@@ -146,6 +148,15 @@ def build_messages(
 
 
 __all__ = [
-    "TEMPLATES", "SYSTEM_PROMPTS", "CHOICE_INSTRUCTION", "DIRECT_CHOICE_INSTRUCTION", "OPEN_INSTRUCTION", "VisionSettings", "system_prompt",
-    "question_tail", "user_text", "user_content", "build_messages",
+    "TEMPLATES",
+    "SYSTEM_PROMPTS",
+    "CHOICE_INSTRUCTION",
+    "DIRECT_CHOICE_INSTRUCTION",
+    "OPEN_INSTRUCTION",
+    "VisionSettings",
+    "system_prompt",
+    "question_tail",
+    "user_text",
+    "user_content",
+    "build_messages",
 ]

@@ -10,6 +10,7 @@ Tissue detection is the classic per-pixel test "saturated, not near-white, not b
 stained tissue (H&E, IHC) is coloured. Fixed thresholds are used rather than a per-tile Otsu
 threshold, because Otsu on a tile that is all background (or all tissue) still splits it in two.
 """
+
 from __future__ import annotations
 
 import json
@@ -299,8 +300,15 @@ def tile_slide(
             rel = f"tiles/{stem}_L{level}_x{x}_y{y}.png"
             Image.fromarray(rgb).save(out / rel)
             rows.append(
-                {"slide": str(slide_path), "level": level, "x": x, "y": y, "size": tile_size,
-                 "tissue_fraction": round(frac, 6), "path": rel}
+                {
+                    "slide": str(slide_path),
+                    "level": level,
+                    "x": x,
+                    "y": y,
+                    "size": tile_size,
+                    "tissue_fraction": round(frac, 6),
+                    "path": rel,
+                }
             )
             if max_tiles and len(rows) >= max_tiles:
                 break

@@ -1,4 +1,5 @@
 """Stateless advantage estimators against hand-computed values and independent loops."""
+
 from __future__ import annotations
 
 import math

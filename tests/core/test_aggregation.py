@@ -1,4 +1,5 @@
 """Loss aggregation modes, including Dr. GRPO's length invariance."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """ARES per-bucket dynamic KL (ALGORITHMS.md B3.8): controller, per-sample betas, second chance."""
+
 from __future__ import annotations
 
 import json

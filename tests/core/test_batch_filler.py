@@ -1,4 +1,5 @@
 """GroupBatchFiller: DAPO's keep-drawing-until-full bookkeeping."""
+
 from __future__ import annotations
 
 import pytest

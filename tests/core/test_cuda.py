@@ -1,4 +1,5 @@
 """Every core entry gives the same result on CUDA tensors as on CPU (skipped without a GPU)."""
+
 from __future__ import annotations
 
 import pytest

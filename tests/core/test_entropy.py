@@ -1,4 +1,5 @@
 """Entropy helpers: full, top-K with tail bucket (ARES), window means."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """HCPO's two-branch loss against its formula (ALGORITHMS.md B5), value and gradients."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,17 @@ def _inputs(seed: int = 0):
 def test_value_matches_the_formula_token_by_token():
     logp_c, logp_u, old, ref, adv, mask = _inputs()
     beta, coef, eps = 0.01, 10.0, 0.2
-    loss, metrics = hcpo_loss(logp_c, logp_u, old, adv, mask, beta=beta, alignment_coef=coef, logp_ref=ref,
-                              loss_options={"eps_low": eps, "eps_high": eps})
+    loss, metrics = hcpo_loss(
+        logp_c,
+        logp_u,
+        old,
+        adv,
+        mask,
+        beta=beta,
+        alignment_coef=coef,
+        logp_ref=ref,
+        loss_options={"eps_low": eps, "eps_high": eps},
+    )
     r = torch.exp(logp_c.detach() - old)
     A = adv[:, None].expand(3, 4)
     pg_c = torch.maximum(-A * r, -A * r.clamp(1 - eps, 1 + eps))
@@ -38,7 +48,9 @@ def test_value_matches_the_formula_token_by_token():
     torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-5)
     m = mask.float()
     assert math.isclose(metrics["pg_u"], float((pg_u * m).sum() / m.sum()), rel_tol=1e-5)
-    assert math.isclose(metrics["kl_align"], float((_k3(logp_c.detach(), logp_u.detach()) * m).sum() / m.sum()), rel_tol=1e-5)
+    assert math.isclose(
+        metrics["kl_align"], float((_k3(logp_c.detach(), logp_u.detach()) * m).sum() / m.sum()), rel_tol=1e-5
+    )
 
 
 def test_gradients_of_each_branch():

@@ -1,4 +1,5 @@
 """KL estimators: values, clamps, and the gradients that motivate k2 / straight-through forms."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Policy losses: values from the formulas, gradients where the gradient is the point."""
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,9 @@ def test_ppo_clip_higher_and_dual_clip():
 
 def test_ppo_clip_log_ratio_clamped_at_20():
     logp = torch.tensor([[50.0]], requires_grad=True)
-    loss, _ = POLICY_LOSSES.get("ppo_clip")(logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool))
+    loss, _ = POLICY_LOSSES.get("ppo_clip")(
+        logp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool)
+    )
     assert loss.item() == pytest.approx(math.exp(20.0), rel=1e-5)
 
 
@@ -86,7 +89,9 @@ def test_gspo_sequence_ratio_shared_by_all_tokens():
 
 def test_gspo_clips_sequence_ratio():
     logp = torch.tensor([[0.01, 0.03]], requires_grad=True)  # s = exp(0.02) > 1 + 4e-4
-    loss, m = POLICY_LOSSES.get("gspo")(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool))
+    loss, m = POLICY_LOSSES.get("gspo")(
+        logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool)
+    )
     torch.testing.assert_close(loss, torch.tensor([[-(1 + 4e-4), -(1 + 4e-4)]]))
     assert torch.equal(_grad(loss, logp), torch.zeros(1, 2))
     assert m["clip_frac"] == 1.0 and POLICY_LOSSES.get("gspo").default_agg_mode == "seq-mean-token-mean"
@@ -175,7 +180,7 @@ def test_chunk_log_ratio_geometric_mean():
     start = 0
     for j, c in enumerate(sizes):
         for i in range(3):
-            vals = lr[i, start:start + c].tolist()
+            vals = lr[i, start : start + c].tolist()
             assert out[i, j].item() == pytest.approx(sum(vals) / c, abs=1e-6)
             geo = math.prod(math.exp(v) for v in vals) ** (1 / c)
             assert math.exp(out[i, j].item()) == pytest.approx(geo, rel=1e-5)
@@ -186,6 +191,10 @@ def test_chunk_log_ratio_geometric_mean():
 
 def test_shape_errors():
     with pytest.raises(ValueError, match="advantages"):
-        POLICY_LOSSES.get("ppo_clip")(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
+        POLICY_LOSSES.get("ppo_clip")(
+            torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match="logp"):
-        POLICY_LOSSES.get("ppo_clip")(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool))
+        POLICY_LOSSES.get("ppo_clip")(
+            torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3, dtype=torch.bool)
+        )

@@ -1,4 +1,5 @@
 """Public surface of mmpo.core: exports, registry contents, unknown names, state classes."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,41 @@ REGISTRIES = {
     "POLICY_LOSSES": {"ppo_clip", "gspo", "dcpo", "ce_gppo", "aspo", "no_clip_pg"},
     "KL_ESTIMATORS": {"k1", "abs", "k2", "k3", "k1+", "k3+", "gaussian"},
     "KL_SCHEDULES": {"constant", "grpo_d", "othink_v", "pi_target", "ares_bucket"},
-    "GROUP_FILTERS": {"dynamic", "overlong_filter", "soft_overlong_punishment", "cppo_prune", "ript_skip", "lspo", "d3s"},
+    "GROUP_FILTERS": {
+        "dynamic",
+        "overlong_filter",
+        "soft_overlong_punishment",
+        "cppo_prune",
+        "ript_skip",
+        "lspo",
+        "d3s",
+    },
     "AGGREGATIONS": {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "otm"},
 }
 
-STATEFUL = {("ADVANTAGES", "dcpo_sas"), ("ADVANTAGES", "rank_ema"), ("KL_SCHEDULES", "pi_target"), ("KL_SCHEDULES", "ares_bucket"), ("GROUP_FILTERS", "ript_skip")}
+STATEFUL = {
+    ("ADVANTAGES", "dcpo_sas"),
+    ("ADVANTAGES", "rank_ema"),
+    ("KL_SCHEDULES", "pi_target"),
+    ("KL_SCHEDULES", "ares_bucket"),
+    ("GROUP_FILTERS", "ript_skip"),
+}
 
 
 def test_exports():
-    for name in ["ADVANTAGES", "POLICY_LOSSES", "KL_ESTIMATORS", "KL_SCHEDULES", "GROUP_FILTERS",
-                 "AGGREGATIONS", "aggregate", "chunk_log_ratio", "kl_to_reward", "entropy", "Registry"]:
+    for name in [
+        "ADVANTAGES",
+        "POLICY_LOSSES",
+        "KL_ESTIMATORS",
+        "KL_SCHEDULES",
+        "GROUP_FILTERS",
+        "AGGREGATIONS",
+        "aggregate",
+        "chunk_log_ratio",
+        "kl_to_reward",
+        "entropy",
+        "Registry",
+    ]:
         assert hasattr(core, name), name
     assert core.Registry is registry.Registry
     assert callable(core.entropy.token_entropy)

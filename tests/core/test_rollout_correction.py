@@ -1,4 +1,5 @@
 """Rollout importance-sampling weights against their definitions."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Group filters: DAPO dynamic / overlong, CPPO, RIPT skipping, LSPO, D3S."""
+
 from __future__ import annotations
 
 import itertools
@@ -48,7 +49,9 @@ def test_soft_overlong_punishment_hand_values():
     delta = _f("soft_overlong_punishment")(lengths, max_len=20, cache_len=4, penalty=0.5)
     torch.testing.assert_close(delta, torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5]))
     # DAPO setting: halfway into the 4096 buffer costs 0.5
-    assert _f("soft_overlong_punishment")(torch.tensor([18432]), max_len=20480, cache_len=4096).item() == pytest.approx(-0.5)
+    assert _f("soft_overlong_punishment")(torch.tensor([18432]), max_len=20480, cache_len=4096).item() == pytest.approx(
+        -0.5
+    )
 
 
 def test_cppo_prune_keeps_largest_abs_advantage():

@@ -1,4 +1,5 @@
 """KL coefficient schedules: constant, GRPO-D V shape (section D), PI controller."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """dcpo_sas and rank_ema: hand values, an independent reference loop, and JSON state round trips."""
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,7 @@ def test_dcpo_sas_prompt_keys_share_stats_across_group_ids():
     DCPO(_t([1.0, 0.0, 0.0, 1.0]), torch.tensor([0] * 4), state=state, prompt_keys=["q"] * 4)
     # a different group id with the same key is the second visit of "q"
     rewards = [1.0, 1.0, 0.0, 1.0, 0.5, 0.25]
-    adv = DCPO(_t(rewards), torch.tensor([42] * 4 + [7] * 2), state=state,
-               prompt_keys=["q"] * 4 + ["other"] * 2)
+    adv = DCPO(_t(rewards), torch.tensor([42] * 4 + [7] * 2), state=state, prompt_keys=["q"] * 4 + ["other"] * 2)
     torch.testing.assert_close(adv[:4], _t(_dcpo_reference([[1.0, 0.0, 0.0, 1.0], rewards[:4]])))
     torch.testing.assert_close(adv[4:], _t(_dcpo_reference([rewards[4:]])))
     assert state.stats["q"].visits == 2 and state.stats["other"].visits == 1

@@ -1,4 +1,5 @@
 """Converters from public pathology VQA layouts, on small files written in the public layouts."""
+
 from __future__ import annotations
 
 import base64
@@ -41,6 +42,7 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- PathVQA
+
 
 def _pathvqa_table(rows: list[tuple[object, str | None, str | None]]) -> pa.Table:
     """The Hugging Face datasets Parquet layout: image = struct<bytes: binary, path: string>."""
@@ -156,7 +158,18 @@ def image_folder(tmp_path: Path) -> dict[str, np.ndarray]:
 
 def test_mcq_csv_with_options_a_to_e(tmp_path: Path, image_folder: dict[str, np.ndarray]) -> None:
     rows = [
-        ["q-1", "Which stain is this?", "H&E", "PAS", "Trichrome", "Giemsa", "Congo red", "C", "s1.png", "Blue collagen."],
+        [
+            "q-1",
+            "Which stain is this?",
+            "H&E",
+            "PAS",
+            "Trichrome",
+            "Giemsa",
+            "Congo red",
+            "C",
+            "s1.png",
+            "Blue collagen.",
+        ],
         ["q-2", "Grade?", "low", "high", "", "", "", "(b)", "s2.jpg", ""],
         ["q-3", "Which cell?", "neutrophil", "eosinophil", "lymphocyte", "", "", "lymphocyte", "sub/s3.png", ""],
         ["q-4", "Same slide again?", "yes", "no", "maybe", "", "", "A.", "s1.png", ""],
@@ -167,8 +180,10 @@ def test_mcq_csv_with_options_a_to_e(tmp_path: Path, image_folder: dict[str, np.
     assert out == tmp_path / "out" / "pathmcq.jsonl"
     got = _read_jsonl(out)
     assert [r["options"] for r in got] == [
-        ["H&E", "PAS", "Trichrome", "Giemsa", "Congo red"], ["low", "high"],
-        ["neutrophil", "eosinophil", "lymphocyte"], ["yes", "no", "maybe"],
+        ["H&E", "PAS", "Trichrome", "Giemsa", "Congo red"],
+        ["low", "high"],
+        ["neutrophil", "eosinophil", "lymphocyte"],
+        ["yes", "no", "maybe"],
     ]
     assert [r["answer"] for r in got] == ["C", "B", "C", "A"]
     assert [r["id"] for r in got] == [f"pathmcq-{i:06d}" for i in range(4)]
@@ -184,7 +199,13 @@ def test_mcq_csv_with_options_a_to_e(tmp_path: Path, image_folder: dict[str, np.
 def test_mcq_jsonl_images_relative_to_the_source(tmp_path: Path, image_folder: dict[str, np.ndarray]) -> None:
     src = tmp_path / "set.jsonl"
     rows = [
-        {"question": "Two images?", "A": "same", "B": "different", "answer": "b", "image": ["images/s1.png", "images/s2.jpg"]},
+        {
+            "question": "Two images?",
+            "A": "same",
+            "B": "different",
+            "answer": "b",
+            "image": ["images/s1.png", "images/s2.jpg"],
+        },
         {"question": "Missing E?", "A": "x", "B": "y", "C": "z", "D": "w", "answer": "D", "image": "images/sub/s3.png"},
     ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -199,11 +220,17 @@ def test_mcq_jsonl_images_relative_to_the_source(tmp_path: Path, image_folder: d
     ("row", "message"),
     [
         (["1", "Q?", "a", "", "c", "", "", "A", "s1.png", ""], r"row 0: field 'B': empty, but option C is set"),
-        (["1", "Q?", "a", "b", "", "", "", "D", "s1.png", ""], r"row 0: field 'answer': 'D' names option D, but only AB"),
+        (
+            ["1", "Q?", "a", "b", "", "", "", "D", "s1.png", ""],
+            r"row 0: field 'answer': 'D' names option D, but only AB",
+        ),
         (["1", "Q?", "a", "b", "", "", "", "maybe", "s1.png", ""], r"row 0: field 'answer': 'maybe' is neither"),
         (["1", "Q?", "a", "b", "", "", "", "", "s1.png", ""], r"row 0: field 'answer': empty"),
         (["1", "Q?", "a", "", "", "", "", "A", "s1.png", ""], r"row 0: field 'B': a multiple-choice row needs"),
-        (["1", "Q?", "a", "b", "", "", "", "A", "nope.png", ""], r"row 0: field 'image': image file .*nope\.png not found"),
+        (
+            ["1", "Q?", "a", "b", "", "", "", "A", "nope.png", ""],
+            r"row 0: field 'image': image file .*nope\.png not found",
+        ),
         (["1", "", "a", "b", "", "", "", "A", "s1.png", ""], r"row 0: field 'question': empty"),
     ],
 )
@@ -216,13 +243,18 @@ def test_mcq_bad_row_gives_the_named_error(tmp_path: Path, image_folder: dict, r
 
 def test_mcq_skip_bad_rows_and_missing_column(tmp_path: Path, image_folder: dict) -> None:
     src = tmp_path / "mixed.csv"
-    _write_csv(src, [
-        ["1", "ok?", "a", "b", "", "", "", "A", "s1.png", ""],
-        ["2", "bad?", "a", "b", "", "", "", "Z", "s1.png", ""],
-        ["3", "ok too?", "a", "b", "c", "", "", "c", "s2.jpg", ""],
-    ])
+    _write_csv(
+        src,
+        [
+            ["1", "ok?", "a", "b", "", "", "", "A", "s1.png", ""],
+            ["2", "bad?", "a", "b", "", "", "", "Z", "s1.png", ""],
+            ["3", "ok too?", "a", "b", "c", "", "", "c", "s2.jpg", ""],
+        ],
+    )
     stats = ConvertStats()
-    got = _read_jsonl(mcq_to_jsonl(src, tmp_path / "out", image_root=tmp_path / "images", skip_bad_rows=True, stats=stats))
+    got = _read_jsonl(
+        mcq_to_jsonl(src, tmp_path / "out", image_root=tmp_path / "images", skip_bad_rows=True, stats=stats)
+    )
     assert [r["question"] for r in got] == ["ok?", "ok too?"] and [r["answer"] for r in got] == ["A", "C"]
     assert (stats.written, stats.skipped) == (2, 1) and "row 1: field 'answer'" in stats.first_error
     _write_csv(tmp_path / "nocol.csv", [["q", "a", "b", "A"]], header=["question", "A", "B", "answer"])
@@ -238,13 +270,20 @@ def _cli(name: str):
 
 def test_clis_convert_and_report(tmp_path: Path, image_folder: dict, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "mini.csv"
-    _write_csv(src, [["1", "ok?", "a", "b", "", "", "", "B", "images/s1.png", ""],
-                     ["2", "bad?", "a", "b", "", "", "", "Q", "images/s1.png", ""]])
+    _write_csv(
+        src,
+        [
+            ["1", "ok?", "a", "b", "", "", "", "B", "images/s1.png", ""],
+            ["2", "bad?", "a", "b", "", "", "", "Q", "images/s1.png", ""],
+        ],
+    )
     assert _cli("mcq_to_jsonl")([str(src), "--out", str(tmp_path / "o1")]) == 2
     assert "mini.csv: row 1: field 'answer'" in capsys.readouterr().err
     assert _cli("mcq_to_jsonl")([str(src), "--out", str(tmp_path / "o1"), "--skip-bad-rows"]) == 0
     assert "1 row(s) written, 1 skipped" in capsys.readouterr().out
     assert _read_jsonl(tmp_path / "o1" / "mini.jsonl")[0]["answer"] == "B"
-    pq.write_table(_pathvqa_table([({"bytes": _encode(_img((1, 2, 3))), "path": None}, "q?", "Yes")]), tmp_path / "p.parquet")
+    pq.write_table(
+        _pathvqa_table([({"bytes": _encode(_img((1, 2, 3))), "path": None}, "q?", "Yes")]), tmp_path / "p.parquet"
+    )
     assert _cli("pathvqa_to_jsonl")([str(tmp_path / "p.parquet"), "--out", str(tmp_path / "o2"), "--split", "dev"]) == 0
     assert _read_jsonl(tmp_path / "o2" / "dev.jsonl")[0]["answer"] == "yes"

@@ -1,4 +1,5 @@
 """The real-image pathology demo set: labels follow the pixel rules, splits are disjoint, builds are reproducible."""
+
 from __future__ import annotations
 
 import json
@@ -183,4 +184,6 @@ def test_build_cli_prints_the_balance(built: tuple[Path, Path], capsys: pytest.C
     for key, n in counts.items():
         split, qtype_label = key.split("/", 1)
         assert f"  {qtype_label}: {n}" in out
-    assert f"train: {built[0] / 'train.jsonl'} ({sum(v for k, v in counts.items() if k.startswith('train/'))} rows)" in out
+    assert (
+        f"train: {built[0] / 'train.jsonl'} ({sum(v for k, v in counts.items() if k.startswith('train/'))} rows)" in out
+    )

@@ -1,4 +1,5 @@
 """Whole-slide tiling on the real SVS and on synthetic TIFFs written with tifffile."""
+
 from __future__ import annotations
 
 import json
@@ -120,7 +121,9 @@ def test_stride_and_max_tiles(svs: Path, tmp_path: Path) -> None:
     assert first == [dict(r) for r in all_rows[:3]]
 
 
-def _write_tiff(path: Path, image: np.ndarray, *, tile: tuple[int, int] | None = (64, 64), pyramid: bool = False) -> None:
+def _write_tiff(
+    path: Path, image: np.ndarray, *, tile: tuple[int, int] | None = (64, 64), pyramid: bool = False
+) -> None:
     with tifffile.TiffWriter(path) as tw:
         tw.write(image, tile=tile, photometric="rgb", subifds=1 if pyramid else None)
         if pyramid:
@@ -181,6 +184,9 @@ def test_tile_wsi_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main([str(tmp_path / "s.tif"), str(tmp_path / "out"), "--tile-size", "64", "--min-tissue", "0.9"]) == 0
     assert capsys.readouterr().out.startswith("3 tile(s) written")
     assert [(r["x"], r["y"]) for r in map(json.loads, (tmp_path / "out" / "tiles.jsonl").read_text().splitlines())] == [
-        (0, 0), (64, 0), (128, 0)]
+        (0, 0),
+        (64, 0),
+        (128, 0),
+    ]
     assert main([str(tmp_path / "missing.svs"), str(tmp_path / "out")]) == 2
     assert "missing.svs: slide file not found" in capsys.readouterr().err

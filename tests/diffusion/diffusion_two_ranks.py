@@ -6,6 +6,7 @@ the task's states, the last KL) and, for FIND, its value net with the value net'
 
     torchrun --nproc-per-node 2 tests/diffusion/diffusion_two_ranks.py OUT CONFIG [key=value ...]
 """
+
 from __future__ import annotations
 
 import json

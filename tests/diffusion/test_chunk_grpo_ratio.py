@@ -2,6 +2,7 @@
 ratios, ``exp(mean_t (logp_new_t - logp_old_t))``, fed to the clipped surrogate; chunk size 1
 (flow_grpo) is the per-step ratio. Trainers built from the recipes with tiny overrides; the
 per-step log-probs are recomputed here with ``policy.step``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,10 @@ from mmpo.core.kl import gaussian_kl
 from mmpo.trainers.denoising import ChunkGRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
-PROMPTS = [f"task.prompts={ROOT / 'configs/prompts/colors.jsonl'}",
-           f"task.eval_prompts={ROOT / 'configs/prompts/colors_eval.jsonl'}"]
+PROMPTS = [
+    f"task.prompts={ROOT / 'configs/prompts/colors.jsonl'}",
+    f"task.eval_prompts={ROOT / 'configs/prompts/colors_eval.jsonl'}",
+]
 SMALL = ["rollout.group_size=3", "rollout.prompts_per_step=1", "eval.num_samples=1", "task.sampling.eval_num_steps=2"]
 
 
@@ -36,12 +39,15 @@ def _perturb(module: torch.nn.Module, scale: float, seed: int = 0) -> None:
 def _step_logps(trainer, batch, start: int, end: int) -> torch.Tensor:
     """logp_new of the stored transitions ``[N, end - start]`` under the current weights (with grad)."""
     lat = batch.traj.latents
-    return torch.stack([
-        trainer.policy.step(
-            trainer.engine.module, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1]
-        ).log_prob
-        for i in range(start, end)
-    ], 1)
+    return torch.stack(
+        [
+            trainer.policy.step(
+                trainer.engine.module, lat[:, i], trainer.schedule, i, batch.cond, prev_sample=lat[:, i + 1]
+            ).log_prob
+            for i in range(start, end)
+        ],
+        1,
+    )
 
 
 def _ppo_clip(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
@@ -51,8 +57,9 @@ def _ppo_clip(ratio: torch.Tensor, adv: torch.Tensor, eps_low: float, eps_high: 
 @pytest.fixture(scope="module")
 def chunk(tmp_path_factory):
     """chunk_grpo (tiny Flux) over 5 steps in chunks [2, 3]; one rollout, then perturbed weights."""
-    trainer = _trainer("chunk_grpo.yaml", tmp_path_factory.mktemp("chunk"), "task.sampling.num_steps=5",
-                       "task.chunks.sizes=[2,3]")
+    trainer = _trainer(
+        "chunk_grpo.yaml", tmp_path_factory.mktemp("chunk"), "task.sampling.num_steps=5", "task.chunks.sizes=[2,3]"
+    )
     batch, _ = trainer.rollout()
     _perturb(trainer.engine.module, 0.05)
     return trainer, batch
@@ -124,8 +131,9 @@ def test_flow_grpo_chunk_size_one_gives_per_step_ratios_and_the_kl(tmp_path):
     """flow_grpo (tiny SD3, CFG, beta 0.04): every step is its own unit with ratio
     exp(logp_new - logp_old), timestep_fraction 0.99 leaves the last step out, and the KL term is
     |mu - mu_ref|^2 / (2 sigma_t^2) against the frozen copy."""
-    trainer = _trainer("flow_grpo.yaml", tmp_path, "task.sampling.num_steps=3", "task.sampling.height=16",
-                       "task.sampling.width=16")
+    trainer = _trainer(
+        "flow_grpo.yaml", tmp_path, "task.sampling.num_steps=3", "task.sampling.height=16", "task.sampling.width=16"
+    )
     assert trainer.model.family == "sd3" and trainer.ref is not None and trainer.beta(0) == pytest.approx(0.04)
     assert trainer.partition() == [1, 1, 1]
     assert trainer._trained_chunks(0) == [(0, 1), (1, 2)]  # int(3 * 0.99) = 2 trained steps

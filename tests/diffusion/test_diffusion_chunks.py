@@ -1,4 +1,5 @@
 """Chunk-GRPO's partitions of the denoising steps (mmpo.diffusion.chunks)."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,14 @@ from mmpo.errors import ConfigError
 
 @pytest.mark.parametrize(
     "size, steps, expected",
-    [(1, 4, [1, 1, 1, 1]), (2, 4, [2, 2]), (3, 10, [3, 3, 3, 1]), (4, 16, [4, 4, 4, 4]), (16, 16, [16]),
-     (20, 16, [16])],
+    [
+        (1, 4, [1, 1, 1, 1]),
+        (2, 4, [2, 2]),
+        (3, 10, [3, 3, 3, 1]),
+        (4, 16, [4, 4, 4, 4]),
+        (16, 16, [16]),
+        (20, 16, [16]),
+    ],
 )
 def test_uniform_partition(size, steps, expected):
     assert uniform_partition(size, steps) == expected
@@ -59,7 +66,7 @@ def _check(sizes: list[int], steps: int, k: int) -> None:
 
 def test_profile_concentrated_early_gives_small_early_chunks():
     steps, k = 16, 4
-    profile = torch.tensor([0.5 ** i for i in range(steps)])  # halves every step
+    profile = torch.tensor([0.5**i for i in range(steps)])  # halves every step
     sizes = profile_partition(profile, k)
     _check(sizes, steps, k)
     assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
@@ -79,7 +86,7 @@ def test_profile_partition_known_value():
 
 
 def test_profile_concentrated_late_gives_small_late_chunks():
-    profile = torch.tensor([0.5 ** i for i in range(12)]).flip(0)
+    profile = torch.tensor([0.5**i for i in range(12)]).flip(0)
     sizes = profile_partition(profile, 3)
     _check(sizes, 12, 3)
     assert sizes[0] > sizes[-1]
@@ -142,9 +149,7 @@ def test_sample_chunks_two_per_step_without_replacement():
     freq = _frequencies(levels, [1, 1, 1], 2, 1.0, draws=3000)
     # P(i in the pair) for sequential draws without replacement, weights w = levels
     w = levels / levels.sum()
-    expected = torch.stack([
-        w[i] + sum(w[j] * w[i] / (1 - w[j]) for j in range(3) if j != i) for i in range(3)
-    ])
+    expected = torch.stack([w[i] + sum(w[j] * w[i] / (1 - w[j]) for j in range(3) if j != i) for i in range(3)])
     torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
     # asking for more chunks than there are gives all of them
     assert sample_chunks(levels, [1, 1, 1], 5, 1.0, torch.Generator().manual_seed(0)) == [0, 1, 2]

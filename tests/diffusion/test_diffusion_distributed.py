@@ -4,6 +4,7 @@ weights) and under ZeRO-2 (ranks agree in weights and in the advantage estimator
 every rank computes from the rewards of all ranks); FIND under ZeRO-2 (ranks agree in the noise
 policy, in the value net each rank fits on every rank's rewards, and in the state), and its
 sharded evaluation during training equals ``mmpo eval`` in one process."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ def _two_ranks(out: Path, recipe: str, overrides: list[str], extra: tuple[str, .
     parameters and the two ranks' states."""
     dumps = [[out / f"{prefix}rank{r}.safetensors" for r in (0, 1)] for prefix in ("", *(f"{e}_" for e in extra))]
     files = [f for pair in dumps for f in pair] + [out / f"state_rank{r}.json" for r in (0, 1)]
-    run_torchrun([SCRIPT, out, ROOT / "configs" / f"{recipe}.yaml", *overrides], nproc=2, timeout=400, retries=1,
-                 done=lambda: all(f.exists() for f in files))
+    run_torchrun(
+        [SCRIPT, out, ROOT / "configs" / f"{recipe}.yaml", *overrides],
+        nproc=2,
+        timeout=400,
+        retries=1,
+        done=lambda: all(f.exists() for f in files),
+    )
     for pair in dumps:
         a, b = (load_file(str(f)) for f in pair)
         assert a.keys() == b.keys() and a, pair[0].name
@@ -48,11 +54,21 @@ def test_flow_grpo_under_zero3_ranks_agree_and_the_saved_pipeline_is_whole(tmp_p
     from diffusers import DiffusionPipeline
 
     run = tmp_path / "run"
-    r0 = train_two_ranks_and_compare(tmp_path / "params", ROOT / "configs" / "flow_grpo.yaml", [
-        f"output_dir={run}", f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}", "trainer.max_steps=2",
-        "rollout.prompts_per_step=2", "rollout.group_size=4", "task.sampling.num_steps=3",
-        "task.sampling.eval_num_steps=3", "eval.num_samples=2", "trainer.eval_every=0",
-    ])
+    r0 = train_two_ranks_and_compare(
+        tmp_path / "params",
+        ROOT / "configs" / "flow_grpo.yaml",
+        [
+            f"output_dir={run}",
+            f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}",
+            "trainer.max_steps=2",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=4",
+            "task.sampling.num_steps=3",
+            "task.sampling.eval_num_steps=3",
+            "eval.num_samples=2",
+            "trainer.eval_every=0",
+        ],
+    )
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 1, 2]
     saved = DiffusionPipeline.from_pretrained(str(run / "model"), local_files_only=True).transformer.state_dict()
@@ -71,11 +87,24 @@ def test_flow_grpo_under_zero2_ranks_agree_in_weights_and_advantage_state(tmp_pa
     """``dcpo_sas`` keeps per-prompt reward statistics: estimated on every rank's groups, both ranks
     hold the statistics of all 2 steps x 2 ranks x 2 prompts."""
     run = tmp_path / "run"
-    weights, states = _two_ranks(tmp_path / "dump", "flow_grpo", [
-        f"output_dir={run}", ZERO2, "trainer.max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "task.sampling.height=16",
-        "task.sampling.width=16", "eval.num_samples=2", "trainer.eval_every=0", "algorithm.advantage=dcpo_sas",
-    ])
+    weights, states = _two_ranks(
+        tmp_path / "dump",
+        "flow_grpo",
+        [
+            f"output_dir={run}",
+            ZERO2,
+            "trainer.max_steps=2",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "task.sampling.num_steps=2",
+            "task.sampling.eval_num_steps=2",
+            "task.sampling.height=16",
+            "task.sampling.width=16",
+            "eval.num_samples=2",
+            "trainer.eval_every=0",
+            "algorithm.advantage=dcpo_sas",
+        ],
+    )
     assert states[0]["step"] == 2
     stats = states[0]["states"]["advantage"]["stats"]
     assert sum(s["visits"] for s in stats.values()) == 2 * 2 * 2  # groups: steps x ranks x prompts
@@ -95,12 +124,28 @@ def test_find_under_zero2_ranks_agree_in_policy_value_net_and_evaluation(tmp_pat
     from mmpo.cli import main
 
     run = tmp_path / "run"
-    small = ["task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "task.sampling.height=16",
-             "task.sampling.width=16", "eval.num_samples=3", "eval.batch_size=3"]
-    weights, states = _two_ranks(tmp_path / "dump", "find", [
-        f"output_dir={run}", ZERO2, "trainer.max_steps=2", "rollout.prompts_per_step=2", "rollout.group_size=2",
-        "trainer.eval_every=0", *small,
-    ], extra=("value",))
+    small = [
+        "task.sampling.num_steps=2",
+        "task.sampling.eval_num_steps=2",
+        "task.sampling.height=16",
+        "task.sampling.width=16",
+        "eval.num_samples=3",
+        "eval.batch_size=3",
+    ]
+    weights, states = _two_ranks(
+        tmp_path / "dump",
+        "find",
+        [
+            f"output_dir={run}",
+            ZERO2,
+            "trainer.max_steps=2",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "trainer.eval_every=0",
+            *small,
+        ],
+        extra=("value",),
+    )
     assert set(weights) == {"mu", "sigma"}
     assert (weights["mu"] != 0).any() and (weights["sigma"] != 1).any()  # it trained
     assert states[0]["step"] == 2
@@ -109,7 +154,17 @@ def test_find_under_zero2_ranks_agree_in_policy_value_net_and_evaluation(tmp_pat
     # the final evaluation, sharded over the 2 ranks (items [0, 1] and [2]), equals one process's (one batch of 3)
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 1, 2]
-    assert main(["eval", str(ROOT / "configs" / "find.yaml"), f"output_dir={tmp_path / 'eval'}", *small,
-                 f"checkpoint={run}"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(ROOT / "configs" / "find.yaml"),
+                f"output_dir={tmp_path / 'eval'}",
+                *small,
+                f"checkpoint={run}",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "eval" / "eval" / "metrics.json").read_text())
     assert metrics["reward"] == pytest.approx(lines[-1]["eval/reward"], abs=1e-5)

@@ -2,6 +2,7 @@
 items (sharded and single-process evaluations give the same images), the row layout, the
 checkpoint evaluator (no optimizer, no engine) equal to the live one, and advantages estimated
 over the rows of every rank."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,17 @@ from mmpo.trainers.diffusion_base import image_evaluator
 from mmpo.trainers.noise import FindTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}", "task.sampling.height=16", "task.sampling.width=16",
-         "task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "rollout.group_size=2",
-         "rollout.prompts_per_step=2", "eval.num_samples=3", "eval.batch_size=3"]
+SMALL = [
+    f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}",
+    "task.sampling.height=16",
+    "task.sampling.width=16",
+    "task.sampling.num_steps=2",
+    "task.sampling.eval_num_steps=2",
+    "rollout.group_size=2",
+    "rollout.prompts_per_step=2",
+    "eval.num_samples=3",
+    "eval.batch_size=3",
+]
 
 
 def _cfg(*extra: str):
@@ -126,8 +135,9 @@ def test_advantages_are_estimated_over_the_rows_of_every_rank(tmp_path, monkeypa
     other, mine = torch.tensor([0.0, 1.0, 5.0, 9.0]), torch.tensor([0.5, 0.7, 2.0, 2.0])
     groups = torch.tensor([0, 0, 1, 1])
     monkeypatch.setattr(trainer.engine, "rank", 1)
-    monkeypatch.setattr(trainer.engine, "all_gather_object",
-                        lambda obj: [(other, groups, [s.meta["prompt"] for s in other_rows]), obj])
+    monkeypatch.setattr(
+        trainer.engine, "all_gather_object", lambda obj: [(other, groups, [s.meta["prompt"] for s in other_rows]), obj]
+    )
     adv = trainer.advantages(mine, groups, mine_rows)
     everything = trainer.algo.advantages(torch.cat([other, mine]), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
     torch.testing.assert_close(adv, everything[4:])

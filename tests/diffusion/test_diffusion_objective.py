@@ -1,6 +1,7 @@
 """The diffusion trainers' objective comes from the one algorithm builder: any KL schedule runs on
 the denoising trainer (with a reference), options a kind cannot honour are refused at load with
 the key, the value and the kind, and the task is checked against the trainer's Protocols."""
+
 from __future__ import annotations
 
 import json
@@ -21,17 +22,40 @@ from mmpo.trainers.kinds import DENOISING
 from mmpo.trainers.noise import FindTrainer
 
 ROOT = Path(__file__).resolve().parents[2]
-COLORS = [f"task.prompts={ROOT / 'configs/prompts/colors.jsonl'}",
-          f"task.eval_prompts={ROOT / 'configs/prompts/colors_eval.jsonl'}"]
+COLORS = [
+    f"task.prompts={ROOT / 'configs/prompts/colors.jsonl'}",
+    f"task.eval_prompts={ROOT / 'configs/prompts/colors_eval.jsonl'}",
+]
 SMALL = {
-    "chunk_grpo": [*COLORS, "task.sampling.num_steps=5", "task.chunks.sizes=[2,3]", "task.sampling.eval_num_steps=2",
-                   "rollout.group_size=3", "rollout.prompts_per_step=1", "eval.num_samples=1"],
-    "flow_grpo": [*COLORS, "task.sampling.num_steps=3", "task.sampling.eval_num_steps=2", "task.sampling.height=16",
-                  "task.sampling.width=16", "rollout.group_size=2", "rollout.prompts_per_step=1", "eval.num_samples=1"],
-    "find": [f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}", "task.sampling.height=16",
-             "task.sampling.width=16",
-             "task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "rollout.group_size=2",
-             "rollout.prompts_per_step=2", "eval.num_samples=1"],
+    "chunk_grpo": [
+        *COLORS,
+        "task.sampling.num_steps=5",
+        "task.chunks.sizes=[2,3]",
+        "task.sampling.eval_num_steps=2",
+        "rollout.group_size=3",
+        "rollout.prompts_per_step=1",
+        "eval.num_samples=1",
+    ],
+    "flow_grpo": [
+        *COLORS,
+        "task.sampling.num_steps=3",
+        "task.sampling.eval_num_steps=2",
+        "task.sampling.height=16",
+        "task.sampling.width=16",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=1",
+        "eval.num_samples=1",
+    ],
+    "find": [
+        f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}",
+        "task.sampling.height=16",
+        "task.sampling.width=16",
+        "task.sampling.num_steps=2",
+        "task.sampling.eval_num_steps=2",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=2",
+        "eval.num_samples=1",
+    ],
 }
 
 
@@ -43,8 +67,13 @@ def test_chunk_grpo_with_a_grpo_d_schedule_trains_against_a_reference(tmp_path):
     """kl_schedule grpo_d (not constant): the full fine-tuning run holds a frozen reference, the
     step's beta is the schedule's (> 0) and the KL term is in the loss. A chunk's KL is the
     per-row mean over its steps, aggregated over rows (token-mean): the mean over rows x steps."""
-    cfg = _config("chunk_grpo", "algorithm.kl_schedule=grpo_d", "algorithm.kl_options={beta_min: 0.02, beta_max: 0.1}",
-                  "task.skip_zero_advantage=false", "trainer.max_steps=4")
+    cfg = _config(
+        "chunk_grpo",
+        "algorithm.kl_schedule=grpo_d",
+        "algorithm.kl_options={beta_min: 0.02, beta_max: 0.1}",
+        "task.skip_zero_advantage=false",
+        "trainer.max_steps=4",
+    )
     trainer = ChunkGRPOTrainer(cfg, tmp_path)
     trainer.tracker.close()
     assert trainer.algo.uses_kl and trainer.ref is not None
@@ -85,10 +114,13 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(DiffusionModel, "load", refuse)
 
 
-@pytest.mark.parametrize("recipe, extra, key, value, kind", [
-    ("flow_grpo", [], "algorithm.loss", "'dcpo'", "denoising"),
-    ("find", ["algorithm.loss_options={}"], "algorithm.loss", "'dcpo'", "noise"),
-])
+@pytest.mark.parametrize(
+    "recipe, extra, key, value, kind",
+    [
+        ("flow_grpo", [], "algorithm.loss", "'dcpo'", "denoising"),
+        ("find", ["algorithm.loss_options={}"], "algorithm.loss", "'dcpo'", "noise"),
+    ],
+)
 def test_dcpo_is_refused_at_load(tmp_path, no_model_load, recipe, extra, key, value, kind):
     """DCPO's bounds need the old action's probability; these log-probs are densities."""
     cfg = _config(recipe, "algorithm.loss=dcpo", *extra)
@@ -98,12 +130,15 @@ def test_dcpo_is_refused_at_load(tmp_path, no_model_load, recipe, extra, key, va
     assert f"{key}={value}" in msg and f"the {kind} trainer" in msg and "densities" in msg
 
 
-@pytest.mark.parametrize("recipe, extra, key, kind", [
-    ("flow_grpo", ["algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling", "denoising"),
-    ("chunk_grpo", ["algorithm.entropy_coef=0.01"], "algorithm.entropy_coef", "denoising"),
-    ("find", ["algorithm.kl_options={beta: 0.1}"], "algorithm.kl_options.beta", "noise"),
-    ("find", ["algorithm.kl_schedule=grpo_d", "algorithm.kl_options={}"], "algorithm.kl_schedule", "noise"),
-])
+@pytest.mark.parametrize(
+    "recipe, extra, key, kind",
+    [
+        ("flow_grpo", ["algorithm.dynamic_sampling=true"], "algorithm.dynamic_sampling", "denoising"),
+        ("chunk_grpo", ["algorithm.entropy_coef=0.01"], "algorithm.entropy_coef", "denoising"),
+        ("find", ["algorithm.kl_options={beta: 0.1}"], "algorithm.kl_options.beta", "noise"),
+        ("find", ["algorithm.kl_schedule=grpo_d", "algorithm.kl_options={}"], "algorithm.kl_schedule", "noise"),
+    ],
+)
 def test_options_the_kind_cannot_honour_are_refused_at_load(tmp_path, no_model_load, recipe, extra, key, kind):
     with pytest.raises(ConfigError) as e:
         get_task_class(recipe).trainer_class()(_config(recipe, *extra), tmp_path)
@@ -136,10 +171,23 @@ def test_micro_batch_size_leaves_a_two_epoch_update_unchanged(tmp_path, monkeypa
     runs = {}
     for micro in (4, 1):
         run = tmp_path / f"micro{micro}"
-        assert main(["train", str(ROOT / "configs" / "flow_grpo.yaml"), f"output_dir={run}", *SMALL["flow_grpo"],
-                     "eval.num_samples=0", "trainer.eval_at_start=false", "trainer.max_steps=1",
-                     "trainer.update_epochs=2",
-                     "rollout.group_size=4", f"trainer.micro_batch_size={micro}"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    str(ROOT / "configs" / "flow_grpo.yaml"),
+                    f"output_dir={run}",
+                    *SMALL["flow_grpo"],
+                    "eval.num_samples=0",
+                    "trainer.eval_at_start=false",
+                    "trainer.max_steps=1",
+                    "trainer.update_epochs=2",
+                    "rollout.group_size=4",
+                    f"trainer.micro_batch_size={micro}",
+                ]
+            )
+            == 0
+        )
         runs[micro] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     a, b = runs[4], runs[1]
     assert a["reward_mean"] == b["reward_mean"] and a["optimizer_steps"] == b["optimizer_steps"] == 2.0

@@ -1,6 +1,7 @@
 """The diffusion recipes end to end through ``mmpo train`` on tiny pipelines: run folders, saved
 models that diffusers opens (full pipeline, LoRA adapter, merged pipeline, FIND's noise policy),
 exact resume, and the config errors a user meets first."""
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,35 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 TIMING = {"step_time_s", "rollout_s", "reward_s", "update_s", "eval_s"}
 SMALL = {
-    "chunk_grpo": ["task.sampling.num_steps=4", "task.sampling.eval_num_steps=2", "task.chunks.sizes=[1,3]",
-                   "rollout.group_size=2", "rollout.prompts_per_step=1", "eval.num_samples=2", "eval.batch_size=2"],
-    "flow_grpo": ["task.sampling.num_steps=3", "task.sampling.eval_num_steps=2", "task.sampling.height=16",
-                  "task.sampling.width=16", "rollout.group_size=2", "rollout.prompts_per_step=1",
-                  "eval.num_samples=2", "eval.batch_size=2"],
-    "find": ["task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "task.sampling.height=16",
-             "task.sampling.width=16", "rollout.group_size=2", "rollout.prompts_per_step=2",
-             "eval.num_samples=2", "eval.batch_size=2"],
+    "chunk_grpo": [
+        "task.sampling.num_steps=4",
+        "task.sampling.eval_num_steps=2",
+        "task.chunks.sizes=[1,3]",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=1",
+        "eval.num_samples=2",
+        "eval.batch_size=2",
+    ],
+    "flow_grpo": [
+        "task.sampling.num_steps=3",
+        "task.sampling.eval_num_steps=2",
+        "task.sampling.height=16",
+        "task.sampling.width=16",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=1",
+        "eval.num_samples=2",
+        "eval.batch_size=2",
+    ],
+    "find": [
+        "task.sampling.num_steps=2",
+        "task.sampling.eval_num_steps=2",
+        "task.sampling.height=16",
+        "task.sampling.width=16",
+        "rollout.group_size=2",
+        "rollout.prompts_per_step=2",
+        "eval.num_samples=2",
+        "eval.batch_size=2",
+    ],
 }
 LORA = "model.lora={r: 4, alpha: 8, target_modules: [to_q, to_k, to_v, to_out.0]}"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -120,8 +142,13 @@ def _denoiser_output(kind: str, denoiser: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         if kind == "sd3":
             pooled = torch.randn(1, 64, generator=g)
-            return denoiser(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
-                            pooled_projections=pooled, return_dict=False)[0]
+            return denoiser(
+                hidden_states=x,
+                timestep=torch.tensor([500.0]),
+                encoder_hidden_states=text,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
         return denoiser(x, torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0]
 
 
@@ -142,8 +169,9 @@ def test_lora_recipe_saves_an_adapter_diffusers_loads_and_a_merged_pipeline(tmp_
     assert (run / "model" / "pytorch_lora_weights.safetensors").exists()
     # the trained denoiser: the base with the same adapter, weights from the last checkpoint
     trained = _denoiser(_base_pipeline(kind))
-    trained.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                   init_lora_weights="gaussian"))
+    trained.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights="gaussian")
+    )
     engine_file = run / "checkpoints" / "step_00000002" / "engine" / "model.safetensors"
     missing, unexpected = load_model(trained, str(engine_file))
     assert not missing and not unexpected
@@ -259,8 +287,10 @@ def test_flow_grpo_with_clip_score_and_a_colour_reward_logs_both_and_their_weigh
     from mmpo.rewards.clip_score import build_tiny_clip
 
     config, weights = build_tiny_clip(tmp_path / "clip")
-    rewards = (f"task.rewards=[{{name: clip_score, model: {config}, weights: {weights}, weight: 0.5}}, "
-               "{name: target_color, meta_key: color, weight: 2.0}]")
+    rewards = (
+        f"task.rewards=[{{name: clip_score, model: {config}, weights: {weights}, weight: 0.5}}, "
+        "{name: target_color, meta_key: color, weight: 2.0}]"
+    )
     lines = _train("flow_grpo", tmp_path / "run", rewards, "trainer.max_steps=1")
     for line in (lines[0], lines[-1]):
         weighted = 0.5 * line["eval/clip_score"] + 2.0 * line["eval/target_color"]

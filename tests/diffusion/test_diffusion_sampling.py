@@ -4,6 +4,7 @@ Deterministic sampling must reproduce each pipeline's own ``__call__`` (same tex
 negative prompt, same noise levels, same guidance), and stochastic sampling must store log-probs
 that re-scoring the stored transitions gives back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,8 +59,13 @@ def test_deterministic_sampling_reproduces_the_diffusers_pipeline(models, kind, 
     # the pipeline: default negative prompt (None, encoded as ""), its own scheduler and loop
     with torch.no_grad():
         ref = model.pipe(
-            prompts, latents=_pipeline_latents(model, x_T),
-            num_inference_steps=steps, guidance_scale=g, height=H, width=W, output_type="pt",
+            prompts,
+            latents=_pipeline_latents(model, x_T),
+            num_inference_steps=steps,
+            guidance_scale=g,
+            height=H,
+            width=W,
+            output_type="pt",
         ).images
     assert ref.shape == ours.shape == (2, 3, H, W)
     torch.testing.assert_close(ours, ref.float(), rtol=0, atol=1e-5)
@@ -82,8 +88,15 @@ def test_deterministic_sampling_with_the_colour_vae_reproduces_the_pipeline(kind
     )
     ours = model.decode(traj.final)
     with torch.no_grad():
-        ref = model.pipe(prompts, latents=x_T.clone(), num_inference_steps=3, guidance_scale=GUIDANCE[kind],
-                         height=H, width=W, output_type="pt").images
+        ref = model.pipe(
+            prompts,
+            latents=x_T.clone(),
+            num_inference_steps=3,
+            guidance_scale=GUIDANCE[kind],
+            height=H,
+            width=W,
+            output_type="pt",
+        ).images
     torch.testing.assert_close(ours, ref.float(), rtol=0, atol=1e-5)
     # with this VAE the mean colour follows the latent: the two images' mean colours differ
     assert (ours.mean((2, 3))[0] - ours.mean((2, 3))[1]).abs().max() > 1e-2
@@ -100,8 +113,13 @@ def test_deterministic_latents_equal_the_pipelines_latent_output(models, kind):
     )
     with torch.no_grad():
         ref = model.pipe(
-            "a green star", latents=_pipeline_latents(model, x_T), num_inference_steps=3, guidance_scale=g,
-            height=H, width=W, output_type="latent",
+            "a green star",
+            latents=_pipeline_latents(model, x_T),
+            num_inference_steps=3,
+            guidance_scale=g,
+            height=H,
+            width=W,
+            output_type="latent",
         ).images
     if kind == "flux":
         ref = model.pipe._unpack_latents(ref, H, W, model.pipe.vae_scale_factor)
@@ -117,12 +135,21 @@ def test_explicit_negative_prompt_matches_the_pipelines(models, kind):
     x_T = model.init_latents(1, H, W, torch.Generator().manual_seed(11))
     schedule = model.schedule(2, H, W)
     policy = DenoisingPolicy(model, guidance_scale=g)
-    ours = policy.sample(model.denoiser, model.encode(["a red square"], negative_prompt="blue dog"), x_T, schedule,
-                         stochastic=False).final
+    ours = policy.sample(
+        model.denoiser, model.encode(["a red square"], negative_prompt="blue dog"), x_T, schedule, stochastic=False
+    ).final
     default = policy.sample(model.denoiser, model.encode(["a red square"]), x_T, schedule, stochastic=False).final
     with torch.no_grad():
-        ref = model.pipe("a red square", negative_prompt="blue dog", latents=x_T.clone(), num_inference_steps=2,
-                         guidance_scale=g, height=H, width=W, output_type="latent").images
+        ref = model.pipe(
+            "a red square",
+            negative_prompt="blue dog",
+            latents=x_T.clone(),
+            num_inference_steps=2,
+            guidance_scale=g,
+            height=H,
+            width=W,
+            output_type="latent",
+        ).images
     torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
     assert (ours - default).abs().max() > 1e-3
 
@@ -165,8 +192,13 @@ def test_rescoring_under_other_weights_changes_the_log_prob(models, kind):
     policy = DenoisingPolicy(model, guidance_scale=GUIDANCE[kind])
     cond = model.encode(["a red square"])
     schedule = model.schedule(3, H, W)
-    traj = policy.sample(model.denoiser, cond, model.init_latents(1, H, W, torch.Generator().manual_seed(0)), schedule,
-                         generator=torch.Generator().manual_seed(3))
+    traj = policy.sample(
+        model.denoiser,
+        cond,
+        model.init_latents(1, H, W, torch.Generator().manual_seed(0)),
+        schedule,
+        generator=torch.Generator().manual_seed(3),
+    )
     moved = copy.deepcopy(model.denoiser)
     with torch.no_grad():
         g = torch.Generator().manual_seed(4)
@@ -191,10 +223,13 @@ def test_sd3_with_dynamic_shifting_uses_the_pipelines_schedule():
     )
     prompts = ["a red square"]
     x_T = model.init_latents(1, H, W, torch.Generator().manual_seed(0))
-    ours = model.decode(DenoisingPolicy(model, guidance_scale=4.5).sample(
-        model.denoiser, model.encode(prompts), x_T, model.schedule(3, H, W), stochastic=False
-    ).final)
+    ours = model.decode(
+        DenoisingPolicy(model, guidance_scale=4.5)
+        .sample(model.denoiser, model.encode(prompts), x_T, model.schedule(3, H, W), stochastic=False)
+        .final
+    )
     with torch.no_grad():
-        ref = model.pipe(prompts, latents=x_T.clone(), num_inference_steps=3, guidance_scale=4.5,
-                         height=H, width=W, output_type="pt").images
+        ref = model.pipe(
+            prompts, latents=x_T.clone(), num_inference_steps=3, guidance_scale=4.5, height=H, width=W, output_type="pt"
+        ).images
     torch.testing.assert_close(ours, ref.float(), rtol=0, atol=1e-5)

@@ -1,5 +1,6 @@
 """FIND: the Gaussian noise policy, its hard-clamped ratio, the value baseline and the pull toward
 N(0, I), checked against the formulas of ``vpx-ecnu/FIND`` (``dist_train2.py``)."""
+
 from __future__ import annotations
 
 import copy
@@ -15,11 +16,21 @@ from mmpo.policies.gaussian import NoisePolicy, diag_gaussian_log_prob
 from mmpo.trainers.noise import FindTrainer, NoiseBatch
 
 ROOT = Path(__file__).resolve().parents[2]
-UNSEEN = ('task.eval_prompts=[{prompt: "a white square in the middle", box: [0.25, 0.25, 0.75, 0.75]}, '
-          '"a white square on the left"]')
-SMALL = [f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}", "task.sampling.height=16", "task.sampling.width=16",
-         "task.sampling.num_steps=2", "task.sampling.eval_num_steps=2", "rollout.group_size=3",
-         "rollout.prompts_per_step=2", "eval.num_samples=1", "trainer.update_epochs=1"]
+UNSEEN = (
+    'task.eval_prompts=[{prompt: "a white square in the middle", box: [0.25, 0.25, 0.75, 0.75]}, '
+    '"a white square on the left"]'
+)
+SMALL = [
+    f"task.prompts={ROOT / 'configs/prompts/shapes.jsonl'}",
+    "task.sampling.height=16",
+    "task.sampling.width=16",
+    "task.sampling.num_steps=2",
+    "task.sampling.eval_num_steps=2",
+    "rollout.group_size=3",
+    "rollout.prompts_per_step=2",
+    "eval.num_samples=1",
+    "trainer.update_epochs=1",
+]
 
 
 def _trainer(run: Path, *extra: str) -> FindTrainer:

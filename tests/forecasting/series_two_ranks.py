@@ -5,6 +5,7 @@ every rank (OUT/state_rank{R}.json: step, the algorithm's and the task's states,
 
     torchrun --nproc-per-node 2 tests/forecasting/series_two_ranks.py OUT CONFIG [key=value ...]
 """
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """The air-quality recipe end to end on the real Beijing series (bundled copy): stage 1, a few
 GRPO steps with the curriculum, `mmpo eval` side by side, resume state; and the policy's
 log-probs, antithetic noise and KL on the forecaster."""
+
 from __future__ import annotations
 
 import json
@@ -8,26 +9,48 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmpo_tasks.forecasting.model import ForecasterConfig, PM25Forecaster, step_log_probs
 
 from mmpo.cli import main
 from mmpo.core import KL_ESTIMATORS
+from mmpo_tasks.forecasting.model import ForecasterConfig, PM25Forecaster, step_log_probs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "airquality_grpo.yaml")
 SMALL = [
-    "task.sft.epochs=1", "task.sft.max_windows=256", "task.sft.batch_size=64", "task.hidden=16",
-    "rollout.prompts_per_step=4", "rollout.group_size=4", "task.curriculum.steps_per_epoch=1",
-    "task.curriculum.base=2", "task.curriculum.max=4", "task.eval_horizon=6", "task.eval_stride=96",
-    "trainer.eval_every=0", "task.plot_starts=2",
+    "task.sft.epochs=1",
+    "task.sft.max_windows=256",
+    "task.sft.batch_size=64",
+    "task.hidden=16",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "task.curriculum.steps_per_epoch=1",
+    "task.curriculum.base=2",
+    "task.curriculum.max=4",
+    "task.eval_horizon=6",
+    "task.eval_stride=96",
+    "trainer.eval_every=0",
+    "task.plot_starts=2",
 ]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("aq") / "run"
-    assert main(["train", CONFIG, f"output_dir={out}", "trainer.max_steps=3", "trainer.save_every=1",
-                 "task.reward.lagrangian=true", "task.reward.lambda_fa=0.5", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                CONFIG,
+                f"output_dir={out}",
+                "trainer.max_steps=3",
+                "trainer.save_every=1",
+                "task.reward.lagrangian=true",
+                "task.reward.lambda_fa=0.5",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -42,11 +65,23 @@ def test_stage_one_then_grpo_with_the_curriculum(run):
     assert [l["step"] for l in lines] == [0, 1, 2, 3]
     assert [l["horizon"] for l in lines[1:]] == [2.0, 3.0, 4.0]  # base 2 + 1 per epoch (1 step)
     for l in lines[1:]:
-        for k in ("reward", "reward/class_hit", "reward/false_alarm", "reward/recall_term", "reward/far_term",
-                  "pg_loss", "kl", "beta", "lagrange/lam_rec", "lagrange/lam_far"):
+        for k in (
+            "reward",
+            "reward/class_hit",
+            "reward/false_alarm",
+            "reward/recall_term",
+            "reward/far_term",
+            "pg_loss",
+            "kl",
+            "beta",
+            "lagrange/lam_rec",
+            "lagrange/lam_far",
+        ):
             assert k in l, k
-        assert l["reward"] == pytest.approx(l["reward/class_hit"] - 0.5 * l["reward/false_alarm"]
-                                            + l["reward/recall_term"] + l["reward/far_term"], abs=1e-5)
+        assert l["reward"] == pytest.approx(
+            l["reward/class_hit"] - 0.5 * l["reward/false_alarm"] + l["reward/recall_term"] + l["reward/far_term"],
+            abs=1e-5,
+        )
     for k in ("eval/rmse", "eval/mae", "eval/far", "eval/pod", "eval/f1"):
         assert k in lines[0] and k in lines[-1]
     model = PM25Forecaster.from_pretrained(run / "model")
@@ -103,8 +138,21 @@ def test_resume_continues_without_rerunning_stage_one(run, tmp_path):
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "model")
     mtime = (copy / "sft" / "metrics.json").stat().st_mtime_ns
-    assert main(["train", CONFIG, f"output_dir={copy}", "trainer.max_steps=4", "trainer.save_every=1",
-                 "task.reward.lagrangian=true", "task.reward.lambda_fa=0.5", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                CONFIG,
+                f"output_dir={copy}",
+                "trainer.max_steps=4",
+                "trainer.save_every=1",
+                "task.reward.lagrangian=true",
+                "task.reward.lambda_fa=0.5",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     lines = _lines(copy)
     assert [l["step"] for l in lines] == [0, 1, 2, 3, 4]
     assert lines[:4] == _lines(run)
@@ -159,7 +207,10 @@ def test_deterministic_forecast_without_noise_and_save_round_trip(tmp_path):
 def test_config_errors(tmp_path, capsys):
     assert main(["train", CONFIG, f"output_dir={tmp_path / 'a'}", *SMALL, "model.path=tiny:qwen2_vl"]) != 0
     assert "tiny:forecaster" in capsys.readouterr().err
-    assert main(["train", CONFIG, f"output_dir={tmp_path / 'b'}", *SMALL, "rollout.group_size=3", "task.antithetic=true"]) != 0
+    assert (
+        main(["train", CONFIG, f"output_dir={tmp_path / 'b'}", *SMALL, "rollout.group_size=3", "task.antithetic=true"])
+        != 0
+    )
     assert "even rollout.group_size" in capsys.readouterr().err
     assert main(["train", CONFIG, f"output_dir={tmp_path / 'c'}", *SMALL, f"task.data={tmp_path / 'nope.csv'}"]) != 0
     assert "nope.csv" in capsys.readouterr().err
@@ -178,7 +229,9 @@ def test_floor_keeps_forecasts_physical_and_replay_consistent():
     assert bool((mu >= -1.0).all()) and bool((actions < -1.0).any())  # samples may fall below ...
     replay = model.replay(past, cov, actions)  # ... but are fed back clamped, in both passes
     assert torch.allclose(replay, mu, atol=1e-6)
-    assert torch.allclose(step_log_probs(actions, replay, 0.5), torch.distributions.Normal(mu, 0.5).log_prob(actions), atol=1e-5)
+    assert torch.allclose(
+        step_log_probs(actions, replay, 0.5), torch.distributions.Normal(mu, 0.5).log_prob(actions), atol=1e-5
+    )
     assert float(model.clamp(actions).min()) == -1.0
     # well above the floor the smooth floor is the identity
     free = PM25Forecaster(ForecasterConfig(in_channels=5, cov_dim=3, hidden=8))

@@ -1,5 +1,6 @@
 """PM2.5 forecasting data: the real UCI Beijing CSV, missing-hour masking on small constructed
 files, window selection, user-facing errors and the data_prep round trip."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+
+from mmpo.errors import ConfigError, DataError
 from mmpo_tasks.forecasting.data import (
     CBWD_CODES,
     FEATURE_NAMES,
@@ -28,8 +31,6 @@ from mmpo_tasks.forecasting.data import (
     valid_starts,
 )
 
-from mmpo.errors import ConfigError, DataError
-
 ROOT = Path(__file__).resolve().parents[2]
 # the copy bundled with the task (see its README for the source): part of the repository
 REAL_CSV = ROOT / "tasks" / "forecasting" / "data_sources" / "beijing_pm25.csv"
@@ -42,15 +43,28 @@ def _cli():
 
 # ------------------------------------------------------------------------- constructed files
 
+
 def _rows(hours: int, start: str = "2010-01-01 00:00") -> list[dict[str, Any]]:
     """``hours`` plausible hourly rows in the UCI layout; pm2.5 = 10 + t so values are traceable."""
     out = []
     for t, ts in enumerate(pd.date_range(start, periods=hours, freq="h")):
-        out.append({
-            "No": t + 1, "year": ts.year, "month": ts.month, "day": ts.day, "hour": ts.hour,
-            "pm2.5": float(10 + t), "DEWP": -5 + t % 7, "TEMP": 2.0 + t % 5, "PRES": 1020.0 - t % 3,
-            "cbwd": CBWD_CODES[t % 4], "Iws": 1.79 * (t % 4 + 1), "Is": 0, "Ir": t % 2,
-        })
+        out.append(
+            {
+                "No": t + 1,
+                "year": ts.year,
+                "month": ts.month,
+                "day": ts.day,
+                "hour": ts.hour,
+                "pm2.5": float(10 + t),
+                "DEWP": -5 + t % 7,
+                "TEMP": 2.0 + t % 5,
+                "PRES": 1020.0 - t % 3,
+                "cbwd": CBWD_CODES[t % 4],
+                "Iws": 1.79 * (t % 4 + 1),
+                "Is": 0,
+                "Ir": t % 2,
+            }
+        )
     return out
 
 
@@ -77,6 +91,7 @@ def small_csv(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ the real CSV
+
 
 @pytest.fixture(scope="module")
 def real() -> dict[str, Any]:
@@ -112,7 +127,9 @@ def test_real_normalizer_is_pandas_mean_std_of_training_years(real: dict[str, An
     for c, col in expected.items():
         assert norm.mean[c] == pytest.approx(col.mean(), rel=1e-12, abs=1e-12), c
         assert norm.std[c] == pytest.approx(col.std(), rel=1e-12), c
-    assert norm.mean["pm2.5"] == pytest.approx(97.8234, abs=1e-4) and norm.std["pm2.5"] == pytest.approx(89.2493, abs=1e-4)
+    assert norm.mean["pm2.5"] == pytest.approx(97.8234, abs=1e-4) and norm.std["pm2.5"] == pytest.approx(
+        89.2493, abs=1e-4
+    )
     s = real["series"]["train"]
     assert np.allclose(norm.inverse_pm25(s.target[s.mask]), train["pm2.5"].dropna().to_numpy(), atol=1e-3)
     # on the training hours the standardised target has mean 0, std 1
@@ -143,8 +160,16 @@ def test_normalizer_uses_training_rows_only(real: dict[str, Any], tmp_path: Path
 
 def test_normalizer_dict_round_trip_and_inverse() -> None:
     frame = pd.DataFrame(
-        {"pm2.5": [10.0, np.nan, 30.0], "DEWP": [-1.0, 0.0, 1.0], "TEMP": [5.0, 5.0, 5.0], "PRES": [1010.0, 1011.0, 1012.0],
-         "Iws": [0.0, 1.0, 3.0], "Is": [0.0, 0.0, 0.0], "Ir": [0.0, 1.0, 2.0], "weather_filled": [False] * 3},
+        {
+            "pm2.5": [10.0, np.nan, 30.0],
+            "DEWP": [-1.0, 0.0, 1.0],
+            "TEMP": [5.0, 5.0, 5.0],
+            "PRES": [1010.0, 1011.0, 1012.0],
+            "Iws": [0.0, 1.0, 3.0],
+            "Is": [0.0, 0.0, 0.0],
+            "Ir": [0.0, 1.0, 2.0],
+            "weather_filled": [False] * 3,
+        },
         index=pd.date_range("2010-01-01", periods=3, freq="h"),
     )
     norm = Normalizer.fit(frame)
@@ -162,6 +187,7 @@ def test_normalizer_dict_round_trip_and_inverse() -> None:
 
 # --------------------------------------------------------------------- missing-hour masking
 
+
 def test_absent_hours_are_inserted_and_masked(small_csv: Path) -> None:
     frame, inserted = read_pm25_csv(small_csv)
     assert len(frame) == 96 and frame.attrs["hours_inserted"] == len(DROPPED) and frame.attrs["rows_in_file"] == 92
@@ -169,7 +195,10 @@ def test_absent_hours_are_inserted_and_masked(small_csv: Path) -> None:
     assert np.flatnonzero(frame["pm2.5"].isna().to_numpy()).tolist() == MISSING  # never imputed
     assert np.flatnonzero(frame["weather_filled"].to_numpy()).tolist() == list(DROPPED)
     # weather forward-filled from the last hour in the file
-    assert frame["TEMP"].iloc[10:13].tolist() == [frame["TEMP"].iloc[9]] * 3 and frame["cbwd"].iloc[50] == frame["cbwd"].iloc[49]
+    assert (
+        frame["TEMP"].iloc[10:13].tolist() == [frame["TEMP"].iloc[9]] * 3
+        and frame["cbwd"].iloc[50] == frame["cbwd"].iloc[49]
+    )
 
     norm = Normalizer.fit(frame)
     s = build_series(frame, norm)
@@ -197,14 +226,16 @@ def test_make_windows_masks_missing_targets_and_fills_inputs(small_csv: Path) ->
         assert tmask[i].tolist() == [h not in MISSING for h in hours]
         assert (target[i][~tmask[i]] == 0.0).all()  # missing targets: exactly 0.0 and masked
         assert np.array_equal(target[i][tmask[i]], s.target[hours][tmask[i]])
-        assert np.array_equal(w["future_cov"].numpy()[i], s.covariates[t:t + H])
-        assert np.array_equal(past[i, :, 2:], s.covariates[t - W:t])
+        assert np.array_equal(w["future_cov"].numpy()[i], s.covariates[t : t + H])
+        assert np.array_equal(past[i, :, 2:], s.covariates[t - W : t])
         assert past[i, :, 1].tolist() == [float(h not in MISSING) for h in range(t - W, t)]
     assert tmask[0].tolist() == [True, True, False, False, False, True]  # hours 8..13; 10-12 absent
 
     # window 8..15 (start 16): hours 10, 11, 12 hold the value of hour 9, the last observed one
     v9 = s.target[9]
-    assert past[1, :, 0].tolist() == pytest.approx([s.target[8], v9, v9, v9, v9, s.target[13], s.target[14], s.target[15]])
+    assert past[1, :, 0].tolist() == pytest.approx(
+        [s.target[8], v9, v9, v9, v9, s.target[13], s.target[14], s.target[15]]
+    )
     # window 11..18 (start 19): 11 and 12 come before any observed hour in the window -> 0.0 (training mean)
     assert past[2, :2, 0].tolist() == [0.0, 0.0] and past[2, 2, 0] == pytest.approx(s.target[13])
     # window 38..45 (start 46): hour 40 blank -> hour 39's value
@@ -220,21 +251,28 @@ def test_make_windows_masks_missing_targets_and_fills_inputs(small_csv: Path) ->
 
 # --------------------------------------------------------------------------------- valid_starts
 
+
 def _series(mask: list[bool] | np.ndarray, times: np.ndarray | None = None) -> PM25Series:
     mask = np.asarray(mask, dtype=bool)
     T = len(mask)
     if times is None:
         times = np.datetime64("2010-01-01T00", "h") + np.arange(T).astype("timedelta64[h]")
     return PM25Series(
-        times=times, target=np.where(mask, 0.5, np.nan).astype(np.float32), mask=mask,
-        covariates=np.zeros((T, len(FEATURE_NAMES)), np.float32), feature_names=list(FEATURE_NAMES),
+        times=times,
+        target=np.where(mask, 0.5, np.nan).astype(np.float32),
+        mask=mask,
+        covariates=np.zeros((T, len(FEATURE_NAMES)), np.float32),
+        feature_names=list(FEATURE_NAMES),
         normalizer=Normalizer({c: 0.0 for c in NORM_COLUMNS}, {c: 1.0 for c in NORM_COLUMNS}),
     )
 
 
 def _brute(mask: np.ndarray, window: int, horizon: int, frac: float, stride: int = 1) -> list[int]:
-    return [t for t in range(window, len(mask) - horizon + 1, stride)
-            if mask[t - window:t].sum() >= frac * window - 1e-9 and mask[t:t + horizon].any()]
+    return [
+        t
+        for t in range(window, len(mask) - horizon + 1, stride)
+        if mask[t - window : t].sum() >= frac * window - 1e-9 and mask[t : t + horizon].any()
+    ]
 
 
 def test_valid_starts_boundaries() -> None:
@@ -263,7 +301,9 @@ def test_valid_starts_boundaries() -> None:
     rng = np.random.default_rng(0)
     m = rng.random(500) < 0.7
     for window, horizon, frac, stride in ((24, 6, 0.75, 1), (7, 3, 0.3, 2), (12, 12, 1.0, 5)):
-        assert valid_starts(_series(m), window, horizon, frac, stride).tolist() == _brute(m, window, horizon, frac, stride)
+        assert valid_starts(_series(m), window, horizon, frac, stride).tolist() == _brute(
+            m, window, horizon, frac, stride
+        )
 
     with pytest.raises(ConfigError, match="min_observed_frac"):
         valid_starts(s, 4, 2, 1.5)
@@ -280,6 +320,7 @@ def test_valid_starts_do_not_span_a_gap_between_years() -> None:
 
 # ------------------------------------------------------------------------------------- errors
 
+
 def test_wrong_columns(tmp_path: Path) -> None:
     header = [c if c != "pm2.5" else "pm25" for c in HEADER if c != "TEMP"]
     rows = [{("pm25" if k == "pm2.5" else k): v for k, v in r.items()} for r in _rows(3)]
@@ -287,7 +328,12 @@ def test_wrong_columns(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_pm25_csv(path)
     msg = str(e.value)
-    assert str(path) in msg and "missing column(s) ['pm2.5', 'TEMP']" in msg and "found ['No', 'year'" in msg and "'pm25'" in msg
+    assert (
+        str(path) in msg
+        and "missing column(s) ['pm2.5', 'TEMP']" in msg
+        and "found ['No', 'year'" in msg
+        and "'pm25'" in msg
+    )
     assert set(REQUIRED_COLUMNS) <= set(HEADER)
 
 
@@ -359,6 +405,7 @@ def test_overlapping_years(small_csv: Path) -> None:
 
 # --------------------------------------------------------------------------- data_prep CLI
 
+
 def _assert_same(a: dict[str, PM25Series], b: dict[str, PM25Series]) -> None:
     assert list(a) == list(b) == ["train", "val", "test"]
     for k, x in a.items():
@@ -410,8 +457,25 @@ def test_cli_round_trip_with_absent_hours(real: dict[str, Any], tmp_path: Path) 
     raw[~drop].to_csv(path, index=False)
     out = tmp_path / "pm25"
     main = _cli()
-    assert main(["--csv", str(path), "--out", str(out), "--train-years", "2010", "2011", "2012",
-                 "--val-years", "2013", "--test-years", "2014"]) == 0
+    assert (
+        main(
+            [
+                "--csv",
+                str(path),
+                "--out",
+                str(out),
+                "--train-years",
+                "2010",
+                "2011",
+                "2012",
+                "--val-years",
+                "2013",
+                "--test-years",
+                "2014",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows_in_file"] == 43_824 - 30 and stats["total"]["hours"] == 43_824
     assert {k: v["hours_inserted"] for k, v in stats["splits"].items()} == {"train": 6, "val": 24, "test": 0}

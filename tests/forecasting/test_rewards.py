@@ -1,15 +1,16 @@
 """Class bucketing, the class-wise reward with its false-alarm penalty, the Lagrangian terms, the
 high-class scores and the curriculum horizon, on constructed values."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from mmpo_tasks.forecasting.rewards import ClassRewardConfig, LagrangeState, classify, classwise_reward, contingency
-from mmpo_tasks.forecasting.task import CurriculumConfig
 
 from mmpo.errors import ConfigError
+from mmpo_tasks.forecasting.rewards import ClassRewardConfig, LagrangeState, classify, classwise_reward, contingency
+from mmpo_tasks.forecasting.task import CurriculumConfig
 
 EDGES = [35.0, 75.0, 150.0]
 
@@ -42,7 +43,7 @@ def test_false_alarm_penalty_orders_forecasts():
     """Same class hits, one with a false alarm: the penalty makes it worse by exactly lambda_FA / H."""
     cfg = ClassRewardConfig(edges=EDGES, lambda_fa=0.1)
     truth = torch.tensor([[60.0, 60.0]])
-    calm = torch.tensor([[40.0, 30.0]])   # class 1 hit, class 0 miss, no alarm
+    calm = torch.tensor([[40.0, 30.0]])  # class 1 hit, class 0 miss, no alarm
     alarm = torch.tensor([[40.0, 80.0]])  # class 1 hit, class 2 miss = false alarm
     r_calm, _ = classwise_reward(calm, truth, torch.ones(1, 2, dtype=torch.bool), cfg)
     r_alarm, _ = classwise_reward(alarm, truth, torch.ones(1, 2, dtype=torch.bool), cfg)
@@ -63,7 +64,9 @@ def test_contingency_scores():
 
 
 def test_lagrangian_terms_and_pi_update():
-    cfg = ClassRewardConfig(edges=EDGES, lagrangian=True, recall_target=0.6, far_target=0.18, kp=0.5, ki=0.05, lambda_max=3.0)
+    cfg = ClassRewardConfig(
+        edges=EDGES, lagrangian=True, recall_target=0.6, far_target=0.18, kp=0.5, ki=0.05, lambda_max=3.0
+    )
     state = LagrangeState(0.2, 0.2)
     truth = torch.tensor([[100.0, 100.0, 20.0, 20.0]])
     pred = torch.tensor([[100.0, 10.0, 90.0, 90.0]])  # recall 1/2, FAR 2/3
@@ -85,7 +88,9 @@ def test_lagrangian_terms_and_pi_update():
     again.load_state_dict(state.state_dict())
     assert again == state
     # a rollout without any observed or predicted high gets no Lagrangian term
-    _, comp0 = classwise_reward(torch.tensor([[10.0]]), torch.tensor([[10.0]]), torch.ones(1, 1, dtype=torch.bool), cfg, LagrangeState(1.0, 1.0))
+    _, comp0 = classwise_reward(
+        torch.tensor([[10.0]]), torch.tensor([[10.0]]), torch.ones(1, 1, dtype=torch.bool), cfg, LagrangeState(1.0, 1.0)
+    )
     assert float(comp0["recall_term"]) == 0.0 and float(comp0["far_term"]) == 0.0
 
 

@@ -3,6 +3,7 @@ on every rank, then GRPO with each rank drawing its own start hours. The ranks e
 weights that moved from the stage-1 model, the same reference (the stage-1 model rank 0 saved)
 and the same state (``rank_ema``'s reward EMA, the KL controller, the Lagrange multipliers), which
 every rank computes from the statistics of all ranks."""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,19 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).resolve().parent / "series_two_ranks.py"
 SMALL = [
-    "task.sft.epochs=1", "task.sft.max_windows=128", "task.sft.batch_size=64", "task.hidden=8",
-    "rollout.prompts_per_step=2", "rollout.group_size=4", "task.curriculum.steps_per_epoch=1",
-    "task.curriculum.base=2", "task.curriculum.max=3", "task.eval_horizon=6", "task.eval_stride=240",
-    "trainer.eval_every=0", "task.reward.lagrangian=true",
+    "task.sft.epochs=1",
+    "task.sft.max_windows=128",
+    "task.sft.batch_size=64",
+    "task.hidden=8",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "task.curriculum.steps_per_epoch=1",
+    "task.curriculum.base=2",
+    "task.curriculum.max=3",
+    "task.eval_horizon=6",
+    "task.eval_stride=240",
+    "trainer.eval_every=0",
+    "task.reward.lagrangian=true",
 ]
 
 
@@ -27,12 +37,25 @@ SMALL = [
 @pytest.mark.distributed
 def test_series_trainer_under_zero2_ranks_agree_in_weights_reference_and_state(tmp_path):
     run, out = tmp_path / "run", tmp_path / "dump"
-    files = [out / f"{name}_rank{r}.{ext}" for r in (0, 1) for name, ext in
-             (("rank", "safetensors"), ("reference", "safetensors"), ("state", "json"))]
+    files = [
+        out / f"{name}_rank{r}.{ext}"
+        for r in (0, 1)
+        for name, ext in (("rank", "safetensors"), ("reference", "safetensors"), ("state", "json"))
+    ]
     run_torchrun(
-        [SCRIPT, out, ROOT / "configs" / "airquality_grpo.yaml", f"output_dir={run}",
-         f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}", "trainer.max_steps=2", *SMALL],
-        nproc=2, timeout=400, retries=1, done=lambda: all(f.exists() for f in files),
+        [
+            SCRIPT,
+            out,
+            ROOT / "configs" / "airquality_grpo.yaml",
+            f"output_dir={run}",
+            f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}",
+            "trainer.max_steps=2",
+            *SMALL,
+        ],
+        nproc=2,
+        timeout=400,
+        retries=1,
+        done=lambda: all(f.exists() for f in files),
     )
     weights = [load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1)]
     refs = [load_file(str(out / f"reference_rank{r}.safetensors")) for r in (0, 1)]

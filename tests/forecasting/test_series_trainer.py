@@ -2,6 +2,7 @@
 Gaussian KL and the sample estimators), the objective options it refuses at load, micro batches
 that trade memory and not results, the task's side of the SeriesTask protocol, and the one
 evaluator shared by training and `mmpo eval`."""
+
 from __future__ import annotations
 
 import ast
@@ -11,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmpo_tasks.forecasting.task import AirQualityTask
 
 from mmpo.config import load_config
 from mmpo.core import KL_ESTIMATORS, aggregate
@@ -20,14 +20,26 @@ from mmpo.evaluate import run_evaluation
 from mmpo.tasks import build_task
 from mmpo.trainers.series import SERIES_TASK_MEMBERS, SeriesTrainer, step_log_probs
 from mmpo.trainers.update import compose_loss
+from mmpo_tasks.forecasting.task import AirQualityTask
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "airquality_grpo.yaml")
 SMALL = [
-    "task.sft.epochs=1", "task.sft.max_windows=256", "task.sft.batch_size=64", "task.hidden=16",
-    "rollout.prompts_per_step=4", "rollout.group_size=4", "task.curriculum.steps_per_epoch=1",
-    "task.curriculum.base=2", "task.curriculum.max=4", "task.eval_horizon=6", "task.eval_stride=96",
-    "trainer.eval_every=0", "task.plot_starts=2", "trainer.eval_at_start=false", "eval.num_samples=0",
+    "task.sft.epochs=1",
+    "task.sft.max_windows=256",
+    "task.sft.batch_size=64",
+    "task.hidden=16",
+    "rollout.prompts_per_step=4",
+    "rollout.group_size=4",
+    "task.curriculum.steps_per_epoch=1",
+    "task.curriculum.base=2",
+    "task.curriculum.max=4",
+    "task.eval_horizon=6",
+    "task.eval_stride=96",
+    "trainer.eval_every=0",
+    "task.plot_starts=2",
+    "trainer.eval_at_start=false",
+    "eval.num_samples=0",
 ]
 
 
@@ -147,8 +159,10 @@ def test_micro_batches_trade_memory_not_results(sft_model, tmp_path, shape):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
     assert whole.engine.applied_steps == micro.engine.applied_steps == 2 * 2 * whole.shape.minibatches
     # the accumulated gradient itself is the same (Adam alone would hide a uniformly mis-scaled one)
-    norms = [[json.loads(line)["grad_norm"] for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
-             for t in (whole, micro)]
+    norms = [
+        [json.loads(line)["grad_norm"] for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+        for t in (whole, micro)
+    ]
     assert len(norms[0]) == 2 and norms[0] == pytest.approx(norms[1], rel=1e-4)
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures of the GUI tests: no browser started by a test outlives it."""
+
 from __future__ import annotations
 
 import time

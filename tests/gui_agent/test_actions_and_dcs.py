@@ -1,5 +1,6 @@
 """The GUI action parser (valid actions, normalisation, every malformed kind as a counted no-op)
 and HiconAgent's Dynamic Context Sampling schedule against its formula."""
+
 from __future__ import annotations
 
 import math
@@ -11,18 +12,21 @@ from mmpo_tasks.gui_agent.actions import Action, parse_action
 from mmpo_tasks.gui_agent.history import dcs_probs, dcs_weight, keep_recent, sample_history_length
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("<think>the button</think><action>click(0.42, 0.13)</action>", Action("click", x=0.42, y=0.13)),
-    ("<action> click( 1 , 0 ) </action>", Action("click", x=1.0, y=0.0)),
-    ('<action>type("hello, world")</action>', Action("type", text="hello, world")),
-    ("<action>type('it''s')</action>", Action("type", text="its")),  # adjacent literals concatenate, as in Python
-    ("<action>scroll(down)</action>", Action("scroll", direction="down")),
-    ('<action>scroll("left")</action>', Action("scroll", direction="left")),
-    ("<action>back()</action>", Action("back")),
-    ("<action>finished()</action>", Action("finished")),
-    ("<action>click_element(17)</action>", Action("click_element", ref=17)),
-    ("<action>back()</action> then <action>enter()</action>", Action("enter")),  # the last one counts
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<think>the button</think><action>click(0.42, 0.13)</action>", Action("click", x=0.42, y=0.13)),
+        ("<action> click( 1 , 0 ) </action>", Action("click", x=1.0, y=0.0)),
+        ('<action>type("hello, world")</action>', Action("type", text="hello, world")),
+        ("<action>type('it''s')</action>", Action("type", text="its")),  # adjacent literals concatenate, as in Python
+        ("<action>scroll(down)</action>", Action("scroll", direction="down")),
+        ('<action>scroll("left")</action>', Action("scroll", direction="left")),
+        ("<action>back()</action>", Action("back")),
+        ("<action>finished()</action>", Action("finished")),
+        ("<action>click_element(17)</action>", Action("click_element", ref=17)),
+        ("<action>back()</action> then <action>enter()</action>", Action("enter")),  # the last one counts
+    ],
+)
 def test_valid_actions(text, expected):
     assert parse_action(text) == expected
 
@@ -34,29 +38,37 @@ def test_pixel_coordinates_are_normalised_with_the_screen_size():
     assert parse_action("<action>click(1400, 180)</action>", screen_size=(1280, 720)).malformed
 
 
-@pytest.mark.parametrize("text, msg", [
-    ("I would click the button", "no <action>"),
-    ("<action>click the button</action>", "not a call"),
-    ("<action>rm(1)</action>", "unknown action 'rm'"),
-    ("<action>noop()</action>", "unknown action 'noop'"),
-    ("<action>click(0.5)</action>", "two numbers"),
-    ("<action>click(True, 0.5)</action>", "two numbers"),
-    ("<action>click(-0.1, 0.5)</action>", "outside the screen"),
-    ("<action>click(__import__('os'), 1)</action>", "not literals"),
-    ("<action>type(42)</action>", "one string"),
-    ('<action>type("' + "x" * 600 + '")</action>', "longer than 512"),
-    ("<action>scroll(sideways)</action>", "scroll(direction)"),
-    ("<action>back(1)</action>", "takes no arguments"),
-    ("<action>click_element(-3)</action>", "non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ("I would click the button", "no <action>"),
+        ("<action>click the button</action>", "not a call"),
+        ("<action>rm(1)</action>", "unknown action 'rm'"),
+        ("<action>noop()</action>", "unknown action 'noop'"),
+        ("<action>click(0.5)</action>", "two numbers"),
+        ("<action>click(True, 0.5)</action>", "two numbers"),
+        ("<action>click(-0.1, 0.5)</action>", "outside the screen"),
+        ("<action>click(__import__('os'), 1)</action>", "not literals"),
+        ("<action>type(42)</action>", "one string"),
+        ('<action>type("' + "x" * 600 + '")</action>', "longer than 512"),
+        ("<action>scroll(sideways)</action>", "scroll(direction)"),
+        ("<action>back(1)</action>", "takes no arguments"),
+        ("<action>click_element(-3)</action>", "non-negative integer"),
+    ],
+)
 def test_malformed_actions_are_counted_no_ops(text, msg):
     a = parse_action(text)
     assert a.kind == "noop" and a.malformed and msg in a.error
 
 
 def test_canonical_text_round_trips():
-    for a in (Action("click", x=0.25, y=0.5), Action("type", text='say "hi"'), Action("scroll", direction="up"),
-              Action("home"), Action("click_element", ref=3)):
+    for a in (
+        Action("click", x=0.25, y=0.5),
+        Action("type", text='say "hi"'),
+        Action("scroll", direction="up"),
+        Action("home"),
+        Action("click_element", ref=3),
+    ):
         assert parse_action(f"<action>{a.to_text()}</action>") == a
 
 

@@ -2,6 +2,7 @@
 plugins import only ``mmpo`` (never another plugin, and ``mmpo`` never a plugin), and the
 objective options the environment kind cannot honour are refused at load, before a model loads
 or a browser starts."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ def test_plugins_import_only_mmpo() -> None:
     assert _importers(ROOT / "tasks" / "vla", "mmpo_tasks.gui_agent") == []
     assert _importers(ROOT / "mmpo", "mmpo_tasks") == []
     # the pattern does find imports (a test of the test)
-    assert "tasks/gui_agent/screenexplorer_trainer.py" in _importers(ROOT / "tasks" / "gui_agent", "mmpo_tasks.gui_agent")
+    assert "tasks/gui_agent/screenexplorer_trainer.py" in _importers(
+        ROOT / "tasks" / "gui_agent", "mmpo_tasks.gui_agent"
+    )
     assert "tasks/vla/trainer.py" in _importers(ROOT / "tasks" / "vla", "mmpo_tasks.vla")
 
 
@@ -49,10 +52,14 @@ def test_gui_tasks_run_on_the_environment_trainer(task: str) -> None:
 @pytest.mark.parametrize("task", ["miniwob_grpo", "screenexplorer"])
 @pytest.mark.parametrize(
     "override, key, value",
-    [("algorithm.kl_options.beta=0.1", "algorithm.kl_options.beta", 0.1), ("algorithm.entropy_coef=0.01", "algorithm.entropy_coef", 0.01)],
+    [
+        ("algorithm.kl_options.beta=0.1", "algorithm.kl_options.beta", 0.1),
+        ("algorithm.entropy_coef=0.01", "algorithm.entropy_coef", 0.01),
+    ],
 )
-def test_kl_and_entropy_are_refused_at_load(task: str, override: str, key: str, value: float, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kl_and_entropy_are_refused_at_load(
+    task: str, override: str, key: str, value: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("miniwob")
     from mmpo.trainers import environment
 
@@ -80,10 +87,22 @@ def test_screenexplorer_resumes_exactly(tmp_path: Path, no_leftover_browser: Non
     if not shutil.which("chromium") or not shutil.which("chromedriver"):
         pytest.fail("chromium and chromedriver must be installed (apt-get install chromium chromium-driver)")
     small = [
-        "rollout.prompts_per_step=2", "rollout.group_size=2", "task.env.max_envs=4", "task.env.max_steps=2", "task.env.image_size=56",
-        "eval.num_samples=2", "eval.batch_size=2", "task.eval_videos=0", "trainer.eval_every=1", "trainer.update_epochs=2",
-        "trainer.minibatch_size=2", "trainer.micro_batch_size=1", "task.env.kwargs.tasks=[click-test]", "trainer.save_every=1",
-        "trainer.keep_last=0", "task.actor_warmup_steps=1",
+        "rollout.prompts_per_step=2",
+        "rollout.group_size=2",
+        "task.env.max_envs=4",
+        "task.env.max_steps=2",
+        "task.env.image_size=56",
+        "eval.num_samples=2",
+        "eval.batch_size=2",
+        "task.eval_videos=0",
+        "trainer.eval_every=1",
+        "trainer.update_epochs=2",
+        "trainer.minibatch_size=2",
+        "trainer.micro_batch_size=1",
+        "task.env.kwargs.tasks=[click-test]",
+        "trainer.save_every=1",
+        "trainer.keep_last=0",
+        "task.actor_warmup_steps=1",
     ]
     args = ["train", str(ROOT / "configs" / "screenexplorer.yaml"), *small]
     full, split = tmp_path / "full", tmp_path / "split"
@@ -99,7 +118,9 @@ def test_screenexplorer_resumes_exactly(tmp_path: Path, no_leftover_browser: Non
     assert lines(full)[1]["optimizer_steps"] == 0 and lines(full)[3]["optimizer_steps"] == 4
     assert lines(split) == lines(full)
     last_full, last_split = full / "checkpoints" / "step_00000003", split / "checkpoints" / "step_00000003"
-    assert json.loads((last_split / "trainer_state.json").read_text()) == json.loads((last_full / "trainer_state.json").read_text())
+    assert json.loads((last_split / "trainer_state.json").read_text()) == json.loads(
+        (last_full / "trainer_state.json").read_text()
+    )
     wa, wb = (torch.load(c / "world_model.pt", weights_only=True) for c in (last_full, last_split))
     assert all(torch.equal(wa["net"][k], wb["net"][k]) for k in wa["net"])
     assert torch.equal(wa["buffer"]["pre_img"], wb["buffer"]["pre_img"])

@@ -1,5 +1,6 @@
 """ScreenExplorer pieces: download-free screen embeddings, the exploration reward components
 (checked against their formulas recomputed with numpy) and the online world model."""
+
 from __future__ import annotations
 
 import json
@@ -125,14 +126,19 @@ def test_text_hashing_is_stable_across_processes():
     mine = TextEmbedder(128).embed(texts)
     # this process's str hashes are salted at random; the child's with a fixed, different salt
     env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(texts)], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(texts)], env=env, capture_output=True, text=True, check=True
+    )
     assert torch.equal(torch.tensor(json.loads(out.stdout)), mine)
 
 
 # -- DOM text ----------------------------------------------------------------------------------
 def _el(ref, tag, text, left, top, width, height, value=""):
     # MiniWoB gives coordinates as float32 arrays of shape [1]
-    box = {k: np.array([v], dtype=np.float32) for k, v in zip(("left", "top", "width", "height"), (left, top, width, height))}
+    box = {
+        k: np.array([v], dtype=np.float32)
+        for k, v in zip(("left", "top", "width", "height"), (left, top, width, height))
+    }
     return {"ref": ref, "tag": tag, "text": text, "value": value, **box}
 
 
@@ -177,7 +183,9 @@ def test_change_curiosity_and_intent_components():
     # pre.intent + post.intent: 1+1, 0.5+cos(E2,V60), 0+cos(V60,E2), empty intent aligns with nothing
     want = [2.0, 0.5 + math.sqrt(3) / 2, math.sqrt(3) / 2, 0.0]
     np.testing.assert_allclose(intent_reward(pre, post, intent).numpy(), want, atol=1e-6)
-    np.testing.assert_allclose(click_intent_reward(_t([V60, ZERO, E2, ZERO]), intent).numpy(), [0.5, 0, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(
+        click_intent_reward(_t([V60, ZERO, E2, ZERO]), intent).numpy(), [0.5, 0, 1, 0], atol=1e-6
+    )
 
 
 def test_diversity_compares_with_all_earlier_states():
@@ -200,8 +208,14 @@ def _episode(rng, t=4, d=8, dt=6):
 
     img, txt = unit(t + 1, d), unit(t + 1, dt)
     return {
-        "pre_img": img[:-1], "post_img": img[1:], "pre_txt": txt[:-1], "post_txt": txt[1:],
-        "pred_img": unit(t, d), "pred_txt": unit(t, dt), "intent_txt": unit(t, dt), "under_click_txt": unit(t, dt),
+        "pre_img": img[:-1],
+        "post_img": img[1:],
+        "pre_txt": txt[:-1],
+        "post_txt": txt[1:],
+        "pred_img": unit(t, d),
+        "pred_txt": unit(t, dt),
+        "intent_txt": unit(t, dt),
+        "under_click_txt": unit(t, dt),
     }
 
 
@@ -239,10 +253,14 @@ def test_episode_rewards_sum_weights_task_and_invalid_steps():
     weights = {k: float(i + 1) / 4 for i, k in enumerate(COMPONENTS)}
     cfg = ExplorationRewardConfig(**weights, use_task_reward=True, task_reward=2.0, invalid_zero=False)
     total, _ = episode_rewards(**args, valid=valid, task_reward=task, cfg=cfg)
-    np.testing.assert_allclose(total.numpy(), sum(weights[k] * want[k] for k in COMPONENTS) + 2.0 * task.numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        total.numpy(), sum(weights[k] * want[k] for k in COMPONENTS) + 2.0 * task.numpy(), atol=1e-5
+    )
 
     no_wm = {**args, "pred_img": None, "pred_txt": None}
-    total, comps = episode_rewards(**no_wm, valid=valid, task_reward=task, cfg=ExplorationRewardConfig(invalid_zero=False))
+    total, comps = episode_rewards(
+        **no_wm, valid=valid, task_reward=task, cfg=ExplorationRewardConfig(invalid_zero=False)
+    )
     assert comps["image_curiosity"].abs().sum() == 0
     np.testing.assert_allclose(total.numpy(), unweighted - want["image_curiosity"] - want["text_curiosity"], atol=1e-5)
 
@@ -256,7 +274,9 @@ def test_empty_screens_are_not_rewarded_as_change():
 # -- world model -------------------------------------------------------------------------------
 D, DT = 16, 8
 ACTS = ["click(0.100, 0.500)", "click(0.700, 0.500)"]
-MAPS = torch.tensor(np.random.default_rng(4).standard_normal((2, D + DT, D + DT)) / np.sqrt(D + DT), dtype=torch.float32)
+MAPS = torch.tensor(
+    np.random.default_rng(4).standard_normal((2, D + DT, D + DT)) / np.sqrt(D + DT), dtype=torch.float32
+)
 
 
 def _transitions(n, rng, random_post=False):

@@ -1,6 +1,7 @@
 """MiniWoB++ as a gymnasium environment (live, headless Chromium) and the environment runner on it:
 a seed picks the task, clicks given as [x, y] or as action text earn MiniWoB's raw reward, rollouts
 run in waves of at most ``max_envs`` browsers and keep their observations and DOMs."""
+
 from __future__ import annotations
 
 import shutil
@@ -11,7 +12,9 @@ import torch
 
 pytest.importorskip("miniwob")
 if not shutil.which("chromium") or not shutil.which("chromedriver"):
-    pytest.fail("chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)")
+    pytest.fail(
+        "chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)"
+    )
 
 import gymnasium  # noqa: E402
 
@@ -33,7 +36,11 @@ def test_seed_picks_the_task_and_clicks_earn_the_raw_reward(no_leftover_browser)
     try:
         assert env.task_of(7) == ("focus-text", 3) and env.task_of(6) == ("click-test-2", 3)
         obs, info = env.reset(seed=6)
-        assert info["task"] == "click-test-2" and obs["image"].shape == (210, 160, 3) and "Click button" in obs["instruction"]
+        assert (
+            info["task"] == "click-test-2"
+            and obs["image"].shape == (210, 160, 3)
+            and "Click button" in obs["instruction"]
+        )
         assert info["screen_size"] == (160, 210) and info["dom"]
         before = env.get_frame()
         x, y = _solver_click(env)
@@ -41,7 +48,10 @@ def test_seed_picks_the_task_and_clicks_earn_the_raw_reward(no_leftover_browser)
         assert term and r == 1.0 and info["success"]  # raw reward: 1 for success, not scaled by time
         frame = env.get_frame()  # the screen clicked on, the click ringed in red
         assert frame.shape == before.shape and tuple(frame[round(y * 210), round(x * 160) + 6]) == (255, 0, 0)
-        assert np.array_equal(np.delete(frame, np.s_[round(y * 210) - 9 : round(y * 210) + 9], 0), np.delete(before, np.s_[round(y * 210) - 9 : round(y * 210) + 9], 0))
+        assert np.array_equal(
+            np.delete(frame, np.s_[round(y * 210) - 9 : round(y * 210) + 9], 0),
+            np.delete(before, np.s_[round(y * 210) - 9 : round(y * 210) + 9], 0),
+        )
         env.reset(seed=7)
         x, y = _solver_click(env)
         _, r, term, _, info = env.step(f"click({x:.4f}, {y:.4f})")  # the same as action text
@@ -70,8 +80,11 @@ class _RandomClicks:
         xy = torch.rand(len(observations), 2, generator=generator)
         self.seen += observations
         return ActionBatch(
-            actions=[row.numpy() for row in xy], units=xy, logp=torch.zeros(len(observations), 2),
-            mask=torch.ones(len(observations), 2, dtype=torch.bool), encodings=[None] * len(observations),
+            actions=[row.numpy() for row in xy],
+            units=xy,
+            logp=torch.zeros(len(observations), 2),
+            mask=torch.ones(len(observations), 2, dtype=torch.bool),
+            encodings=[None] * len(observations),
         )
 
 

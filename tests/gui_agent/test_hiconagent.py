@@ -1,6 +1,7 @@
 """HiconAgent on GUI episodes: prompts with history anchors, Dynamic Context Sampling per rollout
 (against its schedule), step rewards, a stable held-out split, and HCPO training steps with a tiny
 Qwen2.5-VL (the compressed branch scores, the reference is the unmodified model)."""
+
 from __future__ import annotations
 
 import json
@@ -69,7 +70,15 @@ def test_prompt_history_anchors_and_split(tmp_path):
 
 
 def test_dcs_draws_each_rollouts_history_from_the_schedule(tmp_path):
-    task = build_task("hiconagent", {"data": str(make_episodes(tmp_path, n=6, steps=3)), "max_history": 2, "eval_fraction": 0.0, "dcs_total_steps": 100})
+    task = build_task(
+        "hiconagent",
+        {
+            "data": str(make_episodes(tmp_path, n=6, steps=3)),
+            "max_history": 2,
+            "eval_fraction": 0.0,
+            "dcs_total_steps": 100,
+        },
+    )
     samples = [task.train_sample(i) for i in range(task.num_train()) if task.train_sample(i).meta["t"] == 2]
     for step, total in ((1, 100), (100, 100)):
         task.begin_step(step, 200)  # dcs_total_steps wins over the trainer's step count
@@ -77,7 +86,9 @@ def test_dcs_draws_each_rollouts_history_from_the_schedule(tmp_path):
         freq = np.bincount(lengths, minlength=3) / len(lengths)
         np.testing.assert_allclose(freq, dcs_probs(step, total, 2), atol=0.04)
         s = samples[0]
-        assert [_images(task.rollout_messages(s, k)) for k in range(8)] == [task.history_length(s, k) + 1 for k in range(8)]
+        assert [_images(task.rollout_messages(s, k)) for k in range(8)] == [
+            task.history_length(s, k) + 1 for k in range(8)
+        ]
         assert task.history_length(s, 3) == task.history_length(s, 3)  # seeded per (step, sample, rollout)
     first = samples[0]
     assert task.history_length(first, 0) <= first.meta["history"]
@@ -85,8 +96,17 @@ def test_dcs_draws_each_rollouts_history_from_the_schedule(tmp_path):
     assert {off.history_length(first, k) for k in range(20)} == {2}
 
 
-SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=6", "eval.num_samples=4",
-         "eval.batch_size=4", "eval.max_new_tokens=6", "trainer.eval_every=0", "task.image_size=56", "task.dcs=false"]
+SMALL = [
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=6",
+    "eval.num_samples=4",
+    "eval.batch_size=4",
+    "eval.max_new_tokens=6",
+    "trainer.eval_every=0",
+    "task.image_size=56",
+    "task.dcs=false",
+]
 
 
 def test_hcpo_steps_score_both_branches_against_the_unmodified_reference(tmp_path, capsys):
@@ -99,11 +119,18 @@ def test_hcpo_steps_score_both_branches_against_the_unmodified_reference(tmp_pat
         assert k in first, k
     # before the first optimizer step the policy is the reference: its full branch has KL 0, the
     # compressed branch (history screenshots dropped; small for a random tiny model) does not
-    assert first["kl_u"] == 0.0 and first["kl_align"] > 1e-7 and first["kl_c"] == pytest.approx(first["kl_align"], rel=1e-4)
+    assert (
+        first["kl_u"] == 0.0
+        and first["kl_align"] > 1e-7
+        and first["kl_c"] == pytest.approx(first["kl_align"], rel=1e-4)
+    )
     assert first["pg_c"] == pytest.approx(first["pg_u"], abs=1e-6)  # both ratios are 1 at the first update
     assert "eval/step_success" in lines[-1] and "eval/episode_success" in lines[-1]
     capsys.readouterr()
-    assert main(["train", CONFIG, f"output_dir={tmp_path / 'bad'}", f"task.data={data}", "task.ahc.drop_layer=9", *SMALL]) != 0
+    assert (
+        main(["train", CONFIG, f"output_dir={tmp_path / 'bad'}", f"task.data={data}", "task.ahc.drop_layer=9", *SMALL])
+        != 0
+    )
     assert "task.ahc.drop_layer=9" in capsys.readouterr().err
 
 
@@ -124,7 +151,10 @@ def test_the_token_trainer_encodes_each_rollouts_own_history(tmp_path):
             k = row % cfg.rollout.group_size
             images = enc["image_grid_thw"].shape[0]
             assert images == trainer.task.history_length(sample, k) + 1
-            assert int((enc["input_ids"] == trainer.engine.module.config.image_token_id).sum()) == int(enc["image_grid_thw"].prod(-1).sum()) // grid
+            assert (
+                int((enc["input_ids"] == trainer.engine.module.config.image_token_id).sum())
+                == int(enc["image_grid_thw"].prod(-1).sum()) // grid
+            )
         lengths = {trainer.task.history_length(s, r % 4) for r, s in enumerate(batch.samples)}
         assert len(lengths) > 1  # early in training DCS mixes history lengths inside the batch
     finally:

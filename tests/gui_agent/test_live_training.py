@@ -1,6 +1,7 @@
 """The live GUI recipes end to end on MiniWoB++ (headless Chromium) with a tiny VLM: miniwob_grpo
 (behaviour cloning on the scripted solver's episodes, then GRPO steps and held-out evaluation) and
 screenexplorer (exploration rewards, the online world model and its checkpoint)."""
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,26 @@ import torch
 
 pytest.importorskip("miniwob")
 if not shutil.which("chromium") or not shutil.which("chromedriver"):
-    pytest.fail("chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)")
+    pytest.fail(
+        "chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)"
+    )
 
 from mmpo.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=2", "task.env.max_envs=4", "task.env.max_steps=2",
-         "task.env.image_size=56", "eval.num_samples=4", "eval.batch_size=4", "task.eval_videos=0", "trainer.eval_every=0",
-         "trainer.minibatch_size=4", "task.env.kwargs.tasks=[click-test]"]
+SMALL = [
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=2",
+    "task.env.max_envs=4",
+    "task.env.max_steps=2",
+    "task.env.image_size=56",
+    "eval.num_samples=4",
+    "eval.batch_size=4",
+    "task.eval_videos=0",
+    "trainer.eval_every=0",
+    "trainer.minibatch_size=4",
+    "task.env.kwargs.tasks=[click-test]",
+]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -33,7 +46,15 @@ def test_miniwob_grpo_clones_the_solver_then_trains_and_evaluates(tmp_path, no_l
     record(["click-test"], [0, 1, 2], demos, only_success=True, progress=False)
     cfg = str(ROOT / "configs" / "miniwob_grpo.yaml")
     run = tmp_path / "run"
-    args = ["train", cfg, f"output_dir={run}", f"task.sft.demos={demos}", "task.sft.epochs=2", "trainer.max_steps=1", *SMALL]
+    args = [
+        "train",
+        cfg,
+        f"output_dir={run}",
+        f"task.sft.demos={demos}",
+        "task.sft.epochs=2",
+        "trainer.max_steps=1",
+        *SMALL,
+    ]
     assert main(args) == 0
     sft = json.loads((run / "sft" / "metrics.json").read_text())
     assert sft["demo_episodes"] == 3 and sft["demo_steps"] == 3 and sft["loss_last_epoch"] < sft["loss_first_epoch"]
@@ -56,7 +77,12 @@ def test_miniwob_grpo_clones_the_solver_then_trains_and_evaluates(tmp_path, no_l
         assert all(c.startswith("(") and c.count(",") == 1 for c in clicks)  # (x,y) clicks
     # the demonstrations (click-test seeds 0..2) may not be evaluation instances
     capsys.readouterr()
-    bad = [a for a in args if not a.startswith("output_dir")] + [f"output_dir={tmp_path / 'bad'}", "task.train_seeds.start=1000", "task.eval_seeds.start=0", "task.eval_seeds.count=4"]
+    bad = [a for a in args if not a.startswith("output_dir")] + [
+        f"output_dir={tmp_path / 'bad'}",
+        "task.train_seeds.start=1000",
+        "task.eval_seeds.start=0",
+        "task.eval_seeds.count=4",
+    ]
     assert main(bad) != 0
     assert "evaluation instances" in capsys.readouterr().err
 
@@ -64,19 +90,53 @@ def test_miniwob_grpo_clones_the_solver_then_trains_and_evaluates(tmp_path, no_l
 def test_screenexplorer_rewards_steps_and_checkpoints_its_world_model(tmp_path, no_leftover_browser):
     cfg = str(ROOT / "configs" / "screenexplorer.yaml")
     run = tmp_path / "run"
-    assert main(["train", cfg, f"output_dir={run}", "trainer.max_steps=2", "trainer.save_every=2", "task.actor_warmup_steps=1", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                cfg,
+                f"output_dir={run}",
+                "trainer.max_steps=2",
+                "trainer.save_every=2",
+                "task.actor_warmup_steps=1",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     lines = _lines(run)
     warm, trained = lines[1], lines[2]
     assert warm["optimizer_steps"] == 0.0 and trained["optimizer_steps"] >= 1.0  # world model only, then the actor
-    for k in ("reward/image_change", "reward/text_diversity", "reward/image_curiosity", "reward/intent", "reward/intent_click", "reward/task",
-              "world_model/loss", "world_model/steps"):
+    for k in (
+        "reward/image_change",
+        "reward/text_diversity",
+        "reward/image_curiosity",
+        "reward/intent",
+        "reward/intent_click",
+        "reward/task",
+        "world_model/loss",
+        "world_model/steps",
+    ):
         assert k in trained, k
     ckpt = sorted(run.glob("checkpoints/step_*"))[-1]
     state = torch.load(ckpt / "world_model.pt", weights_only=True)
     steps_seen = sum(l["rollout/episode_length"] * 4 for l in lines[1:])  # 2 contexts x 2 rollouts a step
     assert state["buffer"]["pre_img"].shape[0] == round(steps_seen)  # every transition joined the buffer
     # a resumed run starts from the saved world model and buffer, and adds to them
-    assert main(["train", cfg, f"output_dir={run}", "trainer.max_steps=3", "trainer.save_every=2", "task.actor_warmup_steps=1", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "train",
+                cfg,
+                f"output_dir={run}",
+                "trainer.max_steps=3",
+                "trainer.save_every=2",
+                "task.actor_warmup_steps=1",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     resumed = torch.load(sorted(run.glob("checkpoints/step_*"))[-1] / "world_model.pt", weights_only=True)
     added = round(_lines(run)[-1]["rollout/episode_length"] * 4)
     assert resumed["buffer"]["pre_img"].shape[0] == round(steps_seen) + added
@@ -90,7 +150,9 @@ def test_solver_episodes_are_hiconagent_data(tmp_path, no_leftover_browser):
 
     record = runpy.run_path(str(ROOT / "data_prep" / "miniwob_episodes.py"))["record_episodes"]
     record(["enter-text"], [0, 1], tmp_path / "gui", only_success=True, progress=False)
-    task = build_task("hiconagent", {"data": str(tmp_path / "gui" / "episodes.jsonl"), "eval_fraction": 0.0, "max_history": 2})
+    task = build_task(
+        "hiconagent", {"data": str(tmp_path / "gui" / "episodes.jsonl"), "eval_fraction": 0.0, "max_history": 2}
+    )
     assert task.num_train() == 6  # 2 episodes x 3 steps
     last = next(task.train_sample(i) for i in range(6) if task.train_sample(i).meta["t"] == 2)
     ep = task.train_episodes[last.meta["episode"]]

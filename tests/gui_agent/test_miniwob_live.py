@@ -1,6 +1,7 @@
 """A live MiniWoB++ episode in headless Chromium: a real click (by coordinates and by element)
 earns the task reward; a killed browser fails the episode, is restarted, and no browser outlives
 the environment."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,9 @@ import pytest
 
 pytest.importorskip("miniwob")
 if not shutil.which("chromium") or not shutil.which("chromedriver"):
-    pytest.fail("chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)")
+    pytest.fail(
+        "chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)"
+    )
 
 from mmpo_tasks.gui_agent.actions import Action  # noqa: E402
 from mmpo_tasks.gui_agent.miniwob_env import MiniWobEnv  # noqa: E402
@@ -48,4 +51,6 @@ def test_live_clicks_earn_the_task_reward_and_crash_recovery(no_leftover_browser
         assert done and r > 0.5
     finally:
         env.close()  # the fixture checks that no browser outlives the environment
-    assert orphans and not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in orphans)
+    assert orphans and not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in orphans
+    )

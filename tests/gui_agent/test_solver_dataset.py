@@ -1,6 +1,7 @@
 """The scripted MiniWoB++ oracle (tasks/gui_agent/solver.py) solves live episodes in headless
 Chromium with pixel clicks, and data_prep/miniwob_episodes.py records them as a GUI episode
 dataset that load_episodes reads back and the GUI rewards score as perfect."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,9 @@ import pytest
 
 pytest.importorskip("miniwob")
 if not shutil.which("chromium") or not shutil.which("chromedriver"):
-    pytest.fail("chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)")
+    pytest.fail(
+        "chromium and chromedriver must be installed (apt-get install chromium chromium-driver; .ci/run does it)"
+    )
 
 from PIL import Image  # noqa: E402
 
@@ -40,11 +43,14 @@ def _inside(action: Action, box) -> bool:
 
 
 # -- live solver -----------------------------------------------------------------------------
-@pytest.mark.parametrize("task, seeds", [
-    ("click-test-2", [0, 1, 2, 3, OCCLUDED_SEED]),
-    ("click-color", [0, 1, 2, 3, 4]),
-    ("enter-text", [0, 1, 2, 3, 4]),  # click the field, type, click Submit
-])
+@pytest.mark.parametrize(
+    "task, seeds",
+    [
+        ("click-test-2", [0, 1, 2, 3, OCCLUDED_SEED]),
+        ("click-color", [0, 1, 2, 3, 4]),
+        ("enter-text", [0, 1, 2, 3, 4]),  # click the field, type, click Submit
+    ],
+)
 def test_solver_earns_the_reward_with_pixel_clicks(task: str, seeds: list[int], no_leftover_browser) -> None:
     env, solver = MiniWobEnv(task), ScriptedSolver(task)
     successes = 0
@@ -65,7 +71,10 @@ def test_solver_earns_the_reward_with_pixel_clicks(task: str, seeds: list[int], 
                     assert step.target_box[0] == pytest.approx(max(float(el["left"][0]), 0) / w)
                     assert step.target_box[1] == pytest.approx(max(float(el["top"][0]), 0) / h)
                     if task == "click-test-2" and seed == OCCLUDED_SEED:  # not the covered centre
-                        cx, cy = (step.target_box[0] + step.target_box[2]) / 2, (step.target_box[1] + step.target_box[3]) / 2
+                        cx, cy = (
+                            (step.target_box[0] + step.target_box[2]) / 2,
+                            (step.target_box[1] + step.target_box[3]) / 2,
+                        )
                         assert (step.action.x, step.action.y) != pytest.approx((cx, cy))
                 kinds.append(step.action.kind)
                 obs, reward, done, info = env.step(step.action, obs.screen_size)
@@ -82,15 +91,33 @@ def _obs(dom: list[dict[str, Any]], instruction: str) -> GuiObservation:
     return GuiObservation(np.zeros((210, 160, 3), np.uint8), instruction, dom)
 
 
-def _el(ref: int, parent: int, tag: str, text: str, rect: tuple[float, float, float, float], **kw: Any) -> dict[str, Any]:
-    return {"ref": ref, "parent": parent, "tag": tag, "text": text, "value": "", "id": kw.get("id", ""), "classes": "",
-            "left": [rect[0]], "top": [rect[1]], "width": [rect[2]], "height": [rect[3]],
-            "bg_color": [1.0, 1.0, 1.0, 1.0], "fg_color": [0.0, 0.0, 0.0, 1.0], "flags": [0, 0, 0, 1]}
+def _el(
+    ref: int, parent: int, tag: str, text: str, rect: tuple[float, float, float, float], **kw: Any
+) -> dict[str, Any]:
+    return {
+        "ref": ref,
+        "parent": parent,
+        "tag": tag,
+        "text": text,
+        "value": "",
+        "id": kw.get("id", ""),
+        "classes": "",
+        "left": [rect[0]],
+        "top": [rect[1]],
+        "width": [rect[2]],
+        "height": [rect[3]],
+        "bg_color": [1.0, 1.0, 1.0, 1.0],
+        "fg_color": [0.0, 0.0, 0.0, 1.0],
+        "flags": [0, 0, 0, 1],
+    }
 
 
 def test_solve_step_is_stateless_and_avoids_covered_points() -> None:
-    dom = [_el(1, 0, "body", "", (0, 0, 160, 210)), _el(4, 1, "button", "ONE", (40, 60, 40, 40)),
-           _el(5, 1, "button", "TWO", (50, 70, 40, 40))]  # TWO (painted later) covers ONE's centre
+    dom = [
+        _el(1, 0, "body", "", (0, 0, 160, 210)),
+        _el(4, 1, "button", "ONE", (40, 60, 40, 40)),
+        _el(5, 1, "button", "TWO", (50, 70, 40, 40)),
+    ]  # TWO (painted later) covers ONE's centre
     obs = _obs(dom, "Click button ONE.")
     a = solve_step("click-test-2", obs)
     assert a is not None and a.kind == "click"
@@ -106,7 +133,9 @@ def test_solve_step_is_stateless_and_avoids_covered_points() -> None:
 
 
 # -- dataset CLI -------------------------------------------------------------------------------
-def test_cli_writes_a_dataset_that_loads_and_scores_perfect(script: dict[str, Any], tmp_path: Path, no_leftover_browser) -> None:
+def test_cli_writes_a_dataset_that_loads_and_scores_perfect(
+    script: dict[str, Any], tmp_path: Path, no_leftover_browser
+) -> None:
     out = tmp_path / "miniwob"
     rc = script["main"](["--out", str(out), "--tasks", "click-test-2", "login-user", "--seeds", "0:3", "--no-progress"])
     assert rc == 0
@@ -117,7 +146,9 @@ def test_cli_writes_a_dataset_that_loads_and_scores_perfect(script: dict[str, An
     assert [ep.meta["seed"] for ep in by_task["click-test-2"]] == [0, 1, 2]
     assert all(len(ep.steps) == 1 for ep in by_task["click-test-2"])
     # click username, type, click password, type, click Login
-    assert all([s.action.kind for s in ep.steps] == ["click", "type", "click", "type", "click"] for ep in by_task["login-user"])
+    assert all(
+        [s.action.kind for s in ep.steps] == ["click", "type", "click", "type", "click"] for ep in by_task["login-user"]
+    )
     meta = json.loads((out / "meta.json").read_text())
     assert meta["episodes"] == 6 and meta["steps"] == 3 + 3 * 5 and meta["dropped"] == []
     assert meta["per_task"]["login-user"]["success_rate"] == 1.0
@@ -145,16 +176,20 @@ def test_cli_writes_a_dataset_that_loads_and_scores_perfect(script: dict[str, An
 
     def ink(shot: str) -> int:
         im = np.asarray(Image.open(shot).convert("L"), dtype=np.int32)
-        inner = im[int(y0 * h) + 4:int(y1 * h) - 4, int(x0 * w) + 4:int(x1 * w) - 4]  # inside the (focus) border
+        inner = im[int(y0 * h) + 4 : int(y1 * h) - 4, int(x0 * w) + 4 : int(x1 * w) - 4]  # inside the (focus) border
         return int((inner < 128).sum())
 
     assert ep.steps[1].action.kind == "type" and ink(ep.steps[2].screenshot) > ink(ep.steps[1].screenshot) + 20
 
 
-def test_only_success_drops_failed_episodes_and_their_screenshots(script: dict[str, Any], tmp_path: Path, no_leftover_browser) -> None:
+def test_only_success_drops_failed_episodes_and_their_screenshots(
+    script: dict[str, Any], tmp_path: Path, no_leftover_browser
+) -> None:
     out = tmp_path / "ds"
     # login-user needs 5 steps: with 2 it fails and is dropped
-    meta = script["record_episodes"](["click-test-2", "login-user"], [0], out, only_success=True, max_steps=2, progress=False)
+    meta = script["record_episodes"](
+        ["click-test-2", "login-user"], [0], out, only_success=True, max_steps=2, progress=False
+    )
     assert meta["episodes"] == 1 and meta["per_task"]["login-user"]["successes"] == 0
     assert meta["dropped"] == [{"task": "login-user", "seed": 0, "reason": meta["dropped"][0]["reason"]}]
     assert meta["dropped"][0]["reason"].startswith("failed")

@@ -4,6 +4,7 @@ About 2 runs in 45 of DeepSpeed on CPU abort after finishing ("terminate called 
 active exception"): a run counts as good when its exit code is 0 or when ``done()`` says that
 its results are complete on disk; otherwise it is retried ``retries`` times.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,14 +30,22 @@ def run_torchrun(
     failed (non-zero exit or timeout, and ``done()`` false or not given).
     """
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", *map(str, args),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *map(str, args),
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     failures: list[str] = []
     for attempt in range(retries + 1):
         proc = subprocess.Popen(
-            cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cmd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,  # its own process group, so a timeout ends the workers too
         )
         try:
@@ -53,7 +62,9 @@ def run_torchrun(
     raise AssertionError("torchrun failed:\n" + "\n\n".join(failures))
 
 
-def train_two_ranks_and_compare(out: Path, config: Path, overrides: list[str], env: dict[str, str] | None = None) -> dict:
+def train_two_ranks_and_compare(
+    out: Path, config: Path, overrides: list[str], env: dict[str, str] | None = None
+) -> dict:
     """Train ``config`` on 2 processes with tests/helpers/train_and_dump.py, check that both ranks
     end with identical parameters, and return rank 0's ``{name: tensor}``."""
     import torch

@@ -13,6 +13,7 @@ its MSE mean divided by ``accum``, so the rank-averaged gradient is the global-b
         [--save-at K --ckpt DIR] [--resume DIR] [--poison-grad S:R] [--nan-loss S:R]
         [--device cpu|cuda] [--precision fp32|bf16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,7 +98,10 @@ def train(
             lo = (rank * accum + k) * micro
             xb, yb = x[lo : lo + micro].to(engine.device), y[lo : lo + micro].to(engine.device)
             xb = xb.to(next(engine.module.parameters()).dtype)  # bf16 under DeepSpeed bf16
-            hit = lambda at: at is not None and at[0] == step and at[1] in (rank, -1) and k == 0
+
+            def hit(at, step=step, k=k):
+                return at is not None and at[0] == step and at[1] in (rank, -1) and k == 0
+
             with engine.autocast():
                 pred = engine.forward_module()(xb, poison=hit(poison_grad))
             loss = ((pred.float() - yb) ** 2).mean() / accum
@@ -134,9 +138,17 @@ def main() -> None:
     args = ap.parse_args()
 
     opts = EngineOptions(
-        lr=1e-2, lr_schedule="linear", warmup_steps=1, total_steps=args.steps, max_grad_norm=1.0,
-        weight_decay=0.01, grad_accum_steps=args.accum, micro_batch_size=args.micro,
-        device=args.device, precision=args.precision, deepspeed_config=args.deepspeed,
+        lr=1e-2,
+        lr_schedule="linear",
+        warmup_steps=1,
+        total_steps=args.steps,
+        max_grad_norm=1.0,
+        weight_decay=0.01,
+        grad_accum_steps=args.accum,
+        micro_batch_size=args.micro,
+        device=args.device,
+        precision=args.precision,
+        deepspeed_config=args.deepspeed,
     )
     engine = Engine.build(make_model(), opts)
     init = full_params(engine)
@@ -145,9 +157,15 @@ def main() -> None:
         engine.load(args.resume)
         start = args.save_at or 0
     results = train(
-        engine, start, args.steps, args.accum, args.micro,
-        poison_grad=parse_at(args.poison_grad), nan_loss=parse_at(args.nan_loss),
-        save_at=args.save_at if args.resume is None else None, ckpt=args.ckpt,
+        engine,
+        start,
+        args.steps,
+        args.accum,
+        args.micro,
+        poison_grad=parse_at(args.poison_grad),
+        nan_loss=parse_at(args.nan_loss),
+        save_at=args.save_at if args.resume is None else None,
+        ckpt=args.ckpt,
     )
     params = full_params(engine)
     engine.save_pretrained(args.out / "pretrained")

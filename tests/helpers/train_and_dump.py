@@ -6,6 +6,7 @@ parameters (gathered under ZeRO-3) to OUT/rank{R}.safetensors.
 ``MMPO_TEST_EMPTY_RANK=R:S`` (token trainer) makes the advantage-side filters leave rank R with
 no row at step S (1-based), as a filter that drops every completion of that rank would.
 """
+
 from __future__ import annotations
 
 import os

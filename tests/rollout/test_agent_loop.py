@@ -2,12 +2,12 @@
 validation, async tools with timeouts and errors as observations, and the token / image
 bookkeeping across turns (only model tokens trained; image features match image tokens; the
 log-probs stored at each turn equal one forward over the whole conversation)."""
+
 from __future__ import annotations
 
 import asyncio
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -25,7 +25,12 @@ TINY = {"initializer_range": 0.1}
 class Echo(Tool):
     name = "echo"
     description = "Repeat a word."
-    parameters = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 20}}, "required": ["word"], "additionalProperties": False}
+    parameters = {
+        "type": "object",
+        "properties": {"word": {"type": "string", "maxLength": 20}},
+        "required": ["word"],
+        "additionalProperties": False,
+    }
 
     def run(self, arguments, context):
         return ToolResult(f"you said {arguments['word']} in {context['room']}")
@@ -34,7 +39,12 @@ class Echo(Tool):
 class Picture(Tool):
     name = "picture"
     description = "Show a coloured square."
-    parameters = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}}, "required": ["color"], "additionalProperties": False}
+    parameters = {
+        "type": "object",
+        "properties": {"color": {"enum": ["red", "blue"]}},
+        "required": ["color"],
+        "additionalProperties": False,
+    }
 
     def run(self, arguments, context):
         rgb = (255, 0, 0) if arguments["color"] == "red" else (0, 0, 255)
@@ -71,10 +81,15 @@ def test_strict_parsing_and_validation():
         '<tool_call>["echo"]</tool_call>': "nothing else",
         '<tool_call>{"name": "echo", "arguments": {"word": "hi"}, "x": 1}</tool_call>': "nothing else",
         '<tool_call>{"name": "rm", "arguments": {}}</tool_call>': "unknown tool 'rm'",
-        '<tool_call>{"name": "echo", "arguments": {"word": "hi", "path": "/etc/passwd"}}</tool_call>': "Additional properties",
+        (
+            '<tool_call>{"name": "echo", "arguments": {"word": "hi", "path": "/etc/passwd"}}</tool_call>'
+        ): "Additional properties",
         '<tool_call>{"name": "echo", "arguments": {}}</tool_call>': "'word' is a required property",
         '<tool_call>{"name": "picture", "arguments": {"color": "green"}}</tool_call>': "color",
-        '<tool_call>{"name": "echo", "arguments": {"word": "hi"}}</tool_call><tool_call>{"name": "echo", "arguments": {"word": "x"}}</tool_call>': "at most 1",
+        (
+            '<tool_call>{"name": "echo", "arguments": {"word": "hi"}}</tool_call>'
+            '<tool_call>{"name": "echo", "arguments": {"word": "x"}}</tool_call>'
+        ): "at most 1",
     }
     for text, msg in bad.items():
         with pytest.raises(ToolCallError, match=msg):
@@ -118,7 +133,15 @@ class ScriptedEngine(RolloutEngine):
 
 
 def _prompts(pol, n):
-    msgs = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (56, 56), (0, 255, 0))}, {"type": "text", "text": "what colour?"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (56, 56), (0, 255, 0))},
+                {"type": "text", "text": "what colour?"},
+            ],
+        }
+    ]
     return [pol.encode(msgs) for _ in range(n)]
 
 
@@ -128,7 +151,11 @@ CALL = '<tool_call>{{"name": "{name}", "arguments": {args}}}</tool_call>'
 def test_multi_turn_bookkeeping_with_images_across_turns():
     pol = _policy()
     scripts = [
-        [CALL.format(name="picture", args='{"color": "red"}'), CALL.format(name="picture", args='{"color": "blue"}'), "<answer>red</answer>"],
+        [
+            CALL.format(name="picture", args='{"color": "red"}'),
+            CALL.format(name="picture", args='{"color": "blue"}'),
+            "<answer>red</answer>",
+        ],
         [CALL.format(name="echo", args='{"word": "hi"}'), "<answer>B</answer>"],
         ["I just answer. <answer>A</answer>"],
         [CALL.format(name="echo", args='{"word": 5}'), CALL.format(name="boom", args="{}"), "no idea"],
@@ -143,7 +170,10 @@ def test_multi_turn_bookkeeping_with_images_across_turns():
     assert (t0.tool_calls, t0.tool_errors, t0.malformed_calls) == (2, 0, 0)
     assert t1.observations == ["you said hi in room1"]  # the tool saw its row's context
     assert (t3.malformed_calls, t3.tool_calls, t3.tool_errors) == (1, 1, 1)
-    assert "invalid arguments for echo" in t3.observations[0] and "boom failed: RuntimeError: disk on fire" in t3.observations[1]
+    assert (
+        "invalid arguments for echo" in t3.observations[0]
+        and "boom failed: RuntimeError: disk on fire" in t3.observations[1]
+    )
     # images: the prompt's plus one per picture call, in token order
     img_id = pol.model.config.image_token_id
     for t, n_img in ((t0, 3), (t1, 1), (t2, 1), (t3, 1)):
@@ -171,7 +201,9 @@ def test_multi_turn_bookkeeping_with_images_across_turns():
 def test_timeouts_and_concurrency_never_stop_the_rollout():
     pol = _policy()
     scripts = [[CALL.format(name="slow", args="{}"), "<answer>A</answer>"] for _ in range(4)]
-    loop = AgentLoop(pol, ScriptedEngine(pol, scripts), TOOLS, AgentSettings(max_turns=3, tool_timeout_s=0.3, max_concurrency=4))
+    loop = AgentLoop(
+        pol, ScriptedEngine(pol, scripts), TOOLS, AgentSettings(max_turns=3, tool_timeout_s=0.3, max_concurrency=4)
+    )
     t = time.perf_counter()
     trajs = loop.run(pol.model, _prompts(pol, 4), [{}] * 4, device=torch.device("cpu"))
     assert time.perf_counter() - t < 10  # four 30-s tools cut at 0.3 s, concurrently
@@ -193,6 +225,11 @@ def test_turn_cap_and_real_sampling_engine():
     stored = trajectory_tensors(trajs, pol.pad_token_id)["logprobs"]
     assert torch.allclose(logp[mask], stored[mask], atol=2e-4)
     # a scripted row that keeps calling tools stops at the cap with no observation after it
-    loop = AgentLoop(pol, ScriptedEngine(pol, [[CALL.format(name="echo", args='{"word": "a"}')] * 2]), TOOLS, AgentSettings(max_turns=2))
+    loop = AgentLoop(
+        pol,
+        ScriptedEngine(pol, [[CALL.format(name="echo", args='{"word": "a"}')] * 2]),
+        TOOLS,
+        AgentSettings(max_turns=2),
+    )
     (t,) = loop.run(pol.model, _prompts(pol, 1), [{"room": "r"}], device=torch.device("cpu"))
     assert t.num_turns == 2 and t.answer is None and len(t.observations) == 1 and t.action_mask[-1]

@@ -1,4 +1,5 @@
 """ARES / AEPO reward pieces of the vlm_reasoning plugin (ALGORITHMS.md B3.2-B3.7), checked by hand."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,18 @@ def sig(x: float, temp: float) -> float:
 
 # ----------------------------------------------------------------------------- lexicon
 def test_trigger_words():
-    for w in ("alternatively", "perhaps", "reconsider", "therefore", "validate", "wait", "however", "hmm",
-              "check", "verify"):
+    for w in (
+        "alternatively",
+        "perhaps",
+        "reconsider",
+        "therefore",
+        "validate",
+        "wait",
+        "however",
+        "hmm",
+        "check",
+        "verify",
+    ):
         assert w in TRIGGER_WORDS
     assert 90 <= len(TRIGGER_WORDS) <= 150
     assert all(w == w.lower() and w.isalpha() for w in TRIGGER_WORDS)
@@ -207,7 +218,10 @@ def test_reward_medium_correct():
 def test_reward_easy_and_medium_wrong():
     state = AresRewardState()
     r = hierarchical_entropy_reward(
-        torch.zeros(4), [14, 5, 12, 4], ["easy", "easy", "medium", "medium"], state,
+        torch.zeros(4),
+        [14, 5, 12, 4],
+        ["easy", "easy", "medium", "medium"],
+        state,
         targets={"easy": 10, "medium": 8},
     )
     # easy: m = 1.5, temp 2, factor 0.6; 14 -> over 2.5; 5 -> over 0 -> sigmoid(0) = 1/2
@@ -291,8 +305,7 @@ def test_aepo_step_updates_alpha_before_the_reward():
     assert state.alpha["hard"] == pytest.approx(max(alpha, 0.0))
     assert r.tolist() == [0.0, 0.0]
     state = AresRewardState()
-    r, targets = aepo_entropy_reward(torch.tensor([1, 1]), [12, 12], ["medium", "medium"], state,
-                                     targets={"medium": 8})
+    r, targets = aepo_entropy_reward(torch.tensor([1, 1]), [12, 12], ["medium", "medium"], state, targets={"medium": 8})
     cap = 0.5 + 0.05 * 4  # alpha after the update
     assert r.tolist() == pytest.approx([-min(cap, ((4 - 2) ** 2 / 6) / 5 * cap)] * 2)
 

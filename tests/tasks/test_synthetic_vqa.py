@@ -1,4 +1,5 @@
 """The quickstart task: rendering, questions, held-out split, rewards."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """vlm_reasoning loaders: our JSONL/JSON, TRL rows, verl / EasyR1 parquet, LLaVA json; bad rows."""
+
 from __future__ import annotations
 
 import io
@@ -46,14 +47,23 @@ def pixel(img: Image.Image) -> tuple:
 def test_mmpo_jsonl_rows(tmp_path):
     png(tmp_path / "images" / "a.png", (255, 0, 0), (40, 30))
     png(tmp_path / "images" / "b.png", (0, 0, 255), (20, 20))
-    f = write_jsonl(tmp_path / "train.jsonl", [
-        {"id": "q0", "images": ["images/a.png", "images/b.png"], "question": "Which stain?",
-         "options": ["H&E", "IHC", "PAS"], "answer": "B", "meta": {"source": "demo", "qtype": "stain"}},
-        {"id": "q1", "image": "images/a.png", "question": "Is it red?", "options": None, "answer": "Yes"},
-        {"question": "Pick the colour", "images": ["images/b.png"], "options": ["red", "blue"], "answer": "Blue"},
-        {"question": "Pick the colour", "images": [], "choices": ["red", "green", "blue"], "answer": 2},
-        {"question": "How many?", "answer": 3, "solution": "count them: 3"},
-    ])
+    f = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "id": "q0",
+                "images": ["images/a.png", "images/b.png"],
+                "question": "Which stain?",
+                "options": ["H&E", "IHC", "PAS"],
+                "answer": "B",
+                "meta": {"source": "demo", "qtype": "stain"},
+            },
+            {"id": "q1", "image": "images/a.png", "question": "Is it red?", "options": None, "answer": "Yes"},
+            {"question": "Pick the colour", "images": ["images/b.png"], "options": ["red", "blue"], "answer": "Blue"},
+            {"question": "Pick the colour", "images": [], "choices": ["red", "green", "blue"], "answer": 2},
+            {"question": "How many?", "answer": 3, "solution": "count them: 3"},
+        ],
+    )
     res = load_rows(f)
     assert (res.total, res.skipped) == (5, 0)
     r0, r1, r2, r3, r4 = res.rows
@@ -75,11 +85,20 @@ def test_json_list_image_root_and_options_in_question(tmp_path):
     png(root / "x.png")
     f = tmp_path / "data" / "val.json"
     f.parent.mkdir()
-    f.write_text(json.dumps([
-        {"id": 7, "images": ["x.png"], "question": "What is shown?\nA. muscle\n(B) nerve\nC) fat", "answer": "(b)"},
-        {"id": 8, "images": ["x.png"], "question": "Grade?\nA: low\nB: high", "answer": "B."},
-        {"id": 9, "images": ["x.png"], "question": "A. is not a list", "answer": "B"},  # one line only: open
-    ]))
+    f.write_text(
+        json.dumps(
+            [
+                {
+                    "id": 7,
+                    "images": ["x.png"],
+                    "question": "What is shown?\nA. muscle\n(B) nerve\nC) fat",
+                    "answer": "(b)",
+                },
+                {"id": 8, "images": ["x.png"], "question": "Grade?\nA: low\nB: high", "answer": "B."},
+                {"id": 9, "images": ["x.png"], "question": "A. is not a list", "answer": "B"},  # one line only: open
+            ]
+        )
+    )
     rows = load_rows(f, image_root=root).rows
     assert rows[0].id == "7" and rows[0].options == ["muscle", "nerve", "fat"] and rows[0].answer == "B"
     assert rows[0].options_in_question
@@ -90,10 +109,13 @@ def test_json_list_image_root_and_options_in_question(tmp_path):
 
 def test_answer_type_choice_and_open(tmp_path):
     png(tmp_path / "x.png")
-    f = write_jsonl(tmp_path / "d.jsonl", [
-        {"images": ["x.png"], "question": "Colour?", "options": ["red", "blue"], "answer": "B"},
-        {"images": ["x.png"], "question": "Is it red?", "answer": "yes"},
-    ])
+    f = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"images": ["x.png"], "question": "Colour?", "options": ["red", "blue"], "answer": "B"},
+            {"images": ["x.png"], "question": "Is it red?", "answer": "yes"},
+        ],
+    )
     opened = load_rows(f, answer_type="open").rows
     assert opened[0].options is None and opened[0].answer == "blue"  # the option's text is asked for
     with pytest.raises(DataError, match=r"d\.jsonl: row 1: field 'options': answer_type is 'choice'"):
@@ -108,14 +130,34 @@ def test_answer_type_choice_and_open(tmp_path):
 def test_trl_conversational_rows(tmp_path):
     png(tmp_path / "p.png", (0, 255, 0))
     png(tmp_path / "q.png", (0, 0, 255))
-    f = write_jsonl(tmp_path / "trl.jsonl", [
-        {"prompt": [{"role": "system", "content": "be brief"},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many cells?"}]}],
-         "image": "p.png", "solution": "<think>I count.</think><answer> 3 </answer>"},
-        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
-                                                 {"type": "text", "text": "and"}, {"type": "image"}]}],
-         "images": ["p.png", "q.png"], "answer": "the left one"},
-    ])
+    f = write_jsonl(
+        tmp_path / "trl.jsonl",
+        [
+            {
+                "prompt": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many cells?"}]},
+                ],
+                "image": "p.png",
+                "solution": "<think>I count.</think><answer> 3 </answer>",
+            },
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Compare"},
+                            {"type": "image"},
+                            {"type": "text", "text": "and"},
+                            {"type": "image"},
+                        ],
+                    }
+                ],
+                "images": ["p.png", "q.png"],
+                "answer": "the left one",
+            },
+        ],
+    )
     r0, r1 = load_rows(f).rows
     assert detect_format(json.loads((tmp_path / "trl.jsonl").read_text().splitlines()[0])) == "trl"
     assert r0.answer == "3" and r0.solution == "<think>I count.</think><answer> 3 </answer>"
@@ -130,14 +172,23 @@ def test_trl_conversational_rows(tmp_path):
 
 def test_verl_parquet_with_image_bytes(tmp_path):
     png(tmp_path / "p.png", (40, 50, 60))
-    f = write_parquet(tmp_path / "verl.parquet", [
-        {"data_source": "pathvqa", "prompt": [{"role": "user", "content": "<image>Is there necrosis?"}],
-         "images": [{"bytes": png(None, (10, 20, 30)), "path": None}],
-         "reward_model": {"style": "rule", "ground_truth": "no"}},
-        {"data_source": "pathvqa", "prompt": [{"role": "user", "content": "<image>Which organ?\nA. liver\nB. lung"}],
-         "images": [{"bytes": None, "path": "p.png"}],  # HF image struct with only a path
-         "reward_model": {"style": "rule", "ground_truth": "B"}},
-    ])
+    f = write_parquet(
+        tmp_path / "verl.parquet",
+        [
+            {
+                "data_source": "pathvqa",
+                "prompt": [{"role": "user", "content": "<image>Is there necrosis?"}],
+                "images": [{"bytes": png(None, (10, 20, 30)), "path": None}],
+                "reward_model": {"style": "rule", "ground_truth": "no"},
+            },
+            {
+                "data_source": "pathvqa",
+                "prompt": [{"role": "user", "content": "<image>Which organ?\nA. liver\nB. lung"}],
+                "images": [{"bytes": None, "path": "p.png"}],  # HF image struct with only a path
+                "reward_model": {"style": "rule", "ground_truth": "B"},
+            },
+        ],
+    )
     rows = load_rows(f).rows
     assert rows[0].answer == "no" and rows[0].meta == {"source": "pathvqa"} and rows[0].answer_type == "open"
     assert rows[0].images[0].data is not None and rows[0].images[0].path is None  # kept encoded
@@ -149,10 +200,13 @@ def test_verl_parquet_with_image_bytes(tmp_path):
 
 def test_easyr1_parquet_problem_answer_and_paths(tmp_path):
     png(tmp_path / "g.png", (1, 2, 3))
-    f = write_parquet(tmp_path / "geo.parquet", [
-        {"problem": "<image>Find x.", "answer": "\\frac{3}{4}", "images": ["g.png"]},
-        {"problem": "<image>Find y.", "answer": "The length is \\boxed{12}.", "images": ["g.png"]},
-    ])
+    f = write_parquet(
+        tmp_path / "geo.parquet",
+        [
+            {"problem": "<image>Find x.", "answer": "\\frac{3}{4}", "images": ["g.png"]},
+            {"problem": "<image>Find y.", "answer": "The length is \\boxed{12}.", "images": ["g.png"]},
+        ],
+    )
     rows = load_rows(f).rows
     assert rows[0].answer == "\\frac{3}{4}" and rows[0].images[0].path == (tmp_path / "g.png").resolve()
     assert rows[1].answer == "12" and rows[1].solution == "The length is \\boxed{12}."
@@ -166,13 +220,29 @@ def test_llava_json(tmp_path):
     png(tmp_path / "coco" / "1.png")
     png(tmp_path / "coco" / "2.png")
     f = tmp_path / "llava.json"
-    f.write_text(json.dumps([
-        {"id": "000001", "image": "coco/1.png",
-         "conversations": [{"from": "human", "value": "<image>\nWhat colour is the square?"},
-                           {"from": "gpt", "value": "Red"}, {"from": "human", "value": "more?"}]},
-        {"id": "000002", "image": ["coco/1.png", "coco/2.png"],
-         "conversations": [{"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "yes"}]},
-    ]))
+    f.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "000001",
+                    "image": "coco/1.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nWhat colour is the square?"},
+                        {"from": "gpt", "value": "Red"},
+                        {"from": "human", "value": "more?"},
+                    ],
+                },
+                {
+                    "id": "000002",
+                    "image": ["coco/1.png", "coco/2.png"],
+                    "conversations": [
+                        {"from": "human", "value": "<image><image>\nSame?"},
+                        {"from": "gpt", "value": "yes"},
+                    ],
+                },
+            ]
+        )
+    )
     r0, r1 = load_rows(f).rows
     assert (r0.id, r0.question, r0.answer) == ("000001", "<image>\nWhat colour is the square?", "Red")
     assert len(r1.images) == 2 and r1.answer == "yes"
@@ -209,15 +279,18 @@ def test_video_frames(tmp_path):
 
 def bad_file(tmp_path: Path) -> Path:
     png(tmp_path / "ok.png")
-    return write_jsonl(tmp_path / "bad.jsonl", [
-        {"images": ["ok.png"], "question": "fine?", "answer": "yes"},
-        {"images": ["ok.png"], "question": "", "answer": "yes"},
-        {"images": ["ok.png"], "question": "no answer"},
-        {"images": ["missing.png"], "question": "where?", "answer": "here"},
-        {"images": ["ok.png"], "question": "Colour?", "options": ["red", "blue"], "answer": "green"},
-        {"images": [{"bytes": None}], "question": "q", "answer": "a"},
-        {"images": ["ok.png"], "question": "fine too?", "answer": "no"},
-    ])
+    return write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"images": ["ok.png"], "question": "fine?", "answer": "yes"},
+            {"images": ["ok.png"], "question": "", "answer": "yes"},
+            {"images": ["ok.png"], "question": "no answer"},
+            {"images": ["missing.png"], "question": "where?", "answer": "here"},
+            {"images": ["ok.png"], "question": "Colour?", "options": ["red", "blue"], "answer": "green"},
+            {"images": [{"bytes": None}], "question": "q", "answer": "a"},
+            {"images": ["ok.png"], "question": "fine too?", "answer": "no"},
+        ],
+    )
 
 
 @pytest.mark.parametrize(
@@ -302,8 +375,12 @@ def test_video_file_sampled_at_fps(tmp_path):
 
 
 def test_unreadable_images(tmp_path):
-    f = write_parquet(tmp_path / "b.parquet", [{"question": "q", "answer": "a", "images": [{"bytes": b"not an image", "path": None}]}])
-    with pytest.raises(DataError, match=r"b\.parquet: row 0: field 'images\[0\]\.bytes': image bytes \(12\) are not a readable image"):
+    f = write_parquet(
+        tmp_path / "b.parquet", [{"question": "q", "answer": "a", "images": [{"bytes": b"not an image", "path": None}]}]
+    )
+    with pytest.raises(
+        DataError, match=r"b\.parquet: row 0: field 'images\[0\]\.bytes': image bytes \(12\) are not a readable image"
+    ):
         load_rows(f)
     (tmp_path / "fake.png").write_bytes(b"\x89PNG but truncated")
     g = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "a", "images": ["fake.png"]}])

@@ -1,4 +1,5 @@
 """vlm_reasoning task: config, splits, messages through the tiny VLM's encode, rewards, eval metrics."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -30,15 +31,41 @@ def data(tmp_path) -> Path:
     Image.new("RGB", (300, 300), (0, 255, 0)).save(tmp_path / "b.png")
     for k in range(4):
         Image.new("RGB", (80, 80), (k * 60, 0, 0)).save(tmp_path / f"f{k}.png")
-    return write_rows(tmp_path / "d.jsonl", [
-        {"id": "two", "images": ["a.png", "b.png"], "question": "Compare <image> and <image>. Which is red?",
-         "options": ["first", "second"], "answer": "A", "meta": {"qtype": "colour"}},
-        {"id": "vid", "video": [f"f{k}.png" for k in range(4)], "question": "Does it get brighter?", "answer": "yes",
-         "meta": {"qtype": "video"}},
-        {"id": "num", "images": ["b.png"], "question": "How many squares?", "answer": "1,000", "meta": {"qtype": "count"}},
-        {"id": "mc4", "images": ["a.png"], "question": "Stain?", "options": ["H&E", "IHC", "PAS", "Giemsa"],
-         "answer": "C", "meta": {"qtype": "colour"}},
-    ])
+    return write_rows(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "id": "two",
+                "images": ["a.png", "b.png"],
+                "question": "Compare <image> and <image>. Which is red?",
+                "options": ["first", "second"],
+                "answer": "A",
+                "meta": {"qtype": "colour"},
+            },
+            {
+                "id": "vid",
+                "video": [f"f{k}.png" for k in range(4)],
+                "question": "Does it get brighter?",
+                "answer": "yes",
+                "meta": {"qtype": "video"},
+            },
+            {
+                "id": "num",
+                "images": ["b.png"],
+                "question": "How many squares?",
+                "answer": "1,000",
+                "meta": {"qtype": "count"},
+            },
+            {
+                "id": "mc4",
+                "images": ["a.png"],
+                "question": "Stain?",
+                "options": ["H&E", "IHC", "PAS", "Giemsa"],
+                "answer": "C",
+                "meta": {"qtype": "colour"},
+            },
+        ],
+    )
 
 
 @pytest.mark.skipif(
@@ -88,7 +115,9 @@ def test_messages_follow_the_template(data):
     parts = s.messages[1]["content"]
     assert [p["type"] for p in parts] == ["text", "image", "text", "image", "text"]  # at the placeholders
     assert parts[-1]["text"] == ". Which is red?\nA. first\nB. second\nAnswer with the letter of the correct option."
-    assert all(p["min_pixels"] == 28 * 28 * 4 and p["max_pixels"] == 28 * 28 * 16 for p in parts if p["type"] == "image")
+    assert all(
+        p["min_pixels"] == 28 * 28 * 4 and p["max_pixels"] == 28 * 28 * 16 for p in parts if p["type"] == "image"
+    )
     assert s.answer == "A" and s.meta["letters"] == ["A", "B"] and s.meta["options"] == ["first", "second"]
     assert s.meta["answer_type"] == "choice" and s.meta["qtype"] == "colour"
     custom = make_task({"train_file": str(data), "eval_file": str(data), "system_prompt": "Be right."})
@@ -203,8 +232,9 @@ def test_eval_metrics(data):
 
 
 def test_skip_bad_rows_option(tmp_path):
-    f = write_rows(tmp_path / "d.jsonl", [{"question": "q1", "answer": "a"}, {"question": "q2"},
-                                          {"question": "q3", "answer": "c"}])
+    f = write_rows(
+        tmp_path / "d.jsonl", [{"question": "q1", "answer": "a"}, {"question": "q2"}, {"question": "q3", "answer": "c"}]
+    )
     from mmpo.errors import DataError
 
     with pytest.raises(DataError, match=r"d\.jsonl: row 1: field 'answer': missing or empty"):

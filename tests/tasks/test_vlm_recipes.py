@@ -4,6 +4,7 @@ Checks what each recipe is about: Patho-R1 stage B starts from stage A's output;
 logged beta follows the GRPO-D schedule; ARES logs its entropy reward and per-bucket KL betas,
 keeps their state in checkpoints and resumes exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 TIMING = {"step_time_s", "rollout_s", "reward_s", "update_s", "eval_s"}
 # small and fast: 2 prompts x G=4, short completions, a few eval rows
-SMALL = ["rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8",
-         "eval.num_samples=4", "eval.batch_size=4", "trainer.eval_every=0", "task.max_rows=40"]
+SMALL = [
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=8",
+    "eval.num_samples=4",
+    "eval.batch_size=4",
+    "trainer.eval_every=0",
+    "task.max_rows=40",
+]
 
 
 def _lines(run: Path) -> list[dict]:
@@ -41,8 +49,20 @@ def test_patho_r1_stage_b_starts_from_stage_a(tmp_path):
     assert all(l["beta"] == pytest.approx(0.04) for l in lines if "beta" in l)
     assert {"reward/accuracy", "reward/format", "eval/accuracy", "eval/chance"} <= set(lines[-1])
     # greedy evaluation of stage A's model: predictions with their reward components, and metrics
-    assert main(["eval", str(CONFIGS / "patho_r1_grpo.yaml"), f"checkpoint={a}", f"output_dir={tmp_path / 'ev'}",
-                 "eval.num_samples=6", "rollout.max_new_tokens=4", "task.max_rows=40"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(CONFIGS / "patho_r1_grpo.yaml"),
+                f"checkpoint={a}",
+                f"output_dir={tmp_path / 'ev'}",
+                "eval.num_samples=6",
+                "rollout.max_new_tokens=4",
+                "task.max_rows=40",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(l) for l in (tmp_path / "ev" / "eval" / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((tmp_path / "ev" / "eval" / "metrics.json").read_text())
     assert len(rows) == 6 and {"id", "prediction", "answer", "accuracy", "format"} <= set(rows[0])
@@ -57,8 +77,14 @@ def test_patho_r1_stage_b_starts_from_stage_a(tmp_path):
 
 
 def test_patho_r1_stage_b_without_stage_a_names_the_missing_run(tmp_path, capsys):
-    code = main(["train", str(CONFIGS / "patho_r1_dapo.yaml"), f"output_dir={tmp_path / 'b'}",
-                 f"model.path={tmp_path / 'nowhere' / 'model'}"])
+    code = main(
+        [
+            "train",
+            str(CONFIGS / "patho_r1_dapo.yaml"),
+            f"output_dir={tmp_path / 'b'}",
+            f"model.path={tmp_path / 'nowhere' / 'model'}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "model.path" in err and "run that stage first" in err
@@ -78,21 +104,36 @@ def test_othink_mr1_beta_follows_grpo_d(tmp_path):
 
 
 def _strip(lines: list[dict]) -> dict[int, dict]:
-    return {l["step"]: {k: v for k, v in l.items() if k not in TIMING and not k.startswith("eval/")}
-            for l in lines if l["step"] > 0}
+    return {
+        l["step"]: {k: v for k, v in l.items() if k not in TIMING and not k.startswith("eval/")}
+        for l in lines
+        if l["step"] > 0
+    }
 
 
 @pytest.mark.slow
 def test_ares_logs_state_checkpoints_it_and_resumes_exactly(tmp_path):
-    extra = ["trainer.save_every=1", "trainer.keep_last=4", "trainer.lr=1e-3", "algorithm.kl_options.update_every=1",
-             "algorithm.kl_options.target=0.0001", "algorithm.dynamic_sampling=false"]
+    extra = [
+        "trainer.save_every=1",
+        "trainer.keep_last=4",
+        "trainer.lr=1e-3",
+        "algorithm.kl_options.update_every=1",
+        "algorithm.kl_options.target=0.0001",
+        "algorithm.dynamic_sampling=false",
+    ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     la = _train("ares.yaml", straight, "trainer.max_steps=3", *extra)
     _train("ares.yaml", split, "trainer.max_steps=1", *extra)
     lb = _train("ares.yaml", split, "trainer.max_steps=3", *extra)
     last = la[-1]
-    assert {"reward/entropy_shaping", "reward/hwe_count", "reward/hwe_tau", "kl_beta/easy", "kl_beta/medium",
-            "kl_beta/hard"} <= set(last)
+    assert {
+        "reward/entropy_shaping",
+        "reward/hwe_count",
+        "reward/hwe_tau",
+        "kl_beta/easy",
+        "kl_beta/medium",
+        "kl_beta/hard",
+    } <= set(last)
     # ARES adds no format term: reward = accuracy + entropy shaping
     assert last["reward_mean"] == pytest.approx(last["reward/accuracy"] + last["reward/entropy_shaping"], abs=1e-6)
     state = json.loads((straight / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
@@ -106,5 +147,8 @@ def test_ares_logs_state_checkpoints_it_and_resumes_exactly(tmp_path):
     assert sorted(sa) == sorted(sb) == [1, 2, 3]
     for step in sa:
         assert sa[step] == sb[step], step
-    wa, wb = load_file(str(straight / "model" / "model.safetensors")), load_file(str(split / "model" / "model.safetensors"))
+    wa, wb = (
+        load_file(str(straight / "model" / "model.safetensors")),
+        load_file(str(split / "model" / "model.safetensors")),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -1,6 +1,7 @@
 """The option matrix: every registry entry x every trainer kind either builds a working objective
 (stateful pieces carry and checkpoint their state) or is refused at load, naming the key, the value
 and the trainer kind. Nothing in between, nothing silently ignored."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,9 +107,13 @@ def test_every_entry_works_or_is_refused_at_load(kind_name, key, value, override
         msg = str(e)
         assert f"the {kind.name} trainer" in msg, msg
         # it names one of the keys this config set, with its value
-        named = [f"algorithm.{k}" for k in overrides] + [f"algorithm.kl_options.{k}" for k in overrides.get("kl_options", {})]
+        named = [f"algorithm.{k}" for k in overrides] + [
+            f"algorithm.kl_options.{k}" for k in overrides.get("kl_options", {})
+        ]
         assert any(n in msg for n in named), msg
-        assert str(value).lower() in msg.lower() or any(repr(v) in msg for v in overrides.get("kl_options", {}).values()), msg
+        assert str(value).lower() in msg.lower() or any(
+            repr(v) in msg for v in overrides.get("kl_options", {}).values()
+        ), msg
         return
     _exercise(algo, kind)
 
@@ -116,10 +121,18 @@ def test_every_entry_works_or_is_refused_at_load(kind_name, key, value, override
 def test_the_matrix_refuses_what_each_kind_cannot_compute():
     """Spot checks of the matrix's content (so a builder that accepted everything would fail)."""
     refused = {
-        ("token", "kl_estimator", "gaussian"), ("denoising", "loss", "dcpo"), ("noise", "loss", "dcpo"),
-        ("series", "loss", "dcpo"), ("noise", "kl_schedule", "grpo_d"), ("environment", "kl_schedule", "pi_target"),
-        ("series", "entropy_coef", 0.01), ("environment", "dynamic_sampling", True), ("denoising", "filters", "lspo"),
-        ("series", "kl_placement", "reward"), ("token", "filters", "d3s"), ("token", "filters", "ript_skip"),
+        ("token", "kl_estimator", "gaussian"),
+        ("denoising", "loss", "dcpo"),
+        ("noise", "loss", "dcpo"),
+        ("series", "loss", "dcpo"),
+        ("noise", "kl_schedule", "grpo_d"),
+        ("environment", "kl_schedule", "pi_target"),
+        ("series", "entropy_coef", 0.01),
+        ("environment", "dynamic_sampling", True),
+        ("denoising", "filters", "lspo"),
+        ("series", "kl_placement", "reward"),
+        ("token", "filters", "d3s"),
+        ("token", "filters", "ript_skip"),
     }
     for kind_name, key, value in refused:
         if key == "filters":
@@ -146,7 +159,9 @@ def test_auto_resolves_to_the_loss_default_aggregation_and_the_kind_estimator():
     dcpo = build_algorithm(dataclasses.replace(AlgorithmConfig(), loss="dcpo"), KINDS["token"])
     ppo = build_algorithm(AlgorithmConfig(), KINDS["token"])
     assert (gspo.loss_agg, dcpo.loss_agg, ppo.loss_agg) == ("seq-mean-token-mean", "otm", "token-mean")
-    explicit = build_algorithm(dataclasses.replace(AlgorithmConfig(), loss="gspo", loss_agg="token-mean"), KINDS["token"])
+    explicit = build_algorithm(
+        dataclasses.replace(AlgorithmConfig(), loss="gspo", loss_agg="token-mean"), KINDS["token"]
+    )
     assert explicit.loss_agg == "token-mean"
     assert build_algorithm(AlgorithmConfig(), KINDS["series"]).kl_estimator == "gaussian"
     assert build_algorithm(AlgorithmConfig(), KINDS["token"]).kl_estimator == "k3"

@@ -1,5 +1,6 @@
 """The one update routine: how the loss is composed (signs, options), how micro-batch losses are
 weighted for every aggregation mode, and the fixed slots that keep ranks' collectives aligned."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -117,7 +118,10 @@ class _Recorder:
 
 
 def _cfg(epochs=1, minibatch=0, micro=0):
-    return RunConfig(task=TaskConfig(name="x"), trainer=TrainerConfig(update_epochs=epochs, minibatch_size=minibatch, micro_batch_size=micro))
+    return RunConfig(
+        task=TaskConfig(name="x"),
+        trainer=TrainerConfig(update_epochs=epochs, minibatch_size=minibatch, micro_batch_size=micro),
+    )
 
 
 @pytest.mark.parametrize("agg", AGGREGATIONS.names())
@@ -145,8 +149,17 @@ def test_micro_batches_trade_memory_not_results(agg, loss):
 
         rec = _Recorder()
         run_update(
-            shape=shape, rows=torch.arange(n), sizes=RowSizes.from_mask(mask), terms=terms, algo=algo, beta=0.1,
-            step=0, seed=0, backward=rec.backward, optimizer_step=rec.optimizer_step, max_len=T,
+            shape=shape,
+            rows=torch.arange(n),
+            sizes=RowSizes.from_mask(mask),
+            terms=terms,
+            algo=algo,
+            beta=0.1,
+            step=0,
+            seed=0,
+            backward=rec.backward,
+            optimizer_step=rec.optimizer_step,
+            max_len=T,
         )
         return logp.grad
 
@@ -175,8 +188,16 @@ def test_empty_slots_still_backward_with_zero_weight_and_steps_are_fixed():
         calls.clear()
         rec.steps = 0
         out = run_update(
-            shape=shape, rows=rows, sizes=RowSizes.from_mask(mask), terms=terms, algo=algo, beta=0.0, step=1,
-            seed=0, backward=lambda loss: weights.append(loss), optimizer_step=rec.optimizer_step,
+            shape=shape,
+            rows=rows,
+            sizes=RowSizes.from_mask(mask),
+            terms=terms,
+            algo=algo,
+            beta=0.0,
+            step=1,
+            seed=0,
+            backward=lambda loss: weights.append(loss),
+            optimizer_step=rec.optimizer_step,
         )
         assert len(calls) == 8 and rec.steps == 4 == out["optimizer_steps"]
         padded = [c for c in calls if c[1]]
@@ -198,8 +219,16 @@ def test_the_shuffle_depends_on_seed_step_and_epoch_only():
     def run(seed, step):
         seen.clear()
         run_update(
-            shape=update_shape(_cfg(epochs=2, minibatch=3), 6), rows=torch.arange(6), sizes=RowSizes.from_mask(mask),
-            terms=terms, algo=algo, beta=0.0, step=step, seed=seed, backward=lambda x: None, optimizer_step=lambda s: (0.0, False),
+            shape=update_shape(_cfg(epochs=2, minibatch=3), 6),
+            rows=torch.arange(6),
+            sizes=RowSizes.from_mask(mask),
+            terms=terms,
+            algo=algo,
+            beta=0.0,
+            step=step,
+            seed=seed,
+            backward=lambda x: None,
+            optimizer_step=lambda s: (0.0, False),
         )
         return [r for part in seen for r in part]
 
@@ -210,8 +239,15 @@ def test_the_shuffle_depends_on_seed_step_and_epoch_only():
 
 def test_a_refused_option_exits_2_before_the_model_loads(capsys):
     """`mmpo train` refuses at load, naming key, value and trainer kind."""
-    code = main(["train", str(ROOT / "configs" / "quickstart.yaml"), "algorithm.kl_estimator=gaussian", "algorithm.kl_options.beta=0.1",
-                 "output_dir=/nonexistent/never-written"])
+    code = main(
+        [
+            "train",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "algorithm.kl_estimator=gaussian",
+            "algorithm.kl_options.beta=0.1",
+            "output_dir=/nonexistent/never-written",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "algorithm.kl_estimator='gaussian'" in err and "token trainer" in err

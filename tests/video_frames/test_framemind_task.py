@@ -1,13 +1,13 @@
 """The FrameMind task end to end: DRFS starting settings, the composite reward on constructed
 trajectories, the token trainer running multi-turn rollouts (scoring whole conversations), and
 `mmpo eval` of a run."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmpo.cli import main
 from mmpo.rollout.agent_loop import AgentTrajectory
@@ -15,13 +15,31 @@ from mmpo.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "framemind.yaml")
-SMALL = ["task.synthetic.num_train=4", "task.synthetic.num_eval=2", "task.synthetic.duration_s=4", "task.synthetic.num_events=1", "rollout.prompts_per_step=2",
-         "rollout.group_size=4", "rollout.max_new_tokens=8", "eval.num_samples=2", "eval.batch_size=2", "trainer.eval_every=0"]
+SMALL = [
+    "task.synthetic.num_train=4",
+    "task.synthetic.num_eval=2",
+    "task.synthetic.duration_s=4",
+    "task.synthetic.num_events=1",
+    "rollout.prompts_per_step=2",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=8",
+    "eval.num_samples=2",
+    "eval.batch_size=2",
+    "trainer.eval_every=0",
+]
 OPTS = {"synthetic": {"num_train": 4, "num_eval": 2, "duration_s": 4.0, "num_events": 1}}
 
 
 def _traj(answer=None, turns=1, calls=0, errors=0, malformed=0):
-    return AgentTrajectory(encoding={}, prompt_len=0, num_turns=turns, tool_calls=calls, tool_errors=errors, malformed_calls=malformed, answer=answer)
+    return AgentTrajectory(
+        encoding={},
+        prompt_len=0,
+        num_turns=turns,
+        tool_calls=calls,
+        tool_errors=errors,
+        malformed_calls=malformed,
+        answer=answer,
+    )
 
 
 def test_drfs_walks_the_ladder_and_eval_uses_the_initial_setting():
@@ -44,12 +62,12 @@ def test_composite_reward_on_constructed_trajectories():
     s = task.train_sample(0)
     right, wrong = s.answer, next(l for l in "ABCD" if l != s.answer)
     trajs = [
-        _traj(right, turns=2, calls=1),            # correct, a tool used, 2 turns
-        _traj(right, turns=1),                     # correct, no tool
-        _traj(wrong, turns=3, calls=2),            # wrong: shaping does not pay
-        _traj(None, turns=3, calls=1, errors=1),   # no answer, the only call failed
-        _traj("Z", turns=1),                       # not an option letter
-        _traj(right, turns=2, malformed=1),        # a malformed call is not a tool turn
+        _traj(right, turns=2, calls=1),  # correct, a tool used, 2 turns
+        _traj(right, turns=1),  # correct, no tool
+        _traj(wrong, turns=3, calls=2),  # wrong: shaping does not pay
+        _traj(None, turns=3, calls=1, errors=1),  # no answer, the only call failed
+        _traj("Z", turns=1),  # not an option letter
+        _traj(right, turns=2, malformed=1),  # a malformed call is not a tool turn
     ]
     out = task.reward_trajectories([s] * 6, trajs)
     c = out.components
@@ -59,7 +77,9 @@ def test_composite_reward_on_constructed_trajectories():
     assert c["turn_bonus"].tolist() == [1, 0, 1, 0, 0, 0]
     assert out.rewards.tolist() == pytest.approx([1 + 0.2 + 0.2 + 0.5, 1.2, 0.2, 0.0, 0.0, 1.0])
     loose = build_task("framemind", {**OPTS, "reward": {"shaping_needs_correct": False}})
-    assert loose.reward_trajectories([s] * 6, trajs).rewards.tolist() == pytest.approx([1.9, 1.2, 0.2 + 0.2 + 0.5, 0.0, 0.0, 1.0])
+    assert loose.reward_trajectories([s] * 6, trajs).rewards.tolist() == pytest.approx(
+        [1.9, 1.2, 0.2 + 0.2 + 0.5, 0.0, 0.0, 1.0]
+    )
 
 
 def test_grpo_steps_with_multi_turn_rollouts_and_eval(tmp_path):
@@ -89,7 +109,6 @@ def test_bad_ladder_is_refused():
 def test_warm_start_builds_expert_conversations_with_real_observations(tmp_path):
     """Expert conversations run the real tools (observations with the clip's frames) and the
     cold start fits the expert's tokens only."""
-    import torch
 
     from mmpo.config import load_config
     from mmpo.models import load_model
@@ -111,7 +130,9 @@ def test_warm_start_builds_expert_conversations_with_real_observations(tmp_path)
     assert t.num_turns == 2 and "8 frame(s) of 0.0-4.0 s" in t.observations[0]
     n_prompt_images = int(t.encoding["image_grid_thw"].shape[0]) - 8  # video_clip returned 8 frames
     assert n_prompt_images >= 1
-    out = warm_start(cfg, str(tmp_path / "warm"), examples=8, tool_fraction=0.5, sft=SFTConfig(epochs=2, batch_size=4, lr=1e-3))
+    out = warm_start(
+        cfg, str(tmp_path / "warm"), examples=8, tool_fraction=0.5, sft=SFTConfig(epochs=2, batch_size=4, lr=1e-3)
+    )
     assert out["loss_last_epoch"] < out["loss_first_epoch"]
     assert (tmp_path / "warm" / "config.json").is_file() and (tmp_path / "warm" / "warm_start.json").is_file()
 

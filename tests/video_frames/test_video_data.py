@@ -1,5 +1,6 @@
 """The video QA loader (JSONL and Parquet; bad rows skipped with file, line and key) and the
 MVBench / Video-MME converters, on tiny real videos."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,14 @@ def _jsonl(path: Path, rows: list[Any]) -> Path:
 
 
 def _row(i: Any, video: str = "a.mp4", **kw: Any) -> dict[str, Any]:
-    return {"id": i, "video": video, "question": "What colour?", "options": ["red", "green", "blue", "yellow"],
-            "answer": "B", **kw}
+    return {
+        "id": i,
+        "video": video,
+        "question": "What colour?",
+        "options": ["red", "green", "blue", "yellow"],
+        "answer": "B",
+        **kw,
+    }
 
 
 def test_synthetic_dataset_loads(tmp_path: Path) -> None:
@@ -57,26 +64,37 @@ def test_synthetic_dataset_loads(tmp_path: Path) -> None:
 def test_bad_rows_are_skipped_with_file_line_and_key(tmp_path: Path, clips: Path) -> None:
     shutil.copy(clips / "a.mp4", tmp_path / "a.mp4")
     (tmp_path / "corrupt.mp4").write_bytes(b"\x00\x01garbage" * 200)
-    data = _jsonl(tmp_path / "qa.jsonl", [
-        _row("ok1"),                                         # line 1
-        _row("corrupt", video="corrupt.mp4"),                # line 2
-        _row("missing", video="nowhere/missing.mp4"),        # line 3
-        "",                                                  # line 4: blank, ignored
-        _row("bad_answer", answer="E"),                      # line 5
-        {k: v for k, v in _row("no_question").items() if k != "question"},  # line 6
-        "{not json",                                         # line 7
-        _row("one_option", options=["red"]),                 # line 8
-        _row("ok1"),                                         # line 9: repeated id
-        _row("url", video="http://example.com/a.mp4"),       # line 10
-        _row(7, answer="blue"),                              # line 11: int id, answer as text
-        _row("ok_paren", answer="(D)"),                      # line 12
-    ])
+    data = _jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            _row("ok1"),  # line 1
+            _row("corrupt", video="corrupt.mp4"),  # line 2
+            _row("missing", video="nowhere/missing.mp4"),  # line 3
+            "",  # line 4: blank, ignored
+            _row("bad_answer", answer="E"),  # line 5
+            {k: v for k, v in _row("no_question").items() if k != "question"},  # line 6
+            "{not json",  # line 7
+            _row("one_option", options=["red"]),  # line 8
+            _row("ok1"),  # line 9: repeated id
+            _row("url", video="http://example.com/a.mp4"),  # line 10
+            _row(7, answer="blue"),  # line 11: int id, answer as text
+            _row("ok_paren", answer="(D)"),  # line 12
+        ],
+    )
     rows, skipped = load_video_qa(data)
     assert [(r["id"], r["answer"]) for r in rows] == [("ok1", "B"), ("7", "C"), ("ok_paren", "D")]
     got = {s["line"]: s for s in skipped}
     assert sorted(got) == [2, 3, 5, 6, 7, 8, 9, 10]
-    for line, key in [(2, "video"), (3, "video"), (5, "answer"), (6, "question"), (7, "<json>"), (8, "options"),
-                      (9, "id"), (10, "video")]:
+    for line, key in [
+        (2, "video"),
+        (3, "video"),
+        (5, "answer"),
+        (6, "question"),
+        (7, "<json>"),
+        (8, "options"),
+        (9, "id"),
+        (10, "video"),
+    ]:
         assert got[line]["error"].startswith(f"{data}: line {line}: key '{key}'"), got[line]
     assert got[2]["id"] == "corrupt" and "corrupt.mp4: cannot read video" in got[2]["error"]
     assert got[3]["id"] == "missing" and "file not found" in got[3]["error"]
@@ -132,14 +150,30 @@ def test_answer_letter() -> None:
 def test_convert_mvbench(tmp_path: Path, clips: Path, script: dict[str, Any]) -> None:
     (clips / "frames_dir").mkdir(exist_ok=True)
     src = tmp_path / "action_sequence.json"
-    src.write_text(json.dumps([
-        {"video": "a.mp4", "question": "What did the person do?", "candidates": ["sat", "ran", "ate"], "answer": "ran"},
-        {"video": "b.mp4", "question": "Which?", "candidates": ["x", "y"], "answer": "y", "start": 0.5, "end": 2},
-        {"video": "a.mp4", "question": "Q", "candidates": ["x", "y"], "answer": "z"},
-        {"video": "missing.mp4", "question": "Q", "candidates": ["x", "y"], "answer": "x"},
-        {"video": "frames_dir", "question": "Q", "candidates": ["x", "y"], "answer": "x"},
-        {"video": "a.mp4", "question": "Q", "candidates": ["x"], "answer": "x"},
-    ]))
+    src.write_text(
+        json.dumps(
+            [
+                {
+                    "video": "a.mp4",
+                    "question": "What did the person do?",
+                    "candidates": ["sat", "ran", "ate"],
+                    "answer": "ran",
+                },
+                {
+                    "video": "b.mp4",
+                    "question": "Which?",
+                    "candidates": ["x", "y"],
+                    "answer": "y",
+                    "start": 0.5,
+                    "end": 2,
+                },
+                {"video": "a.mp4", "question": "Q", "candidates": ["x", "y"], "answer": "z"},
+                {"video": "missing.mp4", "question": "Q", "candidates": ["x", "y"], "answer": "x"},
+                {"video": "frames_dir", "question": "Q", "candidates": ["x", "y"], "answer": "x"},
+                {"video": "a.mp4", "question": "Q", "candidates": ["x"], "answer": "x"},
+            ]
+        )
+    )
     out = tmp_path / "out" / "mvbench.jsonl"
     stats = script["convert_mvbench"](src, clips, out)
     assert stats["written"] == 2 and [s["row"] for s in stats["skipped"]] == [3, 4, 5, 6]
@@ -149,7 +183,9 @@ def test_convert_mvbench(tmp_path: Path, clips: Path, script: dict[str, Any]) ->
     rows, skipped = load_video_qa(out)
     assert skipped == []
     assert [(r["id"], r["answer"], r["options"]) for r in rows] == [
-        ("mvbench_action_sequence_00000", "B", ["sat", "ran", "ate"]), ("mvbench_action_sequence_00001", "B", ["x", "y"])]
+        ("mvbench_action_sequence_00000", "B", ["sat", "ran", "ate"]),
+        ("mvbench_action_sequence_00001", "B", ["x", "y"]),
+    ]
     assert rows[1]["meta"] == {"source": "mvbench", "task": "action_sequence", "start_s": 0.5, "end_s": 2.0}
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert not Path(written[0]["video"]).is_absolute()  # relative to the output file's folder
@@ -160,19 +196,29 @@ def test_convert_videomme(tmp_path: Path, clips: Path, script: dict[str, Any]) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    base = {"duration": "short", "domain": "Knowledge", "sub_category": "Humanity", "task_type": "Counting Problem",
-            "question": "How many?", "options": ["A. one", "B. two", "C. three", "D. four"]}
+    base = {
+        "duration": "short",
+        "domain": "Knowledge",
+        "sub_category": "Humanity",
+        "task_type": "Counting Problem",
+        "question": "How many?",
+        "options": ["A. one", "B. two", "C. three", "D. four"],
+    }
     recs = [
         {**base, "video_id": "001", "videoID": "a", "question_id": "001-1", "answer": "C"},
-        {**base, "video_id": "b", "question_id": "002-1", "answer": "A"},          # no videoID: video_id names the file
+        {**base, "video_id": "b", "question_id": "002-1", "answer": "A"},  # no videoID: video_id names the file
         {**base, "video_id": "003", "videoID": "zz", "question_id": "003-1", "answer": "A"},  # no such video
-        {**base, "video_id": "004", "videoID": "a", "question_id": "004-1", "answer": "F"},   # bad letter
+        {**base, "video_id": "004", "videoID": "a", "question_id": "004-1", "answer": "F"},  # bad letter
         {**base, "video_id": "005", "videoID": "../a", "question_id": "005-1", "answer": "A"},  # not a name
     ]
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "test.parquet")
     out = tmp_path / "videomme.jsonl"
     stats = script["convert_videomme"](tmp_path / "test.parquet", clips, out)
-    assert stats["written"] == 2 and [(s["row"], s["id"]) for s in stats["skipped"]] == [(3, None), (4, None), (5, None)]
+    assert stats["written"] == 2 and [(s["row"], s["id"]) for s in stats["skipped"]] == [
+        (3, None),
+        (4, None),
+        (5, None),
+    ]
     rows, skipped = load_video_qa(out)
     assert skipped == []
     assert [(r["id"], r["answer"], r["answer_text"]) for r in rows] == [("001-1", "C", "three"), ("002-1", "A", "one")]
@@ -193,4 +239,7 @@ def test_cli(tmp_path: Path, clips: Path, script: dict[str, Any], capsys: pytest
     assert "1 row(s) written, 0 skipped" in capsys.readouterr().out
     assert script["main"](["mvbench", str(src), "--video-root", str(tmp_path), "--out", str(out)]) == 2
     assert "no row could be converted" in capsys.readouterr().err
-    assert script["main"](["mvbench", str(src), "--video-root", str(tmp_path), "--out", str(out), "--no-check-videos"]) == 0
+    assert (
+        script["main"](["mvbench", str(src), "--video-root", str(tmp_path), "--out", str(out), "--no-check-videos"])
+        == 0
+    )

@@ -1,5 +1,6 @@
 """Video reading (real decord and PyAV on tiny H.264 files), the synthetic event videos, and the
 ``video_clip`` / ``frame_at`` tools: timestamps, clamping, refusals, the reader cache."""
+
 from __future__ import annotations
 
 import re
@@ -15,7 +16,14 @@ from mmpo.errors import DataError
 from mmpo.rollout.tools import TOOLS, ToolCallError, parse_tool_calls
 from mmpo_tasks.video_frames.tools import FrameAtTool, ReaderCache, VideoClipTool
 from mmpo_tasks.video_frames.video import (
-    COLORS, SHAPES, VideoReader, nearest_color, shape_mask, synthetic_dataset, synthetic_event_video, write_video,
+    COLORS,
+    SHAPES,
+    VideoReader,
+    nearest_color,
+    shape_mask,
+    synthetic_dataset,
+    synthetic_event_video,
+    write_video,
 )
 
 pytest.importorskip("av")
@@ -31,7 +39,7 @@ def _index_video(path: Path, n: int, fps: float, gop: int) -> Path:
         f = np.full((16, 8 * BITS, 3), 40, dtype=np.uint8)
         for k in range(BITS):
             if i >> k & 1:
-                f[4:12, 8 * k:8 * k + 8] = 220
+                f[4:12, 8 * k : 8 * k + 8] = 220
         frames.append(f)
     return write_video(frames, path, fps, gop=gop)
 
@@ -44,7 +52,7 @@ def _color_at(image: Any, box: list[int]) -> str:
     """The palette colour of the 3 x 3 patch at the centre of ``box`` = [x0, y0, x1, y1]."""
     a = np.asarray(image, dtype=np.float64)
     cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
-    return nearest_color(a[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0))
+    return nearest_color(a[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3).mean(0))
 
 
 def _colors_in(image: Any) -> dict[str, np.ndarray]:
@@ -60,7 +68,7 @@ def _colors_in(image: Any) -> dict[str, np.ndarray]:
 def _shape_of(mask: np.ndarray) -> str:
     """The shape whose template best matches (IoU) the mask's bounding box."""
     ys, xs = np.nonzero(mask)
-    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     box = max(crop.shape)
     crop = np.pad(crop, ((0, box - crop.shape[0]), (0, box - crop.shape[1])))
 
@@ -145,7 +153,10 @@ def test_read_timings(event_video: dict[str, Any], capsys: pytest.CaptureFixture
             r.frames_at(times)
             batch = (time.perf_counter() - t0) / len(times)
         with capsys.disabled():
-            print(f"\n{backend}: {single * 1e3:.2f} ms per single-frame read, {batch * 1e3:.2f} ms per frame in a 32-frame read")
+            print(
+                f"\n{backend}: {single * 1e3:.2f} ms per single-frame read, "
+                f"{batch * 1e3:.2f} ms per frame in a 32-frame read"
+            )
 
 
 def test_falls_back_to_pyav_without_decord(event_video: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,7 +275,9 @@ def test_model_mistakes_are_error_results(tools: Any, event_video: dict[str, Any
     with pytest.raises(ToolCallError, match="minimum of 1"):
         clip.validate({"start_s": 0, "end_s": 2, "num_frames": 0})
     # Python's json accepts NaN: the schema lets it through, the tool refuses it
-    (call,) = parse_tool_calls('<tool_call>{"name": "frame_at", "arguments": {"t_s": NaN}}</tool_call>', {"frame_at": frame_at})
+    (call,) = parse_tool_calls(
+        '<tool_call>{"name": "frame_at", "arguments": {"t_s": NaN}}</tool_call>', {"frame_at": frame_at}
+    )
     res = frame_at.run(call.arguments, ctx)
     assert res.error and "NaN" in res.text
     assert clip.run({"start_s": "1", "end_s": 2}, ctx).error  # run without validate: still no raise

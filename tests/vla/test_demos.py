@@ -1,4 +1,5 @@
 """BabyAI bot demonstrations: generated with real MiniGrid, replayable, read back exactly, bad folders refused."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def generate() -> Callable[..., dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def demos(tmp_path_factory: pytest.TempPathFactory, generate: Callable[..., dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+def demos(
+    tmp_path_factory: pytest.TempPathFactory, generate: Callable[..., dict[str, Any]]
+) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("demos") / "goto"
     meta = generate(SPEC, EPISODES, 0, out)
     return out, meta
@@ -175,7 +178,9 @@ def test_bad_files_are_named(demos: tuple[Path, dict[str, Any]], tmp_path: Path)
         demo_seeds({"episodes": 3})
 
 
-def test_failed_seeds_are_skipped_and_generation_gives_up(generate: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+def test_failed_seeds_are_skipped_and_generation_gives_up(
+    generate: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
     # with 3 steps the bot fails on most seeds (the ball is further away): those are skipped
     short = EnvSpec(id=SPEC.id, max_steps=3)
     meta = generate(short, 2, 0, tmp_path / "short")
@@ -194,7 +199,9 @@ def test_missing_folder_says_how_to_generate(tmp_path: Path) -> None:
         load_demos(tmp_path / "nowhere")
 
 
-def test_existing_folder_is_not_overwritten(demos: tuple[Path, dict[str, Any]], generate: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
+def test_existing_folder_is_not_overwritten(
+    demos: tuple[Path, dict[str, Any]], generate: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
     out = tmp_path / "demo"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

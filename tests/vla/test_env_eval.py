@@ -1,6 +1,7 @@
 """The environment kind's evaluator (``mmpo.rollout.env_eval``) on real BabyAI with a sampling
 policy: rows in the one evaluator's layout, each episode seeded by its held-out index (so a sharded
 evaluation is the one-process evaluation, whatever the batch size), the metrics and the GIFs."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ class SamplingPolicy:
 
 
 def _evaluator(batch_size: int, videos: int = 0) -> EnvEvaluator:
-    return EnvEvaluator(SamplingPolicy(), EnvRunner(BABYAI), SEEDS, EnvTaskConfig(env=BABYAI), batch_size=batch_size,
-                        videos=videos)
+    return EnvEvaluator(
+        SamplingPolicy(), EnvRunner(BABYAI), SEEDS, EnvTaskConfig(env=BABYAI), batch_size=batch_size, videos=videos
+    )
 
 
 def _written(rows: list[dict]) -> list[dict]:
@@ -95,5 +97,10 @@ def test_the_evaluation_leaves_the_global_rng_alone() -> None:
 def test_action_text() -> None:
     names = {0: "left", 2: "forward"}
     assert [action_text(a, names) for a in (0, np.int64(2), 1, None, "click(1, 2)")] == [
-        "left", "forward", "1", "invalid", "click(1, 2)"]
+        "left",
+        "forward",
+        "1",
+        "invalid",
+        "click(1, 2)",
+    ]
     assert action_text(np.array([0.5, -1.25], dtype=np.float32), {}) == "(0.5,-1.25)"

@@ -1,5 +1,6 @@
 """The gymnasium env runner on real MiniGrid / Pendulum: K rollouts from the same initial state,
 determinism for a seed, invalid actions as no-ops, success rules, and seed-set checks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -109,8 +110,16 @@ def test_frames_are_recorded_per_step():
 
 
 def test_pendulum_rendered_with_an_instruction_and_return_success_rule():
-    spec = EnvSpec(id="Pendulum-v1", observation="render", image_size=32, instruction="hold it upright", max_steps=5,
-                   success="return_above", success_threshold=-10.0, noop_action=[0.0])
+    spec = EnvSpec(
+        id="Pendulum-v1",
+        observation="render",
+        image_size=32,
+        instruction="hold it upright",
+        max_steps=5,
+        success="return_above",
+        success_threshold=-10.0,
+        noop_action=[0.0],
+    )
 
     class Torque:
         def act(self, observations, *, generator, greedy=False):
@@ -147,6 +156,7 @@ def test_bad_env_specs_fail_clearly():
 def test_one_generator_per_episode_makes_each_episode_independent_of_its_batch():
     """With a generator per episode, an episode's actions depend on its own generator only: the
     same seed and generator seed give the same episode alone, in a batch, or in waves."""
+
     def gens(seeds):
         return [torch.Generator().manual_seed(100 + s) for s in seeds]
 

@@ -11,6 +11,7 @@ the red ball: its 8 rollouts all fail, the group is discarded (dynamic sampling)
 keeps nothing. In seed 36 'forward' succeeds: the near-uniform tiny policy (sampling among the 3
 action tokens only) gives 8 mixed rollouts, so the other rank keeps its context and trains.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,13 +27,25 @@ from helpers.dist import train_two_ranks_and_compare
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
-    f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}", "task.sft.demos=''",
-    "task.env.max_steps=1", "task.train_seeds.start=36", "task.train_seeds.count=2", "task.policy.action_vocab=actions",
-    "rollout.group_size=8", "rollout.prompts_per_step=1", "task.ript.max_draws=1",
+    f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}",
+    "task.sft.demos=''",
+    "task.env.max_steps=1",
+    "task.train_seeds.start=36",
+    "task.train_seeds.count=2",
+    "task.policy.action_vocab=actions",
+    "rollout.group_size=8",
+    "rollout.prompts_per_step=1",
+    "task.ript.max_draws=1",
     # 2 optimizer steps of 4 episodes, 2 micro batches each: the empty rank runs 4 padding slots
-    "trainer.update_epochs=1", "trainer.minibatch_size=4", "trainer.micro_batch_size=2",
-    "eval.num_samples=3", "eval.batch_size=2", "task.eval_videos=0",  # 2 held-out seeds on rank 0, 1 on rank 1
-    "trainer.eval_every=1", "trainer.save_every=1", "trainer.keep_last=0",
+    "trainer.update_epochs=1",
+    "trainer.minibatch_size=4",
+    "trainer.micro_batch_size=2",
+    "eval.num_samples=3",
+    "eval.batch_size=2",
+    "task.eval_videos=0",  # 2 held-out seeds on rank 0, 1 on rank 1
+    "trainer.eval_every=1",
+    "trainer.save_every=1",
+    "trainer.keep_last=0",
 ]
 
 

@@ -3,6 +3,7 @@ stateful advantages keep their state across steps and in checkpoints, a resumed 
 uninterrupted run (metrics, states, weights), micro batches of episodes accumulate to the
 minibatch's gradient in every aggregation mode, and objective options the environment kind
 cannot honour are refused at load, before any model is loaded."""
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,20 @@ CONTINUOUS = str(ROOT / "configs" / "ript_vla_continuous.yaml")
 # kept); 2 PPO epochs of 2 minibatches of 2 episodes, 1 episode per micro batch: shuffles and
 # accumulation are exercised; an evaluation and a checkpoint after every step
 SMALL = [
-    "task.env.max_steps=4", "rollout.group_size=2", "rollout.prompts_per_step=2", "task.ript.max_draws=2",
-    "task.ript.reward=env_return", "task.policy.head_width=32", "trainer.update_epochs=2", "trainer.minibatch_size=2",
-    "trainer.micro_batch_size=1", "eval.num_samples=2", "eval.batch_size=2", "trainer.eval_every=1",
-    "trainer.save_every=1", "trainer.keep_last=0",
+    "task.env.max_steps=4",
+    "rollout.group_size=2",
+    "rollout.prompts_per_step=2",
+    "task.ript.max_draws=2",
+    "task.ript.reward=env_return",
+    "task.policy.head_width=32",
+    "trainer.update_epochs=2",
+    "trainer.minibatch_size=2",
+    "trainer.micro_batch_size=1",
+    "eval.num_samples=2",
+    "eval.batch_size=2",
+    "trainer.eval_every=1",
+    "trainer.save_every=1",
+    "trainer.keep_last=0",
 ]
 
 
@@ -197,8 +208,9 @@ def test_each_rank_resumes_its_own_sampler_position(trainer: Any, monkeypatch: p
         ("algorithm.entropy_coef=0.01", "algorithm.entropy_coef", 0.01),
     ],
 )
-def test_kl_and_entropy_are_refused_at_load(override: str, key: str, value: float, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kl_and_entropy_are_refused_at_load(
+    override: str, key: str, value: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mmpo.trainers import environment
 
     def no_model(*args: Any, **kwargs: Any) -> None:

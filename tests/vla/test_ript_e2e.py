@@ -2,6 +2,7 @@
 gymnasium Pendulum, a tiny Qwen2-VL built offline, BabyAI-bot demonstrations; the SFT stage, RIPT
 steps, saved models that transformers opens, deterministic evaluation with GIFs, resume, and the
 config errors a user meets first."""
+
 from __future__ import annotations
 
 import json
@@ -31,21 +32,40 @@ EVAL_N = 5
 ACTIONS = ("left", "right", "forward")
 # the recipe, made small: 2 contexts x 4 rollouts, <= 4 drawn per step, 5 eval seeds
 BABYAI_SMALL = [
-    f"task.env.max_steps={MAX_STEPS}", "rollout.group_size=4", "rollout.prompts_per_step=2", "task.ript.max_draws=2",
-    "trainer.minibatch_size=4", "trainer.update_epochs=1", f"eval.num_samples={EVAL_N}", f"eval.batch_size={EVAL_N}",
+    f"task.env.max_steps={MAX_STEPS}",
+    "rollout.group_size=4",
+    "rollout.prompts_per_step=2",
+    "task.ript.max_draws=2",
+    "trainer.minibatch_size=4",
+    "trainer.update_epochs=1",
+    f"eval.num_samples={EVAL_N}",
+    f"eval.batch_size={EVAL_N}",
     "task.eval_videos=2",
     # contexts whose red ball is 1-5 bot steps away (seeds 36 and 39: one 'forward'): a 6-step
     # episode of the barely trained policy sometimes succeeds, so mixed groups are kept and trained on
-    "task.train_seeds.start=33", "task.train_seeds.count=7",
+    "task.train_seeds.start=33",
+    "task.train_seeds.count=7",
 ]
 BABYAI_SFT = ["task.sft.epochs=2", "task.sft.batch_size=2", "task.sft.lr=1.0e-2"]
 CONTINUOUS_SMALL = [
-    "task.env.max_steps=4", "rollout.group_size=2", "rollout.prompts_per_step=2", "task.ript.max_draws=2",
-    "trainer.minibatch_size=4", "eval.num_samples=4", "eval.batch_size=4", "task.policy.head_width=32",
+    "task.env.max_steps=4",
+    "rollout.group_size=2",
+    "rollout.prompts_per_step=2",
+    "task.ript.max_draws=2",
+    "trainer.minibatch_size=4",
+    "eval.num_samples=4",
+    "eval.batch_size=4",
+    "task.policy.head_width=32",
     "task.ript.reward=env_return",  # every group's returns differ: each context is kept and trained on
 ]
 SCALAR_KEYS = (
-    "success_rate", "success_ci_low", "success_ci_high", "episodes", "return", "episode_length", "invalid_action_rate"
+    "success_rate",
+    "success_ci_low",
+    "success_ci_high",
+    "episodes",
+    "return",
+    "episode_length",
+    "invalid_action_rate",
 )
 
 
@@ -92,8 +112,18 @@ def demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def babyai_run(tmp_path_factory: pytest.TempPathFactory, demos: Path) -> Path:
     """The BabyAI recipe: SFT (2 epochs) on the demonstrations, then 2 RIPT steps, a checkpoint each step."""
     run = tmp_path_factory.mktemp("babyai") / "run"
-    args = ["train", BABYAI, f"output_dir={run}", f"task.sft.demos={demos}", *BABYAI_SMALL, *BABYAI_SFT,
-            f"trainer.max_steps={TRAIN_STEPS}", "trainer.eval_every=1", "trainer.save_every=1", "trainer.keep_last=0"]
+    args = [
+        "train",
+        BABYAI,
+        f"output_dir={run}",
+        f"task.sft.demos={demos}",
+        *BABYAI_SMALL,
+        *BABYAI_SFT,
+        f"trainer.max_steps={TRAIN_STEPS}",
+        "trainer.eval_every=1",
+        "trainer.save_every=1",
+        "trainer.keep_last=0",
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)
         assert main(args) == 0
@@ -119,9 +149,20 @@ def test_babyai_recipe_sft_then_ript(babyai_run: Path) -> None:
         assert 1 <= line["eval/episode_length"] <= MAX_STEPS
     kept = 0.0
     for line in lines[1:]:
-        for key in ("rollout/contexts_drawn", "rollout/contexts_run", "rollout/contexts_kept", "rollout/skipped_solved",
-                    "rollout/discarded_all_equal", "rollout/success_rate", "rollout/return", "rollout/episode_length",
-                    "rollout/invalid_action_rate", "optimizer_steps", "rollout_s", "lr"):
+        for key in (
+            "rollout/contexts_drawn",
+            "rollout/contexts_run",
+            "rollout/contexts_kept",
+            "rollout/skipped_solved",
+            "rollout/discarded_all_equal",
+            "rollout/success_rate",
+            "rollout/return",
+            "rollout/episode_length",
+            "rollout/invalid_action_rate",
+            "optimizer_steps",
+            "rollout_s",
+            "lr",
+        ):
             assert key in line, key
         r = {k.split("/", 1)[1]: v for k, v in line.items() if k.startswith("rollout/")}
         assert r["contexts_run"] + r["skipped_solved"] == r["contexts_drawn"] <= 2 * 2  # max_draws x prompts_per_step
@@ -179,8 +220,12 @@ def test_eval_cli_run_and_sft_model(babyai_run: Path, tmp_path: Path) -> None:
     eval_seeds = list(range(100_000, 100_000 + EVAL_N))
     final = _metrics(babyai_run)[-1]
     outs = {}
-    for name, ckpt in (("run", babyai_run), ("run_again", babyai_run), ("sft", babyai_run / "sft" / "model"),
-                       ("model", babyai_run / "model")):
+    for name, ckpt in (
+        ("run", babyai_run),
+        ("run_again", babyai_run),
+        ("sft", babyai_run / "sft" / "model"),
+        ("model", babyai_run / "model"),
+    ):
         outs[name] = tmp_path / name
         m = _eval(ckpt, outs[name])
         _check_ci(m)
@@ -220,8 +265,18 @@ def test_sft_fits_the_demonstrations(demos: Path, tmp_path: Path) -> None:
     from mmpo_tasks.vla.trainer import RiptTrainer
 
     run = tmp_path / "fit"
-    cfg = load_config(BABYAI, [f"output_dir={run}", f"task.sft.demos={demos}", *BABYAI_SMALL, "trainer.max_steps=1",
-                               "task.sft.epochs=30", "task.sft.batch_size=4", "task.sft.lr=5.0e-3"])
+    cfg = load_config(
+        BABYAI,
+        [
+            f"output_dir={run}",
+            f"task.sft.demos={demos}",
+            *BABYAI_SMALL,
+            "trainer.max_steps=1",
+            "task.sft.epochs=30",
+            "task.sft.batch_size=4",
+            "task.sft.lr=5.0e-3",
+        ],
+    )
     trainer = RiptTrainer(cfg, run)  # the SFT stage runs in the constructor
     try:
         steps, _ = load_demos(demos)
@@ -313,8 +368,18 @@ def test_resume_skips_the_sft_stage(
     before = (sft_metrics.stat().st_mtime_ns, sft_metrics.read_bytes())
     sft_weights = (run / "sft" / "model" / "model.safetensors").read_bytes()
     capsys.readouterr()
-    args = ["train", BABYAI, f"output_dir={run}", f"task.sft.demos={demos}", *BABYAI_SMALL, *BABYAI_SFT,
-            "trainer.max_steps=3", "trainer.eval_every=1", "trainer.save_every=1", "trainer.keep_last=0"]
+    args = [
+        "train",
+        BABYAI,
+        f"output_dir={run}",
+        f"task.sft.demos={demos}",
+        *BABYAI_SMALL,
+        *BABYAI_SFT,
+        "trainer.max_steps=3",
+        "trainer.eval_every=1",
+        "trainer.save_every=1",
+        "trainer.keep_last=0",
+    ]
     assert main(args) == 0
     out = capsys.readouterr()
     assert f"resuming from {run / 'checkpoints' / 'step_00000002'}" in out.out
@@ -337,7 +402,12 @@ def _fails(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 def test_config_errors(demos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = [
-        "train", BABYAI, f"output_dir={tmp_path / 'run'}", *BABYAI_SMALL, "trainer.max_steps=1", "task.sft.demos=''"
+        "train",
+        BABYAI,
+        f"output_dir={tmp_path / 'run'}",
+        *BABYAI_SMALL,
+        "trainer.max_steps=1",
+        "task.sft.demos=''",
     ]
 
     # evaluation contexts that are also training contexts (train: 33..39)

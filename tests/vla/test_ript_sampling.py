@@ -1,5 +1,6 @@
 """RIPT's rollout-side logic on constructed outcomes: leave-one-out advantages, discarding
 all-equal contexts, skipping solved ones, the draw budget and early stop."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

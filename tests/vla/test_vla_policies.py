@@ -1,5 +1,6 @@
 """VLA policies on the tiny Qwen2-VL: action codecs, reserved action tokens, stored rollout
 log-probs equal re-scoring, the Laplace head's density and sampling, saving and loading."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,12 @@ from mmpo.models import load_model
 from mmpo.policies.action_codecs import BinnedActions, DiscreteActions, add_action_tokens
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.policies.vla import (
-    LaplaceActionHead, LaplaceHeadPolicy, TokenActionPolicy, VLAWithHead, laplace_log_prob, load_action_head,
+    LaplaceActionHead,
+    LaplaceHeadPolicy,
+    TokenActionPolicy,
+    VLAWithHead,
+    laplace_log_prob,
+    load_action_head,
 )
 from mmpo.rollout.env_runner import Observation
 
@@ -22,7 +28,10 @@ TINY = {"initializer_range": 0.1, "head_init_std": 0.01}
 
 def _obs(n: int, seed: int = 0) -> list[Observation]:
     rng = np.random.default_rng(seed)
-    return [Observation(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8), f"go to the {c} ball") for c in ["red", "blue", "green", "grey"][:n]]
+    return [
+        Observation(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8), f"go to the {c} ball")
+        for c in ["red", "blue", "green", "grey"][:n]
+    ]
 
 
 def _token_policy(codec, temperature=1.0):
@@ -70,7 +79,10 @@ def test_binned_codec_centres_and_bounds():
         BinnedActions([1.0], [0.0], 4)
 
 
-@pytest.mark.parametrize("codec", [DiscreteActions(["left", "right", "forward"], [0, 1, 2]), BinnedActions([-2.0, -1.0], [2.0, 1.0], bins=16)])
+@pytest.mark.parametrize(
+    "codec",
+    [DiscreteActions(["left", "right", "forward"], [0, 1, 2]), BinnedActions([-2.0, -1.0], [2.0, 1.0], bins=16)],
+)
 def test_stored_token_logprobs_equal_rescoring(codec):
     policy, _ = _token_policy(codec, temperature=0.7)
     obs = _obs(4)
@@ -111,7 +123,14 @@ def test_laplace_log_prob_matches_torch():
 def _laplace_policy(reduce="sum", s=5.0):
     model, proc, info = load_model("tiny:qwen2_vl", tiny_overrides=TINY)
     head = LaplaceActionHead(model.config.get_text_config().hidden_size, 2, width=32, blocks=1)
-    return LaplaceHeadPolicy(CausalLMPolicy.from_info(model, proc, info), VLAWithHead(model, head), [-2.0, -1.0], [2.0, 1.0], scale_multiplier=s, reduce=reduce)
+    return LaplaceHeadPolicy(
+        CausalLMPolicy.from_info(model, proc, info),
+        VLAWithHead(model, head),
+        [-2.0, -1.0],
+        [2.0, 1.0],
+        scale_multiplier=s,
+        reduce=reduce,
+    )
 
 
 def test_laplace_head_starts_at_log_scale_minus_3_and_samples_with_scale_b_times_s():

@@ -5,6 +5,7 @@ Engines that run the policy in another process or library (vLLM) keep their own 
 weights: the trainer calls ``sync_weights`` after every optimizer update so the next rollout
 samples from the new policy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

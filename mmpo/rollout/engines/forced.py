@@ -6,6 +6,7 @@ loop calls ``generate`` with its still-active rows in order; a script must end w
 ends (an answer or a turn without a call), so the engine drops a row when its script is used up.
 Log-probs are not reported.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -23,13 +24,20 @@ class ForcedTextEngine(RolloutEngine):
         self.active = [i for i, s in enumerate(self.scripts) if s]
 
     def generate(
-        self, model: torch.nn.Module, prompt_inputs: dict[str, torch.Tensor], settings: GenerationSettings, *,
-        device: torch.device, dtype: torch.dtype | None = None, num_samples: int = 1,
+        self,
+        model: torch.nn.Module,
+        prompt_inputs: dict[str, torch.Tensor],
+        settings: GenerationSettings,
+        *,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        num_samples: int = 1,
     ) -> Generation:
         pol = self.policy
         if num_samples != 1 or prompt_inputs["input_ids"].shape[0] != len(self.active):
             raise RuntimeError(
-                f"forced engine: {prompt_inputs['input_ids'].shape[0]} rows x {num_samples} asked, {len(self.active)} scripts active "
+                f"forced engine: {prompt_inputs['input_ids'].shape[0]} rows x {num_samples} asked, "
+                f"{len(self.active)} scripts active "
                 "(a script must end where its row ends)"
             )
         rows = []

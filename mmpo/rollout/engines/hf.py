@@ -8,6 +8,7 @@ with never-sampled ids masked, which is exactly what the trainer recomputes.
 ``engine_options: {use_generate: true}`` samples with ``model.generate`` instead (no prefix
 sharing, no per-row early exit) for models the loop does not cover.
 """
+
 from __future__ import annotations
 
 import torch
@@ -134,8 +135,11 @@ class HFGenerateEngine(RolloutEngine):
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             hidden = decoder(
                 # without prompt padding every key is visible: no mask to build each step
-                input_ids=token[:, None], attention_mask=None if unpadded else mask,
-                position_ids=pol.continuation_positions(start, t, 1), cache=cache, use_cache=True,
+                input_ids=token[:, None],
+                attention_mask=None if unpadded else mask,
+                position_ids=pol.continuation_positions(start, t, 1),
+                cache=cache,
+                use_cache=True,
             ).last_hidden_state[:, -1]
         return out.cpu(), logps.cpu()
 
@@ -150,7 +154,9 @@ class HFGenerateEngine(RolloutEngine):
             pad_token_id=pol.pad_token_id,
             use_cache=True,
             num_return_sequences=1 if settings.greedy else num_samples,
-            logits_processor=LogitsProcessorList([_NeverSample(pol.never_sample_ids)]) if pol.never_sample_ids else None,
+            logits_processor=LogitsProcessorList([_NeverSample(pol.never_sample_ids)])
+            if pol.never_sample_ids
+            else None,
         )
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -18,6 +18,7 @@ normalisation matches the trainer's -inf mask), generation defaults from the mod
 ignored (``--generation-config vllm``: no hidden repetition penalty or top_k) and every EOS id
 stops a completion. This is the only module of mmpo that imports vllm, and only in colocate mode.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -264,15 +265,25 @@ class VLLMEngine(RolloutEngine):
     def _server_command(self, model_dir: Path, port: int) -> list[str]:
         o = self.opts
         cmd = [
-            str(self.python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_dir),
-            "--host", "127.0.0.1",  # dev mode lets any caller run worker methods: local only
-            "--port", str(port),
-            "--served-model-name", SERVED_NAME,
-            "--dtype", str(o["dtype"]),
-            "--max-model-len", str(int(o["max_model_len"])),
-            "--logprobs-mode", "processed_logprobs",
-            "--generation-config", "vllm",
+            str(self.python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",  # dev mode lets any caller run worker methods: local only
+            "--port",
+            str(port),
+            "--served-model-name",
+            SERVED_NAME,
+            "--dtype",
+            str(o["dtype"]),
+            "--max-model-len",
+            str(int(o["max_model_len"])),
+            "--logprobs-mode",
+            "processed_logprobs",
+            "--generation-config",
+            "vllm",
             "--disable-uvicorn-access-log",
         ]
         if o["enforce_eager"]:
@@ -310,8 +321,13 @@ class VLLMEngine(RolloutEngine):
         cmd = self._server_command(model_dir, port)
         with open(self._log_path, "ab") as logf:
             self._proc = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                cwd=str(self._tmp), start_new_session=True,  # own process group: close() ends it all
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=str(self._tmp),
+                start_new_session=True,  # own process group: close() ends it all
             )
         deadline = time.monotonic() + float(self.opts["startup_timeout_s"])
         while True:
@@ -486,7 +502,10 @@ class VLLMEngine(RolloutEngine):
         from vllm import SamplingParams
 
         prompts = [{"prompt_token_ids": tokens} for tokens, _, _ in groups]
-        sps = [SamplingParams(n=n, seed=seed, **{**params, "logit_bias": params["logit_bias"] or None}) for _, n, seed in groups]
+        sps = [
+            SamplingParams(n=n, seed=seed, **{**params, "logit_bias": params["logit_bias"] or None})
+            for _, n, seed in groups
+        ]
         outs = self._llm.generate(prompts, sps, use_tqdm=False)
         result = []
         for out in outs:
