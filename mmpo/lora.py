@@ -26,6 +26,7 @@ engine's barrier meanwhile (one extra read of the base weights on the main rank)
 
 from __future__ import annotations
 
+import copy
 import re
 import shutil
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from mmpo.adapters import ADAPTER_CONFIG, MERGED_DIR, read_adapter_config  # noqa: F401  (re-exported)
-from mmpo.config import LoraConfig
+from mmpo.config import LoraConfig, ModelConfig
 from mmpo.errors import ConfigError
 
 __all__ = [
@@ -173,6 +174,23 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, is_vlm: bool) -> Any:
         tower = wrapped.get_base_model().get_submodule(prefix)
         tower.requires_grad_(False)
     return wrapped
+
+
+def prepare_trainable(
+    model: nn.Module, cfg: ModelConfig, *, is_vlm: bool, reference: bool
+) -> tuple[nn.Module, nn.Module | None]:
+    """``(model to train, frozen reference or None)`` as ``model.*`` asks: gradient checkpointing;
+    LoRA adapters on the language model (the reference is then the model with adapters disabled,
+    so no copy), or full fine-tuning with the vision tower frozen by ``freeze_vision`` and a frozen
+    copy as the reference when ``reference``."""
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    if cfg.lora is not None:
+        return apply_lora(model, cfg.lora, is_vlm=is_vlm), None
+    if cfg.freeze_vision:
+        freeze_vision_tower(model, is_vlm=is_vlm)
+    return model, (copy.deepcopy(model).eval().requires_grad_(False) if reference else None)
 
 
 def freeze_vision_tower(model: nn.Module, *, is_vlm: bool) -> int:

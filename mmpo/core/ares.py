@@ -202,6 +202,30 @@ def ares_bucket(
 
 
 ares_bucket.state_cls = AresKLState
+
+
+def bucket_kl_sums(buckets: Tensor, seq_kl: Tensor) -> Tensor:
+    """``[len(BUCKETS), 2]`` float64: per difficulty bucket, the sum of the rows' sequence KL and
+    the row count (``buckets [n]`` codes, ``seq_kl [n]``); summed over ranks before observing."""
+    sums = torch.zeros(len(BUCKETS), 2, dtype=torch.float64)
+    sums[:, 0].index_add_(0, buckets.long(), seq_kl.double())
+    sums[:, 1].index_add_(0, buckets.long(), torch.ones_like(seq_kl, dtype=torch.float64))
+    return sums
+
+
+def bucket_kl_weights(
+    state: AresKLState, sums: Tensor, buckets: Tensor, correct: Tensor | None = None, soft_cost: Tensor | None = None
+) -> Tensor:
+    """Per-row KL multipliers ``[n]``: feed the controller the mean KL of each bucket with rows
+    (``sums`` from :func:`bucket_kl_sums`, over all ranks), then read the rows' bucket betas, times
+    the second-chance factor when ``correct`` and ``soft_cost`` are given."""
+    ares_bucket_observe(state, {b: float(sums[i, 0] / sums[i, 1]) for i, b in enumerate(BUCKETS) if sums[i, 1] > 0})
+    weights = ares_bucket_betas(state, buckets)
+    if correct is not None and soft_cost is not None:
+        weights = weights * second_chance_factor(buckets, correct, soft_cost)
+    return weights
+
+
 #: per-row tensors of the rewards it reads (the difficulty bucket of each row)
 ares_bucket.needs_row_info = ("bucket",)
 

@@ -29,7 +29,7 @@ from mmpo.config import RunConfig
 from mmpo.diffusion.evaluation import ImageEvaluator, ImageSampler
 from mmpo.diffusion.pipeline import TINY_PREFIX, DiffusionModel, PromptEmbeds
 from mmpo.errors import ConfigError
-from mmpo.evaluate import resolve_model_folder, run_evaluation
+from mmpo.evaluate import EvalResult, resolve_model_folder
 from mmpo.tasks import RewardOutput, Sample
 from mmpo.trainers.kinds import TrainerKind
 from mmpo.trainers.loop import TrainerBase, seed_everything
@@ -135,7 +135,6 @@ class DiffusionTrainerBase(TrainerBase):
         self.task.all_gather = self.engine.all_gather_object  # type: ignore[attr-defined]
         self._make_sampler()
         self.states = dict(self.algo.states)
-        self._evaluator: ImageEvaluator | None = None
         self.engine_ready()
         self._start()
 
@@ -199,18 +198,14 @@ class DiffusionTrainerBase(TrainerBase):
         return adv[first : first + len(rewards)].to(rewards.device)
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """The one evaluator on the live policy (prompts sharded over ranks): reward components of
-        the evaluation images as ``eval/<name>``, and a PNG grid ``images/eval_step<k>.png``."""
-        if self.cfg.eval.num_samples == 0:
-            return {}
-        e = self.engine
-        if self._evaluator is None:
-            self._evaluator = image_evaluator(self.cfg, self.task, self.image_sampler(), params=e.gathered_params)
-        result = run_evaluation(self._evaluator, rank=e.rank, world_size=e.world_size, gather=e.all_gather_object)
-        if e.is_main and result.rows:
+    def live_evaluator(self) -> ImageEvaluator:
+        """Deterministic images of the evaluation prompts from the live policy, scored by the task."""
+        return image_evaluator(self.cfg, self.task, self.image_sampler(), params=self.engine.gathered_params)
+
+    def on_evaluated(self, result: EvalResult) -> None:
+        """A PNG grid ``images/eval_step<k>.png`` of each evaluation (one image per prompt)."""
+        if self.engine.is_main and result.rows:
             self._evaluator.save_grid(result.rows, self.run_dir / "images" / f"eval_step{self.step:06d}.png")
-        return {f"eval/{k}": v for k, v in result.metrics.items()}
 
     @classmethod
     def checkpoint_evaluator(cls, cfg: RunConfig, checkpoint: str | None) -> tuple[ImageEvaluator, str]:

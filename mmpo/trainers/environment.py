@@ -47,7 +47,6 @@ from mmpo.config import RunConfig
 from mmpo.core import aggregate
 from mmpo.core.sampling import RiptSkipState
 from mmpo.errors import ConfigError
-from mmpo.evaluate import run_evaluation
 from mmpo.models import load_model
 from mmpo.policies.vla_builder import build_vla_policy
 from mmpo.rollout.context_rounds import collect_round, replay_skip_log
@@ -131,7 +130,6 @@ class EnvironmentTrainer(TrainerBase):
         self.policy = build_vla_policy(model, processor, info, self.tc, self.runner, local)
         self.policy_module = self.policy.module
         self.policy_module.to(device)
-        self.sft_metrics: dict[str, Any] = {}
         if do_sft and latest_checkpoint(self.run_dir) is None:
             self.sft_metrics = self._sft_stage(sft_model)
         self.shape = update_shape(cfg, self.rows_per_step())
@@ -145,7 +143,6 @@ class EnvironmentTrainer(TrainerBase):
         #: its update slots on it with weight 0
         self.stand_in: Episode | None = None
         self._rank_samplers: list[dict[str, Any]] | None = None
-        self._evaluator: EnvEvaluator | None = None
         self.build_extra_state()
         self._start()
 
@@ -344,27 +341,16 @@ class EnvironmentTrainer(TrainerBase):
         return self.reduce_metrics(metrics)
 
     # -- evaluation ----------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """The first ``eval.num_samples`` held-out seeds with the live policy (the one evaluator,
-        seeds sharded over ranks); metrics as ``eval/<name>``."""
-        n = self.cfg.eval.num_samples
-        if n == 0:
-            return {}
-        if self._evaluator is None:
-            self._evaluator = self.evaluator_class(
-                self.policy,
-                self.runner,
-                self.task.eval_seeds[:n],
-                self.tc,
-                batch_size=self.cfg.eval.batch_size,
-                params=self.engine.gathered_params,
-            )
-        e = self.engine
-        result = run_evaluation(self._evaluator, rank=e.rank, world_size=e.world_size, gather=e.all_gather_object)
-        metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
-        if self.step == 0 and self.sft_metrics:
-            metrics.update({f"sft/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
-        return metrics
+    def live_evaluator(self) -> EnvEvaluator:
+        """The first ``eval.num_samples`` held-out seeds with the live policy."""
+        return self.evaluator_class(
+            self.policy,
+            self.runner,
+            self.task.eval_seeds[: self.cfg.eval.num_samples],
+            self.tc,
+            batch_size=self.cfg.eval.batch_size,
+            params=self.engine.gathered_params,
+        )
 
     @classmethod
     def checkpoint_evaluator(cls, cfg: RunConfig, checkpoint: str | None) -> tuple[EnvEvaluator, str]:

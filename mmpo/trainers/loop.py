@@ -24,6 +24,7 @@ from mmpo.config import RunConfig, save_config
 from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import TrainingError
+from mmpo.evaluate import EvalResult, Evaluator, run_evaluation
 from mmpo.tasks import Task
 from mmpo.tracking import Tracker
 from mmpo.trainers.algorithm import Algorithm, build_algorithm
@@ -75,6 +76,8 @@ class TrainerBase(abc.ABC):
         self.advantage_fn = self.algo.advantage_fn
         self.loss_fn = self.algo.loss_fn
         self.last_kl: float | None = None
+        self.sft_metrics: dict[str, Any] = {}  # a supervised stage's results, logged with the first evaluation
+        self._evaluator: Evaluator | None = None
         self.phase_hook: Any = lambda name: nullcontext()  # `mmpo bench` attributes memory to phases
         return device, precision
 
@@ -105,8 +108,27 @@ class TrainerBase(abc.ABC):
         """One step (rollout, reward, advantage, update); its metrics, reduced over ranks."""
 
     @abc.abstractmethod
+    def live_evaluator(self) -> Evaluator:
+        """The evaluator of the live policy (built once, at the first evaluation); the same class
+        ``checkpoint_evaluator`` builds for ``mmpo eval``."""
+
+    def on_evaluated(self, result: EvalResult) -> None:
+        """Called on every rank after each in-training evaluation (e.g. to save a picture)."""
+
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics as ``eval/<name>`` through :func:`mmpo.evaluate.run_evaluation` ({} when off)."""
+        """Held-out metrics as ``eval/<name>`` (the one evaluator, items sharded over ranks; {}
+        when ``eval.num_samples`` is 0); at step 0 also the supervised stage's as ``sft/<name>``."""
+        if self.cfg.eval.num_samples == 0:
+            return {}
+        if self._evaluator is None:
+            self._evaluator = self.live_evaluator()
+        e = self.engine
+        result = run_evaluation(self._evaluator, rank=e.rank, world_size=e.world_size, gather=e.all_gather_object)
+        self.on_evaluated(result)
+        metrics = {f"eval/{k}": float(v) for k, v in result.metrics.items()}
+        if self.step == 0 and self.sft_metrics:
+            metrics.update({f"sft/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
+        return metrics
 
     @abc.abstractmethod
     def save_final_model(self) -> None:

@@ -8,7 +8,6 @@ weights is the engine (plain torch or DeepSpeed ZeRO).
 
 from __future__ import annotations
 
-import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from mmpo.core import GROUP_FILTERS, ares
 from mmpo.core.ares import AresKLState
 from mmpo.core.rollout_correction import rollout_is_weights
 from mmpo.errors import ConfigError
-from mmpo.evaluate import run_evaluation
+from mmpo.lora import prepare_trainable
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES, filters
@@ -67,23 +66,9 @@ class Trainer(TrainerBase):
             tiny_overrides=cfg.model.tiny,
             attn_implementation=cfg.model.attn_implementation,
         )
-        if cfg.model.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            enable()
         self.uses_kl = self.algo.uses_kl
         self.shape = update_shape(cfg, self.rows_per_step())
-        self.ref_model: torch.nn.Module | None = None
-        if cfg.model.lora is not None:  # adapters on the language model; vision tower per lora.vision
-            from mmpo.lora import apply_lora
-
-            model = apply_lora(model, cfg.model.lora, is_vlm=info.is_vlm)
-        else:
-            if cfg.model.freeze_vision:
-                from mmpo.lora import freeze_vision_tower
-
-                freeze_vision_tower(model, is_vlm=info.is_vlm)
-            if self.uses_kl:
-                self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        model, self.ref_model = prepare_trainable(model, cfg.model, is_vlm=info.is_vlm, reference=self.uses_kl)
         self.engine = self.build_engine(model, precision)
         self.device = self.engine.device
         if self.ref_model is not None:
@@ -116,7 +101,6 @@ class Trainer(TrainerBase):
         self._make_sampler()
 
         self.states: dict[str, Any] = dict(self.algo.states)
-        self._evaluator: TokenEvaluator | None = None
         self._stand_in: RolloutBatch | None = None  # a row that empty slots run (set each step)
         self._start()
 
@@ -382,45 +366,23 @@ class Trainer(TrainerBase):
         Each micro step first feeds the controller the batch's mean KL per difficulty bucket
         (summed over ranks, so every rank's controller moves alike), then reads the buckets' betas.
         """
-        state = self.states["kl_schedule"]
         info = micro.row_info
         buckets = info["bucket"].long()
-        seq_kl = ares.sequence_mean(kl, mask).cpu()
-        sums = torch.zeros(len(ares.BUCKETS), 2, dtype=torch.float64)
-        if not padding:  # a padding row still joins the gather, with nothing to add
-            sums[:, 0].index_add_(0, buckets, seq_kl.double())
-            sums[:, 1].index_add_(0, buckets, torch.ones_like(seq_kl, dtype=torch.float64))
-        sums = torch.tensor(self.engine.all_gather_object(sums.tolist()), dtype=torch.float64).sum(0)
-        ares.ares_bucket_observe(
-            state, {b: float(sums[i, 0] / sums[i, 1]) for i, b in enumerate(ares.BUCKETS) if sums[i, 1] > 0}
+        local = ares.bucket_kl_sums(buckets, ares.sequence_mean(kl, mask).cpu())
+        local = local * 0 if padding else local  # a padding row still joins the gather, with nothing to add
+        sums = torch.tensor(self.engine.all_gather_object(local.tolist()), dtype=torch.float64).sum(0)
+        return ares.bucket_kl_weights(
+            self.states["kl_schedule"], sums, buckets, info.get("correct"), info.get("soft_cost")
         )
-        weights = ares.ares_bucket_betas(state, buckets)
-        if "soft_cost" in info and "correct" in info:
-            weights = weights * ares.second_chance_factor(buckets, info["correct"], info["soft_cost"])
-        return weights
 
     # ------------------------------------------------------------------------------------------
     # evaluation
-    def evaluate(self) -> dict[str, float]:
-        """Greedy decoding on held-out samples (the one evaluator); metrics as ``eval/<name>``."""
-        if self.cfg.eval.num_samples == 0:
-            return {}
-        if self._evaluator is None:
-            self._evaluator = TokenEvaluator(
-                self.policy,
-                self.engine.module,
-                self.task,
-                **eval_sizes(self.cfg),
-                device=self.device,
-                params=self.engine.gathered_params,
-            )
-        result = run_evaluation(
-            self._evaluator,
-            rank=self.engine.rank,
-            world_size=self.engine.world_size,
-            gather=self.engine.all_gather_object,
+    def live_evaluator(self) -> TokenEvaluator:
+        """Greedy decoding of held-out samples with the live module (parameters gathered under ZeRO-3)."""
+        e = self.engine
+        return TokenEvaluator(
+            self.policy, e.module, self.task, **eval_sizes(self.cfg), device=self.device, params=e.gathered_params
         )
-        return {f"eval/{k}": v for k, v in result.metrics.items()}
 
     @classmethod
     def checkpoint_evaluator(cls, cfg: RunConfig, checkpoint: str | None) -> tuple[TokenEvaluator, str]:
