@@ -18,6 +18,7 @@ prompt has none), then ``reward`` and each reward component. The image travels w
 
 from __future__ import annotations
 
+import abc
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ GRID = "images.png"
 
 
 @dataclass
-class ImageSampler:
+class ImageSampler(abc.ABC):
     """Deterministic images of ``model`` on the ``schedule`` (the evaluation steps) at
     ``height`` x ``width``; subclasses implement :meth:`__call__`. ``autocast`` wraps model calls."""
 
@@ -58,9 +59,9 @@ class ImageSampler:
         """The text conditioning of ``samples`` (with the negative prompt's under CFG)."""
         return self.model.encode([s.meta["prompt"] for s in samples], negative_prompt=self.negative_prompt)
 
+    @abc.abstractmethod
     def __call__(self, samples: list[Sample], noise: Tensor) -> Tensor:
         """Images ``[n, 3, H, W]`` in [0, 1] of ``samples`` from standard-normal ``noise [n, C, h, w]``."""
-        raise NotImplementedError
 
 
 def precision_autocast(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:

@@ -16,6 +16,7 @@ kind) and checked once, at construction, by :func:`check_task`.
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -144,23 +145,24 @@ class DiffusionTrainerBase(TrainerBase):
         return 1
 
     # -- hooks --------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def build_trainable(self) -> torch.nn.Module:
-        raise NotImplementedError
+        """The module the engine trains (the denoiser, or the noise policy)."""
 
     def engine_ready(self) -> None:
         """Called once the engine exists, before resuming (state that must start alike on every rank)."""
 
+    @abc.abstractmethod
     def image_sampler(self) -> ImageSampler:
         """The evaluation images of the live policy (``self.engine.module``)."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def saved_image_sampler(
         cls, cfg: RunConfig, task: ImageTask, model_dir: Path | None, device: torch.device, precision: str
     ) -> tuple[ImageSampler, str]:
         """The evaluation images of the model saved in ``model_dir`` (None: the config's untrained
         model), loaded without optimizer or engine; returns ``(sampler, what was loaded)``."""
-        raise NotImplementedError
 
     # -- shared pieces ------------------------------------------------------------------------------
     def condition(self, samples: list[Sample]) -> PromptEmbeds:
