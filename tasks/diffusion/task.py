@@ -117,8 +117,5 @@ class TextToImageTask(Task):
         """Rewards of ``images [N, 3, H, W]`` in [0, 1] for ``samples`` (N, a group repeats its sample)."""
         return self.rewards(images, [s.meta["prompt"] for s in samples], [s.meta for s in samples])
 
-    def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
-        raise ConfigError(f"task {self.name!r} scores images, not text completions (use reward_images)")
-
 
 __all__ = ["SamplingConfig", "TextToImageConfig", "TextToImageTask"]

@@ -252,7 +252,7 @@ class AirQualityTask(Task):
 
     # -- rewards and their state ------------------------------------------------------------------
     # the series trainer's reward hook (values, not texts)
-    def reward(self, pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> RewardOutput:  # type: ignore[override]
+    def reward(self, pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> RewardOutput:
         """Class-wise rewards (+ the Lagrangian terms) of paths ``pred [N, H]`` against ``truth
         [N, H]`` (normalised) over the observed hours ``mask [N, H]``; see :func:`classwise_reward`."""
         rewards, comp = classwise_reward(self.to_ug(pred), self.to_ug(truth), mask, self.config.reward, self.lagrange)
