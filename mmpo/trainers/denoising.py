@@ -253,7 +253,7 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         traj = Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]))
         t1 = time.perf_counter()
         out = self.score(torch.cat(images), rows)
-        adv = self.advantages(out.rewards, group_ids, rows)
+        adv = self.advantages(out.rewards, group_ids, [s.meta["prompt"] for s in rows])
         t2 = time.perf_counter()
         batch = DenoiseBatch(rows, cond, traj, out.rewards.float(), adv, out.components)
         metrics = {

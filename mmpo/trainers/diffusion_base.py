@@ -185,20 +185,6 @@ class DiffusionTrainerBase(TrainerBase):
             raise ConfigError(f"a reward component returned a non-finite reward for prompts {bad[:3]}")
         return out
 
-    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, rows: list[Sample]) -> torch.Tensor:
-        """``algorithm.advantage`` of this rank's ``rewards [N]`` over ``group_ids [N]`` -> ``[N]``,
-        estimated on the rows of every rank (each rank's groups kept apart; the prompts name the
-        rows): batch statistics (``global_std``'s std) and a stateful estimator's state
-        (``dcpo_sas``) then agree across ranks."""
-        mine = (rewards.float().cpu(), group_ids.cpu(), [s.meta["prompt"] for s in rows])
-        parts = self.engine.all_gather_object(mine)
-        first = sum(len(r) for r, _, _ in parts[: self.engine.rank])
-        offsets = torch.tensor([0] + [int(g.max()) + 1 if len(g) else 0 for _, g, _ in parts]).cumsum(0)
-        all_groups = torch.cat([g + o for (_, g, _), o in zip(parts, offsets)])
-        keys = [k for _, _, ks in parts for k in ks]
-        adv = self.algo.advantages(torch.cat([r for r, _, _ in parts]), all_groups, prompt_keys=keys)
-        return adv[first : first + len(rewards)].to(rewards.device)
-
     # -- evaluation ---------------------------------------------------------------------------------
     def live_evaluator(self) -> ImageEvaluator:
         """Deterministic images of the evaluation prompts from the live policy, scored by the task."""

@@ -171,7 +171,7 @@ class EnvironmentTrainer(TrainerBase):
         """Rewards ``[C*K]`` and the advantage of every env step ``[S]`` (episode-major): each step
         carries its episode's advantage (:meth:`episode_advantages`). Called on every rank when
         any rank kept a context (``kept`` may be empty here). A plugin with per-step rewards
-        overrides this (estimating with :meth:`advantages_all_ranks`)."""
+        overrides this (estimating with :meth:`advantages`)."""
         rewards, adv = self.episode_advantages(kept)
         episodes = [e for g in kept for e in g]
         steps = [torch.full((ep.length,), float(a)) for ep, a in zip(episodes, adv.tolist())]
@@ -258,22 +258,7 @@ class EnvironmentTrainer(TrainerBase):
         episodes = [e for g in kept for e in g]
         rewards = torch.tensor([self.episode_reward(e) for e in episodes], dtype=torch.float32)
         group_ids = torch.arange(len(kept)).repeat_interleave(torch.tensor([len(g) for g in kept], dtype=torch.long))
-        return rewards, self.advantages_all_ranks(rewards, group_ids, [str(e.seed) for e in episodes])
-
-    def advantages_all_ranks(self, rewards: torch.Tensor, group_ids: torch.Tensor, keys: list[str]) -> torch.Tensor:
-        """``algorithm.advantage`` of this rank's ``rewards [N]`` (groups ``group_ids [N]``,
-        prompt keys ``keys``) estimated on the rows of every rank (collective), so a stateful
-        estimator (``rank_ema``, ``dcpo_sas``) moves alike on all ranks; returns this rank's ``[N]``."""
-        parts = self.engine.all_gather_object((rewards, group_ids, keys))
-        first = sum(len(r) for r, _, _ in parts[: self.engine.rank])
-        groups, offset = [], 0
-        for _, g, _ in parts:
-            groups.append(g + offset)
-            offset += int(g.max()) + 1 if len(g) else 0
-        adv = self.algo.advantages(
-            torch.cat([r for r, _, _ in parts]), torch.cat(groups), prompt_keys=[k for _, _, ks in parts for k in ks]
-        )
-        return adv[first : first + len(rewards)]
+        return rewards, self.advantages(rewards, group_ids, [str(e.seed) for e in episodes])
 
     def update(self, kept: list[list[Episode]], step_adv: torch.Tensor, step: int) -> dict[str, float]:
         """PPO epochs over the kept episodes (rows) through the one update routine; a micro batch

@@ -210,6 +210,20 @@ class TrainerBase(abc.ABC):
             ),
         )
 
+    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        """``algorithm.advantage`` of this rank's ``rewards [N]`` (groups ``group_ids [N]``, prompt
+        keys ``keys`` for ``dcpo_sas``) estimated on the rows of every rank, each rank's groups kept
+        apart (collective): batch statistics (``global_std``) and a stateful estimator's state
+        (``rank_ema``, ``dcpo_sas``) then agree on every rank. Returns this rank's ``[N]``."""
+        mine = (rewards.float().cpu(), group_ids.cpu(), list(keys) if keys is not None else None)
+        parts = self.engine.all_gather_object(mine)
+        first = sum(len(r) for r, _, _ in parts[: self.engine.rank])
+        offsets = torch.tensor([0] + [int(g.max()) + 1 if len(g) else 0 for _, g, _ in parts]).cumsum(0)
+        groups = torch.cat([g + o for (_, g, _), o in zip(parts, offsets)])
+        all_keys = None if keys is None else [k for _, _, ks in parts for k in ks]
+        adv = self.algo.advantages(torch.cat([r for r, _, _ in parts]), groups, prompt_keys=all_keys)
+        return adv[first : first + len(rewards)].to(rewards.device)
+
     def rows_per_step(self) -> int:
         """Trajectories a step trains on when nothing is filtered: prompts (contexts) x G."""
         return self.cfg.rollout.prompts_per_step * self.cfg.rollout.group_size

@@ -261,7 +261,7 @@ class FindTrainer(DiffusionTrainerBase):
             metrics["value_loss"] = self._fit_value(feats, rewards)
             metrics["value_mean"] = float(v.mean())
         elif c.baseline == "group":
-            adv = self.advantages(rewards, group_ids, rows)
+            adv = self.advantages(rewards, group_ids, [s.meta["prompt"] for s in rows])
         else:
             adv = rewards.clone()
         t2 = time.perf_counter()

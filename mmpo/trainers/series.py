@@ -208,12 +208,7 @@ class SeriesTrainer(TrainerBase):
         """The task's rewards ``[n]`` of the batch; sets ``batch.advantages`` ``[n]``, estimated on the
         rows of every rank (a stateful estimator such as ``rank_ema`` then moves alike on all ranks)."""
         out = self.task.reward(batch.pred, batch.truth, batch.mask_cpu)
-        parts = self.engine.all_gather_object((out.rewards, batch.group_ids))
-        first = sum(len(r) for r, _ in parts[: self.engine.rank])
-        offsets = torch.tensor([0] + [int(g.max()) + 1 if len(g) else 0 for _, g in parts]).cumsum(0)
-        rewards, groups = torch.cat([r for r, _ in parts]), torch.cat([g + o for (_, g), o in zip(parts, offsets)])
-        advantages = self.algo.advantages(rewards, groups)[first : first + len(batch)]
-        batch.advantages = advantages.to(self.device)
+        batch.advantages = self.advantages(out.rewards, batch.group_ids).to(self.device)
         return out
 
     def train_step(self, step: int) -> dict[str, float]:

@@ -295,7 +295,7 @@ class Trainer(TrainerBase):
             logp = self._score(batch, self.engine.module)
             kl = self.algo.kl(logp, batch.logp_ref)
             rewards = kl_to_reward(rewards, kl, batch.mask, beta)
-        batch.advantages = self.algo.advantages(rewards, batch.group_ids, prompt_keys=[s.id for s in batch.samples])
+        batch.advantages = self.advantages(rewards, batch.group_ids, [s.id for s in batch.samples])
         batch = filters.after_advantage(batch, a.filters)
         if batch.logp_old is None and (self.cfg.trainer.update_epochs > 1 or self.shape.minibatch_size < len(batch)):
             batch.logp_old = self._score(batch, self.engine.module)

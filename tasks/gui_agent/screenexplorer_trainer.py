@@ -131,7 +131,7 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         self._last_components.update({f"world_model/{k}": float(v) for k, v in fit.items()})
         group_ids = torch.arange(len(rewards))  # flat_batch ignores groups
         keys = [str(ep.seed) for ep in episodes for _ in range(ep.length)]
-        adv = self.advantages_all_ranks(rewards, group_ids, keys)
+        adv = self.advantages(rewards, group_ids, keys)
         returns = torch.stack([r.sum() for r in step_rewards]) if step_rewards else torch.zeros(0)
         return returns, adv
 
