@@ -234,14 +234,14 @@ DEMOS: tuple[Demo, ...] = (
             Cmd("{mmpo} eval configs/airquality_grpo.yaml checkpoint={run} output_dir={run}"),
         ),
         "FAR 2014, all leads (SFT -> GRPO)",
-        Read("eval/metrics.json", "SFT.summary.far"),
-        Read("eval/metrics.json", "GRPO.summary.far"),
+        Read("eval/metrics.json", "SFT/far"),
+        Read("eval/metrics.json", "GRPO/far"),
         claim="end <= 0.9 x start and F1 GRPO >= F1 SFT - 0.02",
         check=lambda v: v["end"] <= 0.9 * v["start"] and v["f1_grpo"] >= v["f1_sft"] - 0.02,
         why="README 'Forecasting' CPU demo: FAR 0.253 -> 0.195 (-23%) at the same F1 (0.830 -> 0.836), test year 2014",
         extras={
-            "f1_sft": Read("eval/metrics.json", "SFT.summary.f1"),
-            "f1_grpo": Read("eval/metrics.json", "GRPO.summary.f1"),
+            "f1_sft": Read("eval/metrics.json", "SFT/f1"),
+            "f1_grpo": Read("eval/metrics.json", "GRPO/f1"),
         },
     ),
 )
