@@ -9,6 +9,7 @@ Components live in their own modules (:mod:`mmpo.rewards.image_verifiable`,
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import Any, Mapping, Sequence
@@ -30,12 +31,12 @@ class OptionError(ConfigError):
         super().__init__(f"{option}: {why}")
 
 
-class ImageReward:
+class ImageReward(abc.ABC):
     """Base class of image reward components (subclasses are dataclasses of their options)."""
 
+    @abc.abstractmethod
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metas: Metas) -> torch.Tensor:
         """images [N, 3, H, W] float in [0, 1], N prompts, N metas -> rewards [N] float32."""
-        raise NotImplementedError
 
 
 def component_options(cls: type) -> tuple[list[str], list[str]]:

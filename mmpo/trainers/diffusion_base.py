@@ -217,11 +217,13 @@ class DiffusionTrainerBase(TrainerBase):
         return image_evaluator(cfg, task, sampler), label
 
     # -- one step -----------------------------------------------------------------------------------
+    @abc.abstractmethod
     def rollout(self) -> tuple[Any, dict[str, float]]:
-        raise NotImplementedError
+        """One step's sampled and scored group: ``(batch, metrics)``."""
 
+    @abc.abstractmethod
     def update(self, batch: Any, step: int) -> dict[str, float]:
-        raise NotImplementedError
+        """The policy update of ``batch`` through :meth:`update_policy`; its metrics."""
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
