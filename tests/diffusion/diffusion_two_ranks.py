@@ -1,15 +1,12 @@
 """Run under torchrun: ``tests/helpers/train_and_dump.py`` (train a config, every rank writes its
-parameters to OUT/rank{R}.safetensors), and every diffusion trainer also writes, as its run closes,
-the state that must move alike on every rank (OUT/state_rank{R}.json: step, the algorithm's and
-the task's states, the last KL) and, for FIND, its value net with the value net's Adam state
-(OUT/value_rank{R}.safetensors).
+parameters and state to OUT/), and FIND's trainer also writes, as its run closes, its value net
+with the value net's Adam state (OUT/value_rank{R}.safetensors).
 
     torchrun --nproc-per-node 2 tests/diffusion/diffusion_two_ranks.py OUT CONFIG [key=value ...]
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,9 +25,6 @@ _close = DiffusionTrainerBase.close
 def close(self: DiffusionTrainerBase) -> None:
     out, rank = Path(sys.argv[1]), self.engine.rank
     out.mkdir(parents=True, exist_ok=True)
-    state = self.trainer_state()
-    keep = {k: state[k] for k in ("step", "bad_steps", "states", "task", "last_kl")}
-    (out / f"state_rank{rank}.json").write_text(json.dumps(keep, indent=1, sort_keys=True))
     value = getattr(self, "value", None)
     if value is not None:
         tensors = {f"value.{k}": v.detach().float().cpu().clone() for k, v in value.state_dict().items()}

@@ -1,14 +1,12 @@
 """Run under torchrun: ``tests/helpers/train_and_dump.py`` (train a config, every rank writes its
-parameters to OUT/rank{R}.safetensors), and every series trainer also writes, as its run closes,
-its reference model (OUT/reference_rank{R}.safetensors) and the state that must move alike on
-every rank (OUT/state_rank{R}.json: step, the algorithm's and the task's states, the last KL).
+parameters and state to OUT/), and every series trainer also writes, as its run closes, its
+reference model (OUT/reference_rank{R}.safetensors).
 
     torchrun --nproc-per-node 2 tests/forecasting/series_two_ranks.py OUT CONFIG [key=value ...]
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,9 +24,6 @@ _close = SeriesTrainer.close
 def close(self: SeriesTrainer) -> None:
     out, rank = Path(sys.argv[1]), self.engine.rank
     out.mkdir(parents=True, exist_ok=True)
-    state = self.trainer_state()
-    keep = {k: state[k] for k in ("step", "bad_steps", "states", "task", "last_kl")}
-    (out / f"state_rank{rank}.json").write_text(json.dumps(keep, indent=1, sort_keys=True))
     if self.ref_model is not None:
         ref = {n: p.detach().float().cpu().clone() for n, p in self.ref_model.named_parameters()}
         save_file(ref, str(out / f"reference_rank{rank}.safetensors"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.airquality import SMALL as AIRQUALITY_SMALL
 
 from mmpo.cli import main
 from mmpo.core import KL_ESTIMATORS
@@ -16,21 +17,7 @@ from mmpo_tasks.forecasting.model import ForecasterConfig, PM25Forecaster, step_
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "airquality_grpo.yaml")
-SMALL = [
-    "task.sft.epochs=1",
-    "task.sft.max_windows=256",
-    "task.sft.batch_size=64",
-    "task.hidden=16",
-    "rollout.prompts_per_step=4",
-    "rollout.group_size=4",
-    "task.curriculum.steps_per_epoch=1",
-    "task.curriculum.base=2",
-    "task.curriculum.max=4",
-    "task.eval_horizon=6",
-    "task.eval_stride=96",
-    "trainer.eval_every=0",
-    "task.plot_starts=2",
-]
+SMALL = AIRQUALITY_SMALL
 
 
 @pytest.fixture(scope="module")

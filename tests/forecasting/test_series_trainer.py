@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.airquality import SMALL as AIRQUALITY_SMALL
 
 from mmpo.config import load_config
 from mmpo.core import KL_ESTIMATORS, aggregate
@@ -24,23 +25,7 @@ from mmpo_tasks.forecasting.task import AirQualityTask
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "airquality_grpo.yaml")
-SMALL = [
-    "task.sft.epochs=1",
-    "task.sft.max_windows=256",
-    "task.sft.batch_size=64",
-    "task.hidden=16",
-    "rollout.prompts_per_step=4",
-    "rollout.group_size=4",
-    "task.curriculum.steps_per_epoch=1",
-    "task.curriculum.base=2",
-    "task.curriculum.max=4",
-    "task.eval_horizon=6",
-    "task.eval_stride=96",
-    "trainer.eval_every=0",
-    "task.plot_starts=2",
-    "trainer.eval_at_start=false",
-    "eval.num_samples=0",
-]
+SMALL = [*AIRQUALITY_SMALL, "trainer.eval_at_start=false", "eval.num_samples=0"]
 
 
 def _trainer(run_dir: Path, *overrides: str) -> SeriesTrainer:

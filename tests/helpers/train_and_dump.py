@@ -1,5 +1,6 @@
 """Run under torchrun: train a config with its task's real trainer, then every rank writes its full
-parameters (gathered under ZeRO-3) to OUT/rank{R}.safetensors.
+parameters (gathered under ZeRO-3) to OUT/rank{R}.safetensors and the state that must agree across
+ranks (step, the algorithm's and the task's states, the last KL) to OUT/state_rank{R}.json.
 
     torchrun --nproc-per-node 2 tests/helpers/train_and_dump.py OUT CONFIG [key=value ...]
 
@@ -9,6 +10,7 @@ no row at step S (1-based), as a filter that drops every completion of that rank
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -48,6 +50,10 @@ def main() -> None:
         params = {n: p.detach().float().cpu().clone() for n, p in trainer.engine.module.named_parameters()}
     out.mkdir(parents=True, exist_ok=True)
     save_file(params, str(out / f"rank{trainer.engine.rank}.safetensors"))
+    # the state that must move alike on every rank: step, the algorithm's and the task's states, the last KL
+    state = trainer.trainer_state()
+    keep = {k: state[k] for k in ("step", "bad_steps", "states", "task", "last_kl")}
+    (out / f"state_rank{trainer.engine.rank}.json").write_text(json.dumps(keep, indent=1, sort_keys=True))
     trainer.engine.barrier()
     torch.distributed.destroy_process_group() if torch.distributed.is_initialized() else None
 
