@@ -584,6 +584,11 @@ class TaskConfig:
         "rewards and evaluation.",
         registry="mmpo.tasks:TASKS",
     )
+    unknown_keys: Literal["error", "warn", "ignore"] = _opt(
+        "error",
+        help="A data row with a key the task does not read: 'error' names the file, line and key "
+        "(with a did-you-mean); 'warn' prints one line per unknown key and goes on; 'ignore' says nothing.",
+    )
     options: dict[str, Any] = _opt(
         {},
         help="Every other key under `task:`; the task checks them against its own Config dataclass.",
@@ -812,6 +817,10 @@ class AlgorithmConfig:
             _check_registry("mmpo.core:GROUP_FILTERS", item["name"], f"{key}.name")
 
 
+#: trackers `trainer.report_to` may name (see mmpo.tracking)
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
 @dataclass
 class TrainerConfig:
     """The optimisation loop: steps, batching, optimizer, saving, evaluation."""
@@ -855,11 +864,32 @@ class TrainerConfig:
     time_limit_s: float = _opt(
         0.0, help="Stop (after saving a checkpoint) once this many seconds have passed; 0 = no limit.", min=0.0
     )
+    log_samples: int = _opt(
+        8,
+        help="Rollouts logged per step to samples/step_<step>.parquet (prompt, completion, reward, its "
+        "components, advantage, media) and to the trackers; 0 turns it off.",
+        min=0,
+    )
+    report: bool = _opt(
+        False,
+        help="Rewrite the HTML run report (report.html) at every evaluation; it is always written at the end.",
+    )
+    report_to: list[str] = _opt(
+        ["tensorboard"],
+        help="Trackers that receive metrics and logged rollouts: any of tensorboard, wandb, mlflow, trackio "
+        "(each an optional extra: pip install 'mmpo[wandb]'); [] writes only metrics.jsonl.",
+    )
 
     def validate_config(self, where: str) -> None:
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             key = _join(where, "adam_betas")
             raise FieldError(key, f"key '{key}' must be two numbers in [0, 1), got {self.adam_betas!r}")
+        for i, name in enumerate(self.report_to):
+            if name not in REPORT_TO:
+                key = _join(where, f"report_to[{i}]")
+                raise FieldError(
+                    key, f"key '{key}' must be one of {', '.join(REPORT_TO)}, got {name!r}.{did_you_mean(name, REPORT_TO)}"
+                )
         if self.minibatch_size and self.micro_batch_size > self.minibatch_size:
             key = _join(where, "micro_batch_size")
             raise FieldError(

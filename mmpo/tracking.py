@@ -167,6 +167,22 @@ class Tracker:
                 self._bar.update(step - self._bar.n)
             self._bar.set_postfix(self._postfix, refresh=True)
 
+    def log_samples(self, step: int, records: list[dict[str, Any]], samples_dir: Path) -> None:
+        """Logged rollouts (:mod:`mmpo.samples` records; media paths relative to ``samples_dir``)
+        to TensorBoard: one markdown table as text (``samples``) and each image (``samples/<row>``)."""
+        if not self.enabled or self._writer is None or not records:
+            return
+        import numpy as np
+        from PIL import Image
+
+        self._writer.add_text("samples", samples_markdown(records), global_step=int(step))
+        for i, record in enumerate(records):
+            for k, rel in enumerate(record.get("media") or []):
+                with Image.open(samples_dir / rel) as im:
+                    array = np.asarray(im.convert("RGB"))  # a GIF: its first frame
+                self._writer.add_image(f"samples/{i}_{k}", array, global_step=int(step), dataformats="HWC")
+        self._writer.flush()
+
     def close(self) -> Path | None:
         """Flush and close everything and write ``curves.png``; returns its path (None when
         disabled). Calling it again only rewrites nothing and returns the same path."""
@@ -190,6 +206,21 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def samples_markdown(records: list[dict[str, Any]], max_chars: int = 400) -> str:
+    """A markdown table of logged rollouts (prompt, completion, reward, advantage, components)."""
+
+    def cell(value: Any) -> str:
+        text = "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        text = text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    extra = sorted({k for r in records for k in r if k.startswith("reward/")})
+    head = ["prompt_id", "group", "prompt", "completion", "reward", "advantage", *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r.get(h)) for h in head) + " |" for r in records]
+    return "\n".join(lines)
 
 
 def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

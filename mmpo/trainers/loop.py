@@ -25,6 +25,7 @@ from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import TrainingError
 from mmpo.evaluate import EvalResult, Evaluator, run_evaluation
+from mmpo.samples import SampleLog, SampleRow
 from mmpo.tasks import Task
 from mmpo.tracking import Tracker
 from mmpo.trainers.algorithm import Algorithm, build_algorithm
@@ -101,6 +102,13 @@ class TrainerBase(abc.ABC):
         self.tracker = Tracker(
             self.run_dir, self.cfg.trainer.max_steps, start_step=self.step, enabled=self.engine.is_main and self.track
         )
+        logging = self.engine.is_main and self.track
+        self.sample_log = SampleLog(self.run_dir, self.cfg.trainer.log_samples if logging else 0, self.tracker)
+        if logging:
+            self.sample_log.truncate(self.step)
+        #: the rollouts of the current step to log (a trainer's ``train_step`` fills it, at most
+        #: :meth:`samples_wanted` rows)
+        self.step_samples: list[SampleRow] = []
 
     # -- hooks ----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -111,6 +119,11 @@ class TrainerBase(abc.ABC):
     def live_evaluator(self) -> Evaluator:
         """The evaluator of the live policy (built once, at the first evaluation); the same class
         ``checkpoint_evaluator`` builds for ``mmpo eval``."""
+
+    def samples_wanted(self) -> int:
+        """How many of this step's rollouts to put in ``self.step_samples`` (0 off the main rank
+        or with ``trainer.log_samples: 0``): build media for these rows only."""
+        return self.sample_log.limit
 
     def on_evaluated(self, result: EvalResult) -> None:
         """Called on every rank after each in-training evaluation (e.g. to save a picture)."""
@@ -311,8 +324,12 @@ class TrainerBase(abc.ABC):
                 self.tracker.log(0, self.evaluate())
             last_eval: dict[str, float] = {}
             while self.step < t.max_steps:
+                self.step_samples = []
                 metrics = self.train_step(self.step)
                 self.step += 1
+                if self.step_samples:
+                    self.sample_log.write(self.step, self.step_samples)
+                    self.step_samples = []
                 at_end = self.step == t.max_steps
                 out_of_time = bool(t.time_limit_s) and time.perf_counter() - started > t.time_limit_s
                 if (t.eval_every and self.step % t.eval_every == 0) or at_end or out_of_time:
