@@ -887,9 +887,8 @@ class TrainerConfig:
         for i, name in enumerate(self.report_to):
             if name not in REPORT_TO:
                 key = _join(where, f"report_to[{i}]")
-                raise FieldError(
-                    key, f"key '{key}' must be one of {', '.join(REPORT_TO)}, got {name!r}.{did_you_mean(name, REPORT_TO)}"
-                )
+                hint = did_you_mean(name, REPORT_TO)
+                raise FieldError(key, f"key '{key}' must be one of {', '.join(REPORT_TO)}, got {name!r}.{hint}")
         if self.minibatch_size and self.micro_batch_size > self.minibatch_size:
             key = _join(where, "micro_batch_size")
             raise FieldError(
