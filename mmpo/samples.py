@@ -174,6 +174,24 @@ class SampleLog:
         return path
 
 
+def pick_sample_rows(group_ids: Sequence[int], n: int) -> list[int]:
+    """Up to ``n`` row indices to log from rollouts with group ids ``group_ids`` (rows of a group
+    need not be adjacent): whole groups first, in order of first appearance, so the contrast within
+    a group shows; then the first rows of the next group that does not fit whole. Sorted."""
+    groups: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids):
+        groups.setdefault(int(g), []).append(i)
+    chosen: list[int] = []
+    rest: list[int] = []
+    for members in groups.values():
+        if len(chosen) + len(members) <= n:
+            chosen += members
+        elif not rest:
+            rest = members
+    chosen += rest[: max(0, n - len(chosen))]
+    return sorted(chosen)
+
+
 def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every logged rollout of a run, in step order (``[]`` when none were logged)."""
     import pyarrow.parquet as pq
@@ -185,4 +203,28 @@ def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["SampleRow", "SampleLog", "samples_file", "save_media", "to_records", "read_samples", "COLUMNS"]
+def samples_markdown(records: list[dict[str, Any]], max_chars: int = 400) -> str:
+    """A markdown table of logged rollouts (prompt, completion, reward, advantage, components)."""
+
+    def cell(value: Any) -> str:
+        text = "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        text = text if len(text) <= max_chars else text[: max_chars - 3] + "..."
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    extra = sorted({k for r in records for k in r if k.startswith("reward/")})
+    head = ["prompt_id", "group", "prompt", "completion", "reward", "advantage", *extra]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(r.get(h)) for h in head) + " |" for r in records]
+    return "\n".join(lines)
+
+
+__all__ = [
+    "SampleRow",
+    "SampleLog",
+    "samples_file",
+    "save_media",
+    "to_records",
+    "read_samples",
+    "pick_sample_rows",
+    "COLUMNS",
+]

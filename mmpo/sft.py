@@ -14,9 +14,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mmpo.engine import lr_factor
 from mmpo.errors import TrainingError
+
+#: a run's supervised stage 1 writes its model to ``<run>/sft/model``
+SFT_DIR = "sft"
 
 
 @dataclass
@@ -64,8 +68,6 @@ def supervised_train(
     history: list[float] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
     was_training = module.training
     module.train()
@@ -97,10 +99,15 @@ def supervised_train(
         if bar is not None:
             bar.close()
         module.train(was_training)
+    if progress:  # one line that stays when the bar is gone
+        tqdm.write(
+            f"{desc}: {len(examples)} examples, {cfg.epochs} epoch(s), {step} steps, "
+            f"epoch loss {history[0]:.4g} -> {history[-1]:.4g}"
+        )
     return {"steps": step, "loss_first_epoch": history[0], "loss_last_epoch": history[-1], "history": history}
 
 
-__all__ = ["SFTConfig", "supervised_train"]
+__all__ = ["SFT_DIR", "SFTConfig", "supervised_train"]
 
 
 @dataclass
@@ -142,11 +149,11 @@ def warm_start_setup(cfg: Any) -> tuple[Any, nn.Module, Any, Any]:
     before RL (the model from ``model.path``, a ``CausalLMPolicy`` around it)."""
     from mmpo.models import load_model
     from mmpo.policies.causal_lm import CausalLMPolicy
-    from mmpo.tasks import build_task
+    from mmpo.tasks import build_task_from
     from mmpo.trainers.loop import seed_everything
 
     seed_everything(cfg.seed)
-    task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+    task = build_task_from(cfg)
     model, processor, info = load_model(cfg.model.path, seed=cfg.seed, tiny_overrides=cfg.model.tiny)
     return task, model, processor, CausalLMPolicy.from_info(model, processor, info)
 

@@ -73,6 +73,10 @@ class Task(abc.ABC):
     row_info_keys: tuple[str, ...] = ()
     #: whether its action units' log-probs are densities (None: the trainer kind's default)
     unit_densities: bool | None = None
+    #: what the task's data loaders do with a row key they do not read (``task.unknown_keys``:
+    #: error, warn or ignore; see :mod:`mmpo.data_rows`); :func:`build_task` sets it before
+    #: ``__init__`` runs, since tasks load their data there
+    unknown_keys: str = "error"
 
     @dataclass
     class Config:
@@ -170,6 +174,11 @@ class TokenTask(Task):
         metrics.update({k: float(v.float().mean()) for k, v in out.components.items()})
         return metrics
 
+    def parse_prediction(self, sample: Sample, completion: str) -> Any:
+        """The answer ``completion`` gives (``prediction`` in ``predictions.jsonl``, beside the
+        whole ``completion``); default: the completion itself."""
+        return completion
+
     def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
         """Metrics of greedy completions on held-out samples (logged as ``eval/<name>``)."""
         out = self.reward(samples, completions)
@@ -216,13 +225,25 @@ def get_task_class(name: str) -> type[Task]:
     return TASKS.get(name)
 
 
-def build_task(name: str, options: dict[str, Any], *, seed: int = 0) -> Task:
-    """Instantiate task ``name`` with its options validated against the task's ``Config``."""
+def build_task(name: str, options: dict[str, Any], *, seed: int = 0, unknown_keys: str = "error") -> Task:
+    """Instantiate task ``name`` with its options validated against the task's ``Config``;
+    ``unknown_keys`` (error | warn | ignore) is what its loaders do with a row key they do not read."""
     from mmpo.config import from_dict
+    from mmpo.data_rows import KeyCheck
 
     cls = get_task_class(name)
     cfg = from_dict(cls.Config, dict(options), where="task")
-    return cls(cfg, seed=seed)
+    KeyCheck(unknown_keys)  # a bad mode is a ConfigError before any data is read
+    task = cls.__new__(cls)
+    task.unknown_keys = unknown_keys  # before __init__, which loads the data
+    task.__init__(cfg, seed=seed)
+    return task
+
+
+def build_task_from(cfg: Any) -> Task:
+    """The task of a run config (``mmpo.config.RunConfig``): ``cfg.task`` (name, options,
+    unknown_keys) seeded with ``cfg.seed``."""
+    return build_task(cfg.task.name, cfg.task.options, seed=cfg.seed, unknown_keys=cfg.task.unknown_keys)
 
 
 __all__ = [
@@ -235,4 +256,5 @@ __all__ = [
     "load_plugins",
     "get_task_class",
     "build_task",
+    "build_task_from",
 ]

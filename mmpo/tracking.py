@@ -4,7 +4,9 @@ Everything lands in the run folder:
 
 - ``metrics.jsonl``: one JSON object per :meth:`Tracker.log` call, ``{"step": int, ...}``;
   non-finite floats are written as ``null`` so every line is strict JSON;
-- ``tensorboard/``: one scalar per numeric metric (``tensorboard --logdir runs``);
+- ``tensorboard/``: one scalar per numeric metric (``tensorboard --logdir runs``), the default
+  tracker; ``trainer.report_to`` picks the trackers (:mod:`mmpo.trackers`: also wandb, MLflow,
+  Trackio);
 - ``curves.png``: written by :meth:`Tracker.close`.
 
 A resumed run (``start_step > 0``) first drops every line and TensorBoard event after
@@ -18,12 +20,13 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from mmpo.errors import DataError
+from mmpo.trackers import TENSORBOARD_DIR as TENSORBOARD_DIR  # re-exported: the run folder layout
+from mmpo.trackers import Backend, open_backends
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 CURVES_FILE = "curves.png"
 #: Training metrics plotted by :meth:`Tracker.close` (when present), then every ``eval/*`` key.
 PLOT_KEYS = ("reward_mean", "loss", "kl", "entropy")
@@ -91,8 +94,13 @@ class Tracker:
         start_step: last step already done (a resumed run); 0 for a fresh run, which starts a
             new ``metrics.jsonl``.
         enabled: False on non-main ranks.
-        progress: show a tqdm bar (on stderr).
-        tensorboard: write TensorBoard events.
+        progress: show a tqdm bar (on stderr), or an open tqdm bar to move instead (closed by
+            :meth:`close`).
+        tensorboard: write TensorBoard events (used when ``report_to`` is None).
+        report_to: the trackers (:mod:`mmpo.trackers`: tensorboard, wandb, mlflow, trackio) that
+            receive metrics and logged rollouts besides ``metrics.jsonl``; None =
+            ``["tensorboard"]`` (or ``[]`` with ``tensorboard=False``).
+        config: the resolved run config, recorded by each tracker.
     """
 
     def __init__(
@@ -101,14 +109,16 @@ class Tracker:
         total_steps: int,
         start_step: int = 0,
         enabled: bool = True,
-        progress: bool = True,
+        progress: Any = True,
         tensorboard: bool = True,
+        report_to: Sequence[str] | None = None,
+        config: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.metrics_path = self.run_dir / METRICS_FILE
         self._file = None
-        self._writer = None
+        self._backends: list[Backend] = []
         self._bar = None
         self._closed = False
         self._postfix: dict[str, str] = {}
@@ -117,18 +127,14 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(start_step)
         self._file = open(self.metrics_path, "a", encoding="utf-8")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step hides events a crashed run wrote after its last checkpoint.
-            self._writer = SummaryWriter(
-                log_dir=str(self.run_dir / TENSORBOARD_DIR),
-                purge_step=start_step + 1 if start_step > 0 else None,
-            )
-        if progress:
+        names = list(report_to) if report_to is not None else (["tensorboard"] if tensorboard else [])
+        self._backends = open_backends(names, self.run_dir, start_step, config)
+        if progress is True:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        elif progress:  # an open bar to drive: the run's (mmpo.progress.RunProgress), shown since the model loaded
+            self._bar = progress
 
     def _truncate(self, start_step: int) -> None:
         """Keep only records with step <= start_step (none for a fresh run); atomic rewrite."""
@@ -142,8 +148,8 @@ class Tracker:
         os.replace(tmp, self.metrics_path)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append ``{"step": step, **metrics}`` to metrics.jsonl, write numeric values to
-        TensorBoard, and move the progress bar to ``step`` (postfix: reward and loss)."""
+        """Append ``{"step": step, **metrics}`` to metrics.jsonl, send numeric values to the
+        trackers, and move the progress bar to ``step`` (postfix: reward and loss)."""
         if not self.enabled:
             return
         if self._closed:
@@ -153,11 +159,10 @@ class Tracker:
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._writer is not None:
-            for key, value in metrics.items():
-                number = _scalar(value)
-                if number is not None and key != "step":
-                    self._writer.add_scalar(str(key), number, global_step=int(step))
+        if self._backends:
+            scalars = {str(k): n for k, v in metrics.items() if k != "step" and (n := _scalar(v)) is not None}
+            for backend in self._backends:
+                backend.log_metrics(int(step), scalars)
         if self._bar is not None:
             for key, label in (("reward_mean", "reward"), ("loss", "loss")):
                 number = _scalar(metrics.get(key))
@@ -169,19 +174,11 @@ class Tracker:
 
     def log_samples(self, step: int, records: list[dict[str, Any]], samples_dir: Path) -> None:
         """Logged rollouts (:mod:`mmpo.samples` records; media paths relative to ``samples_dir``)
-        to TensorBoard: one markdown table as text (``samples``) and each image (``samples/<row>``)."""
-        if not self.enabled or self._writer is None or not records:
+        to the trackers: TensorBoard text and images, tables with images in wandb, MLflow, Trackio."""
+        if not self.enabled or not records:
             return
-        import numpy as np
-        from PIL import Image
-
-        self._writer.add_text("samples", samples_markdown(records), global_step=int(step))
-        for i, record in enumerate(records):
-            for k, rel in enumerate(record.get("media") or []):
-                with Image.open(samples_dir / rel) as im:
-                    array = np.asarray(im.convert("RGB"))  # a GIF: its first frame
-                self._writer.add_image(f"samples/{i}_{k}", array, global_step=int(step), dataformats="HWC")
-        self._writer.flush()
+        for backend in self._backends:
+            backend.log_samples(int(step), records, Path(samples_dir))
 
     def close(self) -> Path | None:
         """Flush and close everything and write ``curves.png``; returns its path (None when
@@ -194,9 +191,8 @@ class Tracker:
         self._closed = True
         if self._file is not None:
             self._file.close()
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
+        for backend in self._backends:
+            backend.close()
         if self._bar is not None:
             self._bar.close()
         return plot_curves(read_metrics(self.metrics_path), curves)
@@ -206,21 +202,6 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def samples_markdown(records: list[dict[str, Any]], max_chars: int = 400) -> str:
-    """A markdown table of logged rollouts (prompt, completion, reward, advantage, components)."""
-
-    def cell(value: Any) -> str:
-        text = "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
-        text = text if len(text) <= max_chars else text[: max_chars - 3] + "..."
-        return text.replace("|", "\\|").replace("\n", "<br>")
-
-    extra = sorted({k for r in records for k in r if k.startswith("reward/")})
-    head = ["prompt_id", "group", "prompt", "completion", "reward", "advantage", *extra]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cell(r.get(h)) for h in head) + " |" for r in records]
-    return "\n".join(lines)
 
 
 def _series(records: Iterable[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -129,21 +129,17 @@ DEMOS: tuple[Demo, ...] = (
     Demo(
         "ript_vla_babyai",
         0,
-        (  # make vla-demo, with the demonstrations in the demo's folder
-            Cmd("{py} data_prep/babyai_demos.py --episodes 20 --max-steps 16 --out {run}/data", "--episodes 2"),
+        (  # make vla-demo: the recipe as written (bot demonstrations built into the cache on first use)
             Cmd(
-                "{mmpo} train configs/ript_vla_babyai.yaml seed={seed} task.sft.demos={run}/data "
-                "output_dir={run}/train",
-                f"{SMOKE_TRAIN} task.sft.epochs=1",
+                "{mmpo} train configs/ript_vla_babyai.yaml seed={seed} output_dir={run}/train",
+                f"{SMOKE_TRAIN} task.sft.epochs=1 task.sft.max_episodes=2",
             ),
             Cmd(
-                "{mmpo} eval configs/ript_vla_babyai.yaml task.sft.demos={run}/data checkpoint={run}/train/sft/model "
-                "output_dir={run}/eval_sft",
+                "{mmpo} eval configs/ript_vla_babyai.yaml checkpoint={run}/train/sft/model output_dir={run}/eval_sft",
                 SMOKE_EVAL,
             ),
             Cmd(
-                "{mmpo} eval configs/ript_vla_babyai.yaml task.sft.demos={run}/data checkpoint={run}/train "
-                "output_dir={run}/eval_ript",
+                "{mmpo} eval configs/ript_vla_babyai.yaml checkpoint={run}/train output_dir={run}/eval_ript",
                 SMOKE_EVAL,
             ),
         ),
@@ -196,21 +192,10 @@ DEMOS: tuple[Demo, ...] = (
     Demo(
         "hiconagent",
         0,
-        (  # make hicon-demo, with the recorded episodes in the demo's folder
+        (  # make hicon-demo: the recipe as written (episodes recorded into the cache, stage 1 in the run)
             Cmd(
-                "{py} data_prep/miniwob_episodes.py --out {run}/data --tasks enter-text click-test-2 focus-text "
-                "--seeds 0:30 --only-success --no-progress",
-                "--seeds 0:2",
-            ),
-            Cmd(
-                "{py} -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml task.data={run}/data/episodes.jsonl "
-                "--out {run}/warm",
-                "--epochs 1",
-            ),
-            Cmd(
-                "{mmpo} train configs/hiconagent.yaml seed={seed} task.data={run}/data/episodes.jsonl "
-                "model.path={run}/warm 'model.tiny={}' output_dir={run}/train",
-                SMOKE_TRAIN,
+                "{mmpo} train configs/hiconagent.yaml seed={seed} output_dir={run}/train",
+                f"{SMOKE_TRAIN} task.record.seeds.count=2 task.eval_fraction=0.5 task.warm_start.epochs=1",
             ),
         ),
         "eval/action_type",

@@ -37,7 +37,10 @@ def test_user_errors_exit_2_with_one_paragraph(overrides, needle, capsys, tmp_pa
     assert code == 2
     err = _err(capsys)
     assert needle in " ".join(err.split())  # the paragraph is wrapped; where depends on the path length
-    assert err.startswith("mmpo train: error:")
+    before, _, paragraph = err.partition("mmpo train: error:")
+    assert paragraph, err
+    # only the task's one-line data summary may come first (an option checked once the task is built)
+    assert all(" data: train " in line for line in before.splitlines()), before
 
 
 def test_missing_config_file(capsys):

@@ -379,7 +379,12 @@ def test_runconfig_save_and_load_round_trip(tmp_path: Path) -> None:
     cfg = load_config(path)
     out = save_config(cfg, tmp_path / "run" / "config.yaml")
     written = yaml.safe_load(out.read_text())
-    assert written["task"] == {"name": "synthetic_vqa", "num_train": 50, "colours": ["red", "green"]}
+    assert written["task"] == {
+        "name": "synthetic_vqa",
+        "unknown_keys": "error",
+        "num_train": 50,
+        "colours": ["red", "green"],
+    }
     assert written["model"]["lora"] == {
         "r": 8,
         "alpha": 32,

@@ -149,3 +149,16 @@ def test_min_new_tokens_keeps_eos_out_until_then():
     assert (gen.mask.sum(1) <= 7).any()
     free = HFGenerateEngine(pol).generate(pol.model, inputs, GenerationSettings(8), device=CPU, num_samples=4)
     assert (free.mask.sum(1) <= 2).float().mean() > 0.5
+
+
+def test_unknown_engine_option_is_refused_at_load():
+    """`rollout.engine_options` keys the engine does not read fail before any model loads."""
+    import pytest
+
+    from mmpo.errors import ConfigError
+    from mmpo.rollout import ROLLOUT_ENGINES
+
+    engine = ROLLOUT_ENGINES.get("hf")
+    engine.check_environment({"use_generate": True})
+    with pytest.raises(ConfigError, match=r"engine_options\.use_generat\b.*Did you mean 'use_generate'"):
+        engine.check_environment({"use_generat": True})

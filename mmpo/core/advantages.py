@@ -1,4 +1,5 @@
-"""Group-relative advantage estimators (ALGORITHMS.md A1), registered in ``ADVANTAGES``.
+"""Group-relative advantage estimators, registered in ``ADVANTAGES`` (GRPO: DeepSeekMath arXiv
+2402.03300; Dr. GRPO 2503.20783; RLOO as in RIPT-VLA 2505.17016; BNPO 2506.02864; DCPO 2509.02333).
 
 Every entry has the signature ``fn(rewards [N], group_ids [N], **options) -> advantages [N]``
 (float). ``group_ids`` is a LongTensor of arbitrary ids (not necessarily contiguous or sorted);

@@ -1,4 +1,5 @@
-"""Loss aggregation modes (``loss_agg_mode``, ALGORITHMS.md A3; verl ``agg_loss``)."""
+"""Loss aggregation modes (``loss_agg_mode``; verl ``agg_loss``; DAPO arXiv 2503.14476, Dr. GRPO
+2503.20783, DCPO 2509.02333)."""
 
 from __future__ import annotations
 

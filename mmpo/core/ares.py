@@ -1,4 +1,4 @@
-"""ARES / AEPO dynamic KL: a per-difficulty-bucket KL multiplier (ALGORITHMS.md A4, B3.8).
+"""ARES / AEPO dynamic KL: a per-difficulty-bucket KL multiplier (ARES, code shawn0728/ARES).
 
 ARES (shawn0728/ARES, ``verl/workers/actor/dp_actor.py``) scales the per-token KL of each sample
 by ``beta_d`` of the sample's difficulty bucket ``d`` (easy / medium / hard) and by the global

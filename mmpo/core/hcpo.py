@@ -1,4 +1,4 @@
-"""HCPO's two-branch loss (HiconAgent, ALGORITHMS.md B5): the same responses and group advantages
+"""HCPO's two-branch loss (HiconAgent, arXiv 2512.01763): the same responses and group advantages
 scored by a compressed and an uncompressed branch of one policy.
 
 Per token (all ``[N, T]``, masked and aggregated by the caller)::

@@ -1,4 +1,4 @@
-"""KL estimators (ALGORITHMS.md A4; verl ``kl_penalty_forward`` / ``kl_penalty``).
+"""KL estimators (J. Schulman, "Approximating KL Divergence"; verl ``kl_penalty_forward`` / ``kl_penalty``).
 
 Token estimators: ``KL_ESTIMATORS.get(name)(logp [N, T], logp_ref [N, T]) -> [N, T]`` with
 ``d = logp - logp_ref``. They do not mask; aggregate with the response mask. ``logp_ref`` is a

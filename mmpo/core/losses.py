@@ -1,4 +1,5 @@
-"""Per-token policy losses (ALGORITHMS.md A2), registered in ``POLICY_LOSSES``.
+"""Per-token policy losses, registered in ``POLICY_LOSSES`` (PPO clip as in GRPO, DAPO arXiv 2503.14476,
+GSPO 2507.18071, DCPO 2509.02333, CE-GPPO 2509.20712, ASPO 2510.06062).
 
 Every entry: ``fn(logp [N, T], logp_old [N, T], advantages [N] or [N, T], mask [N, T] bool,
 **options) -> (loss_matrix [N, T], metrics: dict[str, float])``.

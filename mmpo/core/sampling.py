@@ -1,4 +1,5 @@
-"""Group / sample filters (ALGORITHMS.md A5), registered in ``GROUP_FILTERS``.
+"""Group / sample filters, registered in ``GROUP_FILTERS`` (DAPO arXiv 2503.14476, CPPO 2503.22342,
+LSPO 2510.01459, D3S 2509.22115, RIPT-VLA 2505.17016).
 
 Signatures differ per entry (each docstring gives shapes); all are pure functions of tensors,
 lists and (for ``ript_skip``) a persisted state. Masks are BoolTensors, True = keep.

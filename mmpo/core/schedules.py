@@ -1,4 +1,4 @@
-"""Schedules for the KL coefficient beta (ALGORITHMS.md A4, B2, B10), in ``KL_SCHEDULES``.
+"""Schedules for the KL coefficient beta (OThink-MR1 arXiv 2503.16081, FAKER-Air, ARES), in ``KL_SCHEDULES``.
 
 Every entry: ``fn(step: int, total_steps: int, **options) -> beta: float``. ``pi_target`` and
 ``ares_bucket`` keep state (``fn.state_cls``); pass ``state=`` to carry it across steps.
@@ -37,7 +37,7 @@ def grpo_d(
     beta_max: float = 0.1,
     explore_frac: float = 0.3,
 ) -> float:
-    """OThink-MR1 GRPO-D V-shaped beta (paper, B2).
+    """OThink-MR1 GRPO-D V-shaped beta (arXiv 2503.16081).
 
     ``w = explore_frac * total_steps``, ``beta_mid = (beta_min + beta_max) / 2``;
     ``0 <= s <= w``: ``beta_mid - (beta_mid - beta_min) s / w`` (explore, down to beta_min);

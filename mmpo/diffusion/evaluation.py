@@ -27,7 +27,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from mmpo.diffusion.images import save_image_grid
+from mmpo.captions import MARGIN, upscale_factor, wrap_text
+from mmpo.diffusion.images import MIN_CELL_SIDE, save_image_grid
 from mmpo.diffusion.pipeline import DiffusionModel, PromptEmbeds, Schedule
 from mmpo.tasks import Sample
 
@@ -76,6 +77,12 @@ def item_noise(seed: int, first: int, n: int, shape: tuple[int, ...]) -> Tensor:
     ``seed + first + j``, so it does not depend on the batch the item is in."""
     gens = [torch.Generator().manual_seed(seed + first + j) for j in range(n)]
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+def grid_text_width(image: Tensor) -> int:
+    """Pixels of caption text under ``image [3, H, W]``'s cell of :func:`save_image_grid`."""
+    h, w = image.shape[-2:]
+    return w * upscale_factor(w, h, MIN_CELL_SIDE) - 2 * MARGIN
 
 
 class ImageEvaluator:
@@ -142,8 +149,13 @@ class ImageEvaluator:
 
     @staticmethod
     def save_grid(rows: list[dict[str, Any]], path: Path) -> Path:
-        """The rows' images as one PNG grid (row-major, about square)."""
-        return save_image_grid(torch.stack([r["_image"] for r in rows]), path)
+        """The rows' images as one PNG grid (row-major, about square), each cell upscaled to at
+        least 128 px and captioned with three lines: its prompt (two lines) and its reward."""
+        captions = []
+        for r in rows:
+            prompt = wrap_text(r["input"], grid_text_width(r["_image"]), 2)
+            captions.append([*prompt, *[""] * (2 - len(prompt)), f"reward {r['reward']:.3f}"])  # 3 lines each
+        return save_image_grid(torch.stack([r["_image"] for r in rows]), path, captions=captions)
 
     def write_artifacts(self, out_dir: Path, items: list[Sample], rows: list[dict[str, Any]]) -> dict[str, str]:
         return {"images": str(self.save_grid(rows, out_dir / GRID))} if rows else {}

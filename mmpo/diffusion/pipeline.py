@@ -75,15 +75,18 @@ class Schedule:
 
 
 def resolve_pipeline_folder(path: str, *, seed: int = 0, overrides: dict[str, Any] | None = None) -> Path:
-    """A local diffusers folder (``model_index.json``), or ``tiny:<sd3|flux|sd>`` (built once
-    into the tiny cache). Raises ConfigError naming the path when it is not a pipeline folder."""
+    """A local diffusers folder (``model_index.json``), a Hub id in the local Hugging Face cache
+    (:func:`mmpo.hub.local_model_folder`), or ``tiny:<sd3|flux|sd>`` (built once into the tiny
+    cache). Raises ConfigError naming the path when it is not a pipeline folder."""
     if path.startswith(TINY_PREFIX):
         from mmpo.tiny_diffusion import ensure_tiny_pipeline
 
         return ensure_tiny_pipeline(path[len(TINY_PREFIX) :], seed=seed, overrides=overrides)
     if overrides:
         raise ConfigError(f"model.tiny overrides only apply to tiny:<kind> models, not to '{path}'")
-    folder = Path(path).expanduser()
+    from mmpo.hub import local_model_folder
+
+    folder = local_model_folder(path)
     if not (folder / "model_index.json").is_file():
         raise ConfigError(
             f"model.path '{path}' is not a diffusers pipeline folder (no model_index.json); point it at a "

@@ -38,6 +38,15 @@ class ImageReward(abc.ABC):
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metas: Metas) -> torch.Tensor:
         """images [N, 3, H, W] float in [0, 1], N prompts, N metas -> rewards [N] float32."""
 
+    def meta_keys(self) -> frozenset[str] | None:
+        """The keys of a prompt's meta this component reads (a prompt row's other keys are unknown,
+        see :mod:`mmpo.data_rows`): by default the values of its ``*_key`` options (``meta_key``,
+        ``box_key``, ...); None when it may read any key (e.g. a reward server gets whole rows)."""
+        if not dataclasses.is_dataclass(self):
+            return frozenset()
+        values = (getattr(self, f.name) for f in dataclasses.fields(self) if f.name.endswith("_key"))
+        return frozenset(v for v in values if isinstance(v, str))
+
 
 def component_options(cls: type) -> tuple[list[str], list[str]]:
     """(all option names, required option names) of a component class (its dataclass init fields)."""

@@ -113,6 +113,10 @@ class RewardServer(ImageReward):
             raise OptionError("headers", f"must be a mapping of header name to string value, got {self.headers!r}")
         self.headers = dict(headers)
 
+    def meta_keys(self) -> None:
+        """Any: every prompt row's keys are sent to the server."""
+        return None
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metas: Metas) -> torch.Tensor:
         """images [N, 3, H, W] in [0, 1] -> scores [N] float32 on the images' device."""
         metas = check_batch(images, prompts, metas)

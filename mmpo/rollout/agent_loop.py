@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -58,7 +59,11 @@ class AgentTrajectory:
     action_mask: list[bool] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     turn_texts: list[str] = field(default_factory=list)
+    #: the tool calls parsed from each turn (an empty list when the turn made none or a malformed one)
+    turn_calls: list[list[ToolCall]] = field(default_factory=list)
+    #: the observation after turn j: its text, and the images it showed the model (PIL)
     observations: list[str] = field(default_factory=list)
+    observation_images: list[list[Any]] = field(default_factory=list)
     num_turns: int = 0
     tool_calls: int = 0
     tool_errors: int = 0  # tools that raised, timed out or refused their arguments
@@ -69,6 +74,28 @@ class AgentTrajectory:
     @property
     def length(self) -> int:
         return len(self.action_mask)
+
+    def transcript(self, first_image: int = 1) -> str:
+        """The conversation after the prompt, readable: per turn ``assistant: <text>``, then each
+        ``[tool call] name({arguments})`` and ``[tool result] <text>``; the images a result showed
+        are named ``[image k]``, numbered from ``first_image`` in the order of
+        :meth:`result_images`."""
+        lines: list[str] = []
+        k = first_image
+        for j, text in enumerate(self.turn_texts):
+            lines.append(f"assistant: {text.strip()}")
+            for call in self.turn_calls[j] if j < len(self.turn_calls) else []:
+                lines.append(f"[tool call] {call.name}({json.dumps(call.arguments, ensure_ascii=False)})")
+            if j < len(self.observations):
+                images = self.observation_images[j] if j < len(self.observation_images) else []
+                shown = "".join(f" [image {k + i}]" for i in range(len(images)))
+                k += len(images)
+                lines.append(f"[tool result] {self.observations[j].strip()}{shown}")
+        return "\n".join(lines)
+
+    def result_images(self) -> list[Any]:
+        """Every image the tool results showed, in order (PIL)."""
+        return [im for images in self.observation_images for im in images]
 
 
 def append_encoding(
@@ -188,6 +215,7 @@ class AgentLoop:
                 t.num_turns += 1
                 text = pol.decode(out.completion_ids[row : row + 1], out.mask[row : row + 1])[0]
                 t.turn_texts.append(text)
+                t.turn_calls.append([])
                 if bool(out.truncated[row]):
                     t.truncated = True
                     continue
@@ -205,6 +233,7 @@ class AgentLoop:
                     still.append(i)
                     continue
                 t.tool_calls += len(calls)
+                t.turn_calls[-1] = calls
                 jobs += [(i, c, contexts[i]) for c in calls]
                 still.append(i)
             if turn == s.max_turns - 1:
@@ -228,8 +257,31 @@ class AgentLoop:
                 t.action_mask += [False] * n_obs
                 t.logprobs += [0.0] * n_obs
                 t.observations.append(res.text)
+                t.observation_images.append(list(res.images))
             active = still
         return trajs
+
+
+def task_agent(policy: Any, engine: RolloutEngine, task: Any, rollout: Any) -> AgentLoop | None:
+    """The agent loop of a training run: ``task``'s tools, sampling settings from ``rollout``
+    (the run's ``rollout.*``) and the rest from ``task.agent_settings()``; None for a task without
+    tools (single-turn rollouts)."""
+    tools = task.tools()
+    if not tools:
+        return None
+    if task.needs_token_entropy:
+        from mmpo.errors import ConfigError
+
+        raise ConfigError(f"task {task.name!r}: token-entropy rewards are not available for multi-turn rollouts")
+    r = rollout
+    settings = AgentSettings(
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        **task.agent_settings(),
+    )
+    return AgentLoop(policy, engine, tools, settings)
 
 
 def trajectory_tensors(trajs: Sequence[AgentTrajectory], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -278,5 +330,6 @@ __all__ = [
     "AgentTrajectory",
     "append_encoding",
     "score_trajectories",
+    "task_agent",
     "trajectory_tensors",
 ]

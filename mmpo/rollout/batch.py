@@ -24,6 +24,10 @@ class RolloutBatch:
     Multi-turn rows (agent rollouts): ``encodings[i]`` is the whole conversation (prompt, model
     turns and observations); ``conversation_lengths [N]`` counts its tokens after the prompt,
     which ``completion_ids`` holds left-aligned, with ``mask`` True only on the model's tokens.
+    ``trajectories`` holds each row's ``AgentTrajectory`` (its turns, tool calls and results).
+
+    ``rollout_index [N]``: which rollout of its group a row is (k of the task's
+    ``rollout_messages(sample, k)``); by default the row's position in its group, as rolled out.
     """
 
     samples: list[Sample]
@@ -41,6 +45,16 @@ class RolloutBatch:
     logp_rollout: torch.Tensor | None = None
     row_info: dict[str, torch.Tensor] = field(default_factory=dict)
     conversation_lengths: torch.Tensor | None = None
+    trajectories: list[Any] = field(default_factory=list)
+    rollout_index: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.rollout_index is None:  # built group-major and whole: k-th row of its group
+            g = self.group_ids.long()
+            starts = torch.ones_like(g, dtype=torch.bool)
+            starts[1:] = g[1:] != g[:-1]
+            first = torch.cummax(torch.where(starts, torch.arange(len(g)), 0), 0).values
+            self.rollout_index = torch.arange(len(g)) - first
 
     def __len__(self) -> int:
         return len(self.samples)

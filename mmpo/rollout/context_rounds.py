@@ -1,4 +1,4 @@
-"""RIPT-style dynamic rollout sampling over contexts (ALGORITHMS.md A5 ``ript_dynamic``).
+"""RIPT-style dynamic rollout sampling over contexts (RIPT-VLA, arXiv 2505.17016).
 
 A round draws contexts, skips those solved in their latest K rollouts (``ript_skip``), runs K
 rollouts of the rest, discards contexts whose K rewards are all equal (no learning signal under

@@ -84,7 +84,7 @@ class VLAPolicyConfig:
 
 @dataclass
 class RiptConfig:
-    """RIPT's rollout-side knobs (ALGORITHMS.md B7, A5 ript_dynamic)."""
+    """RIPT's rollout-side knobs (RIPT-VLA, arXiv 2505.17016: dynamic rollout sampling)."""
 
     reward: Literal["success", "env_return"] = field(
         default="success",
@@ -116,6 +116,10 @@ class RiptConfig:
     )
 
 
+#: ``task.sft.demos: auto``: demonstrations the task builds itself on first use (ript_vla: BabyAI's bot)
+AUTO_DEMOS = "auto"
+
+
 @dataclass
 class DemoConfig(SFTConfig):
     """The supervised stage before RL (skipped when ``demos`` is empty)."""
@@ -123,7 +127,8 @@ class DemoConfig(SFTConfig):
     demos: str = field(
         default="",
         metadata=_help(
-            "ript_vla: folder written by data_prep/babyai_demos.py (demos.jsonl + frames/); miniwob_grpo / "
+            "ript_vla: folder written by data_prep/babyai_demos.py (demos.jsonl + frames/), or 'auto': "
+            "max_episodes BabyAI-bot episodes of task.env, built on first use into the cache; miniwob_grpo / "
             "screenexplorer: GUI episodes (data_prep/miniwob_episodes.py folder or episodes.jsonl). "
             "Empty: no SFT stage."
         ),

@@ -7,9 +7,11 @@ among the held-out seeds, so an evaluation sharded over ranks runs the episodes 
 A sampled (not greedy) evaluation therefore acts on one observation at a time; a greedy one acts
 on ``eval.batch_size`` environments at once.
 
-Rows: ``id`` ``seed<S>``, ``input`` the instruction, ``prediction`` the actions taken (text),
-``answer`` null, scores ``success``, ``return``, ``length``, ``invalid_actions``. Pictures: a GIF
-``videos/seed<S>.gif`` of each of the first ``task.eval_videos`` episodes.
+Rows: ``id`` ``seed<S>``, ``input`` the instruction with the environment and the seed
+(:meth:`EnvEvaluator.episode_input`, also the prompt of logged training rollouts), ``prediction``
+the actions taken (text), ``answer`` null, scores ``success``, ``return``, ``length``,
+``invalid_actions``. Pictures: a GIF ``videos/seed<S>.gif`` of each of the first
+``task.eval_videos`` episodes.
 """
 
 from __future__ import annotations
@@ -83,9 +85,9 @@ class EnvEvaluator:
         from mmpo.engine import resolve_device
         from mmpo.models import load_model
         from mmpo.policies.vla_builder import build_vla_policy
-        from mmpo.tasks import build_task
+        from mmpo.tasks import build_task_from
 
-        task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        task = build_task_from(cfg)
         tc: EnvTaskConfig = task.config
         if not checkpoint or checkpoint.startswith("tiny:"):
             path = checkpoint or cfg.model.path
@@ -107,6 +109,11 @@ class EnvEvaluator:
             policy, runner, seeds, tc, batch_size=cfg.eval.batch_size, videos=tc.eval_videos, close_runner=True
         )
         return evaluator, path
+
+    @classmethod
+    def episode_input(cls, runner: EnvRunner, ep: Episode) -> str:
+        """What an episode was asked: its instruction, the environment id and the context seed."""
+        return f"{ep.instruction} ({runner.spec.id}, seed {ep.seed})"
 
     # -- the Evaluator protocol ----------------------------------------------------------------
     def items(self) -> list[int]:
@@ -140,7 +147,7 @@ class EnvEvaluator:
         """The row of one episode (frames under ``_frames`` for the first ``videos`` episodes, not written)."""
         return {
             "id": f"seed{ep.seed}",
-            "input": ep.instruction,
+            "input": self.episode_input(self.runner, ep),
             "prediction": " ".join(action_text(s.env_action, self.names) for s in ep.steps),
             "answer": None,
             "success": float(ep.success),

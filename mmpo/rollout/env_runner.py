@@ -165,7 +165,8 @@ class Episode:
     invalid_actions: int = 0
     instruction: str = ""
     frames: list[np.ndarray] = field(default_factory=list)
-    #: with ``keep_observations``: the observation before each step and the last one (``length + 1``)
+    #: with ``keep_observations`` or ``keep_images``: the observation before each step and the last
+    #: one (``length + 1``; references to the observations the policy saw, not copies)
     observations: list[Observation] = field(default_factory=list)
     reset_info: dict[str, Any] = field(default_factory=dict)
 
@@ -311,9 +312,14 @@ class EnvRunner:
         greedy: bool = False,
         record_frames: bool = False,
         keep_observations: bool = False,
+        keep_images: bool = False,
     ) -> list[Episode]:
         """Episodes of ``rollouts_per_context`` rollouts per seed in ``contexts``, context-major
         (``[c0 r0, c0 r1, ..., c1 r0, ...]``); in waves of ``spec.max_envs`` environments when set.
+
+        ``record_frames``: a video frame per step (:meth:`frame`); ``keep_observations``: every
+        observation, the reset info and each step's info; ``keep_images``: every observation only
+        (e.g. for the GIF of a logged rollout).
 
         ``generator``: one for the whole batch, or one per episode (context-major): then each
         episode's sampling depends on its own generator only (the policy acts on one observation
@@ -325,7 +331,9 @@ class EnvRunner:
         episodes: list[Episode] = []
         for s in range(0, len(rows), max(1, wave)):
             gens = generator if isinstance(generator, torch.Generator) else list(generator[s : s + wave])
-            episodes += self._run_wave(policy, rows[s : s + wave], gens, greedy, record_frames, keep_observations)
+            episodes += self._run_wave(
+                policy, rows[s : s + wave], gens, greedy, record_frames, keep_observations, keep_images
+            )
         if self.spec.success == "return_above":
             for ep in episodes:
                 ep.success = ep.env_return >= self.spec.success_threshold
@@ -339,8 +347,10 @@ class EnvRunner:
         greedy: bool,
         record_frames: bool,
         keep_observations: bool,
+        keep_images: bool = False,
     ) -> list[Episode]:
         """One episode per ``(seed, rollout)`` row, all environments in lockstep."""
+        keep = keep_observations or keep_images
         n = len(rows)
         if n == 0:
             return []
@@ -355,7 +365,7 @@ class EnvRunner:
             )
             if record_frames:
                 ep.frames.append(self.frame(env, obs))
-            if keep_observations:
+            if keep:
                 ep.observations.append(obs)
             episodes.append(ep)
             current.append(obs)
@@ -383,7 +393,7 @@ class EnvRunner:
                     rec.reward = float(reward)
                     if keep_observations:
                         rec.info = dict(info)
-                if keep_observations:
+                if keep:
                     ep.observations.append(current[i])
                 if record_frames:  # one frame per step (an un-stepped no-op repeats the last)
                     stepped = valid or self.spec.noop_action is not None

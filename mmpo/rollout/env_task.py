@@ -6,8 +6,11 @@ are :class:`mmpo.rollout.env_config.EnvTaskConfig` (or a plugin's extension of i
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from mmpo.data_rows import LoadSummary
 from mmpo.errors import ConfigError
-from mmpo.rollout.env_config import EnvTaskConfig
+from mmpo.rollout.env_config import AUTO_DEMOS, EnvTaskConfig
 from mmpo.rollout.env_runner import check_disjoint
 from mmpo.tasks import RewardOutput, Sample, Task
 
@@ -21,6 +24,8 @@ class EnvSeedTask(Task):
     """
 
     Config = EnvTaskConfig
+    #: whether ``task.sft.demos: auto`` (demonstrations built on first use) is available
+    builds_demos: ClassVar[bool] = False
 
     @classmethod
     def trainer_class(cls) -> type:
@@ -34,6 +39,11 @@ class EnvSeedTask(Task):
         self.train_seeds: list[int] = config.train_seeds.seeds()
         self.eval_seeds: list[int] = config.eval_seeds.seeds()
         check_disjoint(self.train_seeds, self.eval_seeds)
+        if config.sft.demos == AUTO_DEMOS and not self.builds_demos:
+            raise ConfigError(
+                f"task.sft.demos: {self.name} builds no demonstrations itself ('auto'); give a folder or "
+                "episodes file of demonstrations, or leave it empty for no SFT stage"
+            )
         p = config.policy
         if p.action_space == "discrete" and p.action_values and len(p.action_values) != len(p.actions):
             raise ConfigError(
@@ -42,6 +52,14 @@ class EnvSeedTask(Task):
         if len(p.low) != len(p.high):
             raise ConfigError(f"task.policy.low ({len(p.low)}) and task.policy.high ({len(p.high)}) differ in length")
         self.unit_densities = p.action_space == "laplace"
+        self.data_summary = LoadSummary(
+            self.name,
+            unit="environment seeds",
+            splits={"train": len(self.train_seeds), "eval": len(self.eval_seeds)},
+            held_out_why="eval_seeds, disjoint from train_seeds",
+            notes=[f"demonstrations: {config.sft.demos} (read by the SFT stage)"] if config.sft.demos else [],
+        )
+        self.data_summary.print()
 
     def num_train(self) -> int:
         return len(self.train_seeds)

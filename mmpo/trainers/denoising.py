@@ -252,9 +252,11 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
                 images.append(self.model.decode(part.final))
         traj = Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]))
         t1 = time.perf_counter()
-        out = self.score(torch.cat(images), rows)
+        pictures = torch.cat(images)
+        out = self.score(pictures, rows)
         adv = self.advantages(out.rewards, group_ids, [s.meta["prompt"] for s in rows])
         t2 = time.perf_counter()
+        self.log_image_samples(rows, group_ids, pictures, out, adv, self.describe_sample)
         batch = DenoiseBatch(rows, cond, traj, out.rewards.float(), adv, out.components)
         metrics = {
             "rollout_s": t1 - t0,
@@ -267,6 +269,19 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         }
         metrics.update({f"reward/{k}": float(v.float().mean()) for k, v in out.components.items()})
         return batch, metrics
+
+    def describe_sample(self, i: int) -> str:
+        """The logged completion of rollout ``i``: its place in the group and how it was sampled
+        (SDE steps, noise level, guidance, the chunks and those trained this step)."""
+        s, G = self.task.config.sampling, self.cfg.rollout.group_size
+        sizes = self.partition()
+        chunks = f"{len(sizes)} chunks of " + (f"{sizes[0]} step(s)" if len(set(sizes)) == 1 else f"sizes {sizes}")
+        trained = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in self._trained_chunks(self.step))
+        return (
+            f"SDE sample {i % G + 1} of {G}: {self.schedule.num_steps} denoising steps "
+            f"(noise level {s.noise_level:g}, guidance {s.guidance_scale:g}), {self.width}x{self.height} px; "
+            f"{chunks}, trained steps {trained}"
+        )
 
     # -- update ----------------------------------------------------------------------------------
     def _trained_chunks(self, step: int) -> list[tuple[int, int]]:

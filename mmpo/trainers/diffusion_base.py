@@ -1,7 +1,9 @@
 """The shared half of the diffusion trainers: a loaded pipeline, a group of images per prompt,
 image rewards, group-relative advantages (estimated over every rank's rows), evaluation through
 the one evaluator (:mod:`mmpo.evaluate`, :class:`mmpo.diffusion.evaluation.ImageEvaluator`)
-with PNG grids, and saving.
+with PNG grids (each image upscaled and captioned with its prompt and reward), logged rollouts
+(:meth:`DiffusionTrainerBase.log_image_samples`: the generated image, its prompt and how it was
+sampled), and saving.
 
 Subclasses decide what the policy is (the denoiser's SDE steps, :mod:`mmpo.trainers.denoising`;
 or the initial-noise distribution, :mod:`mmpo.trainers.noise`): ``build_trainable``,
@@ -28,9 +30,11 @@ from typing_extensions import get_protocol_members
 
 from mmpo.config import RunConfig
 from mmpo.diffusion.evaluation import ImageEvaluator, ImageSampler
+from mmpo.diffusion.images import to_pil
 from mmpo.diffusion.pipeline import TINY_PREFIX, DiffusionModel, PromptEmbeds
 from mmpo.errors import ConfigError
 from mmpo.evaluate import EvalResult, resolve_model_folder
+from mmpo.samples import SampleRow
 from mmpo.tasks import RewardOutput, Sample
 from mmpo.trainers.kinds import TrainerKind
 from mmpo.trainers.loop import TrainerBase, seed_everything
@@ -185,6 +189,38 @@ class DiffusionTrainerBase(TrainerBase):
             raise ConfigError(f"a reward component returned a non-finite reward for prompts {bad[:3]}")
         return out
 
+    def log_image_samples(
+        self,
+        rows: list[Sample],
+        group_ids: torch.Tensor,
+        images: torch.Tensor,
+        out: RewardOutput,
+        advantages: torch.Tensor,
+        describe: Callable[[int], str],
+    ) -> None:
+        """Put this step's logged rollouts in ``self.step_samples`` (whole groups first, see
+        :meth:`~mmpo.trainers.loop.TrainerBase.sample_indices`): per row the prompt, ``describe(i)``
+        as the completion, the reward, advantage and components of row ``i``, and its image of
+        ``images [N, 3, H, W]`` as a PIL image at the sampled resolution. Nothing is built when no
+        sample is wanted."""
+        idx = self.sample_indices(group_ids.tolist())
+        if not idx:
+            return
+        pictures = to_pil(images[idx])
+        for picture, i in zip(pictures, idx):
+            self.step_samples.append(
+                SampleRow(
+                    prompt_id=str(rows[i].id),
+                    group=int(group_ids[i]),
+                    prompt=str(rows[i].meta["prompt"]),
+                    completion=describe(i),
+                    reward=float(out.rewards[i]),
+                    advantage=float(advantages[i]),
+                    components={k: float(v[i]) for k, v in out.components.items()},
+                    media=[picture],
+                )
+            )
+
     # -- evaluation ---------------------------------------------------------------------------------
     def live_evaluator(self) -> ImageEvaluator:
         """Deterministic images of the evaluation prompts from the live policy, scored by the task."""
@@ -203,14 +239,14 @@ class DiffusionTrainerBase(TrainerBase):
         import dataclasses
 
         from mmpo.engine import resolve_device, resolve_precision
-        from mmpo.tasks import build_task
+        from mmpo.tasks import build_task_from
 
         if checkpoint and checkpoint.startswith(TINY_PREFIX):
             cfg, checkpoint = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=checkpoint)), None
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device)
-        task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        task = build_task_from(cfg)
         check_task(task, cls.contract, cls.kind)
         model_dir = resolve_model_folder(checkpoint, cls.model_markers) if checkpoint else None
         sampler, label = cls.saved_image_sampler(cfg, task, model_dir, device, precision)

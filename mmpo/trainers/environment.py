@@ -29,7 +29,9 @@ A plugin's trainer subclasses :class:`EnvironmentTrainer` in its own folder and 
 public hooks: :meth:`sft_examples` (its demonstrations), :meth:`episode_reward`,
 :meth:`run_episodes`, :meth:`step_advantages` (per-step rewards), :meth:`trains_policy`,
 :meth:`build_extra_state` with :meth:`save_extra` / :meth:`load_extra` (state beside the engine's),
-and ``evaluator_class`` (its evaluator, e.g. with per-task metrics).
+and ``evaluator_class`` (its evaluator, e.g. with per-task metrics); for the logged rollouts
+(``trainer.log_samples``, one row per episode with a GIF of it, see :meth:`log_episodes`),
+:meth:`action_label`, :meth:`action_point` and :meth:`episode_components`.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ from mmpo.models import load_model
 from mmpo.policies.vla_builder import build_vla_policy
 from mmpo.rollout.context_rounds import collect_round, replay_skip_log
 from mmpo.rollout.env_config import EnvTaskConfig
-from mmpo.rollout.env_eval import EnvEvaluator
+from mmpo.rollout.env_eval import EnvEvaluator, action_names, action_text
 from mmpo.rollout.env_runner import EnvRunner, Episode
+from mmpo.rollout.episode_samples import episode_row
 from mmpo.sft import supervised_train
 from mmpo.trainers.kinds import ENVIRONMENT
 from mmpo.trainers.loop import TrainerBase, seeded_generator
@@ -131,6 +134,7 @@ class EnvironmentTrainer(TrainerBase):
         self.policy_module = self.policy.module
         self.policy_module.to(device)
         if do_sft and latest_checkpoint(self.run_dir) is None:
+            self.show_phase("stage 1 · sft")
             self.sft_metrics = self._sft_stage(sft_model)
         self.shape = update_shape(cfg, self.rows_per_step())
         self.engine = self.build_engine(self.policy_module, precision)
@@ -142,6 +146,9 @@ class EnvironmentTrainer(TrainerBase):
         #: an episode this rank ran (the first of its latest round): a rank that kept no context runs
         #: its update slots on it with weight 0
         self.stand_in: Episode | None = None
+        #: every episode of this rank's latest round, kept or not (context-major, K per context)
+        self.round_episodes: list[Episode] = []
+        self._names = action_names(self.policy)
         self._rank_samplers: list[dict[str, Any]] | None = None
         self.build_extra_state()
         self._start()
@@ -164,8 +171,10 @@ class EnvironmentTrainer(TrainerBase):
         return float(ep.success) if self.tc.ript.reward == "success" else ep.env_return
 
     def run_episodes(self, seeds: list[int], generator: torch.Generator) -> list[Episode]:
-        """K (``rollout.group_size``) rollouts of each context seed, context-major."""
-        return self.runner.run(self.policy, seeds, self.cfg.rollout.group_size, generator=generator)
+        """K (``rollout.group_size``) rollouts of each context seed, context-major (with their
+        observations when rollouts are logged: the GIFs are drawn from them)."""
+        keep = self.samples_wanted() > 0
+        return self.runner.run(self.policy, seeds, self.cfg.rollout.group_size, generator=generator, keep_images=keep)
 
     def step_advantages(self, kept: list[list[Episode]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards ``[C*K]`` and the advantage of every env step ``[S]`` (episode-major): each step
@@ -180,6 +189,20 @@ class EnvironmentTrainer(TrainerBase):
     def trains_policy(self, step: int) -> bool:
         """Whether ``step`` updates the policy (False: roll out and compute advantages only)."""
         return True
+
+    def action_label(self, env_action: Any) -> str:
+        """An env action as text in logged rollouts: its name (``task.policy.actions``), ``(x,y,...)``
+        for a vector, ``invalid`` for a no-op."""
+        return action_text(env_action, self._names)
+
+    def action_point(self, env_action: Any) -> tuple[float, float] | None:
+        """Where to mark the action on its frame, normalised to [0, 1]^2 (a GUI click); None: no mark."""
+        return None
+
+    def episode_components(self, kept: list[list[Episode]]) -> list[dict[str, float]]:
+        """The reward components of each kept episode (context-major), after :meth:`step_advantages`:
+        here success (0/1) and the env's return."""
+        return [{"success": float(e.success), "return": float(e.env_return)} for g in kept for e in g]
 
     # -- supervised stage ---------------------------------------------------------------------
     def demo_nll(self, batch: list[DemoExample]) -> torch.Tensor:
@@ -226,6 +249,7 @@ class EnvironmentTrainer(TrainerBase):
             skip_state=skip,
             skip_threshold=rc.skip_threshold,
         )
+        self.round_episodes = res.episodes
         if res.episodes:  # what this rank's update runs on if it keeps no context (weight 0)
             self.stand_in = res.episodes[0]
         elif self.stand_in is None:  # every context drawn was skipped as solved, and none ran before
@@ -312,6 +336,7 @@ class EnvironmentTrainer(TrainerBase):
         metrics["rollout_s"] = t1 - t0
         metrics["reward_s"] = 0.0  # rewards come from the environment during the rollout
         metrics["optimizer_steps"] = 0.0  # no context carried signal, or a step without policy update
+        rewards, step_adv = torch.zeros(0), torch.zeros(0)
         if self.engine.all_reduce_mean(float(len(kept))) > 0:  # every rank takes the same branch
             rewards, step_adv = self.step_advantages(kept)
             if kept:
@@ -320,10 +345,52 @@ class EnvironmentTrainer(TrainerBase):
             if self.trains_policy(step):
                 with self.phase_hook("update"):
                     metrics.update(self.update(kept, step_adv, step))
+        self.log_episodes(kept, rewards, step_adv)
         metrics["update_s"] = time.perf_counter() - t1
         metrics["step_time_s"] = time.perf_counter() - t0
         metrics["lr"] = self.engine.lr()
         return self.reduce_metrics(metrics)
+
+    # -- logged rollouts -----------------------------------------------------------------------
+    def log_episodes(self, kept: list[list[Episode]], rewards: torch.Tensor, step_adv: torch.Tensor) -> None:
+        """Put up to :meth:`samples_wanted` episodes of this step in ``self.step_samples``, whole
+        groups first: the kept contexts with their ``rewards [C*K]`` and the mean of their steps'
+        advantages ``step_adv [S]`` (both episode-major, as :meth:`step_advantages` returns them;
+        empty when no rank kept a context), then contexts the round ran but did not keep (advantage
+        0: they are not trained; components success and return). A row: the instruction, env and
+        seed; the actions taken; the reward components (:meth:`episode_components`); a GIF of the
+        episode (:func:`~mmpo.rollout.episode_samples.episode_row`)."""
+        if not self.samples_wanted():
+            return
+        episodes = [e for g in kept for e in g]
+        if len(rewards) != len(episodes):
+            raise RuntimeError(f"step_advantages gave {len(rewards)} rewards for {len(episodes)} kept episodes")
+        in_kept = {id(e) for e in episodes}
+        dropped = [e for e in self.round_episodes if id(e) not in in_kept]
+        bounds = torch.tensor([0] + [e.length for e in episodes]).cumsum(0).tolist()
+        advantages = [float(step_adv[a:b].mean()) if b > a else 0.0 for a, b in zip(bounds, bounds[1:])]
+        advantages += [0.0] * len(dropped)
+        totals = rewards.tolist() + [self.episode_reward(e) for e in dropped]
+        # a plugin's components come from step_advantages (kept contexts); the others get the base ones
+        comps = (self.episode_components(kept) if kept else []) + EnvironmentTrainer.episode_components(self, [dropped])
+        K = self.cfg.rollout.group_size
+        groups = [g for g, group in enumerate(kept) for _ in group] + [len(kept) + j // K for j in range(len(dropped))]
+        every = episodes + dropped
+        for i in self.sample_indices(groups):
+            prompt = self.evaluator_class.episode_input(self.runner, every[i])
+            row = episode_row(
+                every[i],
+                prompt=prompt,
+                group=groups[i],
+                reward=totals[i],
+                advantage=advantages[i],
+                components=comps[i],
+                label=self.action_label,
+                point=self.action_point,
+                trained=i < len(episodes),
+            )
+            self.step_samples.append(row)
+        self.round_episodes = []  # their observations are no longer needed
 
     # -- evaluation ----------------------------------------------------------------------------
     def live_evaluator(self) -> EnvEvaluator:

@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from mmpo import checkpoint as ckpt
-from mmpo.config import RunConfig, save_config
+from mmpo.config import RunConfig, save_config, to_dict
 from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import TrainingError
-from mmpo.evaluate import EvalResult, Evaluator, run_evaluation
-from mmpo.samples import SampleLog, SampleRow
+from mmpo.evaluate import EvalResult, Evaluator, run_evaluation, truncate_step_evals, write_step_evaluation
+from mmpo.hf_logging import quiet_libraries
+from mmpo.progress import RunProgress, eval_count, eval_index, format_results
+from mmpo.report import write_report_safely
+from mmpo.samples import SampleLog, SampleRow, pick_sample_rows
 from mmpo.tasks import Task
 from mmpo.tracking import Tracker
 from mmpo.trainers.algorithm import Algorithm, build_algorithm
@@ -65,22 +69,50 @@ class TrainerBase(abc.ABC):
         checked against this trainer's kind: config mistakes fail here, before any model loads).
         Returns ``(device, precision)``."""
         from mmpo.engine import resolve_device, resolve_precision
-        from mmpo.tasks import build_task
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         seed_everything(cfg.seed)
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.precision, device)
-        self.task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
-        self.algo = build_algorithm(cfg, self.kind, self.task)
+        quiet_libraries(device)
+        self.task, self.algo = self.prepare(cfg)
+        # the bar shows from here on (config and task are fine), its description naming the phase
+        self.progress = RunProgress(cfg.trainer.max_steps, enabled=self.track and os.environ.get("RANK", "0") == "0")
         self.advantage_fn = self.algo.advantage_fn
         self.loss_fn = self.algo.loss_fn
         self.last_kl: float | None = None
         self.sft_metrics: dict[str, Any] = {}  # a supervised stage's results, logged with the first evaluation
         self._evaluator: Evaluator | None = None
-        self.phase_hook: Any = lambda name: nullcontext()  # `mmpo bench` attributes memory to phases
+        self.phase_hook: Any = self._train_phase  # `mmpo bench` replaces it to attribute memory to phases
         return device, precision
+
+    @classmethod
+    def prepare(cls, cfg: RunConfig) -> tuple[Task, Algorithm]:
+        """What ``mmpo train`` checks before any model loads: the task (its data read, or built on
+        first use), the objective against this trainer's kind, and :meth:`check_requirements`.
+        Returns ``(task, objective)``; a mistake raises ConfigError / DataError."""
+        from mmpo.tasks import build_task_from
+
+        task = build_task_from(cfg)
+        algo = build_algorithm(cfg, cls.kind, task)
+        cls.check_requirements(cfg, task)
+        return task, algo
+
+    @classmethod
+    def check_requirements(cls, cfg: RunConfig, task: Task) -> None:
+        """Refuse, before any model loads, what this trainer cannot run with ``cfg`` (e.g. the
+        token trainer's rollout engine without its environment); ConfigError."""
+
+    def show_phase(self, name: str) -> None:
+        """Name the current phase in the progress bar (``stage 1 · warm start``, ``eval 2/5``, ...)."""
+        self.progress.phase(name)
+
+    @contextmanager
+    def _train_phase(self, name: str) -> Iterator[None]:
+        """The trainers' ``with self.phase_hook("rollout"):`` blocks: shown as ``train · rollout``."""
+        self.show_phase(f"train · {name}")
+        yield
 
     def _make_sampler(self) -> None:
         """The resumable prompt sampler, sharded over ranks."""
@@ -95,17 +127,26 @@ class TrainerBase(abc.ABC):
         self.resumed_from: Path | None = None
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
+            self.show_phase("load checkpoint")
             self._load_checkpoint(latest)
+            self.progress.start_at(self.step)
         if self.engine.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.tracker = Tracker(
-            self.run_dir, self.cfg.trainer.max_steps, start_step=self.step, enabled=self.engine.is_main and self.track
+            self.run_dir,
+            self.cfg.trainer.max_steps,
+            start_step=self.step,
+            enabled=self.engine.is_main and self.track,
+            progress=self.progress.bar if self.progress.bar is not None else False,
+            report_to=self.cfg.trainer.report_to,
+            config=to_dict(self.cfg),
         )
         logging = self.engine.is_main and self.track
         self.sample_log = SampleLog(self.run_dir, self.cfg.trainer.log_samples if logging else 0, self.tracker)
         if logging:
             self.sample_log.truncate(self.step)
+            truncate_step_evals(self.run_dir, self.step)
         #: the rollouts of the current step to log (a trainer's ``train_step`` fills it, at most
         #: :meth:`samples_wanted` rows)
         self.step_samples: list[SampleRow] = []
@@ -125,6 +166,16 @@ class TrainerBase(abc.ABC):
         or with ``trainer.log_samples: 0``): build media for these rows only."""
         return self.sample_log.limit
 
+    def sample_indices(self, group_ids: Sequence[int]) -> list[int]:
+        """The rows (indices into ``group_ids``, one group id per rollout) to log this step: at
+        most :meth:`samples_wanted`, by :func:`pick_sample_rows` (whole groups first)."""
+        return pick_sample_rows(group_ids, self.samples_wanted())
+
+    def _report_after_eval(self) -> None:
+        """``trainer.report: true``: rewrite ``report.html`` after an in-training evaluation (main rank)."""
+        if self.cfg.trainer.report and self.engine.is_main and self.track:
+            write_report_safely(self.run_dir, kind=self.kind.name)
+
     def on_evaluated(self, result: EvalResult) -> None:
         """Called on every rank after each in-training evaluation (e.g. to save a picture)."""
 
@@ -135,12 +186,28 @@ class TrainerBase(abc.ABC):
             return {}
         if self._evaluator is None:
             self._evaluator = self.live_evaluator()
-        e = self.engine
-        result = run_evaluation(self._evaluator, rank=e.rank, world_size=e.world_size, gather=e.all_gather_object)
+        e, t = self.engine, self.cfg.trainer
+        i = eval_index(self.step, t.max_steps, t.eval_every, t.eval_at_start)
+        n = eval_count(t.max_steps, t.eval_every, t.eval_at_start)
+        self.show_phase(f"eval {i}/{n}")
+        share = math.ceil(len(self._evaluator.items()) / e.world_size)  # what this rank predicts
+        with self.progress.items(share, f"eval {i}/{n}") as advance:
+            result = run_evaluation(
+                self._evaluator,
+                rank=e.rank,
+                world_size=e.world_size,
+                gather=e.all_gather_object,
+                chunk_size=self.cfg.eval.batch_size,
+                progress=advance,
+            )
         self.on_evaluated(result)
+        if self.engine.is_main and self.track:
+            write_step_evaluation(self.run_dir, self.step, result, self._evaluator)
         metrics = {f"eval/{k}": float(v) for k, v in result.metrics.items()}
         if self.step == 0 and self.sft_metrics:
             metrics.update({f"sft/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
+        self.progress.write(format_results(self.step, metrics))
+        self.show_phase("train")
         return metrics
 
     @abc.abstractmethod
@@ -322,9 +389,11 @@ class TrainerBase(abc.ABC):
         try:
             if self.step == 0 and t.eval_at_start:
                 self.tracker.log(0, self.evaluate())
+                self._report_after_eval()
             last_eval: dict[str, float] = {}
             while self.step < t.max_steps:
                 self.step_samples = []
+                self.show_phase("train")
                 metrics = self.train_step(self.step)
                 self.step += 1
                 if self.step_samples:
@@ -339,15 +408,26 @@ class TrainerBase(abc.ABC):
                     metrics["eval_s"] = time.perf_counter() - te
                 if self.step % t.log_every == 0 or at_end or last_eval:
                     self.tracker.log(self.step, metrics)
+                if "eval_s" in metrics and not (at_end or out_of_time):  # the final report comes below
+                    self._report_after_eval()
                 if (t.save_every and self.step % t.save_every == 0) or at_end or out_of_time:
+                    self.show_phase("save checkpoint")
                     self.save_checkpoint()
                 if out_of_time:
                     break
+            self.show_phase("save model")
             self.save_final_model()
         finally:
             self.close()
         plot = self.tracker.close()
-        return {"run_dir": str(self.run_dir), "plot": str(plot) if plot else None, "eval": last_eval, "step": self.step}
+        report = write_report_safely(self.run_dir, kind=self.kind.name) if self.engine.is_main and self.track else None
+        return {
+            "run_dir": str(self.run_dir),
+            "plot": str(plot) if plot else None,
+            "report": str(report) if report else None,
+            "eval": last_eval,
+            "step": self.step,
+        }
 
 
 def seed_everything(seed: int) -> None:

@@ -265,6 +265,19 @@ class FindTrainer(DiffusionTrainerBase):
         else:
             adv = rewards.clone()
         t2 = time.perf_counter()
+        if self.samples_wanted():
+            mu_abs, sigma_mean = mu.detach().flatten(1).abs().mean(1), sigma.detach().flatten(1).mean(1)
+            G = self.cfg.rollout.group_size
+
+            def describe(i: int) -> str:
+                return (
+                    f"noise sample {i % G + 1} of {G}: x_T ~ N(mu, sigma^2) of the {c.policy} policy "
+                    f"(mean |mu| {float(mu_abs[i]):.3f}, mean sigma {float(sigma_mean[i]):.3f}); "
+                    f"{self.schedule.num_steps}-step deterministic sampler (guidance {c.sampling.guidance_scale:g}), "
+                    f"{self.width}x{self.height} px; baseline {c.baseline}"
+                )
+
+            self.log_image_samples(rows, group_ids, images, out, adv, describe)
         batch = NoiseBatch(rows, index, cond.cpu(), x_T.cpu(), logp_old.cpu(), rewards, adv)
         metrics.update(
             {

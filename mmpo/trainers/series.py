@@ -17,6 +17,10 @@ this trainer owns the rest. One run:
    closed form on the means (``kl_estimator: gaussian``, what ``auto`` means here) or a sample
    estimator on the actions' log-probs under both models.
 
+Logged rollouts (``trainer.log_samples``, whole groups first): the window's title from the task
+(:meth:`SeriesTask.window_views`), the forecast values as text and a plot of the forecast against
+the truth and the history (:mod:`mmpo.trainers.series_samples`).
+
 Several processes (torchrun, optionally DeepSpeed ZeRO): each rank draws its share of the starts;
 advantages and the task's state (e.g. Lagrange multipliers) come from the step's rows of all ranks,
 so every rank's state moves alike. Evaluation is the one evaluator (:mod:`mmpo.evaluate`) with the
@@ -42,11 +46,20 @@ from mmpo.config import RunConfig
 from mmpo.data import PromptSampler
 from mmpo.errors import ConfigError
 from mmpo.evaluate import Evaluator
+from mmpo.samples import SampleRow
 from mmpo.sft import supervised_train
 from mmpo.tasks import RewardOutput
 from mmpo.trainers.kinds import SERIES
 from mmpo.trainers.loop import TrainerBase, seeded_generator
-from mmpo.trainers.series_task import SERIES_TASK_MEMBERS, ForecastPolicy, SeriesTask, StageOne, step_log_probs
+from mmpo.trainers.series_samples import forecast_figure, forecast_text
+from mmpo.trainers.series_task import (
+    SERIES_TASK_MEMBERS,
+    ForecastPolicy,
+    SeriesTask,
+    StageOne,
+    WindowView,
+    step_log_probs,
+)
 from mmpo.trainers.update import RowSizes, UnitTerms, update_shape
 
 #: stage 1's folder in the run: ``sft/model`` (the model) and ``sft/metrics.json``
@@ -58,7 +71,7 @@ MODEL_MARKER = "config.json"
 @dataclass
 class SeriesBatch:
     """One step's rollouts: N = starts x G rows of H steps, on the trainer's device except ``pred``,
-    ``truth`` and ``mask_cpu``.
+    ``truth``, ``mask_cpu`` and ``starts``.
 
     ``past [N, W, C]``, ``cov [N, H, F]``, ``actions`` / ``logp_old`` / ``mask`` ``[N, H]``,
     ``group_ids [N]``; ``mu_ref [N, H]`` the reference's means along the actions (None without a KL
@@ -77,6 +90,8 @@ class SeriesBatch:
     truth: Tensor
     mask_cpu: Tensor
     advantages: Tensor | None = None
+    #: ``[N]`` the start index of each row's window (in the training split)
+    starts: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -152,6 +167,7 @@ class SeriesTrainer(TrainerBase):
         weights are what the engine broadcasts and what the reference takes."""
         if stage.loss not in ("mse", "nll"):
             raise ConfigError(f"task {self.task.name!r}: stage 1 loss {stage.loss!r}; use 'mse' or 'nll'")
+        self.show_phase("stage 1 · sft")
         w, horizon, sigma, seed = stage.windows, stage.horizon, self.sigma, self.cfg.seed
         examples = list(range(len(w["past"])))
 
@@ -202,7 +218,10 @@ class SeriesTrainer(TrainerBase):
             mu_ref = self.ref_model.replay(past, cov, actions) if self.ref_model is not None else None
             pred = model.clamp(actions).cpu()
         group_ids = torch.arange(len(starts)).repeat_interleave(G)
-        return SeriesBatch(past, cov, actions, logp_old, mask, group_ids, mu_ref, pred, target.cpu(), mask.cpu())
+        rows = [s for s in starts for _ in range(G)]
+        return SeriesBatch(
+            past, cov, actions, logp_old, mask, group_ids, mu_ref, pred, target.cpu(), mask.cpu(), starts=rows
+        )
 
     def score(self, batch: SeriesBatch) -> RewardOutput:
         """The task's rewards ``[n]`` of the batch; sets ``batch.advantages`` ``[n]``, estimated on the
@@ -224,6 +243,7 @@ class SeriesTrainer(TrainerBase):
             metrics = self.update(batch, beta, step)
         rows = self.engine.all_gather_object((batch.pred, batch.truth, batch.mask_cpu))  # every rank's
         metrics.update(self.task.after_step(*(torch.cat(t) for t in zip(*rows))))
+        self.log_rollouts(batch, out)
         rewards, H = out.rewards.float(), batch.actions.shape[1]
         metrics.update(
             {
@@ -240,6 +260,31 @@ class SeriesTrainer(TrainerBase):
         )
         metrics.update({f"reward/{k}": float(v.float().mean()) for k, v in out.components.items()})
         return self.reduce_metrics(metrics)
+
+    def log_rollouts(self, batch: SeriesBatch, out: RewardOutput) -> None:
+        """Put this step's logged rollouts in ``self.step_samples`` (whole groups first): per row
+        the window's title (:meth:`SeriesTask.window_views`), the forecast as text, the reward, the
+        advantage and the reward components, and a Figure of the forecast against the truth and
+        the history. Nothing is built when no sample is wanted."""
+        idx = self.sample_indices(batch.group_ids.tolist())
+        if not idx or batch.starts is None or batch.advantages is None:
+            return
+        pick = torch.tensor(idx)
+        starts = [batch.starts[i] for i in idx]
+        views = self.task.window_views("train", starts, batch.pred[pick], batch.truth[pick], batch.mask_cpu[pick])
+        for view, i in zip(views, idx):
+            self.step_samples.append(
+                SampleRow(
+                    prompt_id=str(batch.starts[i]),
+                    group=int(batch.group_ids[i]),
+                    prompt=view.title,
+                    completion=forecast_text(view),
+                    reward=float(out.rewards[i]),
+                    advantage=float(batch.advantages[i]),
+                    components={k: float(v[i]) for k, v in out.components.items()},
+                    media=[forecast_figure(view)],
+                )
+            )
 
     def unit_terms(self, batch: SeriesBatch, idx: Tensor) -> UnitTerms:
         """The forecast steps of rows ``idx [n]``: the replayed ``logp [n, H]`` (with grad), ``logp_old``,
@@ -281,9 +326,9 @@ class SeriesTrainer(TrainerBase):
         split (``checkpoint`` a run folder), or one model folder (labelled by its name; default
         ``model.path``). Returns ``(evaluator, what was evaluated)``."""
         from mmpo.engine import resolve_device
-        from mmpo.tasks import build_task
+        from mmpo.tasks import build_task_from
 
-        task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        task = build_task_from(cfg)
         path = Path(checkpoint or cfg.model.path)
         folders = {
             label: path / sub
@@ -319,5 +364,6 @@ __all__ = [
     "SeriesTask",
     "SeriesTrainer",
     "StageOne",
+    "WindowView",
     "step_log_probs",
 ]

@@ -1,5 +1,6 @@
 """The series kind's contract: what a forecasting task gives :class:`mmpo.trainers.series.SeriesTrainer`
-(:class:`SeriesTask`), the policy it trains (:class:`ForecastPolicy`) and the action unit's log-prob."""
+(:class:`SeriesTask`), the policy it trains (:class:`ForecastPolicy`), the action unit's log-prob,
+and how a task shows a forecast window in logged rollouts (:class:`WindowView`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ class ForecastPolicy(Protocol):
     def clamp(self, values: Tensor) -> Tensor:
         """``values [N, H]`` as fed back and scored (e.g. not below a physical floor)."""
         ...
+
+
+@dataclass
+class WindowView:
+    """One forecast window as logged rollouts show it, in display units (NaN where unobserved):
+    ``history [W]`` the input window, ``truth [H]`` and ``forecast [H]`` the forecast hours;
+    ``title`` says where and when (the prompt of the row, e.g. the station and the start time);
+    ``unit`` labels the values (e.g. ``µg/m³``)."""
+
+    title: str
+    history: Tensor
+    truth: Tensor
+    forecast: Tensor
+    unit: str = ""
 
 
 @dataclass
@@ -106,6 +121,13 @@ class SeriesTask(Protocol):
         against ``truth [N, H]`` over the observed steps ``mask [N, H]``; CPU tensors."""
         ...
 
+    def window_views(
+        self, split: str, starts: Sequence[int], pred: Tensor, truth: Tensor, mask: Tensor
+    ) -> list[WindowView]:
+        """The windows at ``starts [n]`` of ``split`` with paths ``pred [n, H]`` against ``truth
+        [n, H]`` (observed where ``mask [n, H]``), as :meth:`reward` gets them, for logged rollouts."""
+        ...
+
     def after_step(self, pred: Tensor, truth: Tensor, mask: Tensor) -> dict[str, float]:
         """After the update, with the step's rollouts of every rank (as :meth:`reward`, gathered):
         update the task's stateful reward pieces (e.g. Lagrange multipliers); returns metrics to log."""
@@ -147,6 +169,7 @@ SERIES_TASK_MEMBERS = (
     "horizon",
     "windows",
     "reward",
+    "window_views",
     "after_step",
     "checkpoint_states",
     "evaluator",
@@ -154,4 +177,4 @@ SERIES_TASK_MEMBERS = (
 )
 
 
-__all__ = ["SERIES_TASK_MEMBERS", "ForecastPolicy", "SeriesTask", "StageOne", "step_log_probs"]
+__all__ = ["SERIES_TASK_MEMBERS", "ForecastPolicy", "SeriesTask", "StageOne", "WindowView", "step_log_probs"]

@@ -25,7 +25,7 @@ from mmpo.lora import prepare_trainable
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES, filters
-from mmpo.rollout.agent_loop import AgentLoop, AgentSettings, trajectory_tensors
+from mmpo.rollout.agent_loop import AgentLoop, task_agent, trajectory_tensors
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.engines.base import Generation, GenerationSettings
 from mmpo.rollout.filters import dynamic_options
@@ -33,6 +33,7 @@ from mmpo.tasks import RolloutView, Sample, TokenTask
 from mmpo.trainers.kinds import TOKEN
 from mmpo.trainers.loop import TrainerBase
 from mmpo.trainers.token_eval import TokenEvaluator, eval_sizes
+from mmpo.trainers.token_samples import sample_rows
 from mmpo.trainers.update import RowSizes, UnitTerms, update_shape
 
 
@@ -60,12 +61,7 @@ class Trainer(TrainerBase):
             )
         # -- model, reference, engine -------------------------------------------------------
         # the model stays in eval mode: no dropout, so sampled and trained log-probs agree
-        model, processor, info = load_model(
-            cfg.model.path,
-            seed=cfg.seed,
-            tiny_overrides=cfg.model.tiny,
-            attn_implementation=cfg.model.attn_implementation,
-        )
+        model, processor, info = self.load_start_model()
         self.uses_kl = self.algo.uses_kl
         self.shape = update_shape(cfg, self.rows_per_step())
         model, self.ref_model = prepare_trainable(model, cfg.model, is_vlm=info.is_vlm, reference=self.uses_kl)
@@ -77,32 +73,30 @@ class Trainer(TrainerBase):
             self.engine.module, processor, info, logprob_chunk_size=cfg.rollout.logprob_chunk_size
         )
         self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy, cfg.rollout.engine_options)
-        self.agent: AgentLoop | None = None
-        tools = self.task.tools()
-        if tools:  # multi-turn rollouts: generate -> tool call -> observation -> ...
-            if self.task.needs_token_entropy:
-                raise ConfigError(
-                    f"task {cfg.task.name!r}: token-entropy rewards are not available for multi-turn rollouts"
-                )
-            r = cfg.rollout
-            self.agent = AgentLoop(
-                self.policy,
-                self.rollout_engine,
-                tools,
-                AgentSettings(
-                    max_new_tokens=r.max_new_tokens,
-                    temperature=r.temperature,
-                    top_p=r.top_p,
-                    top_k=r.top_k,
-                    **self.task.agent_settings(),
-                ),
-            )
+        # a task with tools: multi-turn rollouts (generate -> tool call -> observation -> ...)
+        self.agent: AgentLoop | None = task_agent(self.policy, self.rollout_engine, self.task, cfg.rollout)
         self.task.all_gather = self.engine.all_gather_object
         self._make_sampler()
 
         self.states: dict[str, Any] = dict(self.algo.states)
         self._stand_in: RolloutBatch | None = None  # a row that empty slots run (set each step)
         self._start()
+
+    @classmethod
+    def check_requirements(cls, cfg: RunConfig, task: Any) -> None:
+        """The rollout engine's environment (e.g. ``make vllm-env`` for ``rollout.engine: vllm``)."""
+        ROLLOUT_ENGINES.get(cfg.rollout.engine).check_environment(cfg.rollout.engine_options)
+
+    def load_start_model(self) -> tuple[torch.nn.Module, Any, Any]:
+        """``(model, processor, info)`` that RL starts from: ``model.path``. A plugin with a stage of
+        its own before RL (e.g. a supervised warm start) overrides this."""
+        cfg = self.cfg
+        return load_model(
+            cfg.model.path,
+            seed=cfg.seed,
+            tiny_overrides=cfg.model.tiny,
+            attn_implementation=cfg.model.attn_implementation,
+        )
 
     # ------------------------------------------------------------------------------------------
     # phase 1: rollout and reward
@@ -155,6 +149,7 @@ class Trainer(TrainerBase):
             texts=["".join(tr.turn_texts) for tr in trajs],
             logp_rollout=t["logprobs"],
             conversation_lengths=t["lengths"],
+            trajectories=trajs,
         )
         return batch, trajs
 
@@ -317,13 +312,7 @@ class Trainer(TrainerBase):
             return [self.unit_terms(batch.select(idx.tolist()), beta, padding)]
 
         return self.update_policy(
-            self.shape,
-            rows,
-            RowSizes.from_mask(batch.mask),
-            terms,
-            beta,
-            step,
-            max_len=self.cfg.rollout.max_new_tokens,
+            self.shape, rows, RowSizes.from_mask(batch.mask), terms, beta, step, max_len=self.cfg.rollout.max_new_tokens
         )
 
     def unit_terms(self, micro: RolloutBatch, beta: float, padding: bool = False) -> UnitTerms:
@@ -426,6 +415,7 @@ class Trainer(TrainerBase):
                 metrics["weight_sync_s"] = time.perf_counter() - ts
         clock.update = time.perf_counter() - t1
         metrics.update(stats)
+        self.step_samples = sample_rows(self, batch)  # the logged rollouts (whole groups first)
         n = len(batch)
         metrics.update(
             {

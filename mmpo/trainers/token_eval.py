@@ -1,5 +1,13 @@
 """The token kind's evaluator: greedy completions (or multi-turn agent trajectories) of the task's
-held-out samples, scored by the task (see :mod:`mmpo.evaluate` for the row layout)."""
+held-out samples, scored by the task (see :mod:`mmpo.evaluate` for the row layout).
+
+A row carries its inputs: ``input`` (the user text), ``options`` (``Sample.meta["options"]``, when
+the task has them), ``images`` (the prompt's images, a video's frames as one GIF, then the images
+the tool results showed: the file an image was read from when ``Sample.meta["image_files"]``, one
+entry per image / video part of the user turns, names it; else the image, saved under ``media/``
+by :func:`mmpo.evaluate.write_evaluation`), ``completion`` (the whole text; an agent's
+turns with each tool call and result) and ``prediction`` (the answer it gives:
+``task.parse_prediction``, or an agent's ``<answer>``)."""
 
 from __future__ import annotations
 
@@ -13,18 +21,7 @@ from mmpo.evaluate import resolve_model_folder
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout.greedy import generate_greedy, run_agent
 from mmpo.tasks import Sample
-
-
-def prompt_text(sample: Sample) -> str:
-    """The text of a sample's messages (images and videos left out), turns joined by newlines."""
-    parts = []
-    for m in sample.messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
-    return "\n".join(p for p in parts if p)
+from mmpo.trainers.token_samples import image_refs, prompt_media, prompt_text
 
 
 class TokenEvaluator:
@@ -61,7 +58,7 @@ class TokenEvaluator:
         optimizer or a training engine; returns ``(evaluator, what was loaded)``."""
         from mmpo.engine import resolve_device
         from mmpo.models import load_model
-        from mmpo.tasks import build_task
+        from mmpo.tasks import build_task_from
 
         if not checkpoint or checkpoint.startswith("tiny:"):
             path = checkpoint or cfg.model.path
@@ -71,7 +68,7 @@ class TokenEvaluator:
         tiny = cfg.model.tiny if path.startswith("tiny:") else None
         model, processor, info = load_model(path, seed=cfg.seed, tiny_overrides=tiny, device=device)
         policy = CausalLMPolicy.from_info(model, processor, info)
-        task = build_task(cfg.task.name, cfg.task.options, seed=cfg.seed)
+        task = build_task_from(cfg)
         return cls(policy, model, task, **eval_sizes(cfg), device=device), path
 
     def items(self) -> list[Sample]:
@@ -94,18 +91,34 @@ class TokenEvaluator:
                     scores = self.task.reward(items, texts).components
         finally:
             torch.set_rng_state(state)
-        rows = []
-        for i, (s, text) in enumerate(zip(items, texts)):
-            row = {"id": s.id, "input": prompt_text(s), "prediction": text, "answer": s.answer}
-            row.update({k: float(v[i]) for k, v in scores.items()})
-            row["_trajectory"] = trajs[i]  # for the task's metrics; not written
-            rows.append(row)
-        return rows
+        return [
+            self.row(s, text, trajs[i], {k: float(v[i]) for k, v in scores.items()})
+            for i, (s, text) in enumerate(zip(items, texts))
+        ]
+
+    def row(self, sample: Sample, text: str, traj: Any, scores: dict[str, float]) -> dict[str, Any]:
+        """The row of one item (module docstring); ``traj``: its agent trajectory or None."""
+        messages = self.task.rollout_messages(sample, 0) if traj is not None else sample.messages
+        media = prompt_media(messages)
+        images = image_refs(media, sample.meta.get("image_files"))
+        if traj is not None:
+            completion, prediction = traj.transcript(len(media) + 1), traj.answer
+            images += traj.result_images()
+        else:
+            completion, prediction = text, self.task.parse_prediction(sample, text)
+        row: dict[str, Any] = {"id": sample.id, "input": prompt_text(messages), "prediction": prediction}
+        row.update({"answer": sample.answer, "completion": completion})
+        if sample.meta.get("options"):
+            row["options"] = list(sample.meta["options"])
+        row["images"] = images
+        row.update(scores)
+        row["_trajectory"] = traj  # for the task's metrics; not written
+        return row
 
     def summarize(self, items: list[Sample], rows: list[dict[str, Any]]) -> dict[str, float]:
         if self.task.tools():
             return self.task.eval_trajectories(items, [r["_trajectory"] for r in rows])
-        return self.task.eval_metrics(items, [r["prediction"] for r in rows])
+        return self.task.eval_metrics(items, [r["completion"] for r in rows])
 
     def write_artifacts(self, out_dir: Path, items: list[Sample], rows: list[dict[str, Any]]) -> dict[str, str]:
         return {}

@@ -1,14 +1,23 @@
 """Prompts for text-to-image RL: a text file (one prompt a line), JSONL (``{"prompt": ..., <meta>}``)
-or an inline YAML list of strings / mappings. Extra keys of a row travel with the prompt as its
-``meta`` (e.g. ``color`` or ``box`` for the verifiable rewards)."""
+or an inline YAML list of strings / mappings. The other keys of a row travel with the prompt as its
+``meta`` (e.g. ``color`` or ``box`` for the verifiable rewards).
+
+Keys are strict: a row key other than ``prompt`` and the keys the task's rewards read (their
+``meta_key`` / ``box_key`` / ``color_key`` options, see ``ImageReward.meta_keys``; a reward server
+reads them all) is unknown: a ``DataError`` naming the file, the line and the key with the closest
+known key, or, with ``unknown_keys`` warn / ignore, reported once / dropped silently
+(:mod:`mmpo.data_rows`). An unknown key never reaches the prompt's ``meta``.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmpo.data_rows import KeyCheck
 from mmpo.errors import ConfigError
 
 
@@ -18,13 +27,13 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _row(item: Any, where: str) -> Prompt:
+def _row(item: Any, where: str, allowed: Collection[str] | None) -> Prompt:
     if isinstance(item, str):
         text, meta = item, {}
     elif isinstance(item, dict):
         if not isinstance(item.get("prompt"), str):
             raise ConfigError(f"{where}: a prompt row needs a string 'prompt', got {json.dumps(item)[:200]}")
-        meta = {k: v for k, v in item.items() if k != "prompt"}
+        meta = {k: v for k, v in item.items() if k != "prompt" and (allowed is None or k in allowed)}
         text = item["prompt"]
     else:
         raise ConfigError(f"{where}: a prompt must be a string or a mapping with 'prompt', got {item!r}")
@@ -33,10 +42,29 @@ def _row(item: Any, where: str) -> Prompt:
     return Prompt(text.strip(), meta)
 
 
-def load_prompts(spec: str | list[Any], key: str) -> list[Prompt]:
-    """Prompts from ``spec`` (a .txt / .jsonl path or an inline list); errors name ``key``, the file and line."""
+def load_prompts(
+    spec: str | list[Any],
+    key: str,
+    *,
+    meta_keys: Collection[str] | None = None,
+    unknown_keys: str | KeyCheck = "error",
+) -> list[Prompt]:
+    """Prompts from ``spec`` (a .txt / .jsonl path or an inline list); errors name ``key``, the file
+    and line. ``meta_keys``: the keys a row may have besides ``prompt`` (None: any);
+    ``unknown_keys`` (error | warn | ignore): what another key does."""
+    keys = KeyCheck.of(unknown_keys)
+    allowed = None if meta_keys is None else frozenset({"prompt", *meta_keys})
+    layout = "'prompt' and the keys task.rewards read"
+
+    def check(item: Any, file: str | Path, where: str) -> None:
+        if allowed is not None and isinstance(item, dict):
+            keys.check(item, allowed, file, where, layout=layout)
+
     if isinstance(spec, list):
-        prompts = [_row(item, f"{key}[{i}]") for i, item in enumerate(spec)]
+        prompts = []
+        for i, item in enumerate(spec):
+            check(item, key, f"item {i + 1}")
+            prompts.append(_row(item, f"{key}[{i}]", allowed))
     else:
         path = Path(spec)
         if not path.is_file():
@@ -53,9 +81,10 @@ def load_prompts(spec: str | list[Any], key: str) -> list[Prompt]:
                     item = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+                check(item, path, f"line {n}")
             else:
                 item = line
-            prompts.append(_row(item, where))
+            prompts.append(_row(item, where, allowed))
     if not prompts:
         raise ConfigError(f"{key}: no prompts in {spec!r}")
     return prompts

@@ -7,6 +7,7 @@ from typing import Any, Union
 
 import torch
 
+from mmpo.data_rows import KeyCheck, LoadSummary
 from mmpo.errors import ConfigError
 from mmpo.tasks import RewardOutput, Sample, Task
 from mmpo_tasks.diffusion.data import Prompt, load_prompts
@@ -94,11 +95,28 @@ class TextToImageTask(Task):
 
         if not config.prompts:
             raise ConfigError("task.prompts is empty: give a prompt file (.txt / .jsonl) or an inline list")
-        self.prompts: list[Prompt] = load_prompts(config.prompts, "task.prompts")
-        self.eval_prompt_list: list[Prompt] = (
-            load_prompts(config.eval_prompts, "task.eval_prompts") if config.eval_prompts is not None else self.prompts
-        )
         self.rewards = build_image_rewards(config.rewards, where="task.rewards")
+        # a prompt row may carry the keys the rewards read (None: a reward reads them all)
+        read = [c.meta_keys() for c in self.rewards.components.values()]
+        meta_keys = None if any(r is None for r in read) else frozenset().union(*read)
+        keys = KeyCheck(self.unknown_keys)
+        self.prompts: list[Prompt] = load_prompts(
+            config.prompts, "task.prompts", meta_keys=meta_keys, unknown_keys=keys
+        )
+        self.eval_prompt_list: list[Prompt] = (
+            load_prompts(config.eval_prompts, "task.eval_prompts", meta_keys=meta_keys, unknown_keys=keys)
+            if config.eval_prompts is not None
+            else self.prompts
+        )
+        self.data_summary = LoadSummary(
+            self.name,
+            unit="prompts",
+            splits={"train": len(self.prompts), "eval": len(self.eval_prompt_list)},
+            held_out_why="evaluation reads task.eval_prompts"
+            if config.eval_prompts is not None
+            else "no task.eval_prompts: evaluation reuses the training prompts with fixed noise seeds",
+        )
+        self.data_summary.print()
 
     @staticmethod
     def _sample(split: str, index: int, p: Prompt) -> Sample:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mmpo.data_rows import KeyCheck, LoadSummary
 from mmpo.errors import ConfigError, DataError
 from mmpo_tasks.forecasting.pm25_file import (  # the file layout and its reader (re-exported)
     CBWD_CODES,
@@ -390,13 +391,39 @@ def load_splits(
     train_years: Iterable[int] = SplitConfig.train_years,
     val_years: Iterable[int] = SplitConfig.val_years,
     test_years: Iterable[int] = SplitConfig.test_years,
+    unknown_keys: str | KeyCheck = "error",
+    summary: LoadSummary | None = None,
 ) -> tuple[dict[str, PM25Series], Normalizer]:
     """Load (CSV or Parquet by suffix, see :func:`load_pm25`), split by year, fit the normalizer
-    on the training split only, and build ``{"train", "val", "test"}`` series."""
+    on the training split only, and build ``{"train", "val", "test"}`` series. ``unknown_keys``:
+    what a Parquet column not in the layout does; ``summary``, when given, gets the hours per
+    split, the validation and test hours held out, the hours of years in no split (skipped) and
+    notes on inserted and unmeasured hours and ignored CSV columns."""
     sets = check_year_sets(train_years, val_years, test_years)  # before reading 40k rows
-    frames = split_by_time(load_pm25(path), sets["train"], sets["val"], sets["test"])
+    full = load_pm25(path, unknown_keys=unknown_keys)
+    frames = split_by_time(full, sets["train"], sets["val"], sets["test"])
     normalizer = Normalizer.fit(frames["train"])
+    if summary is not None:
+        _summarize(summary, full, frames, sets)
     return {name: build_series(f, normalizer) for name, f in frames.items()}, normalizer
+
+
+def _summarize(
+    summary: LoadSummary, full: pd.DataFrame, frames: dict[str, pd.DataFrame], sets: dict[str, list[int]]
+) -> None:
+    summary.unit = "hours"
+    summary.splits = {name: len(f) for name, f in frames.items()}
+    summary.held_out = len(frames["val"]) + len(frames["test"])
+    summary.held_out_why = f"by calendar year: val_years {sets['val']}, test_years {sets['test']}"
+    outside = len(full) - sum(len(f) for f in frames.values())
+    if outside:
+        summary.skip("year in no split", outside)
+    inserted = int(full.attrs.get("hours_inserted", 0))
+    if inserted:
+        summary.notes.append(f"{inserted} hours absent from the file inserted (PM2.5 missing, weather carried)")
+    summary.notes.append(f"PM2.5 unmeasured in {int(full[PM25].isna().sum())} hours (never imputed)")
+    if full.attrs.get("ignored_columns"):
+        summary.notes.append(f"CSV columns ignored: {', '.join(full.attrs['ignored_columns'])}")
 
 
 __all__ = [

@@ -175,8 +175,7 @@ class ForecastEvaluator:
             for label, fc in sets.items()
         }
         table = format_lead_table(results, cfg_edges=edges, high_class=high, split=self.split)
-        print(table)
-        tmp = out_dir / "table.md.tmp"
+        tmp = out_dir / "table.md.tmp"  # `mmpo eval` prints it (the "table" artifact); training does not
         tmp.write_text(table + "\n")
         tmp.replace(out_dir / "table.md")
         save_json(out_dir / "lead_times.json", results)
@@ -219,15 +218,15 @@ def plot_forecasts(forecasts: dict[str, Forecasts], series: PM25Series, n: int, 
     """PNG: ``n`` start times, each the observed PM2.5 and every model's forecast."""
     if n == 0 or not forecasts:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     first = next(iter(forecasts.values()))
     count = len(first["start"])
     picks = np.linspace(0, count - 1, min(n, count)).round().astype(int)
-    fig, axes = plt.subplots(len(picks), 1, figsize=(8, 2.2 * len(picks)), squeeze=False)
+    fig = Figure(figsize=(8, 2.2 * len(picks)))
+    FigureCanvasAgg(fig)  # drawn without pyplot: no global figure state, no GUI backend
+    axes = fig.subplots(len(picks), 1, squeeze=False)
     for ax, i in zip(axes[:, 0], picks):
         truth, m = first["truth"][i].numpy(), first["mask"][i].numpy()
         hours = np.arange(1, len(truth) + 1)
@@ -243,7 +242,6 @@ def plot_forecasts(forecasts: dict[str, Forecasts], series: PM25Series, n: int, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(path)
     return path
 

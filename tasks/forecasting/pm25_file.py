@@ -7,6 +7,13 @@ are inserted with every value missing. PM2.5 stays NaN wherever it was not measu
 imputed); the weather columns are forward-filled (inputs only) and the filled hours flagged in
 ``weather_filled``. Errors raise :class:`~mmpo.errors.DataError` naming the file, the column and
 the first offending line (line in the CSV = row index + 2) and value.
+
+Columns: the UCI CSV is an external, fixed layout and every column the loader reads is required,
+so a misspelled column is reported as missing (with the closest column found); the CSV's other
+columns (its row number ``No``, an exported index, ...) are ignored and listed in
+``frame.attrs["ignored_columns"]``. The Parquet is this project's own layout: a column other than
+:data:`PARQUET_COLUMNS` and ``weather_filled`` is an unknown key (``task.unknown_keys``,
+:mod:`mmpo.data_rows`), since a misspelled optional ``weather_filled`` would be silently lost.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mmpo.core.registry import did_you_mean
+from mmpo.data_rows import KeyCheck
 from mmpo.errors import DataError
 
 # ------------------------------------------------------------------------------------ layout
@@ -29,6 +38,7 @@ WEATHER_COLUMNS: tuple[str, ...] = ("DEWP", "TEMP", "PRES", "cbwd", "Iws", "Is",
 REQUIRED_COLUMNS: tuple[str, ...] = (*TIME_COLUMNS, PM25, *WEATHER_COLUMNS)
 #: Columns the Parquet written by ``data_prep/beijing_pm25.py`` must have (``weather_filled`` optional).
 PARQUET_COLUMNS: tuple[str, ...] = ("time", PM25, *WEATHER_COLUMNS)
+PARQUET_OPTIONAL: tuple[str, ...] = ("weather_filled",)
 #: Columns of the frame returned by the loaders (index: hourly ``DatetimeIndex`` named ``time``).
 FRAME_COLUMNS: tuple[str, ...] = (PM25, *WEATHER_COLUMNS, "weather_filled")
 
@@ -90,11 +100,16 @@ def _hint(column: str, v: float) -> str:
 
 
 def _check_columns(found: Iterable[str], required: Iterable[str], path: Path, layout: str) -> None:
+    """DataError when a required column is missing, with the closest column found that is not required."""
     found = [str(c) for c in found]
+    required = list(required)
     missing = [c for c in required if c not in found]
     if missing:
+        spare = [c for c in found if c not in required]
+        hints = "".join(did_you_mean(c, spare).replace("Did you mean", f"For '{c}', did you mean") for c in missing)
         raise DataError(
-            f"{path}: missing column(s) {missing}; found {found} (expected the {layout} layout: {', '.join(required)})"
+            f"{path}: missing column(s) {missing}; found {found} (expected the {layout} layout: "
+            f"{', '.join(required)}).{hints}"
         )
 
 
@@ -244,6 +259,7 @@ def read_pm25_csv(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise DataError(f"{path}: not a readable CSV file: {e}") from e
     raw.columns = [str(c).strip() for c in raw.columns]
     _check_columns(raw.columns, REQUIRED_COLUMNS, path, "UCI Beijing PM2.5 CSV")
+    ignored = [c for c in raw.columns if c not in REQUIRED_COLUMNS and c != "No"]
     raw = raw.reset_index(drop=True)
 
     def where(i: int) -> str:
@@ -253,13 +269,16 @@ def read_pm25_csv(path: str | Path) -> tuple[pd.DataFrame, np.ndarray]:
     num = _numeric(raw, (PM25, *WEATHER_NUMERIC), path, where)
     _check_ranges(num, path, where)
     cbwd = _check_cbwd(raw["cbwd"], path, where)
-    return _complete(_assemble(num, cbwd), times, path, where)
+    frame, inserted = _complete(_assemble(num, cbwd), times, path, where)
+    frame.attrs["ignored_columns"] = ignored
+    return frame, inserted
 
 
-def load_pm25_parquet(path: str | Path) -> pd.DataFrame:
+def load_pm25_parquet(path: str | Path, *, unknown_keys: str | KeyCheck = "error") -> pd.DataFrame:
     """The ``series.parquet`` written by ``data_prep/beijing_pm25.py`` -> the same frame as
     :func:`load_pm25_csv` (same checks; errors name the 0-based row). ``weather_filled`` is read
-    back (OR-ed with any gap filled now)."""
+    back (OR-ed with any gap filled now). A column not in the layout is an unknown key
+    (``unknown_keys``: error | warn | ignore)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -268,6 +287,14 @@ def load_pm25_parquet(path: str | Path) -> pd.DataFrame:
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         raise DataError(f"{path}: not a readable Parquet file: {e}") from e
     _check_columns(raw.columns, PARQUET_COLUMNS, path, "data_prep/beijing_pm25.py series.parquet")
+    KeyCheck.of(unknown_keys).check(
+        dict.fromkeys(map(str, raw.columns)),
+        (*PARQUET_COLUMNS, *PARQUET_OPTIONAL),
+        path,
+        "columns",
+        layout="data_prep/beijing_pm25.py series.parquet",
+        noun="column",
+    )
     raw = raw.reset_index(drop=True)
 
     def where(i: int) -> str:
@@ -288,9 +315,10 @@ def load_pm25_parquet(path: str | Path) -> pd.DataFrame:
     return _complete(_assemble(num, cbwd), times, path, where, weather_filled=filled)[0]
 
 
-def load_pm25(path: str | Path) -> pd.DataFrame:
+def load_pm25(path: str | Path, *, unknown_keys: str | KeyCheck = "error") -> pd.DataFrame:
     """:func:`load_pm25_csv` or :func:`load_pm25_parquet` by suffix (``.csv``; ``.parquet`` / ``.pq``);
-    a folder written by ``data_prep/beijing_pm25.py`` reads its ``series.parquet``."""
+    a folder written by ``data_prep/beijing_pm25.py`` reads its ``series.parquet``. ``unknown_keys``:
+    what a Parquet column not in the layout does (the CSV's extra columns are ignored)."""
     path = Path(path)
     if path.is_dir():
         path = path / "series.parquet"
@@ -298,7 +326,7 @@ def load_pm25(path: str | Path) -> pd.DataFrame:
     if suffix == ".csv":
         return load_pm25_csv(path)
     if suffix in (".parquet", ".pq"):
-        return load_pm25_parquet(path)
+        return load_pm25_parquet(path, unknown_keys=unknown_keys)
     raise DataError(
         f"{path}: unknown file type {path.suffix!r}; expected the UCI .csv or the .parquet of data_prep/beijing_pm25.py"
     )

@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from mmpo.data_rows import LoadSummary
 from mmpo.errors import ConfigError
 from mmpo.sft import SFTConfig
 from mmpo.tasks import RewardOutput, Sample, Task
 from mmpo_tasks.forecasting.rewards import ClassRewardConfig, LagrangeState, classwise_reward, contingency
 
 if TYPE_CHECKING:  # the data module (pandas) and the model load when a run prepares, not with the plugin list
-    from mmpo.trainers.series import StageOne
+    from mmpo.trainers.series import StageOne, WindowView
     from mmpo_tasks.forecasting.data import Normalizer, PM25Series
     from mmpo_tasks.forecasting.evaluation import ForecastEvaluator
     from mmpo_tasks.forecasting.model import PM25Forecaster
@@ -176,8 +177,14 @@ class AirQualityTask(Task):
         if self.splits:
             return
         c = self.config
+        self.data_summary = LoadSummary(self.name)
         self.splits, self._normalizer = load_splits(
-            resolve_data(c.data), train_years=c.train_years, val_years=c.val_years, test_years=c.test_years
+            resolve_data(c.data),
+            train_years=c.train_years,
+            val_years=c.val_years,
+            test_years=c.test_years,
+            unknown_keys=self.unknown_keys,
+            summary=self.data_summary,
         )
         self.sigma = c.sigma / float(self._normalizer.std[PM25])
         starts = valid_starts(self.splits["train"], c.window, c.curriculum.max, c.min_observed_frac)
@@ -186,6 +193,8 @@ class AirQualityTask(Task):
                 f"no training start hour has {c.min_observed_frac:.0%} of a {c.window}-hour window observed"
             )
         self.train_starts = [int(s) for s in starts]
+        self.data_summary.notes.append(f"{len(starts)} training start hours")
+        self.data_summary.print()
 
     @property
     def normalizer(self) -> Normalizer:
@@ -257,6 +266,34 @@ class AirQualityTask(Task):
         [N, H]`` (normalised) over the observed hours ``mask [N, H]``; see :func:`classwise_reward`."""
         rewards, comp = classwise_reward(self.to_ug(pred), self.to_ug(truth), mask, self.config.reward, self.lagrange)
         return RewardOutput(rewards, comp)
+
+    def source_name(self) -> str:
+        """The series' name in titles: the data file's stem (``beijing_pm25`` for the bundled station)."""
+        path = Path(resolve_data(self.config.data))
+        return path.parent.name if path.name == "series.parquet" else path.stem
+
+    def window_views(
+        self, split: str, starts: Sequence[int], pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor
+    ) -> list[WindowView]:
+        """Windows at ``starts`` of ``split`` in µg/m³ for logged rollouts: the ``task.window``
+        hours before the start (NaN where not measured), the truth (NaN where ``mask`` is false)
+        and the path ``pred [n, H]`` (normalised, as the trainer scores it); titled with the series
+        and the start time."""
+        from mmpo.trainers.series import WindowView
+
+        series, W = self.splits[split], self.config.window
+        forecast = self.to_ug(pred)
+        observed = torch.where(mask, self.to_ug(truth), torch.full_like(forecast, float("nan")))
+        source = self.source_name()
+        views = []
+        for i, start in enumerate(starts):
+            start = int(start)
+            past = np.where(series.mask[start - W : start], series.target[start - W : start], np.nan)
+            history = torch.as_tensor(self.normalizer.inverse_pm25(past.astype(np.float32)), dtype=torch.float32)
+            when = np.datetime_as_string(series.times[start], unit="h")
+            title = f"{source}: PM2.5 for {forecast.shape[1]} h from {when} ({split} split)"
+            views.append(WindowView(title, history, observed[i], forecast[i], unit="µg/m³"))
+        return views
 
     def after_step(self, pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
         """PI update of the Lagrange multipliers (if enabled) from the recall and FAR of the step's

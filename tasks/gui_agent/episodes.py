@@ -13,10 +13,16 @@ its ``<action>`` tag (coordinates normalised to [0, 1]; pixel coordinates are no
 ``screen_size`` is given). ``target_box`` is the normalised box of the target element (4 numbers in
 [0, 1], ``x0 <= x1``, ``y0 <= y1``); ``screen_size`` is ``[width, height]`` in pixels.
 
+Keys are strict: an episode key other than :data:`EPISODE_KEYS` or a step key other than
+:data:`STEP_KEYS` (``meta`` is free-form) raises ``DataError`` naming the file, the line and the
+key (with the closest known key); ``unknown_keys`` warn / ignore reports it once / says nothing
+(:mod:`mmpo.data_rows`).
+
 A bad episode (a missing screenshot, a malformed action, a bad box or size, a path escape, a
 repeated id...) does not stop the load: it is skipped and recorded as ``{"line": n, "id": ...,
-"error": "<file>: line <n>: key '<k>': <why>"}`` (lines counted from 1). ``DataError`` is raised
-only when the file cannot be read or no episode is valid.
+"error": "<file>: line <n>: key '<k>': <why>", "reason": ...}`` (lines counted from 1; ``reason``:
+the short reason a task's summary line counts). ``DataError`` is raised only when the file cannot
+be read, a key is unknown or no episode is valid.
 """
 
 from __future__ import annotations
@@ -29,10 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmpo.data_rows import KeyCheck, skip_reason
 from mmpo.errors import DataError
 from mmpo_tasks.gui_agent.actions import Action, parse_action
 
 Box = tuple[float, float, float, float]
+EPISODE_KEYS = ("id", "instruction", "steps", "meta")
+STEP_KEYS = ("screenshot", "action", "target_box", "screen_size")
 
 
 @dataclass
@@ -60,6 +69,7 @@ class GuiEpisode:
 class _RowError(Exception):
     def __init__(self, key: str, why: str) -> None:
         super().__init__(f"key '{key}': {why}")
+        self.key, self.why = key, why
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -165,10 +175,24 @@ def _episode(rec: Any, folder: Path) -> GuiEpisode:
     )
 
 
-def load_episodes(path: str | os.PathLike[str]) -> tuple[list[GuiEpisode], list[dict[str, Any]]]:
+def check_episode_keys(rec: dict[str, Any], keys: KeyCheck, file: Path, where: str) -> None:
+    """Check an episode record's keys and its steps' keys (:data:`EPISODE_KEYS`, :data:`STEP_KEYS`)."""
+    keys.check(rec, EPISODE_KEYS, file, where, layout="GUI episode")
+    if isinstance(rec.get("steps"), list):
+        for k, step in enumerate(rec["steps"]):
+            if isinstance(step, dict):
+                keys.check(step, STEP_KEYS, file, where, f"steps[{k}]", "GUI step")
+
+
+def load_episodes(
+    path: str | os.PathLike[str], *, unknown_keys: str | KeyCheck = "error"
+) -> tuple[list[GuiEpisode], list[dict[str, Any]]]:
     """The valid episodes of a JSONL file (layout: module docstring) and the skipped ones as
-    ``{"line", "id", "error"}``. DataError when the file cannot be read or no episode is valid."""
+    ``{"line", "id", "error", "reason"}``. DataError when the file cannot be read, a key is unknown
+    (``unknown_keys``: error | warn | ignore, or a :class:`~mmpo.data_rows.KeyCheck`) or no
+    episode is valid."""
     path = Path(path)
+    keys = KeyCheck.of(unknown_keys)
     if not path.is_file():
         raise DataError(f"{path}: episode file not found")
     try:
@@ -190,11 +214,14 @@ def load_episodes(path: str | os.PathLike[str]) -> tuple[list[GuiEpisode], list[
                 raise _RowError("(line)", f"not valid JSON ({e.msg})") from None
             if isinstance(rec, dict):
                 rid = rec.get("id")
+                check_episode_keys(rec, keys, path, f"line {n}")
             ep = _episode(rec, folder)
             if ep.id in ids:
                 raise _RowError("id", f"{ep.id!r} repeats an earlier episode's id")
         except _RowError as e:
-            skipped.append({"line": n, "id": rid, "error": f"{path}: line {n}: {e}"})
+            skipped.append(
+                {"line": n, "id": rid, "error": f"{path}: line {n}: {e}", "reason": skip_reason(e.key, e.why)}
+            )
             continue
         ids.add(ep.id)
         episodes.append(ep)
@@ -256,8 +283,11 @@ def save_episodes(episodes: list[GuiEpisode], path: str | os.PathLike[str]) -> N
 __all__ = [
     "GuiEpisode",
     "GuiStep",
+    "EPISODE_KEYS",
+    "STEP_KEYS",
     "action_text",
     "check_box",
+    "check_episode_keys",
     "check_relative",
     "episode_record",
     "load_episodes",

@@ -1,4 +1,4 @@
-"""ScreenExplorer's per-step exploration rewards (ALGORITHMS.md B6) on screen embeddings.
+"""ScreenExplorer's per-step exploration rewards (code niuzaisheng/ScreenExplorer) on screen embeddings.
 
 For one episode of ``T`` steps, step ``t`` goes from the pre-state ``s_t`` to the post-state
 ``s'_t``; each state has an image embedding and a text embedding

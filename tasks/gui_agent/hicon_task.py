@@ -1,4 +1,4 @@
-"""``hiconagent``: HiconAgent (HCPO) on GUI episode data (ALGORITHMS.md B5).
+"""``hiconagent``: HiconAgent (HCPO) on GUI episode data (arXiv 2512.01763).
 
 A training sample is one step of an episode: the instruction, the history of earlier steps
 (screenshot + action text each, at most ``max_history``), the current screenshot, and the
@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from mmpo.data_rows import KeyCheck, LoadSummary
 from mmpo.errors import ConfigError
+from mmpo.rollout.env_runner import SeedRange
+from mmpo.sft import SFTConfig
 from mmpo.tasks import RewardOutput, Sample, TokenTask
 from mmpo_tasks.gui_agent.actions import parse_action
 from mmpo_tasks.gui_agent.episodes import GuiEpisode, GuiStep, load_episodes
@@ -59,13 +62,48 @@ class AhcConfig:
 
 
 @dataclass
+class RecordConfig:
+    """The episodes recorded when ``task.data`` is empty: the scripted MiniWoB++ solver in headless
+    Chromium (:func:`mmpo_tasks.gui_agent.recording.cached_episodes`), built once into the cache."""
+
+    tasks: list[str] = field(
+        default_factory=lambda: ["enter-text", "click-test-2", "focus-text"],
+        metadata={"help": "MiniWoB++ tasks the solver plays (mmpo_tasks.gui_agent.solver.SOLVABLE_TASKS)."},
+    )
+    seeds: SeedRange = field(
+        default_factory=lambda: SeedRange(0, 30), metadata={"help": "Seeds of each task (one episode each)."}
+    )
+    only_success: bool = field(default=True, metadata={"help": "Keep only the episodes that earned a reward."})
+    max_steps: int = field(default=16, metadata={"help": "Step limit of an episode.", "min": 1})
+
+
+@dataclass
+class WarmStartConfig(SFTConfig):
+    """Stage 1 before HCPO: a supervised fit of the model to the reference action of every training
+    step (:func:`mmpo_tasks.gui_agent.warm_start.fit_reference_actions`), saved to ``<run>/sft/model``
+    and reused when the run is launched again. A random tiny VLM never writes an action by chance."""
+
+    enabled: bool = field(default=False, metadata={"help": "Run the warm start before HCPO."})
+    epochs: int = field(default=20, metadata={"help": "Passes over the training steps.", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "Steps per optimizer step.", "min": 1})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (tiny models ~3e-3).", "gt": 0.0})
+
+
+@dataclass
 class HiconConfig:
     data: str = field(
         default="",
         metadata={
-            "help": "GUI episodes JSONL (layout: tasks/gui_agent/episodes.py; "
-            "e.g. from data_prep/miniwob_episodes.py or data_prep/gui_to_jsonl.py)."
+            "help": "GUI episodes JSONL (layout: tasks/gui_agent/episodes.py; e.g. from "
+            "data_prep/miniwob_episodes.py or data_prep/gui_to_jsonl.py). Empty: the solver's MiniWoB++ "
+            "episodes of task.record, recorded on first use into the cache ($MMPO_CACHE/data)."
         },
+    )
+    record: RecordConfig = field(
+        default_factory=RecordConfig, metadata={"help": "What to record when task.data is empty."}
+    )
+    warm_start: WarmStartConfig = field(
+        default_factory=WarmStartConfig, metadata={"help": "Supervised stage 1 before HCPO (off by default)."}
     )
     eval_data: str = field(
         default="", metadata={"help": "Held-out episodes JSONL; empty: hold out eval_fraction of `data` by episode id."}
@@ -99,6 +137,24 @@ class HiconConfig:
     system_prompt: str = field(default=SYSTEM_PROMPT, metadata={"help": "System message (the action space)."})
 
 
+def recorded_episodes(record: RecordConfig) -> str:
+    """The episodes file of ``task.record``, recorded into the cache on first use."""
+    from mmpo_tasks.gui_agent.recording import cached_episodes
+    from mmpo_tasks.gui_agent.solver import check_task
+
+    if not record.tasks:
+        raise ConfigError("task.record.tasks: name at least one MiniWoB++ task (or give task.data)")
+    for name in record.tasks:
+        try:
+            check_task(name)
+        except ConfigError as e:
+            raise ConfigError(f"task.record.tasks: {e}") from None
+    path = cached_episodes(
+        record.tasks, record.seeds.seeds(), only_success=record.only_success, max_steps=record.max_steps
+    )
+    return str(path)
+
+
 def _held_out(episode_id: str, fraction: float) -> bool:
     """A stable split by id (crc32), so adding episodes never moves old ones across it."""
     return (zlib.crc32(episode_id.encode()) % 10_000) < fraction * 10_000
@@ -121,16 +177,16 @@ class HiconAgentTask(TokenTask):
 
     def __init__(self, config: HiconConfig, *, seed: int = 0) -> None:
         super().__init__(config, seed=seed)
-        if not config.data:
-            raise ConfigError(
-                "task.data: give a GUI episodes JSONL "
-                "(e.g. `python data_prep/miniwob_episodes.py --out runs/data/miniwob_gui`)"
-            )
-        episodes, self.skipped = load_episodes(config.data)
+        if not config.data:  # the recipe as written: record the solver's episodes once
+            config.data = recorded_episodes(config.record)
+        keys = KeyCheck(self.unknown_keys)
+        summary = self.data_summary = LoadSummary(self.name, unit="episodes")
+        episodes, self.skipped = load_episodes(config.data, unknown_keys=keys)
         if config.eval_data:
             self.train_episodes = episodes
-            self.eval_episodes, skipped = load_episodes(config.eval_data)
+            self.eval_episodes, skipped = load_episodes(config.eval_data, unknown_keys=keys)
             self.skipped += skipped
+            summary.held_out_why = "evaluation reads task.eval_data"
             both = sorted({e.id for e in episodes} & {e.id for e in self.eval_episodes})
             if both:
                 raise ConfigError(
@@ -140,6 +196,8 @@ class HiconAgentTask(TokenTask):
         else:
             self.train_episodes = [e for e in episodes if not _held_out(e.id, config.eval_fraction)]
             self.eval_episodes = [e for e in episodes if _held_out(e.id, config.eval_fraction)]
+            summary.held_out = len(self.eval_episodes)
+            summary.held_out_why = f"eval_fraction={config.eval_fraction:g} of task.data (by episode id)"
         if not self.train_episodes:
             raise ConfigError(
                 f"task.data={config.data!r}: no training episodes left "
@@ -147,6 +205,11 @@ class HiconAgentTask(TokenTask):
             )
         self.train_index = [(i, t) for i, e in enumerate(self.train_episodes) for t in range(len(e.steps))]
         self.eval_index = [(i, t) for i, e in enumerate(self.eval_episodes) for t in range(len(e.steps))]
+        summary.splits = {"train": len(self.train_episodes), "eval": len(self.eval_episodes)}
+        summary.notes.append(f"steps: train {len(self.train_index)}, eval {len(self.eval_index)}")
+        for bad in self.skipped:
+            summary.skip(bad["reason"])
+        summary.print()
         self.step = 1
         self.total_steps = config.dcs_total_steps or 1
         self._images: OrderedDict[str, Any] = OrderedDict()
@@ -248,4 +311,12 @@ class HiconAgentTask(TokenTask):
         return metrics
 
 
-__all__ = ["AhcConfig", "HiconAgentTask", "HiconConfig", "SYSTEM_PROMPT"]
+__all__ = [
+    "AhcConfig",
+    "HiconAgentTask",
+    "HiconConfig",
+    "RecordConfig",
+    "SYSTEM_PROMPT",
+    "WarmStartConfig",
+    "recorded_episodes",
+]

@@ -21,6 +21,7 @@ time of both branches on a fixed prompt.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -55,6 +56,36 @@ class HiconTrainer(Trainer):
                 )
         self._branch = "compressed" if self.ahc.enabled else "full"
         self._timing = {"compressed": 0.0, "full": 0.0}
+
+    def load_start_model(self) -> tuple[torch.nn.Module, Any, Any]:
+        """``model.path``, after stage 1 when ``task.warm_start.enabled``: the supervised warm start
+        (:func:`mmpo_tasks.gui_agent.warm_start.fit_reference_actions`), saved to ``<run>/sft/model``
+        by rank 0 (every rank fits alike: same seed, data and order) and loaded from there when
+        the run is launched again; its results are logged with the first evaluation as ``sft/*``."""
+        from mmpo.checkpoint import latest_checkpoint
+        from mmpo.models import load_model
+        from mmpo.sft import SFT_DIR, save_warm_start
+        from mmpo_tasks.gui_agent.warm_start import fit_reference_actions
+
+        ws, cfg = self.task.config.warm_start, self.cfg
+        if not ws.enabled:
+            return super().load_start_model()
+        out = self.run_dir / SFT_DIR / "model"
+        if (out / "config.json").is_file():  # an earlier launch of this run finished stage 1
+            return load_model(str(out), seed=cfg.seed, attn_implementation=cfg.model.attn_implementation)
+        model, processor, info = super().load_start_model()
+        if latest_checkpoint(self.run_dir) is not None:  # the checkpoint holds the trained weights
+            return model, processor, info
+        from mmpo.policies.causal_lm import CausalLMPolicy
+
+        self.show_phase("stage 1 · warm start")
+        policy = CausalLMPolicy.from_info(model, processor, info)
+        t0 = time.perf_counter()
+        self.sft_metrics = fit_reference_actions(self.task, policy, model, ws, cfg.seed)
+        self.sft_metrics["sft_s"] = time.perf_counter() - t0
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_warm_start(model, processor, str(out), self.sft_metrics)
+        return model, processor, info
 
     @contextmanager
     def branch(self, name: str) -> Iterator[None]:

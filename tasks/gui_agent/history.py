@@ -1,4 +1,4 @@
-"""HiconAgent's Dynamic Context Sampling (ALGORITHMS.md B5): how much history a rollout keeps.
+"""HiconAgent's Dynamic Context Sampling (arXiv 2512.01763): how much history a rollout keeps.
 
 Each rollout independently keeps the last k of the H history steps, with
 ``P(k) ∝ exp(s · w · k)``, ``k ∈ {0..H}``, ``w = min(1, 3 (step - 1) / (S - 1))`` (s = 2, S the

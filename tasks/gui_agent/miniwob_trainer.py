@@ -7,6 +7,9 @@ Every ``click(x, y)`` step of an episode becomes an example: the screenshot as t
 (resized like the environment's observation), the instruction, and the click as the policy's
 action units (two bin tokens). Episodes with other actions (typing) are left out, since the
 policy only clicks. The demonstrations' (task, seed) instances must not be evaluation instances.
+
+Logged rollouts and evaluation rows name the MiniWoB task and its seed; an episode's GIF shows
+each click as ``click(x, y)`` with a ring at the point.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from mmpo.data_rows import LoadSummary
 from mmpo.errors import ConfigError
 from mmpo.rollout.env_eval import EnvEvaluator
-from mmpo.rollout.env_runner import Episode, Observation, resize_square
+from mmpo.rollout.env_runner import EnvRunner, Episode, Observation, resize_square
 from mmpo.trainers.environment import DemoExample, EnvironmentTrainer
 from mmpo_tasks.gui_agent.episodes import load_episodes
 
@@ -29,8 +33,37 @@ def episodes_file(path: str) -> Path:
     return p / "episodes.jsonl" if p.is_dir() else p
 
 
+def click_point(env_action: Any) -> tuple[float, float] | None:
+    """The normalised ``(x, y)`` of a click env action ``[x, y]`` (clipped to [0, 1]), else None
+    (a no-op, an action text)."""
+    if env_action is None or isinstance(env_action, str):
+        return None
+    xy = np.asarray(env_action, dtype=np.float64).reshape(-1)
+    if xy.shape != (2,) or not np.all(np.isfinite(xy)):
+        return None
+    x, y = np.clip(xy, 0.0, 1.0)
+    return float(x), float(y)
+
+
+def gui_action_text(env_action: Any) -> str:
+    """A GUI env action as text: ``click(x, y)`` for a click ``[x, y]``, an action text as it is,
+    ``noop()`` for None (also the world model's action input in ScreenExplorer)."""
+    if env_action is None:
+        return "noop()"
+    if isinstance(env_action, str):
+        return env_action
+    x, y = np.asarray(env_action, dtype=np.float64).reshape(-1)[:2]
+    return f"click({x:.2f}, {y:.2f})"
+
+
 class MiniWobEvaluator(EnvEvaluator):
     """The environment evaluator plus the success rate per MiniWoB task (``success_rate/<task>``)."""
+
+    @classmethod
+    def episode_input(cls, runner: EnvRunner, ep: Episode) -> str:
+        """The instruction, the MiniWoB task and its seed, and the context seed."""
+        task, task_seed = runner._pool(1)[0].unwrapped.task_of(ep.seed)
+        return f"{ep.instruction} (MiniWoB {task}, task seed {task_seed}; context seed {ep.seed})"
 
     def row(self, ep: Episode, index: int) -> dict[str, Any]:
         """The environment row, with the episode's MiniWoB task under ``_task`` (not written)."""
@@ -52,6 +85,14 @@ class MiniWobTrainer(EnvironmentTrainer):
 
     evaluator_class = MiniWobEvaluator
 
+    def action_label(self, env_action: Any) -> str:
+        """``click(x, y)`` (see :func:`gui_action_text`)."""
+        return gui_action_text(env_action)
+
+    def action_point(self, env_action: Any) -> tuple[float, float] | None:
+        """The click point, ringed on the episode's GIF."""
+        return click_point(env_action)
+
     def eval_instances(self) -> set[tuple[str, int]]:
         """(task, task seed) of every evaluation context."""
         env = self.runner._pool(1)[0].unwrapped
@@ -62,9 +103,16 @@ class MiniWobTrainer(EnvironmentTrainer):
         from PIL import Image
 
         path = episodes_file(self.tc.sft.demos)
-        episodes, _ = load_episodes(path)
-        if self.tc.sft.max_episodes:
+        episodes, skipped = load_episodes(path, unknown_keys=self.task.unknown_keys)
+        summary = LoadSummary(f"{self.task.name} demonstrations", unit="episodes")
+        summary.held_out_why = "evaluation runs the environment's eval_seeds"
+        for bad in skipped:
+            summary.skip(bad["reason"])
+        if self.tc.sft.max_episodes and len(episodes) > self.tc.sft.max_episodes:
+            summary.skip(f"beyond max_episodes={self.tc.sft.max_episodes}", len(episodes) - self.tc.sft.max_episodes)
             episodes = episodes[: self.tc.sft.max_episodes]
+        summary.splits["sft"] = len(episodes)
+        summary.print()
         tasks = set(self.tc.env.kwargs.get("tasks") or [])
         held_out = self.eval_instances()
         used, clicks_only = [], []
@@ -101,4 +149,4 @@ class MiniWobTrainer(EnvironmentTrainer):
         return out, {"demo_episodes": len(clicks_only), "demo_steps": len(out), "demo_skipped_non_click": skipped}
 
 
-__all__ = ["MiniWobEvaluator", "MiniWobTrainer", "episodes_file"]
+__all__ = ["MiniWobEvaluator", "MiniWobTrainer", "click_point", "episodes_file", "gui_action_text"]

@@ -1,4 +1,4 @@
-"""``screenexplorer``: ScreenExplorer (ALGORITHMS.md B6) on live MiniWoB++ — a VLM GUI agent
+"""``screenexplorer``: ScreenExplorer (code niuzaisheng/ScreenExplorer) on live MiniWoB++ — a VLM GUI agent
 trained by RL on per-step exploration rewards.
 
 Each step's reward is the (weighted) sum of: screen change, diversity over the episode, the

@@ -18,28 +18,21 @@ from the other environment tasks is expressed through the environment trainer's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from mmpo.rollout.env_runner import Episode
 from mmpo_tasks.gui_agent.exploration import COMPONENTS, episode_rewards
-from mmpo_tasks.gui_agent.miniwob_trainer import MiniWobTrainer
+from mmpo_tasks.gui_agent.miniwob_trainer import MiniWobTrainer, gui_action_text
 from mmpo_tasks.gui_agent.screen_embedding import ImageEmbedder, TextEmbedder, dom_text, text_under_box
 from mmpo_tasks.gui_agent.world_model import WorldModel
 
 WORLD_MODEL_FILE = "world_model.pt"
 
 
-def action_text(env_action: Any) -> str:
-    """The text of an env action for the world model (a click ``[x, y]`` or an action text)."""
-    if env_action is None:
-        return "noop()"
-    if isinstance(env_action, str):
-        return env_action
-    x, y = np.asarray(env_action, dtype=np.float64).reshape(-1)[:2]
-    return f"click({x:.2f}, {y:.2f})"
+#: the text of an env action for the world model (a click ``[x, y]`` or an action text)
+action_text = gui_action_text
 
 
 class ScreenExplorerTrainer(MiniWobTrainer):
@@ -48,6 +41,7 @@ class ScreenExplorerTrainer(MiniWobTrainer):
     def build_extra_state(self) -> None:
         """The screen embedders and the world model (before a checkpoint's ``world_model.pt`` is loaded)."""
         self._last_components: dict[str, float] = {}
+        self._episode_components: list[dict[str, float]] = []
         w = self.tc.world_model
         self.image_embedder = ImageEmbedder(w.image_grid)
         self.text_embedder = TextEmbedder(w.text_dim)
@@ -100,6 +94,7 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         model first, on the transitions of every rank in rank order (gathered), so each rank's
         world model, buffer and shuffling generator stay the same (rank 0 checkpoints them)."""
         episodes = [e for g in kept for e in g]
+        self._episode_components = []
         trans = [self._transitions(ep) for ep in episodes]
         wm, w = self.world_model, self.tc.world_model
         for part in self.engine.all_gather_object(trans):
@@ -123,6 +118,7 @@ class ScreenExplorerTrainer(MiniWobTrainer):
                 self.tc.exploration,
             )
             step_rewards.append(total)
+            self._episode_components.append({k: float(comps[k].sum()) for k in sums})
             for k in sums:
                 sums[k] += float(comps[k].sum())
         rewards = torch.cat(step_rewards) if step_rewards else torch.zeros(0)
@@ -134,6 +130,11 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         adv = self.advantages(rewards, group_ids, keys)
         returns = torch.stack([r.sum() for r in step_rewards]) if step_rewards else torch.zeros(0)
         return returns, adv
+
+    def episode_components(self, kept: list[list[Episode]]) -> list[dict[str, float]]:
+        """Each kept episode's step-reward components (unweighted) summed over its steps, from the
+        last :meth:`step_advantages`; the reward is their weighted sum (``task.exploration``)."""
+        return list(self._episode_components)
 
     def trains_policy(self, step: int) -> bool:
         """The first ``actor_warmup_steps`` steps only fit the world model."""

@@ -3,7 +3,9 @@
 A random (tiny) VLM never writes ``<action>click(x, y)</action>`` by chance. This fits the model to
 the reference action of every training step (the prompt with the full history, as the task builds
 it; target ``<action>...</action>``) with ``mmpo.sft`` and saves a save_pretrained folder for
-``mmpo train configs/hiconagent.yaml model.path=<out>``.
+``mmpo train configs/hiconagent.yaml model.path=<out> 'model.tiny={}'``. The recipe itself runs the
+same fit as its stage 1 (``task.warm_start.enabled: true``, see ``hicon_trainer.py``), so this
+command is only needed for a model folder of its own.
 
     python -m mmpo_tasks.gui_agent.warm_start configs/hiconagent.yaml --out runs/hicon_warm [key=value ...]
 """
@@ -15,7 +17,17 @@ import sys
 from typing import Any
 
 from mmpo.errors import MMPOError
-from mmpo.sft import SFTConfig, completion_examples, completion_nll, save_warm_start, supervised_train, warm_start_setup
+from mmpo.sft import (
+    CompletionExample,
+    SFTConfig,
+    completion_examples,
+    completion_nll,
+    save_warm_start,
+    supervised_train,
+    warm_start_setup,
+)
+
+DESC = "warm start (GUI steps)"
 
 
 def target_text(action: Any) -> str:
@@ -23,16 +35,25 @@ def target_text(action: Any) -> str:
     return f"<action>{action.to_text()}</action>"
 
 
-def warm_start(cfg: Any, out: str, sft: SFTConfig) -> dict[str, Any]:
-    task, model, processor, policy = warm_start_setup(cfg)
+def reference_examples(task: Any, policy: Any) -> list[CompletionExample]:
+    """Every training step of the task (its prompt with the full history) and its reference action."""
     samples = [task.train_sample(i) for i in range(task.num_train())]
-    examples = completion_examples(
-        policy, [s.messages for s in samples], [target_text(s.meta["action"]) for s in samples]
-    )
-    result = supervised_train(
-        model, examples, lambda batch: completion_nll(policy, batch), sft, seed=cfg.seed, desc="warm start (GUI steps)"
-    )
+    return completion_examples(policy, [s.messages for s in samples], [target_text(s.meta["action"]) for s in samples])
+
+
+def fit_reference_actions(task: Any, policy: Any, model: Any, sft: SFTConfig, seed: int) -> dict[str, Any]:
+    """Fit ``model`` (wrapped by ``policy``) in place to :func:`reference_examples`; returns the
+    :func:`mmpo.sft.supervised_train` result with ``examples`` (their count)."""
+    examples = reference_examples(task, policy)
+    result = supervised_train(model, examples, lambda batch: completion_nll(policy, batch), sft, seed=seed, desc=DESC)
     result.update(examples=len(examples))
+    return result
+
+
+def warm_start(cfg: Any, out: str, sft: SFTConfig) -> dict[str, Any]:
+    """The CLI: fit ``model.path`` of the recipe ``cfg`` and save it to ``out`` (a save_pretrained folder)."""
+    task, model, processor, policy = warm_start_setup(cfg)
+    result = fit_reference_actions(task, policy, model, sft, cfg.seed)
     save_warm_start(model, processor, out, result)
     return result
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from mmpo.rewards import choice_accuracy, choice_format
+from mmpo.data_rows import LoadSummary
+from mmpo.rewards import choice_accuracy, choice_format, extract_choice
 from mmpo.tasks import RewardOutput, Sample, TokenTask
 from mmpo_tasks.synthetic_vqa.data import QUESTION_TYPES, question, random_scene, render
 
@@ -49,6 +50,13 @@ class SyntheticVQATask(TokenTask):
 
             raise ConfigError(f"task.image_size must be a multiple of 28, got {config.image_size}")
         self._train_keys: set[tuple] | None = None
+        self.data_summary = LoadSummary(
+            self.name,
+            unit="questions (generated)",
+            splits={"train": config.num_train, "eval": "on demand"},
+            held_out_why="evaluation questions come from their own seed; one equal to a training question is skipped",
+        )
+        self.data_summary.print()
 
     def _make(self, split: str, index: int) -> tuple[Sample, tuple]:
         rng = random.Random(f"{split}-{self.seed}-{index}")
@@ -96,7 +104,13 @@ class SyntheticVQATask(TokenTask):
         fmt = choice_format(completions, letters, options, accept=accept)
         return RewardOutput(rewards=acc + self.config.format_weight * fmt, components={"accuracy": acc, "format": fmt})
 
+    def parse_prediction(self, sample: Sample, completion: str) -> str | None:
+        """The letter of the option ``completion`` chose (in the form the prompt asks for), or None."""
+        letters, options = sample.meta["letters"], sample.meta["options"]
+        return extract_choice(completion, letters, options, accept=self.config.answer_with)
+
     def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
+        """accuracy, format, chance (1 / #options) and ``accuracy/<question type>``."""
         out = self.reward(samples, completions)
         metrics = {
             "accuracy": float(out.components["accuracy"].mean()),
@@ -106,5 +120,5 @@ class SyntheticVQATask(TokenTask):
         for q in self.config.question_types:
             idx = [i for i, s in enumerate(samples) if s.meta["qtype"] == q]
             if idx:
-                metrics[f"accuracy_{q}"] = float(out.components["accuracy"][idx].mean())
+                metrics[f"accuracy/{q}"] = float(out.components["accuracy"][idx].mean())
         return metrics

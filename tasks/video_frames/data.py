@@ -8,14 +8,18 @@ A ``.jsonl`` file (one JSON object a line) or a ``.parquet`` file of rows::
 ``video`` is a local path, relative to ``video_root`` when given, else to the data file's folder
 (absolute paths are taken as they are; URLs are refused). ``answer`` is an option letter (``"B"``,
 ``"(B)"``, ``"B."``, upper case) or, failing that, the exact text of one option (then, if no
-option matches exactly, a case-insensitive match that must be unique). A ``meta`` object and the
-other keys (``events``, ``kind``...) are merged into the row's ``meta``.
+option matches exactly, a case-insensitive match that must be unique). A ``meta`` object (free-form)
+and the optional ``events`` and ``kind`` (written by the synthetic set) are merged into the row's
+``meta``. Any other key is unknown: a ``DataError`` naming the file, the line and the key (with the
+closest known key), or a warning / nothing with ``unknown_keys`` warn / ignore
+(:mod:`mmpo.data_rows`).
 
 Every row is checked: keys, options, answer, and its video is opened once (header and first
 frame, PyAV; each distinct file only once). A bad row does not stop the run: it is skipped and
-recorded as ``{"line": n, "id": ..., "error": "<file>: line <n>: key '<k>': <why>"}`` (lines
-counted from 1; for Parquet, rows counted from 1). ``DataError`` is raised only when the file
-itself cannot be read or no row is valid.
+recorded as ``{"line": n, "id": ..., "error": "<file>: line <n>: key '<k>': <why>", "reason": ...}``
+(lines counted from 1; for Parquet, ``row <n>``, rows counted from 1; ``reason``: the short reason
+the task's summary line counts). ``DataError`` is raised only when the file itself cannot be read,
+a row has an unknown key (unless ``unknown_keys`` says otherwise) or no row is valid.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from mmpo.data_rows import KeyCheck, skip_reason
 from mmpo.errors import DataError
 from mmpo_tasks.video_frames.video import VideoReader
 
@@ -36,12 +41,15 @@ log = logging.getLogger(__name__)
 LETTERS = "ABCDEFGH"
 MIN_OPTIONS, MAX_OPTIONS = 2, 8
 REQUIRED = ("id", "video", "question", "options", "answer")
+#: optional keys, merged into the row's meta (``events`` and ``kind`` come from the synthetic set)
+OPTIONAL = ("meta", "events", "kind")
 _LETTER = re.compile(r"\(?([A-H])\)?\.?")
 
 
 class _RowError(Exception):
     def __init__(self, key: str, why: str) -> None:
         super().__init__(f"key '{key}': {why}")
+        self.key, self.why = key, why
 
 
 def _show(value: Any, limit: int = 60) -> str:
@@ -140,16 +148,24 @@ def _probe(path: Path) -> dict[str, Any]:
 
 
 def load_video_qa(
-    path: str | os.PathLike[str], *, video_root: str | os.PathLike[str] | None = None, check_videos: bool = True
+    path: str | os.PathLike[str],
+    *,
+    video_root: str | os.PathLike[str] | None = None,
+    check_videos: bool = True,
+    unknown_keys: str | KeyCheck = "error",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(rows, skipped)`` of a video QA file (layout and checks: module docstring).
 
     A row: ``{"id" (str), "video" (absolute path str), "question", "options", "answer" (letter),
     "answer_text", "duration_s", "fps", "num_frames", "meta"}`` (the video's numbers are None
     when ``check_videos`` is False, then only the file's existence is checked). ``skipped``:
-    ``{"line", "id", "error"}`` for each row left out.
+    ``{"line", "id", "error", "reason"}`` for each row left out. ``unknown_keys`` (error | warn |
+    ignore, or a :class:`~mmpo.data_rows.KeyCheck`): what a key not in the layout does.
     """
     path = Path(path)
+    keys = KeyCheck.of(unknown_keys)
+    allowed = (*REQUIRED, *OPTIONAL)
+    label = "row" if path.suffix.lower() == ".parquet" else "line"
     base = Path(video_root).expanduser() if video_root is not None else path.parent
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -160,6 +176,8 @@ def load_video_qa(
         total += 1
         rid = rec.get("id") if isinstance(rec, dict) else None
         rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        if isinstance(rec, dict):
+            keys.check(rec, allowed, path, f"{label} {n}")
         try:
             if isinstance(rec, _RowError):
                 raise rec
@@ -193,11 +211,13 @@ def load_video_qa(
                 if isinstance(info, str):
                     raise _RowError("video", info)
         except _RowError as e:
-            skipped.append({"line": n, "id": rid, "error": f"{path}: line {n}: {e}"})
+            skipped.append(
+                {"line": n, "id": rid, "error": f"{path}: {label} {n}: {e}", "reason": skip_reason(e.key, e.why)}
+            )
             continue
         seen_ids[rid] = n
         meta = dict(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
-        meta.update({k: v for k, v in rec.items() if k not in REQUIRED and k != "meta"})
+        meta.update({k: rec[k] for k in OPTIONAL if k in rec and k != "meta"})
         rows.append(
             {
                 "id": rid,
@@ -218,4 +238,4 @@ def load_video_qa(
     return rows, skipped
 
 
-__all__ = ["LETTERS", "answer_letter", "load_video_qa"]
+__all__ = ["LETTERS", "OPTIONAL", "REQUIRED", "answer_letter", "load_video_qa"]

@@ -1,4 +1,4 @@
-"""``framemind``: FrameMind-style video QA (arXiv 2509.24008; ALGORITHMS.md B4): frame-interleaved
+"""``framemind``: FrameMind-style video QA (arXiv 2509.24008): frame-interleaved
 reasoning with tool calls over the sample's own video, trained with DRFS-GRPO.
 
 A rollout starts from a few frames of the video (an initial frame-sampling setting), may call
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mmpo.data_rows import KeyCheck, LoadSummary
 from mmpo.errors import ConfigError, DataError
 from mmpo.tasks import RewardOutput, Sample, TokenTask
 
@@ -185,18 +186,29 @@ class FrameMindTask(TokenTask):
                 f"task.initial_setting={config.initial_setting} but the ladder has {len(config.ladder)} settings"
             )
         syn = config.synthetic
+        keys = KeyCheck(self.unknown_keys)
+        summary = self.data_summary = LoadSummary(self.name)
         train_path = config.data or synthetic_folder(syn, syn.seed, syn.num_train) / "qa.jsonl"
-        self.train_rows, self.skipped = load_video_qa(train_path)
+        self.train_rows, self.skipped = load_video_qa(train_path, unknown_keys=keys)
         if config.eval_data:
-            self.eval_rows, skipped = load_video_qa(config.eval_data)
+            self.eval_rows, skipped = load_video_qa(config.eval_data, unknown_keys=keys)
             self.skipped += skipped
+            summary.held_out_why = "evaluation reads task.eval_data"
         elif not config.data:
-            self.eval_rows, _ = load_video_qa(synthetic_folder(syn, syn.seed + 1, syn.num_eval) / "qa.jsonl")
+            self.eval_rows, _ = load_video_qa(
+                synthetic_folder(syn, syn.seed + 1, syn.num_eval) / "qa.jsonl", unknown_keys=keys
+            )
+            summary.held_out_why = "synthetic videos: evaluation has its own set (seed + 1)"
         else:  # a held-out tail of the training rows
             cut = max(1, len(self.train_rows) // 10)
             self.train_rows, self.eval_rows = self.train_rows[:-cut], self.train_rows[-cut:]
+            summary.held_out, summary.held_out_why = cut, "the last 10% of task.data rows, no task.eval_data"
         if not self.train_rows:
             raise DataError(f"task.data: no usable training row ({len(self.skipped)} skipped)")
+        summary.splits = {"train": len(self.train_rows), "eval": len(self.eval_rows)}
+        for bad in self.skipped:
+            summary.skip(bad["reason"])
+        summary.print()
         if self.skipped:  # bad rows never stop a run; say how many and why (first few)
             import sys
 
@@ -209,7 +221,8 @@ class FrameMindTask(TokenTask):
 
     # -- samples --------------------------------------------------------------------------------
     def _sample(self, row: dict[str, Any], evaluation: bool) -> Sample:
-        s = Sample(id=str(row["id"]), messages=[], answer=row["answer"], meta={"row": row, "eval": evaluation})
+        meta = {"row": row, "eval": evaluation, "options": list(row["options"])}
+        s = Sample(id=str(row["id"]), messages=[], answer=row["answer"], meta=meta)
         s.messages = self.rollout_messages(s, 0)
         return s
 
@@ -308,6 +321,17 @@ class FrameMindTask(TokenTask):
             + gate * (w.tool * c["tool_use"] + w.turn_bonus * c["turn_bonus"])
         )
         return RewardOutput(rewards=reward, components=c)
+
+    def eval_trajectories(self, samples: list[Sample], trajectories: list[Any]) -> dict[str, float]:
+        """reward, each component's mean, and ``accuracy/<kind>`` per question kind (a row's
+        ``kind``, as the synthetic videos have; rows without one are left out of it)."""
+        metrics = super().eval_trajectories(samples, trajectories)
+        acc = self.reward_trajectories(samples, trajectories).components["accuracy"]
+        kinds = [s.meta["row"].get("meta", {}).get("kind") for s in samples]
+        for kind in sorted({str(k) for k in kinds if k is not None}):
+            idx = [i for i, k in enumerate(kinds) if k is not None and str(k) == kind]
+            metrics[f"accuracy/{kind}"] = float(acc[idx].mean())
+        return metrics
 
     def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
         raise ConfigError("framemind is rewarded on multi-turn trajectories (reward_trajectories)")

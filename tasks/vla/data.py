@@ -6,6 +6,9 @@ Layout: ``demos.jsonl`` (one step a line: ``{"episode", "seed", "t", "image", "i
 folder: absolute paths and ``..`` are refused, and no file outside the folder is opened.
 
 A bad file raises ``DataError`` naming the file (and, for ``demos.jsonl``, the line counted from 1).
+A ``demos.jsonl`` key other than those above is unknown: a ``DataError`` naming the line and the key
+(with the closest known key), or, with ``unknown_keys`` warn / ignore, reported once / ignored
+(:mod:`mmpo.data_rows`). ``meta.json`` is the generator's manifest and is not checked key by key.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mmpo.data_rows import KeyCheck, LoadSummary
 from mmpo.errors import DataError
 
 GENERATE_HINT = "python data_prep/babyai_demos.py --out {folder}"
@@ -58,8 +62,8 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of each non-blank line, every key checked."""
+def _read_rows(path: Path, keys: KeyCheck) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of each non-blank line, every key checked (unknown ones by ``keys``)."""
     if not path.is_file():
         raise DataError(f"{path}: not found (regenerate the folder with `{GENERATE_HINT.format(folder=path.parent)}`)")
     rows = []
@@ -76,6 +80,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path}: line {lineno}: not valid JSON: {e.msg}") from e
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        keys.check(row, _KEYS, path, f"line {lineno}", layout="demonstration step")
         for key, kind in _KEYS.items():
             if key not in row:
                 raise DataError(f"{path}: line {lineno}: missing key '{key}'")
@@ -119,8 +124,16 @@ def _load_image(path: Path, where: str) -> np.ndarray:
     return image
 
 
-def load_demos(folder: str | Path, max_episodes: int = 0) -> tuple[list[DemoStep], dict[str, Any]]:
-    """The steps of ``folder`` (the first ``max_episodes`` episodes in file order when > 0) and its meta."""
+def load_demos(
+    folder: str | Path,
+    max_episodes: int = 0,
+    *,
+    unknown_keys: str | KeyCheck = "error",
+    summary: LoadSummary | None = None,
+) -> tuple[list[DemoStep], dict[str, Any]]:
+    """The steps of ``folder`` (the first ``max_episodes`` episodes in file order when > 0) and its
+    meta. ``unknown_keys``: what a step key not in the layout does (error | warn | ignore);
+    ``summary``, when given, gets the steps used (split ``sft``) and those left out by ``max_episodes``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(
@@ -130,7 +143,7 @@ def load_demos(folder: str | Path, max_episodes: int = 0) -> tuple[list[DemoStep
         raise DataError(f"max_episodes must be >= 0, got {max_episodes}")
     meta = _read_meta(folder)
     path = folder / "demos.jsonl"
-    rows = _read_rows(path)
+    rows = _read_rows(path, KeyCheck.of(unknown_keys))
     if not rows:
         raise DataError(f"{path}: no steps")
     chosen: set[int] = set()
@@ -154,6 +167,10 @@ def load_demos(folder: str | Path, max_episodes: int = 0) -> tuple[list[DemoStep
                 action_name=row["action_name"],
             )
         )
+    if summary is not None:
+        summary.splits["sft"] = len(steps)
+        if len(rows) > len(steps):
+            summary.skip(f"beyond max_episodes={max_episodes}", len(rows) - len(steps))
     return steps, meta
 
 

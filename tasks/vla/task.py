@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmpo.rollout.env_config import DemoConfig, EnvTaskConfig, RiptConfig, VLAPolicyConfig
+from mmpo.errors import ConfigError
+from mmpo.rollout.env_config import AUTO_DEMOS, DemoConfig, EnvTaskConfig, RiptConfig, VLAPolicyConfig
 from mmpo.rollout.env_task import EnvSeedTask
 
 
@@ -30,12 +31,29 @@ class RiptVlaTask(EnvSeedTask):
         "and dynamic rollout sampling, after SFT on demonstrations"
     )
     Config = RiptVlaConfig
+    builds_demos = True  # task.sft.demos: auto -> BabyAI-bot demonstrations (mmpo_tasks.vla.demos)
 
     @classmethod
     def trainer_class(cls) -> type:
         from mmpo_tasks.vla.trainer import RiptTrainer
 
         return RiptTrainer
+
+    def __init__(self, config: RiptVlaConfig, *, seed: int = 0) -> None:
+        super().__init__(config, seed=seed)
+        if config.sft.demos == AUTO_DEMOS:
+            env = config.env
+            if not env.id.startswith("BabyAI-") or not env.observation.startswith("minigrid"):
+                raise ConfigError(
+                    f"task.sft.demos: auto builds BabyAI-bot demonstrations, which need a BabyAI level and a "
+                    f"minigrid_* observation (task.env.id={env.id!r}, task.env.observation={env.observation!r}); "
+                    "give a demonstrations folder instead"
+                )
+            if config.sft.max_episodes < 1:
+                raise ConfigError(
+                    "task.sft.max_episodes: with task.sft.demos: auto it is how many bot episodes to build; "
+                    f"give a number >= 1 (got {config.sft.max_episodes})"
+                )
 
 
 __all__ = ["DemoConfig", "RiptConfig", "RiptVlaConfig", "RiptVlaTask", "VLAPolicyConfig"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmpo.errors import ConfigError
+from mmpo.rollout.env_config import AUTO_DEMOS
 from mmpo.rollout.env_runner import Observation, check_disjoint
 from mmpo.trainers.environment import DemoExample, EnvironmentTrainer
 
@@ -20,10 +21,18 @@ class RiptTrainer(EnvironmentTrainer):
 
     def sft_examples(self) -> tuple[list[DemoExample], dict[str, Any]]:
         """``(encoding, units [U], mask [U])`` of every demonstration step, and their counts."""
+        from mmpo.data_rows import LoadSummary
         from mmpo_tasks.vla.data import load_demos
 
         demos = self.tc.sft.demos
-        steps, meta = load_demos(demos, self.tc.sft.max_episodes)
+        if demos == AUTO_DEMOS:  # built on first use into the cache (one progress line)
+            from mmpo_tasks.vla.demos import cached_demos
+
+            demos = str(cached_demos(self.tc.env, self.tc.sft.max_episodes))
+        summary = LoadSummary(f"{self.task.name} demonstrations", unit="steps")
+        summary.held_out_why = "evaluation runs the environment's eval_seeds"
+        steps, meta = load_demos(demos, self.tc.sft.max_episodes, unknown_keys=self.task.unknown_keys, summary=summary)
+        summary.print()
         env_id = meta.get("env", {}).get("id")
         if env_id != self.tc.env.id:
             raise ConfigError(f"task.sft.demos={demos!r} were recorded in {env_id!r}, the task runs {self.tc.env.id!r}")

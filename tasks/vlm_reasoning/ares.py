@@ -1,4 +1,4 @@
-"""ARES / AEPO entropy-shaped reward pieces (ALGORITHMS.md B3.2-B3.7; shawn0728/ARES).
+"""ARES / AEPO entropy-shaped reward pieces (code shawn0728/ARES).
 
 Pure torch / python, no model. One training step uses them in this order (as the ARES code):
 

@@ -7,7 +7,7 @@ Canonical row (one JSON object a line; image paths relative to the JSONL file's 
      "meta": {"source": ..., ...}}
 
 Images are re-encoded as RGB PNG under ``<out_dir>/images/``. Rows are numbered from 0 (the
-first data row of a file, after a CSV header), as the task's loader does, in error messages:
+first data row of a file, after a CSV header) in error messages:
 ``"<file>: row <i>: field '<f>': <why>"``. With ``skip_bad_rows=True`` such rows are left out
 and counted instead (logged as a warning, with the first reason). The output JSONL is written
 to a temporary file and renamed, so it is never half written.

@@ -28,9 +28,17 @@ answer is a single letter. A multiple-choice answer is stored as the option lett
 answer may be the letter (``"B"``, ``"(b)"``), the option's text or, with an options list, its
 0-based index.
 
-A bad row raises ``DataError("<file>: row <i>: field '<name>': <why>")`` (rows counted from 0);
-with ``skip_bad_rows`` it is skipped and the loader logs once
-``"skipped K of N rows in <file>: first: <reason>"``.
+Strict keys: a row key its layout does not read (:data:`LAYOUT_KEYS`; nested: chat messages
+``role``/``content``, content parts ``type``/``text``/``image``/``video``, ``reward_model``
+``style``/``ground_truth``, LLaVA turns ``from``/``value``; ``meta`` and verl's ``extra_info`` are
+free-form) raises ``DataError("<file>: line <n>: unknown key 'imgs'. Did you mean 'images'? ...")``
+whatever ``skip_bad_rows`` says; ``unknown_keys`` (``task.unknown_keys``) turns it into a warning
+or silence (:mod:`mmpo.data_rows`).
+
+A bad row raises ``DataError("<file>: line <n>: field '<name>': <why>")`` (``line <n>`` of a JSONL
+file, ``row <n>`` of a JSON list or a Parquet file; both counted from 1); with ``skip_bad_rows`` it
+is skipped, counted by reason, and the loader logs once ``"skipped K of N rows in <file>: first:
+<reason>"``.
 """
 
 from __future__ import annotations
@@ -41,12 +49,16 @@ import io
 import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image
 
+from mmpo.core.registry import did_you_mean
+from mmpo.data import RecordError
+from mmpo.data_rows import KeyCheck, iter_rows, skip_reason
 from mmpo.errors import DataError
 from mmpo.rewards import extract_answer_tag, normalize_answer
 
@@ -61,6 +73,37 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # "A. text", "A) text", "A: text", "(A) text" on a line of their own
 _OPTION_LINE = re.compile(r"^\s*(?:\(([A-Z])\)|([A-Z])\s*[.):：])\s*(\S.*?)\s*$")
 _LETTER_ANSWER = re.compile(r"\(?([A-Za-z])\)?\.?")
+
+_COMMON_KEYS = ("id", "options", "choices", "meta", "data_source", "video")
+#: the top-level keys each layout reads (``meta`` and ``extra_info`` are free-form mappings)
+LAYOUT_KEYS: dict[str, frozenset[str]] = {
+    "mmpo": frozenset({*_COMMON_KEYS, "images", "image", "question", "answer", "solution"}),
+    "trl": frozenset({*_COMMON_KEYS, "prompt", "images", "image", "videos", "answer", "solution"}),
+    # verl (geo3k, gsm8k, agent-loop layouts) and EasyR1 (problem / answer / images / videos)
+    "verl": frozenset(
+        {
+            *_COMMON_KEYS,
+            "prompt",
+            "problem",
+            "images",
+            "image",
+            "videos",
+            "answer",
+            "solution",
+            "reward_model",
+            "ability",
+            "extra_info",
+            "agent_name",
+        }
+    ),
+    "llava": frozenset({*_COMMON_KEYS, "image", "images", "conversations"}),
+}
+MESSAGE_KEYS = frozenset({"role", "content"})
+PART_KEYS = frozenset({"type", "text", "image", "video"})
+REWARD_MODEL_KEYS = frozenset({"style", "ground_truth"})
+TURN_KEYS = frozenset({"from", "value"})
+#: keys that say the same thing: a row may give one of each pair
+_SAME = (("images", "image"), ("options", "choices"), ("videos", "video"))
 
 
 class RowError(Exception):
@@ -168,7 +211,7 @@ class Row:
     solution: str | None = None
     video: VideoSource | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    where: str = ""  # "<file>: row <i>", for error messages
+    where: str = ""  # "<file>: line <n>" (or "row <n>"), for error messages
 
     @property
     def letters(self) -> list[str]:
@@ -181,12 +224,14 @@ class Row:
 
 @dataclass
 class LoadResult:
-    """Rows read from one file (or folder), how many were seen and skipped, the first skip's reason."""
+    """Rows read from one file (or folder), how many were seen and skipped, the first skip's
+    message and the skipped rows counted by short reason (:func:`mmpo.data_rows.skip_reason`)."""
 
     rows: list[Row]
     total: int
     skipped: int = 0
     first_error: str | None = None
+    skip_reasons: Counter[str] = field(default_factory=Counter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,11 +585,37 @@ def _from_llava(rec: dict[str, Any], ctx: _Context) -> dict[str, Any]:
     }
 
 
+def check_keys(rec: dict[str, Any], fmt: str, keys: KeyCheck, file: Path, where: str) -> None:
+    """Check the keys of a ``fmt`` row and of its nested mappings whose layout is known (chat
+    messages and their content parts, ``reward_model``, LLaVA turns) against :data:`LAYOUT_KEYS`."""
+    keys.check(rec, LAYOUT_KEYS[fmt], file, where, layout=f"{fmt} layout")
+    prompt = rec.get("prompt")
+    if fmt in ("trl", "verl") and isinstance(prompt, (list, tuple)):
+        for i, msg in enumerate(prompt):
+            if not isinstance(msg, dict):
+                continue
+            keys.check(msg, MESSAGE_KEYS, file, where, f"prompt[{i}]", "chat message")
+            content = msg.get("content")
+            if isinstance(content, (list, tuple)):
+                for j, part in enumerate(content):
+                    if isinstance(part, dict):
+                        keys.check(part, PART_KEYS, file, where, f"prompt[{i}].content[{j}]", "content part")
+    if fmt == "verl" and isinstance(rec.get("reward_model"), dict):
+        keys.check(rec["reward_model"], REWARD_MODEL_KEYS, file, where, "reward_model", f"{fmt} layout")
+    if fmt == "llava" and isinstance(rec.get("conversations"), list):
+        for i, turn in enumerate(rec["conversations"]):
+            if isinstance(turn, dict):
+                keys.check(turn, TURN_KEYS, file, where, f"conversations[{i}]", f"{fmt} layout")
+
+
 def _convert(rec: Any, fmt: str, ctx: _Context) -> dict[str, Any]:
     if isinstance(rec, RowError):
         raise rec
     if not isinstance(rec, dict):
         raise RowError("<row>", f"a row must be a JSON object, got {_show(rec)}")
+    for a, b in _SAME:
+        if rec.get(a) is not None and rec.get(b) is not None:
+            raise RowError(b, f"given together with '{a}'; a row gives one of them")
     if fmt == "mmpo":
         return _from_mmpo(rec, ctx)
     if fmt == "trl":
@@ -554,7 +625,8 @@ def _convert(rec: Any, fmt: str, ctx: _Context) -> dict[str, Any]:
     return _from_llava(rec, ctx)
 
 
-def _build_row(rec: Any, i: int, fmt: str, ctx: _Context, answer_type: str) -> Row:
+def _build_row(rec: Any, i: int, where: str, fmt: str, ctx: _Context, answer_type: str) -> Row:
+    """The row of record ``rec`` (the ``i``-th of its file, from 0: its default id) at ``where``."""
     raw = _convert(rec, fmt, ctx)
     answer_key, answer_value = raw["answer"]
     answer, original, solution = _answer(answer_value, answer_key)
@@ -594,7 +666,7 @@ def _build_row(rec: Any, i: int, fmt: str, ctx: _Context, answer_type: str) -> R
         solution=solution,
         video=raw["video"],
         meta=raw["meta"],
-        where=f"{ctx.file}: row {i}",
+        where=f"{ctx.file}: {where}",
     )
 
 
@@ -628,43 +700,54 @@ def load_file(
     answer_type: str = "auto",
     skip_bad_rows: bool = False,
     max_rows: int = 0,
+    unknown_keys: str | KeyCheck = "error",
 ) -> LoadResult:
-    """Rows of one data file (see the module docstring). ``max_rows > 0`` stops after that many good rows."""
+    """Rows of one data file (see the module docstring). ``max_rows > 0`` stops after that many good
+    rows; ``unknown_keys`` (error | warn | ignore, or a :class:`~mmpo.data_rows.KeyCheck`) is what a
+    row key the layout does not read does."""
     if format not in FORMATS:
         raise DataError(f"unknown data format {format!r}; choose from {', '.join(FORMATS)}")
     if answer_type not in ANSWER_TYPES:
         raise DataError(f"unknown answer_type {answer_type!r}; choose from {', '.join(ANSWER_TYPES)}")
+    keys = KeyCheck.of(unknown_keys)
     ctx = _Context(file=Path(path), image_root=Path(image_root).expanduser() if image_root else None)
     fmt = None if format == "auto" else format
-    rows: list[Row] = []
-    total, skipped, first_error = 0, 0, None
-    for i, rec in iter_records(ctx.file):
-        if max_rows and len(rows) >= max_rows:
+    out = LoadResult(rows=[], total=0)
+    for i, (where, rec) in enumerate(iter_rows(ctx.file)):
+        if max_rows and len(out.rows) >= max_rows:
             break
-        total += 1
+        out.total += 1
         if fmt is None and isinstance(rec, dict):
             fmt = detect_format(rec)
             if fmt is None:
+                markers = ["question", "prompt", "problem", "conversations", "reward_model"]
+                hint = next((h for k in rec if (h := did_you_mean(str(k), markers))), "")
                 raise DataError(
-                    f"{ctx.file}: cannot tell the data layout from row {i} (keys: {', '.join(map(str, rec))}); "
+                    f"{ctx.file}: cannot tell the data layout from {where} (keys: {', '.join(map(str, rec))}); "
                     f"expected 'question' (mmpo), 'prompt' (trl/verl), 'problem' (EasyR1) or 'conversations' (llava), "
-                    f"or set the task's format: mmpo|trl|verl|llava"
+                    f"or set the task's format: mmpo|trl|verl|llava.{hint}"
                 )
+        if isinstance(rec, dict):
+            check_keys(rec, fmt or "mmpo", keys, ctx.file, where)
         try:
-            rows.append(_build_row(rec, i, fmt or "mmpo", ctx, answer_type))
+            if isinstance(rec, RecordError):
+                raise RowError("<json>", str(rec))
+            out.rows.append(_build_row(rec, i, where, fmt or "mmpo", ctx, answer_type))
         except RowError as exc:
-            message = f"{ctx.file}: row {i}: {exc}"
+            message = f"{ctx.file}: {where}: {exc}"
             if not skip_bad_rows:
                 raise DataError(message + " (set the task's skip_bad_rows: true to skip bad rows)") from None
-            skipped += 1
-            first_error = first_error or message
-    if skipped:
-        log.warning("skipped %d of %d rows in %s: first: %s", skipped, total, ctx.file, first_error)
-    if not rows:
+            out.skipped += 1
+            out.skip_reasons[skip_reason(exc.field_name, exc.why)] += 1
+            out.first_error = out.first_error or message
+    if out.skipped:
+        log.warning("skipped %d of %d rows in %s: first: %s", out.skipped, out.total, ctx.file, out.first_error)
+    if not out.rows:
         raise DataError(
-            f"{ctx.file}: no usable rows" + (f" (all {total} were bad; first: {first_error})" if total else "")
+            f"{ctx.file}: no usable rows"
+            + (f" (all {out.total} were bad; first: {out.first_error})" if out.total else "")
         )
-    return LoadResult(rows=rows, total=total, skipped=skipped, first_error=first_error)
+    return out
 
 
 def load_rows(
@@ -675,23 +758,33 @@ def load_rows(
     answer_type: str = "auto",
     skip_bad_rows: bool = False,
     max_rows: int = 0,
+    unknown_keys: str | KeyCheck = "error",
 ) -> LoadResult:
     """Rows of a data file or of every data file in a folder (each detected on its own).
 
     ``max_rows > 0`` keeps only the first ``max_rows`` good rows in all. Raises DataError for a
-    missing/unsupported file, a bad row (unless ``skip_bad_rows``) or no usable rows.
+    missing/unsupported file, an unknown key (unless ``unknown_keys`` is warn / ignore), a bad row
+    (unless ``skip_bad_rows``) or no usable rows.
     """
+    keys = KeyCheck.of(unknown_keys)
     out = LoadResult(rows=[], total=0)
     for f in data_files(path):
         left = max_rows - len(out.rows) if max_rows else 0
         if max_rows and left <= 0:
             break
         res = load_file(
-            f, format=format, image_root=image_root, answer_type=answer_type, skip_bad_rows=skip_bad_rows, max_rows=left
+            f,
+            format=format,
+            image_root=image_root,
+            answer_type=answer_type,
+            skip_bad_rows=skip_bad_rows,
+            max_rows=left,
+            unknown_keys=keys,
         )
         out.rows.extend(res.rows)
         out.total += res.total
         out.skipped += res.skipped
+        out.skip_reasons.update(res.skip_reasons)
         out.first_error = out.first_error or res.first_error
     return out
 
@@ -702,11 +795,13 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "VIDEO_PLACEHOLDER",
     "LETTERS",
+    "LAYOUT_KEYS",
     "ImageSource",
     "VideoSource",
     "Row",
     "LoadResult",
     "RowError",
+    "check_keys",
     "data_files",
     "iter_records",
     "detect_format",

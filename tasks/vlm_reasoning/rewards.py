@@ -50,18 +50,27 @@ def format_reward(samples: Sequence[Sample], completions: Sequence[str], templat
     return answer_only_format(completions) if template == "plain" else think_answer_format(completions)
 
 
+def parsed_answer(sample: Sample, completion: str, template: str = "think") -> str | None:
+    """What ``completion`` answers: the letter of the chosen option (multiple choice) or the
+    answer text (open); None when it gives none."""
+    pred = _answer_text(completion, template)
+    letters = sample.meta.get("letters") or []
+    if pred is None or not letters:
+        return pred
+    return extract_choice(pred, letters, sample.meta.get("options"), accept="both")
+
+
 def accuracy_reward(
     samples: Sequence[Sample], completions: Sequence[str], *, rel_tol: float = 0.0, template: str = "think"
 ) -> torch.Tensor:
     """1.0 where the answer of ``completions[i]`` answers ``samples[i]`` (see module docstring). Shape [N]."""
     out = []
     for sample, text in zip(samples, completions):
-        pred = _answer_text(text, template)
-        letters = sample.meta.get("letters") or []
+        pred = parsed_answer(sample, text, template)
         if pred is None:
             ok = False
-        elif letters:
-            ok = extract_choice(pred, letters, sample.meta.get("options"), accept="both") == sample.answer
+        elif sample.meta.get("letters"):
+            ok = pred == sample.answer
         else:
             ok = open_answer_match(pred, str(sample.answer), rel_tol=rel_tol)
         out.append(float(ok))
@@ -93,4 +102,4 @@ def score(
     return weighted_sum(components, {"accuracy": accuracy_weight, "format": format_weight})
 
 
-__all__ = ["format_reward", "accuracy_reward", "answer_found", "score"]
+__all__ = ["format_reward", "accuracy_reward", "answer_found", "parsed_answer", "score"]

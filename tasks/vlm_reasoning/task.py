@@ -17,17 +17,18 @@ import torch
 
 from mmpo.config import FieldError
 from mmpo.core.ares import bucket_codes
+from mmpo.data_rows import KeyCheck, LoadSummary
 from mmpo.errors import DataError
 from mmpo.tasks import RewardOutput, RolloutView, Sample, TokenTask
 from mmpo_tasks.vlm_reasoning import ares
 from mmpo_tasks.vlm_reasoning.data import Row, load_rows
-from mmpo_tasks.vlm_reasoning.rewards import score
+from mmpo_tasks.vlm_reasoning.rewards import parsed_answer, score
 from mmpo_tasks.vlm_reasoning.templates import VisionSettings, build_messages
 
 
 @dataclass
 class AresConfig:
-    """ARES / AEPO entropy shaping (ALGORITHMS.md B3); its state is saved in checkpoints."""
+    """ARES / AEPO entropy shaping (code shawn0728/ARES); its state is saved in checkpoints."""
 
     enabled: bool = field(default=False, metadata={"help": "Add ARES's hierarchical entropy reward r_H to the reward."})
     window: int = field(default=4, metadata={"help": "Window entropy length w (tokens after each position).", "min": 1})
@@ -176,30 +177,46 @@ class VLMReasoningTask(TokenTask):
     # -- data ---------------------------------------------------------------------------
     def _load(self, path: str | Path) -> list[Row]:
         c = self.config
-        return load_rows(
+        res = load_rows(
             path,
             format=c.format,
             image_root=c.image_root,
             answer_type=c.answer_type,
             skip_bad_rows=c.skip_bad_rows,
             max_rows=c.max_rows,
-        ).rows
+            unknown_keys=self._keys,
+        )
+        self.data_summary.skipped.update(res.skip_reasons)
+        return res.rows
 
     def _load_splits(self) -> tuple[list[Row], list[Row]]:
-        c = self.config
+        """The train and eval rows; prints the data summary line (:class:`~mmpo.data_rows.LoadSummary`)."""
+        self._keys = KeyCheck(self.unknown_keys)
+        self.data_summary = LoadSummary(self.name)
+        train, evals = self._split()
+        self.data_summary.splits = {"train": len(train), "eval": len(evals)}
+        self.data_summary.print()
+        return train, evals
+
+    def _split(self) -> tuple[list[Row], list[Row]]:
+        c, summary = self.config, self.data_summary
         if c.train_file is None:
             from mmpo_tasks.vlm_reasoning.pathology_demo import ensure_demo
 
             demo = ensure_demo()
             train = self._load(demo["train"])
+            summary.held_out_why = "evaluation reads " + ("task.eval_file" if c.eval_file else "the demo's test split")
             return train, self._load(c.eval_file) if c.eval_file else self._load(demo["test"])
         rows = self._load(c.train_file)
         if c.eval_file:
+            summary.held_out_why = "evaluation reads task.eval_file"
             return rows, self._load(c.eval_file)
         n_eval = round(c.eval_fraction * len(rows))
         if c.eval_fraction > 0 and len(rows) >= 2:
             n_eval = min(max(1, n_eval), len(rows) - 1)
         held = {id(r) for r in sorted(rows, key=_order_key)[:n_eval]}
+        summary.held_out = len(held)
+        summary.held_out_why = f"eval_fraction={c.eval_fraction:g} of task.train_file, no task.eval_file"
         return [r for r in rows if id(r) not in held], [r for r in rows if id(r) in held]
 
     def sample(self, row: Row) -> Sample:
@@ -214,6 +231,10 @@ class VLMReasoningTask(TokenTask):
             "qtype": row.meta.get("qtype"),
             "source": row.meta.get("source"),
             "where": row.where,
+            # per image / video part of the prompt, in order: the image file it was read from (None:
+            # from bytes, or a video), for the evaluation rows' image references
+            "image_files": [None] * (row.video is not None)
+            + [str(src.path) if src.path is not None else None for src in row.images],
         }
         return Sample(id=row.id, messages=messages, answer=row.answer, meta=meta)
 
@@ -294,8 +315,14 @@ class VLMReasoningTask(TokenTask):
         if "ares_reward" in state:
             self.ares_state.load_state_dict(state["ares_reward"])
 
+    def parse_prediction(self, sample: Sample, completion: str) -> str | None:
+        """The answer ``completion`` gives: the chosen option's letter (multiple choice, None when
+        it names none) or the answer text (open; None without an answer)."""
+        return parsed_answer(sample, completion, self.config.template)
+
     def eval_metrics(self, samples: list[Sample], completions: list[str]) -> dict[str, float]:
-        """reward, accuracy, format, answer_found, chance (1/#options for multiple choice, 0 open), accuracy_<qtype>."""
+        """reward, accuracy, format, answer_found, chance (1/#options for multiple choice, 0 open),
+        ``accuracy/<qtype>``."""
         if not samples:
             return {}
         out = self.reward(samples, completions)
@@ -308,7 +335,7 @@ class VLMReasoningTask(TokenTask):
         qtypes = sorted({str(s.meta["qtype"]) for s in samples if s.meta.get("qtype") is not None})
         for q in qtypes:
             idx = [i for i, s in enumerate(samples) if s.meta.get("qtype") is not None and str(s.meta["qtype"]) == q]
-            metrics[f"accuracy_{_metric_name(q)}"] = float(acc[idx].mean())
+            metrics[f"accuracy/{_metric_name(q)}"] = float(acc[idx].mean())
         return metrics
 
 

@@ -1,4 +1,4 @@
-"""ARES per-bucket dynamic KL (ALGORITHMS.md B3.8): controller, per-sample betas, second chance."""
+"""ARES per-bucket dynamic KL (code shawn0728/ARES): controller, per-sample betas, second chance."""
 
 from __future__ import annotations
 

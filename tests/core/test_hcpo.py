@@ -1,4 +1,4 @@
-"""HCPO's two-branch loss against its formula (ALGORITHMS.md B5), value and gradients."""
+"""HCPO's two-branch loss against its formula (HiconAgent, arXiv 2512.01763), value and gradients."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmpo.captions import LINE_HEIGHT, MARGIN
 from mmpo.config import load_config
 from mmpo.diffusion.evaluation import ImageEvaluator, item_noise
 from mmpo.errors import ConfigError
@@ -95,7 +96,9 @@ def test_rows_metrics_and_artifacts(find, tmp_path):
     from PIL import Image
 
     out = ev.write_artifacts(tmp_path, ev.items(), result.rows)
-    assert Image.open(out["images"]).size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 3 images, 2 a row
+    # 3 images, 2 a row; each 16 px image upscaled x8 over 3 caption lines (the prompt twice, the reward)
+    cell_h = 128 + 3 * LINE_HEIGHT + 2 * MARGIN
+    assert Image.open(out["images"]).size == (2 * 128 + 3 * 2, 2 * cell_h + 3 * 2)
 
 
 def test_checkpoint_evaluator_loads_no_engine_and_equals_the_live_policy(find, tmp_path, monkeypatch):

@@ -13,8 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mmpo.captions import LINE_HEIGHT, MARGIN
 from mmpo.cli import main  # noqa: E402
 from mmpo.diffusion.pipeline import resolve_pipeline_folder  # noqa: E402
+from mmpo.samples import read_samples
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -76,12 +78,19 @@ def _check_run_folder(run: Path, lines: list[dict], steps: int, n_eval: int, sid
     for step in (0, steps):
         png = run / "images" / f"eval_step{step:06d}.png"
         assert png.read_bytes()[:8] == PNG
-        # make_grid: nrow = ceil(sqrt(n)), 2 px padding around and between the images
+        # nrow = ceil(sqrt(n)), 2 px padding around and between the cells; a cell is the image
+        # upscaled by k = ceil(128 / side) over a caption band of 3 lines (prompt x2, reward)
         nrow = int(torch.tensor(float(n_eval)).sqrt().ceil())
         rows = -(-n_eval // nrow)
-        assert Image.open(png).size == (nrow * side + (nrow + 1) * 2, rows * side + (rows + 1) * 2)
+        cell_w, cell_h = side * -(-128 // side), side * -(-128 // side) + 3 * LINE_HEIGHT + 2 * MARGIN
+        assert Image.open(png).size == (nrow * cell_w + (nrow + 1) * 2, rows * cell_h + (rows + 1) * 2)
     assert (run / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").exists()
     assert (run / "config.yaml").exists()
+    # logged rollouts (trainer.log_samples 8 by default): every image (2 or 4) of every step, as a PNG
+    samples = read_samples(run)
+    counts = [sum(r["step"] == s for r in samples) for s in range(1, steps + 1)]
+    assert len(samples) == sum(counts) and counts[0] in (2, 4) and len(set(counts)) == 1
+    assert all(Image.open(run / "samples" / r["media"][0]).size == (side, side) for r in samples)
 
 
 def _check_eval(recipe: str, run: Path, out: Path, final_eval: float, *extra: str, tol: float = 1e-5) -> None:

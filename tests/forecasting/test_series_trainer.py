@@ -1,7 +1,7 @@
 """The series trainer on the air-quality task: the KL estimators it computes (the closed-form
 Gaussian KL and the sample estimators), the objective options it refuses at load, micro batches
-that trade memory and not results, the task's side of the SeriesTask protocol, and the one
-evaluator shared by training and `mmpo eval`."""
+that trade memory and not results, the task's side of the SeriesTask protocol, the one
+evaluator shared by training and `mmpo eval`, and the logged rollouts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers.airquality import SMALL as AIRQUALITY_SMALL
@@ -181,3 +182,64 @@ def test_training_and_mmpo_eval_share_one_evaluator_without_an_engine_for_eval(s
     assert evaluator.summarize(evaluator.items(), gathered) == pytest.approx(result.metrics, nan_ok=True)
     with pytest.raises(ConfigError, match="checkpoint=<run folder or model folder>"):
         SeriesTrainer.checkpoint_evaluator(cfg, str(tmp_path / "nothing"))
+
+
+# -- logged rollouts -------------------------------------------------------------------------------
+class RecordingTrainer(SeriesTrainer):
+    """The series trainer keeping each step's scored batch (what the logged rows must show)."""
+
+    def score(self, batch):
+        out = super().score(batch)
+        self.scored = (batch, out)
+        return out
+
+
+def test_logged_rollouts_are_the_steps_forecasts_with_a_plot(sft_model, tmp_path):
+    """trainer.log_samples=6 of 4 starts x 4 rollouts: the first group whole, then 2 rows of the
+    second; each row the step's reward, advantage and components, the forecast in µg/m³ and a PNG."""
+    from PIL import Image
+
+    from mmpo.samples import read_samples
+
+    run = tmp_path / "run"
+    cfg = load_config(
+        CONFIG, [f"output_dir={run}", *SMALL, f"model.path={sft_model}", "trainer.max_steps=1", "trainer.log_samples=6"]
+    )
+    trainer = RecordingTrainer(cfg, run)
+    trainer.train()
+    batch, out = trainer.scored
+    rows = read_samples(run)
+    assert [r["group"] for r in rows] == [0, 0, 0, 0, 1, 1]
+    assert [r["prompt_id"] for r in rows] == [str(s) for s in batch.starts[:6]]
+    torch.testing.assert_close(torch.tensor([r["reward"] for r in rows]), out.rewards[:6].float())
+    torch.testing.assert_close(torch.tensor([r["advantage"] for r in rows]), batch.advantages[:6].cpu().float())
+    for name, values in out.components.items():
+        torch.testing.assert_close(torch.tensor([r[f"reward/{name}"] for r in rows]), values[:6].float())
+    task = trainer.task
+    H = batch.actions.shape[1]
+    for i, r in enumerate(rows):
+        when = str(np.datetime_as_string(task.splits["train"].times[batch.starts[i]], unit="h"))
+        assert r["prompt"] == f"beijing_pm25: PM2.5 for {H} h from {when} (train split)"
+        values = task.to_ug(batch.pred[i]).tolist()
+        assert r["completion"].startswith(f"{H} h forecast (µg/m³): " + ", ".join(f"{v:.3g}" for v in values))
+        with Image.open(run / "samples" / r["media"][0]) as im:
+            assert im.format == "PNG" and im.size == (600, 280)  # a 6 x 2.8 in Figure at 100 dpi
+
+
+def test_window_views_are_in_ug_with_the_history_and_nan_where_unobserved(tmp_path):
+    task = build_task("airquality_grpo", {})
+    task.prepare()
+    series, W = task.splits["train"], task.config.window
+    start = task.train_starts[5]
+    w = task.windows("train", [start], 3)
+    mask = w["target_mask"].clone()
+    mask[0, 1] = False
+    (view,) = task.window_views("train", [start], w["target"], w["target"], mask)
+    truth = task.to_ug(w["target"])[0]
+    assert torch.isnan(view.truth[1]) and torch.equal(view.truth[[0, 2]], truth[[0, 2]])
+    assert torch.equal(view.forecast, truth)
+    observed = torch.as_tensor(series.mask[start - W : start])
+    expected = task.to_ug(torch.as_tensor(series.target[start - W : start]))
+    assert torch.isnan(view.history[~observed]).all()
+    torch.testing.assert_close(view.history[observed], expected[observed])
+    assert view.unit == "µg/m³" and len(view.history) == W

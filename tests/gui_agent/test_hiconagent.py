@@ -65,8 +65,10 @@ def test_prompt_history_anchors_and_split(tmp_path):
     hit = f"<think>x</think><action>click({gold.x:.3f}, {gold.y:.3f})</action>"
     out = task.reward([s, s, s], [hit, "<action>click(0.999, 0.001)</action>", "click there"])
     assert out.rewards.tolist() == pytest.approx([1.0, 0.4, 0.0])
-    with pytest.raises(ConfigError, match="task.data"):
-        build_task("hiconagent", {})
+    # no task.data: the solver's episodes of task.record are recorded (tests/test_recipes.py); an
+    # empty task list is refused before any browser starts
+    with pytest.raises(ConfigError, match="task.record.tasks"):
+        build_task("hiconagent", {"record": {"tasks": []}})
 
 
 def test_dcs_draws_each_rollouts_history_from_the_schedule(tmp_path):
@@ -106,6 +108,7 @@ SMALL = [
     "trainer.eval_every=0",
     "task.image_size=56",
     "task.dcs=false",
+    "task.warm_start.enabled=false",  # the recipe's stage 1 (tests/test_recipes.py runs it)
 ]
 
 

@@ -63,6 +63,7 @@ def test_miniwob_grpo_clones_the_solver_then_trains_and_evaluates(tmp_path, no_l
     assert 0.0 <= lines[0]["eval/success_rate"] <= 1.0 and lines[0]["eval/episodes"] == 4.0
     assert "rollout/success_rate" in lines[1] and (run / "model" / "config.json").is_file()
     assert lines[0]["eval/success_rate/click-test"] == lines[0]["eval/success_rate"]  # the per-task rate
+    _check_logged_clicks(run)
     # mmpo eval of the run (the one evaluator, its browsers closed after): the run's final evaluation
     assert main(["eval", cfg, f"checkpoint={run}", f"output_dir={tmp_path / 'ev'}", *SMALL]) == 0
     metrics = json.loads((tmp_path / "ev" / "eval" / "metrics.json").read_text())
@@ -85,6 +86,28 @@ def test_miniwob_grpo_clones_the_solver_then_trains_and_evaluates(tmp_path, no_l
     ]
     assert main(bad) != 0
     assert "evaluation instances" in capsys.readouterr().err
+
+
+def _check_logged_clicks(run: Path) -> None:
+    """The logged rollouts of step 1 (trainer.log_samples 8 by default): whole groups of 2 episodes,
+    each named by its MiniWoB task and seed, its clicks as text and a GIF with a frame per click
+    (the click ringed in red) and one for the end."""
+    import numpy as np
+    from PIL import Image
+
+    from mmpo.samples import read_samples
+
+    rows = read_samples(run)
+    groups = [r["group"] for r in rows if r["step"] == 1]
+    assert 4 <= len(groups) <= 8 and all(groups.count(g) == 2 for g in groups)
+    for r in rows:
+        assert r["prompt"].startswith("Click the button. (MiniWoB click-test, task seed ")
+        clicks = r["completion"].split(" -> ")[0].split(", click")
+        assert 1 <= len(clicks) <= 2 and r["completion"].startswith("click(")
+        with Image.open(run / "samples" / r["media"][0]) as gif:
+            assert gif.n_frames == len(clicks) + 1 and gif.width == 168  # 56 px screenshots x3
+            first = np.asarray(gif.convert("RGB"))
+        assert ((first[..., 0] > 200) & (first[..., 1] < 60) & (first[..., 2] < 60)).any()  # the ring
 
 
 def test_screenexplorer_rewards_steps_and_checkpoints_its_world_model(tmp_path, no_leftover_browser):
@@ -118,6 +141,11 @@ def test_screenexplorer_rewards_steps_and_checkpoints_its_world_model(tmp_path, 
         "world_model/steps",
     ):
         assert k in trained, k
+    _check_logged_clicks(run)
+    from mmpo.samples import read_samples
+
+    for r in read_samples(run):  # the step-reward components of each episode, summed over its steps
+        assert {"reward/image_change", "reward/intent", "reward/task"} <= set(r)
     ckpt = sorted(run.glob("checkpoints/step_*"))[-1]
     state = torch.load(ckpt / "world_model.pt", weights_only=True)
     steps_seen = sum(l["rollout/episode_length"] * 4 for l in lines[1:])  # 2 contexts x 2 rollouts a step

@@ -1,4 +1,4 @@
-"""ARES / AEPO reward pieces of the vlm_reasoning plugin (ALGORITHMS.md B3.2-B3.7), checked by hand."""
+"""ARES / AEPO reward pieces of the vlm_reasoning plugin (code shawn0728/ARES), checked by hand."""
 
 from __future__ import annotations
 

@@ -36,4 +36,4 @@ def test_grpo_learns_tissue_and_stain_from_random_weights(tmp_path):
     assert last["eval/chance"] == pytest.approx(0.5)
     assert last["eval/accuracy"] >= last["eval/chance"] + 0.25, last
     # both question types, not one
-    assert last["eval/accuracy_tissue"] > 0.5 and last["eval/accuracy_stain"] > 0.5, last
+    assert last["eval/accuracy/tissue"] > 0.5 and last["eval/accuracy/stain"] > 0.5, last

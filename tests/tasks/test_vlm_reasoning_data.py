@@ -118,7 +118,7 @@ def test_answer_type_choice_and_open(tmp_path):
     )
     opened = load_rows(f, answer_type="open").rows
     assert opened[0].options is None and opened[0].answer == "blue"  # the option's text is asked for
-    with pytest.raises(DataError, match=r"d\.jsonl: row 1: field 'options': answer_type is 'choice'"):
+    with pytest.raises(DataError, match=r"d\.jsonl: line 2: field 'options': answer_type is 'choice'"):
         load_rows(f, answer_type="choice")
     kept = load_rows(f, answer_type="choice", skip_bad_rows=True)
     assert len(kept.rows) == 1 and kept.skipped == 1
@@ -251,10 +251,13 @@ def test_llava_json(tmp_path):
 def test_forced_format_and_undetectable_layout(tmp_path):
     png(tmp_path / "x.png")
     f = write_jsonl(tmp_path / "ours.jsonl", [{"images": ["x.png"], "question": "Q?", "answer": "a"}])
-    with pytest.raises(DataError, match=r"ours\.jsonl: row 0: field 'conversations': must be a non-empty list"):
+    # forced to llava, the row's keys are not llava's
+    with pytest.raises(DataError, match=r"ours\.jsonl: line 1: unknown key 'question'.* Known keys \(llava layout\)"):
         load_rows(f, format="llava")
+    with pytest.raises(DataError, match=r"ours\.jsonl: line 1: field 'conversations': must be a non-empty list"):
+        load_rows(f, format="llava", unknown_keys="ignore")
     g = write_jsonl(tmp_path / "odd.jsonl", [{"text": "hello", "label": 1}])
-    with pytest.raises(DataError, match=r"odd\.jsonl: cannot tell the data layout from row 0 \(keys: text, label\)"):
+    with pytest.raises(DataError, match=r"odd\.jsonl: cannot tell the data layout from line 1 \(keys: text, label\)"):
         load_rows(g)
 
 
@@ -296,14 +299,14 @@ def bad_file(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     "row,pattern",
     [
-        (1, r"row 1: field 'question': missing or empty"),
-        (2, r"row 2: field 'answer': missing or empty"),
-        (3, r"row 3: field 'images\[0\]': file not found: .*missing\.png"),
-        (4, r"row 4: field 'answer': 'green' is neither an option letter A-B nor one of the options"),
-        (5, r"row 5: field 'images\[0\]': an image mapping needs non-empty 'bytes' or 'path'"),
+        (1, r"line 2: field 'question': missing or empty"),
+        (2, r"line 3: field 'answer': missing or empty"),
+        (3, r"line 4: field 'images\[0\]': file not found: .*missing\.png"),
+        (4, r"line 5: field 'answer': 'green' is neither an option letter A-B nor one of the options"),
+        (5, r"line 6: field 'images\[0\]': an image mapping needs non-empty 'bytes' or 'path'"),
     ],
 )
-def test_bad_row_error_names_file_row_and_field(tmp_path, row, pattern):
+def test_bad_row_error_names_file_line_and_field(tmp_path, row, pattern):
     f = bad_file(tmp_path)
     lines = f.read_text().splitlines()
     # keep the good first row and the bad row under test; the bad one keeps its index by padding
@@ -321,16 +324,16 @@ def test_skip_bad_rows_counts_and_logs_once(tmp_path, caplog):
     assert (res.total, res.skipped) == (7, 5)
     msgs = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(msgs) == 1
-    assert msgs[0].startswith(f"skipped 5 of 7 rows in {f}: first: {f}: row 1: field 'question'")
+    assert msgs[0].startswith(f"skipped 5 of 7 rows in {f}: first: {f}: line 2: field 'question'")
 
 
 def test_invalid_json_line_and_all_bad(tmp_path):
     f = tmp_path / "broken.jsonl"
     f.write_text('{"question": "q", "answer": "a"}\n{not json\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl: row 1: field '<json>': not valid JSON"):
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 2: field '<json>': not valid JSON"):
         load_rows(f)
     g = write_jsonl(tmp_path / "allbad.jsonl", [{"question": "q"}, {"question": "r"}])
-    with pytest.raises(DataError, match=r"no usable rows \(all 2 were bad; first: .*row 0: field 'answer'"):
+    with pytest.raises(DataError, match=r"no usable rows \(all 2 were bad; first: .*line 1: field 'answer'"):
         load_rows(g, skip_bad_rows=True)
 
 
@@ -370,7 +373,7 @@ def test_video_file_sampled_at_fps(tmp_path):
     assert [float(np.asarray(im).mean()) for im in frames] == pytest.approx([0, 120, 180], abs=3)
     assert fps == pytest.approx(2 / 1.5)
     g = write_jsonl(tmp_path / "bad.jsonl", [{"video": "nope.mp4", "question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"row 0: field 'video': file not found: .*nope\.mp4"):
+    with pytest.raises(DataError, match=r"line 1: field 'video': file not found: .*nope\.mp4"):
         load_rows(g)
 
 
@@ -379,7 +382,7 @@ def test_unreadable_images(tmp_path):
         tmp_path / "b.parquet", [{"question": "q", "answer": "a", "images": [{"bytes": b"not an image", "path": None}]}]
     )
     with pytest.raises(
-        DataError, match=r"b\.parquet: row 0: field 'images\[0\]\.bytes': image bytes \(12\) are not a readable image"
+        DataError, match=r"b\.parquet: row 1: field 'images\[0\]\.bytes': image bytes \(12\) are not a readable image"
     ):
         load_rows(f)
     (tmp_path / "fake.png").write_bytes(b"\x89PNG but truncated")

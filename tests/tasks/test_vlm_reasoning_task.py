@@ -227,8 +227,8 @@ def test_eval_metrics(data):
     assert m["format"] == pytest.approx(3 / 4)
     assert m["reward"] == pytest.approx((2 + 3) / 4)
     assert m["chance"] == pytest.approx((1 / 2 + 0 + 0 + 1 / 4) / 4)
-    assert m["accuracy_colour"] == pytest.approx(1 / 2)
-    assert m["accuracy_video"] == 0.0 and m["accuracy_count"] == 1.0
+    assert m["accuracy/colour"] == pytest.approx(1 / 2)
+    assert m["accuracy/video"] == 0.0 and m["accuracy/count"] == 1.0
 
 
 def test_skip_bad_rows_option(tmp_path):
@@ -237,7 +237,7 @@ def test_skip_bad_rows_option(tmp_path):
     )
     from mmpo.errors import DataError
 
-    with pytest.raises(DataError, match=r"d\.jsonl: row 1: field 'answer': missing or empty"):
+    with pytest.raises(DataError, match=r"d\.jsonl: line 2: field 'answer': missing or empty"):
         make_task({"train_file": str(f), "eval_file": str(f)})
     task = make_task({"train_file": str(f), "eval_file": str(f), "skip_bad_rows": True, "max_rows": 1})
     assert task.num_train() == 1 and task.train_sample(0).id == "d-0"
@@ -257,5 +257,5 @@ def test_unreadable_image_names_row_and_path(tmp_path):
     (tmp_path / "fake.png").write_bytes(b"not a png")
     f = write_rows(tmp_path / "d.jsonl", [{"question": "q", "answer": "a", "images": ["fake.png"]}])
     task = make_task({"train_file": str(f), "eval_file": str(f)})
-    with pytest.raises(DataError, match=rf"{f}: row 0: field 'images\[0\]': image .*fake\.png cannot be read"):
+    with pytest.raises(DataError, match=rf"{f}: line 1: field 'images\[0\]': image .*fake\.png cannot be read"):
         task.train_sample(0)

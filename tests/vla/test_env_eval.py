@@ -66,7 +66,8 @@ def test_rows_metrics_and_videos(tmp_path: Path) -> None:
     result = run_evaluation(ev)
     rows = result.rows
     for r, s in zip(rows, SEEDS):
-        assert r["id"] == f"seed{s}" and r["input"] == "go to the red ball" and r["answer"] is None
+        assert r["id"] == f"seed{s}" and r["answer"] is None
+        assert r["input"] == f"go to the red ball (BabyAI-GoToRedBallNoDists-v0, seed {s})"
         actions = r["prediction"].split()
         assert len(actions) == r["length"] and set(actions) <= {"left", "right", "forward", "invalid"}
         assert r["invalid_actions"] == actions.count("invalid")

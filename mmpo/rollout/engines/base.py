@@ -9,11 +9,12 @@ samples from the new policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from mmpo.core.registry import Registry
+from mmpo.core.registry import Registry, did_you_mean
+from mmpo.errors import ConfigError
 
 #: engine name -> class ``Engine(policy, options)`` (``rollout.engine`` in the config)
 ROLLOUT_ENGINES: Registry = Registry("rollout engine")
@@ -59,6 +60,21 @@ class RolloutEngine:
     def __init__(self, policy: Any, options: dict[str, Any] | None = None) -> None:
         self.policy = policy
         self.options = dict(options or {})
+
+    #: the ``rollout.engine_options`` keys this engine reads, with their defaults (unknown keys are refused at load)
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def check_environment(cls, options: dict[str, Any]) -> None:
+        """Refuse, before any model loads, unknown ``rollout.engine_options`` keys and options whose
+        environment is missing (ConfigError naming how to make it); the default engine needs nothing."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            hint = did_you_mean(unknown[0], list(cls.OPTIONS))
+            raise ConfigError(
+                f"rollout.engine_options.{unknown[0]}: unknown option of {cls.__name__}.{hint} "
+                f"Valid options: {', '.join(cls.OPTIONS) or '(none)'}."
+            )
 
     def generate(
         self,

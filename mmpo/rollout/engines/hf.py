@@ -45,6 +45,10 @@ def _sample(probs: torch.Tensor) -> torch.Tensor:
 class HFGenerateEngine(RolloutEngine):
     """Samples completions on the trained module itself (CPU and GPU; no second copy of the weights)."""
 
+    OPTIONS = {
+        "use_generate": False,  # sample with model.generate (no prefix sharing, no per-row early exit)
+    }
+
     def __init__(self, policy: CausalLMPolicy, options: dict | None = None) -> None:
         super().__init__(policy, options)
         self.use_generate = bool(self.options.get("use_generate", False))

@@ -38,7 +38,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -201,6 +201,17 @@ class VLLMEngine(RolloutEngine):
     """
 
     holds_weights = True
+    OPTIONS: ClassVar[dict[str, Any]] = OPTIONS
+
+    @classmethod
+    def check_environment(cls, options: dict[str, Any]) -> None:
+        """Server mode: the vLLM environment's interpreter must exist (``make vllm-env``)."""
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise _option_error(unknown[0], f"unknown option. Valid options: {', '.join(OPTIONS)}.")
+        opts = {**OPTIONS, **options}
+        if opts["mode"] == "server":
+            _resolve_python(opts["python"])
 
     def __init__(self, policy: Any, options: dict[str, Any] | None = None) -> None:
         super().__init__(policy, options)
