@@ -54,8 +54,10 @@ vllm-env: $(VLLM_STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/mmpo train configs/quickstart.yaml
 
+# pytest-xdist: TEST_WORKERS processes share the tests (2 on the 2-core CI machine)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS)
 
 # ruff (rules and line length 120 in pyproject.toml); .ci/run runs it before the tests
 lint: $(STAMP)
@@ -63,7 +65,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # RIPT-VLA on BabyAI: bot demonstrations (built on first use) -> SFT -> RIPT, both evaluated on held-out seeds
 vla-demo: $(STAMP)

@@ -186,23 +186,10 @@ def _bench_ahc(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """``mmpo report RUN_DIR``: write ``RUN_DIR/report.html`` (see :mod:`mmpo.report`)."""
     from mmpo.report import build_report
+    from mmpo.trainers import run_kind
 
-    print(f"report: {build_report(args.run_dir, kind=_run_kind(Path(args.run_dir)))}")
+    print(f"report: {build_report(args.run_dir, kind=run_kind(args.run_dir))}")
     return 0
-
-
-def _run_kind(run_dir: Path) -> str | None:
-    """The trainer kind of a run folder's task (for the report's diffusion image grid); None when
-    the folder has no readable config or its task is not installed here."""
-    import yaml
-
-    try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-        from mmpo.trainers import trainer_class_for
-
-        return trainer_class_for(str(config["task"]["name"])).kind.name
-    except Exception:  # a run of another install or an unreadable config: no grid, still a report
-        return None
 
 
 CONFIG_HINT = (

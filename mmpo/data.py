@@ -3,11 +3,12 @@ of a data file (JSON / JSONL / Parquet)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmpo.data_rows import RecordError, iter_rows  # RecordError: re-exported (callers import it from here)
 
 
 class PromptSampler:
@@ -58,46 +59,19 @@ class PromptSampler:
         self.pos = int(state["pos"])
 
 
-class RecordError(ValueError):
-    """A record of a data file that could not be read; the message names its line."""
-
-
 def read_records(path: str | Path, *, allow_object: bool = False) -> list[Any]:
     """The records of a ``.json`` (a list; also a single object when ``allow_object``), ``.jsonl``
-    (a record a line; a line that is not JSON becomes a :class:`RecordError` in its place, so a
-    caller can skip it and say which line) or ``.parquet`` file. A missing or unreadable file, or
-    JSON of the wrong shape, raises DataError naming the file."""
-    from mmpo.errors import DataError
+    (a record a line; a line that is not JSON becomes a :class:`RecordError` in its place, naming
+    its line, so a caller can skip it and say which line) or ``.parquet`` file; a file of another
+    suffix is read as JSON. Read by :func:`mmpo.data_rows.iter_rows`. A missing or unreadable file,
+    or JSON of the wrong shape, raises DataError naming the file."""
 
-    src = Path(path)
-    if not src.is_file():
-        raise DataError(f"{src}: file not found")
-    suffix = src.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(src).to_pylist()
-        text = src.read_text(encoding="utf-8")
-        if suffix == ".jsonl":
-            rows: list[Any] = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        rows.append(RecordError(f"line {n}: not valid JSON ({e.msg})"))
-            return rows
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{src}: not valid JSON: {e}") from None
-    except Exception as e:  # OSError, UnicodeDecodeError, pyarrow errors
-        raise DataError(f"{src}: cannot read: {e}") from None
-    if isinstance(data, list):
-        return data
-    if allow_object:
-        return [data]
-    raise DataError(f"{src}: expected a JSON list of rows, got {type(data).__name__}")
+    suffix = Path(path).suffix.lower()
+    kind = None if suffix in (".parquet", ".jsonl") else "json"
+    return [
+        RecordError(f"{place}: {rec}") if isinstance(rec, RecordError) else rec
+        for place, rec in iter_rows(path, kind=kind, allow_object=allow_object)
+    ]
 
 
 def print_conversion_summary(stats: dict[str, Any], unit: str, shown: int = 5) -> None:

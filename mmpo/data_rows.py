@@ -27,8 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from mmpo.core.registry import did_you_mean
-from mmpo.data import RecordError
 from mmpo.errors import ConfigError, DataError
+
+
+class RecordError(ValueError):
+    """A record of a data file that could not be read; the message names its line."""
+
 
 UNKNOWN_KEYS_MODES: tuple[str, ...] = ("error", "warn", "ignore")
 _INDEX = re.compile(r"\[\d+\]")
@@ -50,32 +54,40 @@ def main_print(text: str) -> None:
 # ---------------------------------------------------------------------------------------- reading
 
 
-def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """``(place, record)`` of each row of a ``.jsonl``, ``.json`` (a list) or ``.parquet`` file.
+ROW_KINDS: tuple[str, ...] = ("jsonl", "json", "parquet")
 
-    ``place`` is ``"line N"`` for JSONL (the file's line, 1-based; blank lines are passed over) and
-    ``"row N"`` for a JSON list or a Parquet file (1-based). A JSONL line that is not JSON yields a
-    :class:`~mmpo.data.RecordError` in place of its record. DataError when the file is missing,
-    unreadable or of another type. Parquet is read in record batches (a large shard is never whole
-    in memory).
-    """
+
+def iter_numbered_rows(
+    path: str | Path, *, kind: str | None = None, allow_object: bool = False
+) -> Iterator[tuple[str, int, Any]]:
+    """``(unit, n, record)`` of each row of a data file: :func:`iter_rows` with the place split
+    into its unit (``"line"`` or ``"row"``) and its 1-based number, for a caller that keeps the
+    number (e.g. in a skipped-row record)."""
     path = Path(path)
+    if kind is not None and kind not in ROW_KINDS:
+        raise ValueError(f"kind={kind!r}: use one of {', '.join(ROW_KINDS)} (or None: from the suffix)")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+    kind = kind or path.suffix.lower().lstrip(".")
+    if kind == "parquet":
         import pyarrow.parquet as pq
 
         try:
-            pf = pq.ParquetFile(path)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=256)
         except Exception as e:  # pyarrow raises several unrelated types for a bad file
             raise DataError(f"{path}: not a readable Parquet file: {e}") from None
         n = 0
-        for batch in pf.iter_batches(batch_size=256):
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # a corrupt page shows only when its batch is read
+                raise DataError(f"{path}: not a readable Parquet file: {e}") from None
             for rec in batch.to_pylist():
                 n += 1
-                yield f"row {n}", rec
-    elif suffix == ".json":
+                yield "row", n, rec
+    elif kind == "json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -84,11 +96,13 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
             ) from None
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: cannot read: {e}") from None
+        if allow_object and isinstance(data, dict):
+            data = [data]
         if not isinstance(data, list):
             raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
         for n, rec in enumerate(data, 1):
-            yield f"row {n}", rec
-    elif suffix == ".jsonl":
+            yield "row", n, rec
+    elif kind == "jsonl":
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
@@ -97,11 +111,26 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"line {n}", json.loads(line)
+                yield "line", n, json.loads(line)
             except json.JSONDecodeError as e:
-                yield f"line {n}", RecordError(f"not valid JSON ({e.msg} at char {e.pos})")
+                yield "line", n, RecordError(f"not valid JSON ({e.msg} at char {e.pos})")
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def iter_rows(path: str | Path, *, kind: str | None = None, allow_object: bool = False) -> Iterator[tuple[str, Any]]:
+    """``(place, record)`` of each row of a ``.jsonl``, ``.json`` (a list) or ``.parquet`` file.
+
+    ``place`` is ``"line N"`` for JSONL (the file's line, 1-based; blank lines are passed over) and
+    ``"row N"`` for a JSON list or a Parquet file (1-based). A JSONL line that is not JSON yields a
+    :class:`~mmpo.data.RecordError` in place of its record. DataError when the file is missing,
+    unreadable or of another type. Parquet is read in record batches (a large shard is never whole
+    in memory). ``kind`` (one of :data:`ROW_KINDS`) reads the file as that kind whatever its suffix
+    (e.g. ``"jsonl"`` for a ``.json`` file of JSON lines); ``allow_object``: a ``.json`` file
+    holding one object is one row.
+    """
+    for unit, n, rec in iter_numbered_rows(path, kind=kind, allow_object=allow_object):
+        yield f"{unit} {n}", rec
 
 
 # ------------------------------------------------------------------------------------- key check
@@ -222,10 +251,12 @@ class LoadSummary:
 
 
 __all__ = [
+    "ROW_KINDS",
     "UNKNOWN_KEYS_MODES",
     "KeyCheck",
     "LoadSummary",
     "is_main_process",
+    "iter_numbered_rows",
     "iter_rows",
     "main_print",
     "skip_reason",

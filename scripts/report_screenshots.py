@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mmpo.report import REPORT_FILE, build_report
 from mmpo.report.browser import full_page_png, headless_chromium
+from mmpo.trainers import run_kind
 
 
 def screenshot(
@@ -24,7 +25,7 @@ def screenshot(
     """Save a PNG of ``run_dir``'s report (rebuilt first with ``build``) to ``out``; returns ``out``."""
     page = run_dir / REPORT_FILE
     if build or not page.is_file():
-        build_report(run_dir)
+        build_report(run_dir, kind=run_kind(str(run_dir)))
     with headless_chromium(width=width, height=1000, logs=True) as driver:
         driver.get(page.resolve().as_uri())
         if step is not None:

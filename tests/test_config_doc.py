@@ -151,9 +151,10 @@ def test_filter_items_and_engine_options(capsys):
     row = rows["rollout.engine_options.max_model_len"]
     assert (row["default"], row["value"]) == (4096, 512)
     assert row["help"] == "Prompt + completion tokens per sequence"  # the comment on its line in OPTIONS
-    rows = _rows(_json(capsys, "synthetic_vqa"))  # hf declares no engine options
-    assert not any(k.startswith("rollout.engine_options.") for k in rows)
-    assert "'hf' documents no options" in rows["rollout.engine_options"]["help"]
+    rows = _rows(_json(capsys, "synthetic_vqa"))  # hf declares one engine option, on the class
+    assert [k for k in rows if k.startswith("rollout.engine_options.")] == ["rollout.engine_options.use_generate"]
+    row = rows["rollout.engine_options.use_generate"]
+    assert row["default"] is False and row["help"].startswith("Sample with model.generate")
 
 
 def test_current_values_come_from_the_file(capsys):

@@ -275,9 +275,13 @@ def test_rows_of_one_group_share_their_prompt_and_identical_pictures(tmp_path: P
     assert len([1 for t, a in page.tags if t == "tr" and "rollout" in _classes(a)]) == 5
 
 
-def test_kind_is_read_from_the_config_when_not_given(tmp_path: Path) -> None:
+def test_kind_is_read_from_the_config_by_the_cli(tmp_path: Path) -> None:
+    from mmpo.trainers import run_kind
+
     run = make_run(tmp_path / "run")
-    assert read_run(run).kind == "token"  # quickstart: synthetic_vqa, the token trainer
+    assert run_kind(str(run)) == "token"  # quickstart: synthetic_vqa, the token trainer
+    assert read_run(run).kind is None  # the report package itself never imports the trainers
+    assert run_kind(str(tmp_path / "no_such_run")) is None
 
 
 def test_cli_writes_the_report_and_refuses_a_folder_that_is_no_run(tmp_path: Path, capsys) -> None:

@@ -79,6 +79,32 @@ def test_iter_rows_places_are_one_based(tmp_path):
     assert list(iter_rows(tmp_path / "c.json")) == [("row 1", {"a": 1})]
 
 
+def test_iter_rows_kind_object_and_numbers(tmp_path):
+    from mmpo.data import RecordError, read_records
+    from mmpo.data_rows import iter_numbered_rows
+
+    f = tmp_path / "hf.json"  # JSON lines under a .json name, as HF exports write them
+    f.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert list(iter_rows(f, kind="jsonl")) == [("line 1", {"a": 1}), ("line 3", {"a": 2})]
+    assert list(iter_numbered_rows(f, kind="jsonl")) == [("line", 1, {"a": 1}), ("line", 3, {"a": 2})]
+    with pytest.raises(DataError, match=r"hf\.json: not valid JSON"):
+        list(iter_rows(f))
+    (tmp_path / "one.json").write_text('{"a": 1}')
+    assert list(iter_rows(tmp_path / "one.json", allow_object=True)) == [("row 1", {"a": 1})]
+    with pytest.raises(DataError, match=r"one\.json: a \.json data file must hold a list of rows, got dict"):
+        list(iter_rows(tmp_path / "one.json"))
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
+        list(iter_rows(tmp_path / "nope.jsonl"))
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
+        list(iter_rows(tmp_path / "bad.parquet"))
+    # read_records (data_prep converters) names the line inside the RecordError it puts in place
+    g = tmp_path / "g.jsonl"
+    g.write_text('{"a": 1}\n{oops\n')
+    got = read_records(g)
+    assert got[0] == {"a": 1} and isinstance(got[1], RecordError) and str(got[1]).startswith("line 2: not valid JSON")
+
+
 def test_summary_line_and_main_rank_only(capsys, monkeypatch):
     s = LoadSummary("demo", splits={"train": 8, "eval": 2}, held_out=2, held_out_why="eval_fraction=0.2")
     s.skip(skip_reason("images[0]", "file not found: /x/y.png"))

@@ -23,4 +23,18 @@ def trainer_class_for(task_name: str) -> type:
     return cls
 
 
-__all__ = ["trainer_class_for"]
+def run_kind(run_dir: str) -> "str | None":
+    """The trainer kind (``token``, ``denoising``, ...) of a run folder's task, read from its
+    ``config.yaml``; None when the folder has no readable config or its task is not installed here."""
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))
+        return trainer_class_for(str(config["task"]["name"])).kind.name
+    except Exception:  # a run of another install or an unreadable config: the caller goes on without the kind
+        return None
+
+
+__all__ = ["trainer_class_for", "run_kind"]

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmpo.data_rows import KeyCheck
+from mmpo.data import RecordError
+from mmpo.data_rows import KeyCheck, iter_numbered_rows
 from mmpo.errors import ConfigError
 
 
@@ -72,19 +73,17 @@ def load_prompts(
                 f"{key}: prompt file '{spec}' does not exist (relative paths are read from the current directory)"
             )
         prompts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip() or (path.suffix != ".jsonl" and line.lstrip().startswith("#")):
-                continue
-            where = f"{key}: {path}:{n}"
-            if path.suffix == ".jsonl":
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{where}: not valid JSON ({e.msg})") from None
+        if path.suffix == ".jsonl":
+            for _, n, item in iter_numbered_rows(path, kind="jsonl"):
+                where = f"{key}: {path}:{n}"
+                if isinstance(item, RecordError):
+                    raise ConfigError(f"{where}: {item}")
                 check(item, path, f"line {n}")
-            else:
-                item = line
-            prompts.append(_row(item, where, allowed))
+                prompts.append(_row(item, where, allowed))
+        else:  # plain text: a prompt a line, '#' comments
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    prompts.append(_row(line, f"{key}: {path}:{n}", allowed))
     if not prompts:
         raise ConfigError(f"{key}: no prompts in {spec!r}")
     return prompts

@@ -72,6 +72,7 @@ class TextToImageConfig:
         metadata={
             "help": "Reward components, each {name, weight, <options>} (target_color, brightness, shape_at, "
             "clip_score, reward_server); their weighted sum is the reward, every component is logged.",
+            "items_registry": "mmpo.rewards.image:IMAGE_REWARDS",
         },
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "Sampler settings."})

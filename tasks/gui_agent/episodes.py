@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmpo.data_rows import KeyCheck, skip_reason
+from mmpo.data import RecordError
+from mmpo.data_rows import KeyCheck, iter_numbered_rows, skip_reason
 from mmpo.errors import DataError
 from mmpo_tasks.gui_agent.actions import Action, parse_action
 
@@ -195,23 +196,15 @@ def load_episodes(
     keys = KeyCheck.of(unknown_keys)
     if not path.is_file():
         raise DataError(f"{path}: episode file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
     folder = path.parent
     episodes: list[GuiEpisode] = []
     skipped: list[dict[str, Any]] = []
     ids: set[str] = set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for _, n, rec in iter_numbered_rows(path, kind="jsonl"):
         rid = None
         try:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _RowError("(line)", f"not valid JSON ({e.msg})") from None
+            if isinstance(rec, RecordError):
+                raise _RowError("(line)", str(rec))
             if isinstance(rec, dict):
                 rid = rec.get("id")
                 check_episode_keys(rec, keys, path, f"line {n}")

@@ -25,14 +25,14 @@ a row has an unknown key (unless ``unknown_keys`` says otherwise) or no row is v
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from mmpo.data_rows import KeyCheck, skip_reason
+from mmpo.data import RecordError
+from mmpo.data_rows import KeyCheck, iter_numbered_rows, skip_reason
 from mmpo.errors import DataError
 from mmpo_tasks.video_frames.video import VideoReader
 
@@ -77,38 +77,15 @@ def answer_letter(answer: Any, options: list[str]) -> str:
     )
 
 
-def _records(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(line or row number from 1, record or _RowError)``; DataError when the file is unreadable."""
-    suffix = path.suffix.lower()
+def _records(path: Path) -> Iterator[tuple[str, int, Any]]:
+    """``(unit, number from 1, record or _RowError)`` (:func:`~mmpo.data_rows.iter_numbered_rows`);
+    DataError when the file is missing, unreadable or not ``.jsonl`` / ``.parquet``."""
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-            batches = list(pf.iter_batches(batch_size=1024))
-        except Exception as e:  # pyarrow raises several types for a bad file
-            raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-        n = 0
-        for batch in batches:
-            for rec in batch.to_pylist():
-                n += 1
-                yield n, rec
-    elif suffix == ".jsonl":
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: cannot read: {e}") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield n, _RowError("<json>", f"not valid JSON ({e.msg} at char {e.pos})")
-    else:
+    if path.suffix.lower() not in (".jsonl", ".parquet"):
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+    for unit, n, rec in iter_numbered_rows(path):
+        yield unit, n, _RowError("<json>", str(rec)) if isinstance(rec, RecordError) else rec
 
 
 def _text(rec: dict[str, Any], key: str) -> str:
@@ -165,14 +142,13 @@ def load_video_qa(
     path = Path(path)
     keys = KeyCheck.of(unknown_keys)
     allowed = (*REQUIRED, *OPTIONAL)
-    label = "row" if path.suffix.lower() == ".parquet" else "line"
     base = Path(video_root).expanduser() if video_root is not None else path.parent
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     seen_ids: dict[str, int] = {}
     probed: dict[Path, dict[str, Any] | str] = {}
     total = 0
-    for n, rec in _records(path):
+    for label, n, rec in _records(path):
         total += 1
         rid = rec.get("id") if isinstance(rec, dict) else None
         rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None

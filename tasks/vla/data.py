@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mmpo.data_rows import KeyCheck, LoadSummary
+from mmpo.data import RecordError
+from mmpo.data_rows import KeyCheck, LoadSummary, iter_numbered_rows
 from mmpo.errors import DataError
 
 GENERATE_HINT = "python data_prep/babyai_demos.py --out {folder}"
@@ -67,17 +68,9 @@ def _read_rows(path: Path, keys: KeyCheck) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise DataError(f"{path}: not found (regenerate the folder with `{GENERATE_HINT.format(folder=path.parent)}`)")
     rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno}: not valid JSON: {e.msg}") from e
+    for _, lineno, row in iter_numbered_rows(path, kind="jsonl"):
+        if isinstance(row, RecordError):
+            raise DataError(f"{path}: line {lineno}: {row}")
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
         keys.check(row, _KEYS, path, f"line {lineno}", layout="demonstration step")

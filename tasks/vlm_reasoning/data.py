@@ -46,7 +46,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import logging
 import re
 from collections import Counter
@@ -255,54 +254,25 @@ def data_files(path: str | Path) -> list[Path]:
 
 
 def iter_records(path: Path, *, json_lines: bool = False) -> Iterator[tuple[int, Any]]:
-    """``(row index, record)`` of a .parquet, .jsonl, .json or .csv / .tsv file.
+    """``(row index from 0, record)`` of a .parquet, .jsonl, .json or .csv / .tsv file.
 
     A ``.json`` file holds a list of rows (``json_lines=True`` reads it as JSON lines, as HF
-    exports do); a JSONL line that is not JSON yields a RowError instead. Parquet is read in
-    record batches, so a large shard is never loaded whole.
+    exports do); a file of any other suffix is read as JSON lines; a JSONL line that is not JSON
+    yields a RowError instead. All but CSV / TSV are read by :func:`mmpo.data_rows.iter_rows`
+    (Parquet in record batches, so a large shard is never loaded whole).
     """
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv"):
+        kind = None if suffix == ".parquet" or (suffix == ".json" and not json_lines) else "jsonl"
+        for i, (_, rec) in enumerate(iter_rows(path, kind=kind)):
+            yield i, RowError("<json>", str(rec)) if isinstance(rec, RecordError) else rec
+        return
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    if suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for i, rec in enumerate(reader):
-                yield i, {k.strip(): v for k, v in rec.items() if k is not None}
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as exc:  # pyarrow raises several types for a bad file
-            raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
-        i = 0
-        for batch in pf.iter_batches(batch_size=256):
-            for rec in batch.to_pylist():
-                yield i, rec
-                i += 1
-    elif suffix == ".json" and not json_lines:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: not valid JSON ({exc}); a .json file holds a list of rows, use .jsonl for one row a line"
-            ) from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of rows, got {type(data).__name__}")
-        yield from enumerate(data)
-    else:
-        with open(path, encoding="utf-8") as f:
-            i = 0
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield i, RowError("<json>", f"not valid JSON: {exc}")
-                i += 1
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+        for i, rec in enumerate(reader):
+            yield i, {k.strip(): v for k, v in rec.items() if k is not None}
 
 
 def detect_format(rec: dict[str, Any]) -> str | None:
