@@ -364,3 +364,36 @@ def test_missing_tracker_stops_train_before_anything_runs(
     err = " ".join(capsys.readouterr().err.split())  # the CLI wraps its message at 100 columns
     assert "trainer.report_to[0]" in err and "pip install 'mmpo[trackio]'" in err
     assert not run.exists()
+
+
+def test_mlflow_file_store_when_the_uri_names_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`MLFLOW_TRACKING_URI=file:...` (MLflow's plain-folder store, opt-in since MLflow 3): metrics
+    and the logged rollouts land in that folder and read back through MlflowClient."""
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow.telemetry
+    from mlflow.tracking import MlflowClient
+
+    from mmpo.samples import SampleLog, SampleRow
+    from mmpo.tracking import Tracker
+
+    mlflow.telemetry.set_telemetry_client()
+    run = tmp_path / "run"
+    tracker = Tracker(run, total_steps=2, progress=False, report_to=["mlflow"], config={"seed": 3})
+    for step in (1, 2):
+        tracker.log(step, {"loss": 0.25 * step, "reward_mean": step / 10})
+    SampleLog(run, 4, tracker).write(2, [SampleRow("p0", 0, "2+2?", "4", 1.0, 0.5, {"accuracy": 1.0})])
+    tracker.close()
+
+    ids = json.loads((run / "trackers.json").read_text())["mlflow"]
+    assert ids["tracking_uri"] == f"file:{store}"
+    client = MlflowClient(tracking_uri=f"file:{store}")
+    assert [(m.step, m.value) for m in client.get_metric_history(ids["run_id"], "loss")] == [(1, 0.25), (2, 0.5)]
+    assert client.get_run(ids["run_id"]).data.params["seed"] == "3"
+    assert client.get_run(ids["run_id"]).info.status == "FINISHED"
+    # the store is a plain folder: <experiment>/<run>/metrics/loss, and the step's table as an artifact
+    assert list(store.glob(f"*/{ids['run_id']}/metrics/loss"))
+    table = next(store.glob(f"*/{ids['run_id']}/artifacts/samples/step_00000002.json"))
+    assert "2+2?" in table.read_text()
