@@ -202,7 +202,7 @@ DEMOS: tuple[Demo, ...] = (
         Read("train/metrics.jsonl", "eval/action_type", "first"),
         Read("train/metrics.jsonl", "eval/action_type"),
         **min_end(1.0),
-        why="docs/plugins/gui_agent.md HiconAgent: action type 0.83 -> 1.00 at step 80 (step success 0.26: noise)",
+        why="docs/plugins/gui_agent.md HiconAgent: action type 0.83 -> 1.00 at step 80 (step success: noise)",
         extras={
             "reward_end": Read("train/metrics.jsonl", "eval/reward"),
             "step_success_end": Read("train/metrics.jsonl", "eval/step_success"),

@@ -156,7 +156,16 @@ class EnvEvaluator:
             "invalid_actions": float(ep.invalid_actions),
             "_seed": ep.seed,
             "_frames": ep.frames if index < self.videos else [],
+            "_captions": self.frame_captions(ep) if index < self.videos else [],
         }
+
+    def frame_captions(self, ep: Episode) -> list[list[str]]:
+        """Caption lines of each recorded frame: the instruction, then ``step t/T: <action>`` (frame
+        ``t`` is the view the action was taken on) and, on the last frame, the outcome."""
+        T = ep.length
+        outcome = f"end: {'success' if ep.success else 'failure'}, return {ep.env_return:.3g}"
+        steps = [f"step {t + 1}/{T}: {action_text(s.env_action, self.names)}" for t, s in enumerate(ep.steps)]
+        return [[ep.instruction, line] for line in steps + [outcome]]
 
     def summarize(self, items: list[int], rows: list[dict[str, Any]]) -> dict[str, float]:
         """Success rate with its 95% Wilson interval, mean return, length and invalid-action rate."""
@@ -175,13 +184,18 @@ class EnvEvaluator:
         }
 
     def write_artifacts(self, out_dir: Path, items: list[int], rows: list[dict[str, Any]]) -> dict[str, str]:
-        """``videos/seed<S>.gif`` of the recorded episodes; ``{"video_seed<S>": path}``."""
+        """``videos/seed<S>.gif`` of the recorded episodes, each frame captioned with the action taken
+        on it (:func:`mmpo.rollout.episode_samples.caption_frames`); ``{"video_seed<S>": path}``."""
+        from mmpo.rollout.episode_samples import caption_frames
         from mmpo.rollout.recording import save_episode_video
 
         out = {}
         for r in rows:
             if r["_frames"]:
-                path = save_episode_video(r["_frames"], Path(out_dir) / "videos" / f"seed{r['_seed']}.gif")
+                frames, captions = r["_frames"], r.get("_captions") or []
+                if len(captions) == len(frames):  # one view per step plus the last: caption each
+                    frames = [np.asarray(f) for f in caption_frames(frames, captions, max_frames=len(frames))]
+                path = save_episode_video(frames, Path(out_dir) / "videos" / f"seed{r['_seed']}.gif")
                 out[f"video_seed{r['_seed']}"] = str(path)
         return out
 

@@ -85,6 +85,17 @@ def test_rows_metrics_and_videos(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == {"checkpoint": "some/model", **m}
     gifs = sorted(p.name for p in (tmp_path / "eval" / "videos").iterdir())
     assert gifs == ["seed100000.gif", "seed100001.gif"] and out["video_seed100000"].endswith("seed100000.gif")
+    # one captioned frame per step plus the last view: taller than the rendered frame (the caption)
+    first = rows[0]
+    assert len(first["_frames"]) == first["length"] + 1 == len(first["_captions"])
+    assert first["_captions"][0][1] == f"step 1/{int(first['length'])}: {first['prediction'].split()[0]}"
+    assert first["_captions"][-1][1].startswith("end: success" if first["success"] else "end: failure")
+    from PIL import Image
+
+    with Image.open(tmp_path / "eval" / "videos" / "seed100000.gif") as gif:
+        assert gif.n_frames == first["length"] + 1
+        h, w = np.asarray(first["_frames"][0]).shape[:2]
+        assert gif.size[0] >= w and gif.size[1] > h
 
 
 def test_the_evaluation_leaves_the_global_rng_alone() -> None:
