@@ -5,7 +5,7 @@
         [--no-check-videos]
 
 Output rows (read back with ``mmpo_tasks.video_frames.data.load_video_qa``): ``{"id", "video"
-(relative to the output file's folder when possible, else absolute), "question", "options",
+(relative to the output file's folder when the video lies inside it, else absolute), "question", "options",
 "answer" (letter), "meta"}``. A row that cannot be converted is skipped and reported (row number
 counted from 1, its id, why); the output is written to a temporary file, then renamed into place.
 
@@ -69,10 +69,10 @@ def _options(value: Any, key: str) -> list[str]:
 
 
 def _rel(video: Path, out_dir: Path) -> str:
-    try:
-        return Path(os.path.relpath(video.resolve(), out_dir.resolve())).as_posix()
-    except ValueError:  # another drive (Windows)
-        return str(video.resolve())
+    """``video`` relative to ``out_dir`` when it lies inside it, else absolute (the loader refuses a
+    relative path that leaves the data file's folder)."""
+    target, root = video.resolve(), out_dir.resolve()
+    return target.relative_to(root).as_posix() if target.is_relative_to(root) else str(target)
 
 
 def _write(rows: Iterator[dict[str, Any]] | list[dict[str, Any]], out: Path) -> None:

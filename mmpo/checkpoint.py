@@ -10,16 +10,24 @@ A checkpoint is written into a temporary folder, fsynced, marked ``COMPLETE`` an
 into place, so a crash or an exception during a save never leaves a half-written
 ``step_*`` folder that :func:`latest_checkpoint` would pick. Nothing here unpickles: tensors
 are safetensors, everything else JSON.
+
+The marker records every file's relative path, size and sha256 (``{"step", "time", "files":
+{path: {"size", "sha256"}}}``). A resume picks the newest checkpoint that still matches it
+(:func:`usable_checkpoint`): a truncated, missing or altered file is reported and the previous
+checkpoint tried. The final ``model/`` folder is written the same way (:func:`atomic_model_folder`)
+with the checksums in ``model/MANIFEST.json``, which ``mmpo eval`` checks (:func:`verify_model_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,10 +36,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmpo.errors import DataError
+from mmpo import faults
+from mmpo.errors import CheckpointError, DataError
 
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
+#: the checksums of a final model folder (same ``files`` table as the ``COMPLETE`` marker)
+MODEL_MANIFEST = "MANIFEST.json"
+MODEL_DIR = "model"
+_HASH_CHUNK = 1 << 20
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 
 
@@ -76,15 +89,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> list[Path]:
+def prune_checkpoints(run_dir: str | Path, keep_last: int, newest: int | None = None) -> list[Path]:
     """Delete all but the newest ``keep_last`` complete checkpoints (``keep_last <= 0`` keeps
-    all) and leftovers of interrupted saves (``.tmp-*``, ``.old-*``). Call it from one process
-    while no save is running. Returns the deleted folders."""
+    all) and leftovers of interrupted saves (``.tmp-*``, ``.old-*``). With ``newest`` (the step
+    just saved), checkpoints of later steps go too: they are the ones a resume found damaged and
+    went back past, and must not count among the kept. Call it from one process while no save is
+    running. Returns the deleted folders."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = list_checkpoints(run_dir)
-    doomed = found[:-keep_last] if keep_last > 0 else []
+    doomed = [p for p in found if newest is not None and checkpoint_step(p) > newest]
+    found = [p for p in found if p not in doomed]
+    doomed += found[:-keep_last] if keep_last > 0 else []
     doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
@@ -132,23 +149,65 @@ def atomic_checkpoint(
     """
     tmp = temp_checkpoint_dir(run_dir, step)
     final = checkpoint_dir(run_dir, step)
-    if enabled:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # leftover of an interrupted save of the same step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+    _prepare_tmp(tmp, enabled, barrier)
+    try:
+        yield tmp
+        faults.fault_point("checkpoint_write")  # test-only SIGKILL (MMPO_FAULT_AT); inert otherwise
+        if barrier is not None:
+            barrier()
+        if enabled:
+            _finalise(tmp, final, COMPLETE_MARKER, {"step": step, "time": time.time()})
+    except BaseException:
+        if enabled:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if barrier is not None:
         barrier()
+
+
+@contextlib.contextmanager
+def atomic_model_folder(
+    run_dir: str | Path, enabled: bool = True, barrier: Callable[[], None] | None = None
+) -> Iterator[Path]:
+    """Yield ``run_dir/.tmp-model`` to write the final model into; on a clean exit its checksums
+    go to ``MANIFEST.json`` inside it, it is fsynced and renamed to ``run_dir/model`` (replacing
+    an old one), so ``model/`` is never half-written. ``enabled`` and ``barrier`` as in
+    :func:`atomic_checkpoint` (the main rank writes; every rank gets the same path)."""
+    tmp = Path(run_dir) / f".tmp-{MODEL_DIR}"
+    _prepare_tmp(tmp, enabled, barrier)
     try:
         yield tmp
         if barrier is not None:
             barrier()
         if enabled:
-            _finalise(tmp, final, step)
+            _finalise(tmp, Path(run_dir) / MODEL_DIR, MODEL_MANIFEST, {"time": time.time()})
+            for old in Path(run_dir).glob(f".old-{MODEL_DIR}-*"):  # left by a save killed mid-swap
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if enabled:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if barrier is not None:
+        barrier()
+
+
+def save_model_atomically(
+    run_dir: str | Path, save: Callable[[Path], None], enabled: bool = True, barrier: Callable[[], None] | None = None
+) -> Path:
+    """Call ``save(folder)`` (a trainer's ``save_final_model``, on every rank) inside
+    :func:`atomic_model_folder`; returns ``run_dir/model``."""
+    with atomic_model_folder(run_dir, enabled=enabled, barrier=barrier) as folder:
+        save(folder)
+    return Path(run_dir) / MODEL_DIR
+
+
+def _prepare_tmp(tmp: Path, enabled: bool, barrier: Callable[[], None] | None) -> None:
+    """Create an empty ``tmp`` (main rank), removing a leftover of an interrupted save; then wait for all ranks."""
+    if enabled:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
     if barrier is not None:
         barrier()
 
@@ -196,10 +255,11 @@ def atomic_folder(final: str | Path, *, before_replace: Callable[[], None] | Non
         raise
 
 
-def _finalise(tmp: Path, final: Path, step: int) -> None:
-    """Mark ``tmp`` complete, flush it to disk and rename it to ``final``."""
-    marker = {"step": step, "time": time.time()}
-    (tmp / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+def _finalise(tmp: Path, final: Path, marker_name: str, marker: dict[str, Any]) -> None:
+    """Write ``marker`` plus the checksums of every file in ``tmp`` as ``tmp/marker_name``, flush
+    the folder to disk and rename it to ``final``."""
+    marker = {**marker, "files": folder_checksums(tmp)}
+    (tmp / marker_name).write_text(json.dumps(marker) + "\n", encoding="utf-8")
     _fsync_tree(tmp)
     old = None
     if final.exists():  # a folder cannot be renamed over a non-empty one: move it aside
@@ -214,6 +274,138 @@ def _finalise(tmp: Path, final: Path, step: int) -> None:
     _fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums and verification
+# ---------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_checksums(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """``{relative posix path: {"size": bytes, "sha256": hex}}`` of every file under ``folder``, sorted."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+
+
+def verify_files(folder: str | Path, files: Any) -> list[str]:
+    """What is wrong with ``folder`` against the checksum table ``files`` (as written by
+    :func:`folder_checksums`): one ``"<path>: <what>"`` per missing, resized or altered file; []
+    when all match. Files not in the table are not checked."""
+    folder = Path(folder)
+    if not isinstance(files, dict):
+        return ["the checksum table is not a mapping"]
+    problems = []
+    for rel, entry in files.items():
+        path = folder / rel
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{rel!r}: not a path inside the folder")
+        elif not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or "sha256" not in entry:
+            problems.append(f"{rel}: no size and sha256 recorded")
+        elif not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif (size := path.stat().st_size) != entry["size"]:
+            what = "truncated" if size < entry["size"] else "grown"
+            problems.append(f"{rel}: {what} ({size} bytes, {entry['size']} written)")
+        elif file_sha256(path) != entry["sha256"]:
+            problems.append(f"{rel}: content changed (sha256 differs from the one recorded at save)")
+    return problems
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def verify_checkpoint(path: str | Path) -> list[str]:
+    """What is wrong with a complete checkpoint folder (see :func:`verify_files`); [] when it is
+    whole. A marker written before checksums were recorded (no ``files``) gets the structural
+    check of :func:`_unverified_problems` only."""
+    marker = _read_marker(Path(path) / COMPLETE_MARKER)
+    if marker is None:
+        return [f"{COMPLETE_MARKER}: unreadable (not the JSON marker mmpo writes)"]
+    return verify_files(path, marker["files"]) if "files" in marker else _unverified_problems(Path(path))
+
+
+def _unverified_problems(folder: Path) -> list[str]:
+    """Damage visible without checksums: ``trainer_state.json`` missing, a JSON file that does not
+    parse, a safetensors file shorter or longer than its header says. A changed byte goes unseen."""
+    problems = [] if (folder / "trainer_state.json").is_file() else ["trainer_state.json: missing"]
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        rel = path.relative_to(folder).as_posix()
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+            elif path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n)) if 0 < n < path.stat().st_size else None
+                ends = [int(v["data_offsets"][1]) for k, v in (header or {}).items() if k != "__metadata__"]
+                if header is None or path.stat().st_size != 8 + n + max(ends, default=0):
+                    problems.append(f"{rel}: truncated or padded (size does not match its header)")
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            problems.append(f"{rel}: unreadable")
+    return problems
+
+
+def _stderr(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)  # above a progress bar, not through it
+
+
+def usable_checkpoint(run_dir: str | Path, report: bool = True) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums, or None when the run has
+    none. Each damaged newer one is reported on stderr, one line naming the file and what is
+    wrong (with ``report``; pass False off the main rank). A checkpoint from before checksums is
+    used unverified, with a warning. Raises CheckpointError when checkpoints exist but none is usable."""
+    found = list_checkpoints(run_dir)
+    rejected: list[tuple[Path, list[str]]] = []
+    for path in reversed(found):
+        problems = verify_checkpoint(path)
+        if problems:
+            rejected.append((path, problems))
+            continue
+        for bad, why in rejected if report else []:
+            more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
+            _stderr(f"warning: checkpoint {bad} is damaged, {why[0]}{more}; resuming from {path.name} instead")
+        if report and "files" not in (_read_marker(path / COMPLETE_MARKER) or {}):
+            _stderr(f"warning: checkpoint {path} has no checksums (written by an older mmpo); loading it unverified")
+        return path
+    if not rejected:
+        return None
+    listed = "; ".join(f"{p.name}: {', '.join(why)}" for p, why in rejected)
+    raise CheckpointError(
+        f"no usable checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}, every one is damaged: {listed}. "
+        "The run cannot resume; move the damaged step_* folders away to start it over from step 0."
+    )
+
+
+def verify_model_folder(folder: str | Path) -> None:
+    """Check a final model folder against its ``MANIFEST.json`` (nothing to check without one:
+    folders from other tools or older runs). Raises CheckpointError naming the damaged file."""
+    folder = Path(folder)
+    if not (folder / MODEL_MANIFEST).is_file():
+        return
+    marker = _read_marker(folder / MODEL_MANIFEST)
+    problems = verify_files(folder, marker.get("files")) if marker else [f"{MODEL_MANIFEST}: unreadable"]
+    if problems:
+        raise CheckpointError(
+            f"model folder {folder} is damaged: {'; '.join(problems)} (checked against {MODEL_MANIFEST}). "
+            "Retrain, or restore the folder from a copy."
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         from mmpo.progress import clear_open_bars
 
         clear_open_bars()  # a run stopped while loading: no bar left above the message
-        msg = textwrap.fill(str(e), width=100, break_long_words=False, break_on_hyphens=False)
+        from mmpo.redact import scrub
+
+        msg = textwrap.fill(scrub(str(e)), width=100, break_long_words=False, break_on_hyphens=False)
         print(f"mmpo {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -34,6 +34,7 @@ import yaml
 
 from mmpo.core.registry import did_you_mean
 from mmpo.errors import ConfigError, UnknownNameError
+from mmpo.redact import redact, resolve_env
 
 C = TypeVar("C")
 
@@ -539,6 +540,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), cls: type[C] | 
             apply_override(data, text, schema)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+    data = resolve_env(data, str(path))  # ${env:NAME} (mmpo.redact)
     try:
         return _build(schema, data, "")
     except FieldError as exc:
@@ -559,12 +561,13 @@ def _override_touches(override_key: str, error_key: str) -> bool:
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Write the resolved config as YAML (atomically: temp file + rename). Returns the path."""
+    """Write the resolved config as YAML (atomically: temp file + rename), secrets redacted
+    (:func:`mmpo.redact.redact`: ``${env:NAME}`` kept as written, header values as ``***``). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False, default_flow_style=False, allow_unicode=True)
+        yaml.safe_dump(redact(to_dict(cfg)), fh, sort_keys=False, default_flow_style=False, allow_unicode=True)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -949,6 +952,27 @@ class EvalConfig:
 
 
 @dataclass
+class ResumeConfig:
+    """Rerunning a run folder (see mmpo.run_folder)."""
+
+    allow_changes: list[str] = _opt(
+        [],
+        help="Dotted keys (e.g. algorithm.entropy_coef) whose values may differ from the run folder's "
+        "config.yaml when the run resumes; each accepted change is appended, with its step, to "
+        "config_history.yaml. trainer.lr, weight_decay and adam_betas cannot change (the checkpoint restores them).",
+    )
+
+    def validate_config(self, where: str) -> None:
+        from mmpo.config_keys import allowed_change_problem
+
+        for i, name in enumerate(self.allow_changes):
+            problem = allowed_change_problem(RunConfig, name)
+            if problem is not None:
+                key = f"{_join(where, 'allow_changes')}[{i}]"
+                raise FieldError(key, f"key '{key}': {problem}")
+
+
+@dataclass
 class RunConfig:
     """One training run. Every section has defaults except `task.name`."""
 
@@ -974,6 +998,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = _opt(factory=AlgorithmConfig, help="The group-relative objective.")
     trainer: TrainerConfig = _opt(factory=TrainerConfig, help="The optimisation loop.")
     eval: EvalConfig = _opt(factory=EvalConfig, help="Held-out evaluation.")
+    resume: ResumeConfig = _opt(factory=ResumeConfig, help="Rerunning a run folder with changed values.")
 
 
 def check_options(fn: Any, options: dict[str, Any], key: str, reserved: tuple[str, ...] = ()) -> None:

@@ -21,3 +21,7 @@ class DataError(MMPOError, ValueError):
 
 class TrainingError(MMPOError, RuntimeError):
     """Training cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class CheckpointError(MMPOError, RuntimeError):
+    """A checkpoint or model folder is damaged (a file truncated, missing or changed since it was written)."""

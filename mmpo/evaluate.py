@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from mmpo.checkpoint import save_json
+from mmpo.checkpoint import save_json, verify_model_folder
 from mmpo.errors import ConfigError
 
 #: the run folder's evaluations: ``mmpo eval``'s files at its top, in-training ones in ``step_<step>/``
@@ -166,10 +166,12 @@ def _jsonable(value: Any) -> Any:
 
 def resolve_model_folder(checkpoint: str, marker: tuple[str, ...] = ("config.json", "adapter_config.json")) -> Path:
     """The model folder of ``checkpoint``: a run folder's ``model/``, or the folder itself when it
-    holds one of ``marker`` (a save_pretrained or adapter folder). ConfigError otherwise."""
+    holds one of ``marker`` (a save_pretrained or adapter folder). ConfigError otherwise. A folder
+    with a checksum manifest (an mmpo ``model/``) is verified first: CheckpointError when damaged."""
     path = Path(checkpoint).expanduser()
     for folder in (path / "model", path):
         if any((folder / m).exists() for m in marker):
+            verify_model_folder(folder)
             return folder
     raise ConfigError(
         f"checkpoint='{checkpoint}' is neither a model folder (with {' or '.join(marker)}) nor a run folder with a "

@@ -260,6 +260,7 @@ def test_hicon_recipe_runs_as_written_and_a_relaunch_reuses_data_and_warm_start(
         "eval.num_samples=2",
         "trainer.eval_every=0",
         "trainer.save_every=1",
+        "resume.allow_changes=[trainer.max_steps]",  # the relaunch grows it: DCS reads max_steps
     ]
 
     def train(steps: int) -> subprocess.CompletedProcess:

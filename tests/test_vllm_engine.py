@@ -25,7 +25,13 @@ from mmpo.models import load_model
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES
 from mmpo.rollout.engines.base import GenerationSettings
-from mmpo.rollout.engines.vllm import VLLMEngine, _group_alive, _resolve_python, merged_state_dict
+from mmpo.rollout.engines.vllm import (
+    RESERVED_FLAGS,
+    VLLMEngine,
+    _group_alive,
+    _resolve_python,
+    merged_state_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -84,6 +90,44 @@ def test_missing_environment_and_bad_options_are_config_errors(tmp_path):
         VLLMEngine(policy, {"mode": "remote", "python": sys.executable})
     with pytest.raises(ConfigError, match="rollout.engine_options.max_model_lenn"):
         VLLMEngine(policy, {"max_model_lenn": 10, "python": sys.executable})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--host", "0.0.0.0"],
+        ["--host=0.0.0.0"],
+        ["--port", "8000"],
+        ["--port=8000"],
+        ["--api-key", "mine"],
+        ["--api-key=mine"],
+        ["--api_key", "mine"],  # vLLM reads _ as -
+        ["--ho", "0.0.0.0"],  # argparse takes an unambiguous prefix
+        ["--uds", "/tmp/s.sock"],
+        ["--config", "serve.yaml"],
+    ],
+)
+def test_extra_args_cannot_override_host_port_or_key(extra):
+    _, policy = _tiny_policy()
+    options = {"python": sys.executable, "extra_args": ["--seed", "3", *extra]}
+    for check in (lambda: VLLMEngine.check_environment(options), lambda: VLLMEngine(policy, options)):
+        with pytest.raises(ConfigError, match="rollout.engine_options.extra_args") as e:
+            check()
+        flag = extra[0].split("=")[0]
+        assert repr(flag) in str(e.value) and any(r in str(e.value) for r in RESERVED_FLAGS)
+    with pytest.raises(ConfigError, match="rollout.engine_options.env.VLLM_API_KEY"):
+        VLLMEngine.check_environment({"python": sys.executable, "env": {"VLLM_API_KEY": "mine"}})
+    VLLMEngine.check_environment({"python": sys.executable, "extra_args": ["--seed", "3", "--hostname-x"]})
+
+
+def test_the_server_command_ends_with_mmpos_own_flags_and_holds_no_key(tmp_path):
+    _, policy = _tiny_policy()
+    engine = VLLMEngine(policy, {"python": sys.executable, "extra_args": ["--max-num-seqs", "8"]})
+    cmd = engine._server_command(tmp_path, 4321)
+    engine.close()
+    assert cmd.index("--max-num-seqs") < cmd.index("--host") and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--port") + 1] == "4321" and "--api-key" not in cmd
+    assert cmd[-2:] == ["--middleware", "mmpo_vllm_guard.RequireKey"]
 
 
 def test_lora_weights_are_merged_without_touching_the_model():
@@ -204,6 +248,51 @@ def test_sync_weights_makes_the_server_sample_from_the_new_weights(served):
     assert (back.completion_ids[back.mask] == target).float().mean() < 0.5
     diff = _max_diff(_recompute(policy, model, inputs, back, 1.0), back.logprobs, back.mask.float())
     assert diff < 1e-4 and engine.server_pid == pid
+
+
+def _status(url: str, key: str | None, body: dict | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_the_server_refuses_requests_without_its_key(served):
+    model, policy, engine = served
+    engine.start(model)
+    base, key = engine.base_url, engine._api_key
+    assert len(key) >= 32
+    completion = {"model": "policy", "prompt": [1, 2, 3], "max_tokens": 1}
+    reload = {"method": "reload_weights", "kwargs": {"weights_path": "/etc"}}
+    for path, body in [
+        ("/v1/models", None),
+        ("/v1/completions", completion),
+        ("/collective_rpc", reload),  # dev mode: vLLM's own --api-key check leaves this open
+        ("/reset_prefix_cache", {}),
+        ("/pause", {}),
+        ("/health", None),
+    ]:
+        assert _status(base + path, None, body) == 401, path
+        assert _status(base + path, key[:-1] + "x", body) == 401, path
+    assert _status(base + "/v1/models", key) == 200
+    assert _status(base + "/v1/completions", key, completion) == 200
+    assert _status(base + "/health", key) == 200
+    # the key is nowhere a local user or the run folder could read it
+    assert key not in Path(f"/proc/{engine.server_pid}/cmdline").read_text(errors="replace")
+    assert key not in engine._log_path.read_text(errors="replace")
+    gen = engine.generate(model, _prompts(policy), GenerationSettings(max_new_tokens=2), device=CPU, num_samples=1)
+    assert gen.completion_ids.shape[0] == 2
 
 
 @pytest.mark.slow

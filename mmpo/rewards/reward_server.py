@@ -21,18 +21,24 @@ URL and what was wrong.
 
 To serve your own scorer, :func:`serve_scores` is a minimal reference server (stdlib only)::
 
-    server = serve_scores(lambda images, prompts, metas: my_model(images, prompts), port=8000)
-    # config: rewards: [{name: reward_server, url: "http://127.0.0.1:8000/"}]
+    server = serve_scores(lambda images, prompts, metas: my_model(images, prompts), port=8000, token=TOKEN)
+    # config: rewards: [{name: reward_server, url: "http://127.0.0.1:8000/",
+    #                    headers: {Authorization: "Bearer TOKEN"}}]
     server.shutdown(); server.server_close()
+
+It refuses strangers and bad requests (bearer token, read timeout, body size limit; see its docstring).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -178,30 +184,116 @@ class RewardServer(ImageReward):
         return [float(v) for v in scores]
 
 
+TOKEN_ENV = "MMPO_REWARD_SERVER_TOKEN"  # serve_scores' bearer token when none is passed
+
+
 def serve_scores(
-    score_fn: Callable[[torch.Tensor, list[str], list[dict]], Any], host: str = "127.0.0.1", port: int = 0
+    score_fn: Callable[[torch.Tensor, list[str], list[dict]], Any],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    token: str | None = None,
+    read_timeout_s: float = 10.0,
+    max_body_bytes: int = 64 << 20,
 ) -> ThreadingHTTPServer:
     """Serve ``score_fn(images [N, 3, H, W] float32 in [0, 1], prompts, metas) -> N scores`` over the protocol.
 
     A reference server (stdlib ``http.server``) running in a daemon thread; ``port=0`` picks a free
     port. Returns the server, with ``server.url`` (``http://host:port/``); stop it with
     ``server.shutdown(); server.server_close()``. Calls to ``score_fn`` are serialised by a lock.
-    A bad request answers 400, an exception in ``score_fn`` 500, both as ``{"error": "..."}``.
+
+    Guards: with ``token`` (default ``$MMPO_REWARD_SERVER_TOKEN``; unset or empty: no check) every
+    request needs ``Authorization: Bearer <token>`` (the client's ``headers`` option), else 401.
+    Each socket read waits at most ``read_timeout_s`` and the whole body must arrive within it
+    (else 408 and the connection is closed), so a stalled or slow client holds its thread no longer
+    than that. The body needs a ``Content-Length`` (411 without one; 400 when not a non-negative
+    integer) of at most ``max_body_bytes`` (413, body left unread). A body that is not the JSON
+    object of the protocol answers 400, an exception in ``score_fn`` 500, all as ``{"error": "..."}``.
     """
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    if token is not None and (not isinstance(token, str) or not token or token != token.strip()):
+        raise ValueError("serve_scores: token must be a non-empty string without surrounding spaces")
+    if not read_timeout_s > 0:
+        raise ValueError(f"serve_scores: read_timeout_s must be > 0, got {read_timeout_s!r}")
+    if int(max_body_bytes) < 1:
+        raise ValueError(f"serve_scores: max_body_bytes must be >= 1, got {max_body_bytes!r}")
+    expected = hashlib.sha256(f"Bearer {token}".encode()).digest() if token else None
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
-        def _reply(self, status: int, payload: dict) -> None:
+        timeout = read_timeout_s  # socket timeout for every read (StreamRequestHandler.setup)
+
+        def _reply(self, status: int, payload: dict, close: bool = False) -> None:
             body = json.dumps(payload).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            if close:  # the request's body (if any) was not read: the connection cannot be reused
+                self.close_connection = True
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if status == 401:
+                    self.send_header("WWW-Authenticate", "Bearer")
+                if close:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client left
+                self.close_connection = True
+
+        def _authorized(self) -> bool:
+            if expected is None:
+                return True
+            got = hashlib.sha256(self.headers.get("Authorization", "").strip().encode("utf-8", "replace")).digest()
+            return hmac.compare_digest(got, expected)
+
+        def _read_body(self) -> bytes | None:
+            """The request body (None once an error answer is sent): bounded in size and time."""
+            if self.headers.get("Transfer-Encoding"):
+                self._reply(411, {"error": "Transfer-Encoding is not supported; send a Content-Length"}, close=True)
+                return None
+            raw = self.headers.get_all("Content-Length") or []
+            if not raw:
+                self._reply(411, {"error": "a Content-Length header is required"}, close=True)
+                return None
+            if len(set(raw)) > 1 or not raw[0].strip().isdigit():
+                self._reply(400, {"error": f"bad Content-Length {', '.join(raw)!r}"}, close=True)
+                return None
+            length = int(raw[0])
+            if length > max_body_bytes:
+                self._reply(413, {"error": f"body of {length} bytes exceeds the limit of {max_body_bytes}"}, close=True)
+                return None
+            deadline, chunks, got = time.monotonic() + read_timeout_s, [], 0
+            try:
+                while got < length:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    self.connection.settimeout(left)
+                    chunk = self.rfile.read1(min(length - got, 1 << 20))
+                    if not chunk:
+                        self.close_connection = True  # the client closed early: no one to answer
+                        return None
+                    chunks.append(chunk)
+                    got += len(chunk)
+            except TimeoutError:
+                msg = f"the body did not arrive within {read_timeout_s} s ({got} of {length} bytes)"
+                self._reply(408, {"error": msg}, close=True)
+                return None
+            finally:
+                self.connection.settimeout(read_timeout_s)
+            return b"".join(chunks)
 
         def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            if not self._authorized():
+                return self._reply(401, {"error": "missing or wrong bearer token"}, close=True)
+            body = self._read_body()
+            if body is None:
+                return None
             try:
-                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                req = json.loads(body)
+                if not isinstance(req, dict) or not isinstance(req.get("images"), list):
+                    raise ValueError('expected a JSON object with an "images" list')
                 images = decode_png(req["images"]) if req["images"] else torch.zeros(0, 3, 1, 1)
                 n = images.shape[0]
                 prompts, metas = req.get("prompts") or [""] * n, req.get("metas") or [{} for _ in range(n)]
@@ -225,4 +317,4 @@ def serve_scores(
     return server
 
 
-__all__ = ["RewardServer", "RewardServerError", "decode_png", "encode_png", "serve_scores"]
+__all__ = ["TOKEN_ENV", "RewardServer", "RewardServerError", "decode_png", "encode_png", "serve_scores"]

@@ -10,8 +10,9 @@ in the order of their tokens). ``action_mask`` marks the model's tokens: only th
 observation tokens are attended to but masked out of the loss.
 
 Tools run asynchronously (asyncio) with a per-call timeout and a concurrency limit; a malformed
-call, a tool that raises or one that hangs yields an error observation the model sees, and the
-rollout goes on.
+call (counted in ``malformed_calls``), a tool that raises or one that hangs (``tool_errors``)
+yields an error observation the model sees, and the rollout goes on: nothing the model writes
+raises out of :meth:`AgentLoop.run`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -32,6 +34,7 @@ OBSERVATION_TEMPLATE = (
     "\n<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
 )
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -230,6 +233,14 @@ class AgentLoop:
                 except ToolCallError as e:
                     t.malformed_calls += 1
                     errors[i] = f"error: {e}"
+                    still.append(i)
+                    continue
+                except Exception as e:  # the parser's contract is ToolCallError only; model text must never stop a run
+                    log.warning(
+                        "tool-call parsing raised %s; treated as a malformed call", type(e).__name__, exc_info=True
+                    )
+                    t.malformed_calls += 1
+                    errors[i] = f"error: the tool call could not be parsed ({type(e).__name__})"
                     still.append(i)
                     continue
                 t.tool_calls += len(calls)

@@ -396,11 +396,10 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         sampler = DenoiserImages(model, schedule, height, width, s.negative_prompt, autocast, policy, model.denoiser)
         return sampler, str(lora or path)
 
-    def save_final_model(self) -> None:
+    def save_final_model(self, folder: Path) -> None:
         """``model/``: the whole pipeline with the trained denoiser (``DiffusionPipeline.from_pretrained``);
         with LoRA, ``model/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``) and, with
         ``lora.save_merged``, ``model/merged/`` (adapters fused into a full pipeline)."""
-        folder = self.run_dir / "model"
         if self.cfg.model.lora is None:
             self.engine.save_pretrained(folder, save_fn=lambda m, f, state: self.model.save_pipeline(f, state))
             return

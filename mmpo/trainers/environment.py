@@ -434,12 +434,10 @@ class EnvironmentTrainer(TrainerBase):
             self.sampler.load_state_dict(ranks[self.engine.rank])
 
     # -- saving --------------------------------------------------------------------------------
-    def save_final_model(self) -> None:
+    def save_final_model(self, folder: Path) -> None:
         """``model/``: the VLM as a save_pretrained folder (+ processor with the action tokens;
         + ``action_head.safetensors`` for a Laplace head)."""
-        self.engine.save_pretrained(
-            self.run_dir / "model", save_fn=lambda module, folder, state: self.policy.save(folder, state)
-        )
+        self.engine.save_pretrained(folder, save_fn=lambda module, f, state: self.policy.save(f, state))
 
     def close(self) -> None:
         self.runner.close()

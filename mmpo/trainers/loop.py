@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from mmpo import checkpoint as ckpt
-from mmpo.config import RunConfig, save_config, to_dict
+from mmpo import faults, run_folder
+from mmpo.config import RunConfig
 from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import TrainingError
@@ -77,6 +78,7 @@ class TrainerBase(abc.ABC):
         precision = resolve_precision(cfg.precision, device)
         quiet_libraries(device)
         self.task, self.algo = self.prepare(cfg)
+        self.config_changes = run_folder.check_rerun(cfg, self.run_dir, self.task) if self.track else []
         # the bar shows from here on (config and task are fine), its description naming the phase
         self.progress = RunProgress(cfg.trainer.max_steps, enabled=self.track and os.environ.get("RANK", "0") == "0")
         self.advantage_fn = self.algo.advantage_fn
@@ -125,14 +127,14 @@ class TrainerBase(abc.ABC):
         self.step = 0
         self.bad_steps = 0
         self.resumed_from: Path | None = None
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        latest = ckpt.usable_checkpoint(self.run_dir, report=self.engine.is_main)  # verified; damaged ones skipped
         if latest is not None:
             self.show_phase("load checkpoint")
             self._load_checkpoint(latest)
             self.progress.start_at(self.step)
         if self.engine.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            run_folder.save_run_config(self.cfg, self.run_dir, self.config_changes, self.step)
         self.tracker = Tracker(
             self.run_dir,
             self.cfg.trainer.max_steps,
@@ -140,7 +142,7 @@ class TrainerBase(abc.ABC):
             enabled=self.engine.is_main and self.track,
             progress=self.progress.bar if self.progress.bar is not None else False,
             report_to=self.cfg.trainer.report_to,
-            config=to_dict(self.cfg),
+            config=run_folder.written_config(self.cfg),
         )
         logging = self.engine.is_main and self.track
         self.sample_log = SampleLog(self.run_dir, self.cfg.trainer.log_samples if logging else 0, self.tracker)
@@ -203,6 +205,7 @@ class TrainerBase(abc.ABC):
         self.on_evaluated(result)
         if self.engine.is_main and self.track:
             write_step_evaluation(self.run_dir, self.step, result, self._evaluator)
+        faults.fault_point("evaluation")
         metrics = {f"eval/{k}": float(v) for k, v in result.metrics.items()}
         if self.step == 0 and self.sft_metrics:
             metrics.update({f"sft/{k}": float(v) for k, v in self.sft_metrics.items() if isinstance(v, (int, float))})
@@ -211,8 +214,8 @@ class TrainerBase(abc.ABC):
         return metrics
 
     @abc.abstractmethod
-    def save_final_model(self) -> None:
-        """Write ``model/`` (a folder the ecosystem loads)."""
+    def save_final_model(self, folder: Path) -> None:
+        """Write the final model into ``folder`` (a folder the ecosystem loads; it becomes ``model/``)."""
 
     @classmethod
     @abc.abstractmethod
@@ -370,7 +373,7 @@ class TrainerBase(abc.ABC):
                 self.save_extra(folder)
             ckpt.save_rng(folder, name=f"rng_rank{self.engine.rank}")
         if self.engine.is_main:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.trainer.keep_last, newest=self.step)
         return ckpt.checkpoint_dir(self.run_dir, self.step)
 
     def _load_checkpoint(self, folder: Path) -> None:
@@ -399,6 +402,7 @@ class TrainerBase(abc.ABC):
                 if self.step_samples:
                     self.sample_log.write(self.step, self.step_samples)
                     self.step_samples = []
+                faults.fault_point("step")
                 at_end = self.step == t.max_steps
                 out_of_time = bool(t.time_limit_s) and time.perf_counter() - started > t.time_limit_s
                 if (t.eval_every and self.step % t.eval_every == 0) or at_end or out_of_time:
@@ -416,7 +420,7 @@ class TrainerBase(abc.ABC):
                 if out_of_time:
                     break
             self.show_phase("save model")
-            self.save_final_model()
+            ckpt.save_model_atomically(self.run_dir, self.save_final_model, self.engine.is_main, self.engine.barrier)
         finally:
             self.close()
         plot = self.tracker.close()

@@ -387,10 +387,9 @@ class FindTrainer(DiffusionTrainerBase):
         )
         return sampler, str(model_dir or cfg.model.path)
 
-    def save_final_model(self) -> None:
+    def save_final_model(self, folder: Path) -> None:
         """``model/noise_policy.safetensors`` (mu, sigma or the conditioning head) with a JSON
         description; the denoiser is unchanged (the pipeline of model.path)."""
-        folder = self.run_dir / "model"
 
         def save(module: torch.nn.Module, f: Path, state: dict[str, torch.Tensor]) -> None:
             meta = {

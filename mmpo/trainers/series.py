@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmpo.checkpoint import atomic_folder, latest_checkpoint, save_json
+from mmpo.checkpoint import atomic_folder, latest_checkpoint, save_json, verify_model_folder
 from mmpo.config import RunConfig
 from mmpo.data import PromptSampler
 from mmpo.errors import ConfigError
@@ -342,15 +342,16 @@ class SeriesTrainer(TrainerBase):
                     f"'{path}' has neither {SFT_DIR}/model, model/ nor a model's {MODEL_MARKER}"
                 )
             folders[path.name] = path
+        for folder in folders.values():
+            verify_model_folder(folder)  # CheckpointError when a file changed since it was written
         task.prepare()
         device = resolve_device(cfg.device)
         models = {label: task.load_model(f).to(device).eval() for label, f in folders.items()}
         return task.evaluator(models, device, test=True), ", ".join(f"{k}={v}" for k, v in folders.items())
 
     # -- saving ------------------------------------------------------------------------------
-    def save_final_model(self) -> None:
+    def save_final_model(self, folder: Path) -> None:
         """``model/``: the model's own ``save_pretrained`` layout, plus the task's files."""
-        folder = self.run_dir / "model"
         self.engine.save_pretrained(folder)
         if self.engine.is_main:
             self.task.save_model_files(folder)

@@ -22,6 +22,7 @@ from mmpo.core.ares import AresKLState
 from mmpo.core.rollout_correction import rollout_is_weights
 from mmpo.errors import ConfigError
 from mmpo.lora import prepare_trainable
+from mmpo.media_check import draw_prompts, task_skips_bad_rows
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES, filters
@@ -162,12 +163,13 @@ class Trainer(TrainerBase):
         kept: list[RolloutBatch] = []
         drawn_rewards: list[torch.Tensor] = []
         drawn_components: dict[str, list[torch.Tensor]] = {}
-        n_groups, draws, seen_groups = 0, 0, 0
+        n_groups, draws, seen_groups, dropped = 0, 0, 0, 0
         while True:
             draws += 1
             t0 = time.perf_counter()
             with self.phase_hook("rollout"):
-                prompts = [self.task.train_sample(i) for i in self.sampler.next(r.prompts_per_step)]
+                prompts, n_bad = draw_prompts(self.task, self.sampler, r.prompts_per_step)  # bad ones dropped
+                dropped += n_bad
                 rows = [s for s in prompts for _ in range(r.group_size)]
                 group_ids = torch.arange(seen_groups, seen_groups + len(prompts)).repeat_interleave(r.group_size)
                 seen_groups += len(prompts)
@@ -223,6 +225,8 @@ class Trainer(TrainerBase):
             full = full.select(list(range(self.rows_per_step())))
         # rewards of everything sampled this step, before any filter
         stats = {"draws": float(draws), "groups_kept_frac": len(full) / (draws * self.rows_per_step())}
+        if task_skips_bad_rows(self.task):
+            stats["dropped_samples"] = float(dropped)
         stats["reward_mean"] = float(torch.cat(drawn_rewards).mean())
         stats.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in drawn_components.items()})
         return full, stats
@@ -378,22 +382,22 @@ class Trainer(TrainerBase):
         """``mmpo eval``: the evaluator of ``checkpoint``'s policy, without optimizer or engine."""
         return TokenEvaluator.from_checkpoint(cfg, checkpoint)
 
-    def save_final_model(self) -> None:
+    def save_final_model(self, folder: Path) -> None:
         """``model/``: a save_pretrained folder; with LoRA the adapter, plus ``model/merged/``."""
         if self.cfg.model.lora is not None:
             from mmpo.lora import save_lora
 
             merged, processor = self.cfg.model.lora.save_merged, self.policy.processor
             self.engine.save_pretrained(
-                self.run_dir / "model",
+                folder,
                 save_fn=lambda module, folder, state: save_lora(
                     module, folder, processor, merged=merged, state_dict=state
                 ),
             )
         else:
-            self.engine.save_pretrained(self.run_dir / "model")
+            self.engine.save_pretrained(folder)
             if self.engine.is_main:
-                self.policy.processor.save_pretrained(self.run_dir / "model")
+                self.policy.processor.save_pretrained(folder)
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:

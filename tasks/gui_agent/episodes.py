@@ -7,18 +7,21 @@ One episode a line::
                 "target_box": [x0, y0, x1, y1] | null, "screen_size": [w, h] | null}, ...],
      "meta": {...}}                                          # optional
 
-``screenshot`` is relative to the JSONL file's folder; absolute paths and paths with a ``..``
-part are refused. ``action`` is one action of :mod:`mmpo_tasks.gui_agent.actions` written without
-its ``<action>`` tag (coordinates normalised to [0, 1]; pixel coordinates are normalised when
-``screen_size`` is given). ``target_box`` is the normalised box of the target element (4 numbers in
-[0, 1], ``x0 <= x1``, ``y0 <= y1``); ``screen_size`` is ``[width, height]`` in pixels.
+``screenshot`` is relative to the JSONL file's folder; absolute paths, paths with a ``..``
+part and paths whose resolved target (symlinks followed) lies outside the folder are refused
+(:func:`mmpo.paths.contained_path`). ``action`` is one action of
+:mod:`mmpo_tasks.gui_agent.actions` written without its ``<action>`` tag (coordinates normalised to
+[0, 1]; pixel coordinates are normalised when ``screen_size`` is given). ``target_box`` is the
+normalised box of the target element (4 numbers in [0, 1], ``x0 <= x1``, ``y0 <= y1``);
+``screen_size`` is ``[width, height]`` in pixels.
 
 Keys are strict: an episode key other than :data:`EPISODE_KEYS` or a step key other than
 :data:`STEP_KEYS` (``meta`` is free-form) raises ``DataError`` naming the file, the line and the
 key (with the closest known key); ``unknown_keys`` warn / ignore reports it once / says nothing
 (:mod:`mmpo.data_rows`).
 
-A bad episode (a missing screenshot, a malformed action, a bad box or size, a path escape, a
+A bad episode (a missing or unreadable screenshot: each is opened and its header decoded at load,
+:mod:`mmpo.media_check`; a malformed action, a bad box or size, a path escape, a
 repeated id...) does not stop the load: it is skipped and recorded as ``{"line": n, "id": ...,
 "error": "<file>: line <n>: key '<k>': <why>", "reason": ...}`` (lines counted from 1; ``reason``:
 the short reason a task's summary line counts). ``DataError`` is raised only when the file cannot
@@ -38,6 +41,8 @@ from typing import Any
 from mmpo.data import RecordError
 from mmpo.data_rows import KeyCheck, iter_numbered_rows, skip_reason
 from mmpo.errors import DataError
+from mmpo.media_check import MediaError, check_image
+from mmpo.paths import PathRefused, contained_path
 from mmpo_tasks.gui_agent.actions import Action, parse_action
 
 Box = tuple[float, float, float, float]
@@ -136,8 +141,16 @@ def _step(rec: Any, k: int, folder: Path) -> GuiStep:
     except ValueError as e:
         raise _RowError(f"{key}.screenshot", str(e)) from None
     shot = folder / ref
-    if not shot.is_file():
+    try:
+        target = contained_path(folder, ref)  # symlinks followed: a link out of the folder is refused
+    except PathRefused as e:
+        raise _RowError(f"{key}.screenshot", e.why) from None
+    if not target.is_file():
         raise _RowError(f"{key}.screenshot", f"file not found: {shot}")
+    try:
+        check_image(target)  # header decoded now, not when the step is drawn (mmpo.media_check)
+    except MediaError as e:
+        raise _RowError(f"{key}.screenshot", e.naming(shot)) from None
     text = rec.get("action")
     if not isinstance(text, str) or not text.strip():
         raise _RowError(f"{key}.action", f"must be an action string, got {_show(text)}")

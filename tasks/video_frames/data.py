@@ -6,7 +6,8 @@ A ``.jsonl`` file (one JSON object a line) or a ``.parquet`` file of rows::
      "options": [2..8 strings], "answer": "B" | "<the option's text>", ...}
 
 ``video`` is a local path, relative to ``video_root`` when given, else to the data file's folder
-(absolute paths are taken as they are; URLs are refused). ``answer`` is an option letter (``"B"``,
+(its resolved target, symlinks followed, must lie inside that folder: :func:`mmpo.paths.contained_path`;
+absolute paths are taken as they are; URLs are refused). ``answer`` is an option letter (``"B"``,
 ``"(B)"``, ``"B."``, upper case) or, failing that, the exact text of one option (then, if no
 option matches exactly, a case-insensitive match that must be unique). A ``meta`` object (free-form)
 and the optional ``events`` and ``kind`` (written by the synthetic set) are merged into the row's
@@ -34,6 +35,7 @@ from typing import Any, Iterator
 from mmpo.data import RecordError
 from mmpo.data_rows import KeyCheck, iter_numbered_rows, skip_reason
 from mmpo.errors import DataError
+from mmpo.paths import PathRefused, contained_path
 from mmpo_tasks.video_frames.video import VideoReader
 
 log = logging.getLogger(__name__)
@@ -113,7 +115,12 @@ def _video_path(value: Any, base: Path) -> Path:
     if "://" in ref:
         raise _RowError("video", f"{_show(ref)}: must be a local file path, not a URL")
     p = Path(ref).expanduser()
-    return p if p.is_absolute() else base / p
+    if p.is_absolute():
+        return p
+    try:
+        return contained_path(base, p)  # symlinks followed: a link out of the folder is refused
+    except PathRefused as e:
+        raise _RowError("video", e.why) from None
 
 
 def _probe(path: Path) -> dict[str, Any]:
@@ -181,8 +188,8 @@ def load_video_qa(
                 if video not in probed:
                     try:
                         probed[video] = _probe(video)
-                    except DataError as e:
-                        probed[video] = str(e)
+                    except DataError as e:  # the summary counts the reason before the ":", not the file
+                        probed[video] = f"not a readable video: {e}"
                 info = probed[video]
                 if isinstance(info, str):
                     raise _RowError("video", info)

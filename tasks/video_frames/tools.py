@@ -7,9 +7,9 @@ schemas refuse any other key (``"path"``, ``"url"``, ``"video"``...). Context ke
 ``video`` (path), ``clip_size`` (longer side of ``video_clip`` frames, default 112 px) and
 ``frame_size`` (``frame_at``, default 224 px).
 
-A model mistake never raises: times outside ``[0, duration]`` (or absurd ones, 1e12, +-inf) are
-clamped and the returned text says so; ``end_s < start_s``, a NaN (Python's ``json`` accepts
-``NaN``), a ``num_frames`` above the cap, a missing or unreadable video each give
+A model mistake never raises: times outside ``[0, duration]`` (or absurd ones, 1e12, +-inf, an
+integer beyond a float's range) are clamped and the returned text says so; ``end_s < start_s``, a
+NaN (Python's ``json`` accepts ``NaN``), a ``num_frames`` above the cap, a missing or unreadable video each give
 ``ToolResult(error=True, text=<why>)``, shown to the model. Only programmer errors raise (a bad
 ``clip_size`` in the context, a non-path ``video``).
 
@@ -131,9 +131,13 @@ class _VideoTool(Tool):
         value = arguments.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return ToolResult(text=f"{self.name}: {key} must be a number of seconds, got {_show(value)}", error=True)
-        if math.isnan(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond a float's range: as far as +-inf, clamped by the caller
+            number = math.inf if value > 0 else -math.inf
+        if math.isnan(number):
             return ToolResult(text=f"{self.name}: {key} must be a number of seconds, got NaN", error=True)
-        return float(value)
+        return number
 
     @staticmethod
     def _clamp(key: str, value: float, duration: float, notes: list[str]) -> float:

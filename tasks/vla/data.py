@@ -23,6 +23,7 @@ import numpy as np
 from mmpo.data import RecordError
 from mmpo.data_rows import KeyCheck, LoadSummary, iter_numbered_rows
 from mmpo.errors import DataError
+from mmpo.paths import PathRefused, contained_path
 
 GENERATE_HINT = "python data_prep/babyai_demos.py --out {folder}"
 _KEYS: dict[str, type] = {
@@ -95,11 +96,12 @@ def _image_path(folder: Path, entry: str, where: str) -> Path:
         raise DataError(f"{where}: key 'image': {entry!r} must be a path relative to the demonstration folder")
     if ".." in PurePosixPath(entry.replace("\\", "/")).parts:
         raise DataError(f"{where}: key 'image': {entry!r} leaves the demonstration folder ('..' is refused)")
-    root = folder.resolve()
-    path = (root / entry).resolve()
-    if not path.is_relative_to(root):  # a symlink pointing outside
-        raise DataError(f"{where}: key 'image': {entry!r} resolves outside the demonstration folder")
-    return path
+    if not (folder / entry).exists():
+        return folder.resolve() / entry  # reported as not found when loaded; nothing is opened
+    try:
+        return contained_path(folder, entry)  # symlinks followed: a link out of the folder is refused
+    except PathRefused as e:
+        raise DataError(f"{where}: key 'image': {e.why}") from None
 
 
 def _load_image(path: Path, where: str) -> np.ndarray:

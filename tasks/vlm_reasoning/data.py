@@ -17,8 +17,10 @@ or a folder of such files (read in name order). Layouts, detected per file from 
 
 Images are a path (absolute, or relative to ``image_root`` when given, else to the data file's
 folder; ``file://`` allowed), encoded bytes, ``{"bytes": ..., "path": ...}`` (how HF datasets
-store images) or a ``data:image/...;base64,`` URI. They stay encoded in the rows (paths are only
-checked to exist, bytes only have their header read) and are decoded when a prompt is built.
+store images) or a ``data:image/...;base64,`` URI. They stay encoded in the rows and are decoded
+when a prompt is built; at load every image (file or bytes) and video file is opened and its
+header decoded (:mod:`mmpo.media_check`: a non-image, a truncated JPEG or a corrupt video is a bad
+row, ``field 'images[0]': <path>: not a readable image: ...``).
 
 Answers: a number becomes its text, a boolean ``yes``/``no``; an answer holding
 ``<answer>...</answer>`` or ``\\boxed{...}`` (a worked solution) is reduced to that content and
@@ -59,6 +61,7 @@ from mmpo.core.registry import did_you_mean
 from mmpo.data import RecordError
 from mmpo.data_rows import KeyCheck, iter_rows, skip_reason
 from mmpo.errors import DataError
+from mmpo.media_check import MediaCache, MediaError, check_image
 from mmpo.rewards import extract_answer_tag, normalize_answer
 
 log = logging.getLogger(__name__)
@@ -297,6 +300,15 @@ def detect_format(rec: dict[str, Any]) -> str | None:
 class _Context:
     file: Path
     image_root: Path | None
+    media: MediaCache = field(default_factory=MediaCache)
+
+    def checked(self, path: Path, field_name: str, video: bool) -> Path:
+        """``path`` after opening it and decoding its header (:mod:`mmpo.media_check`)."""
+        try:
+            self.media.check(path, video=video)
+        except MediaError as exc:
+            raise RowError(field_name, exc.naming(path)) from None
+        return path
 
     def resolve(self, ref: str, field_name: str) -> Path:
         """An existing file for path ``ref`` (absolute; else under image_root, then the file's folder)."""
@@ -314,9 +326,9 @@ class _Context:
 
 def _check_bytes(data: bytes, field_name: str) -> None:
     try:
-        Image.open(io.BytesIO(data))  # reads the header only
-    except (OSError, ValueError) as exc:
-        raise RowError(field_name, f"image bytes ({len(data)}) are not a readable image: {exc}") from None
+        check_image(data)
+    except MediaError as exc:
+        raise RowError(field_name, str(exc)) from None
 
 
 def _image(entry: Any, field_name: str, ctx: _Context) -> ImageSource:
@@ -341,7 +353,7 @@ def _image(entry: Any, field_name: str, ctx: _Context) -> ImageSource:
                 raise RowError(field_name, "a data: URI image must be base64 ('data:image/png;base64,...')") from None
             _check_bytes(data, field_name)
             return ImageSource(data=data)
-        return ImageSource(path=ctx.resolve(ref, field_name))
+        return ImageSource(path=ctx.checked(ctx.resolve(ref, field_name), field_name, video=False))
     raise RowError(field_name, f"an image must be a path, bytes or {{'bytes', 'path'}}, got {_show(entry)}")
 
 
@@ -357,7 +369,7 @@ def _video(value: Any, field_name: str, ctx: _Context) -> VideoSource | None:
     if value is None or value == [] or value == "":
         return None
     if isinstance(value, str):
-        return VideoSource(path=ctx.resolve(value, field_name))
+        return VideoSource(path=ctx.checked(ctx.resolve(value, field_name), field_name, video=True))
     if isinstance(value, (list, tuple)):
         if len(value) < 2:
             raise RowError(field_name, f"a video given as frames needs at least 2 frames, got {len(value)}")

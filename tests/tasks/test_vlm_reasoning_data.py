@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mmpo.errors import DataError
-from mmpo_tasks.vlm_reasoning.data import detect_format, load_rows
+from mmpo_tasks.vlm_reasoning.data import ImageSource, detect_format, load_rows
 
 
 def png(path: Path | None = None, colour=(200, 30, 30), size=(40, 30)) -> bytes:
@@ -387,6 +387,8 @@ def test_unreadable_images(tmp_path):
         load_rows(f)
     (tmp_path / "fake.png").write_bytes(b"\x89PNG but truncated")
     g = write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "a", "images": ["fake.png"]}])
-    row = load_rows(g).rows[0]  # paths are only checked to exist when loading ...
+    # image files are opened and their header decoded when loading (mmpo.media_check) ...
+    with pytest.raises(DataError, match=r"g\.jsonl: line 1: field 'images\[0\]': not a readable image \(.*fake\.png\)"):
+        load_rows(g)
     with pytest.raises(DataError, match=r"image .*fake\.png cannot be read"):
-        row.images[0].load()  # ... and decoded when the prompt is built
+        ImageSource(path=tmp_path / "fake.png").load()  # ... and again when a prompt is built

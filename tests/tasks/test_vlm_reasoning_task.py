@@ -256,6 +256,10 @@ def test_unreadable_image_names_row_and_path(tmp_path):
 
     (tmp_path / "fake.png").write_bytes(b"not a png")
     f = write_rows(tmp_path / "d.jsonl", [{"question": "q", "answer": "a", "images": ["fake.png"]}])
+    with pytest.raises(DataError, match=rf"{f}: line 1: field 'images\[0\]': not a readable image \(.*fake\.png\)"):
+        make_task({"train_file": str(f), "eval_file": str(f)})  # found at load (mmpo.media_check)
+    Image.new("RGB", (8, 8)).save(tmp_path / "fake.png")
     task = make_task({"train_file": str(f), "eval_file": str(f)})
+    (tmp_path / "fake.png").write_bytes(b"not a png")  # damaged after loading: found when drawn
     with pytest.raises(DataError, match=rf"{f}: line 1: field 'images\[0\]': image .*fake\.png cannot be read"):
         task.train_sample(0)

