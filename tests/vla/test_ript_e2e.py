@@ -209,7 +209,8 @@ def _check_gif(path: Path, episode: dict[str, Any]) -> bool:
         for k in range(frames):
             im.seek(k)
             total += im.info["duration"]
-            assert im.size[0] == im.size[1] > 56  # MiniGrid's full top view, not the 7x7 egocentric one
+            # MiniGrid's full top view (square, not the 7x7 egocentric one), with the step's caption below it
+            assert im.size[1] > im.size[0] > 56
         animated = bool(getattr(im, "is_animated", False))
     assert 1 <= frames <= recorded and animated == (frames > 1)
     assert total == recorded * 250  # fps 4: 250 ms a frame
