@@ -774,6 +774,51 @@ class RolloutConfig:
         "is_cap. Needs an engine that reports log-probs.",
     )
     is_cap: float = _opt(2.0, help="Cap C of the rollout importance ratio (see is_correction).", gt=0.0)
+    prompt_sampler: str = _opt(
+        "uniform",
+        help="Which training samples (prompts, env seeds, series starts) each step draws: 'uniform' "
+        "(a seeded permutation per epoch) or 'vade' (Thompson sampling on per-sample Beta difficulty "
+        "estimates fed by the rewards, VADE arXiv 2511.18902; its constants are unverified defaults).",
+        registry="mmpo.rollout.prompt_samplers:PROMPT_SAMPLERS",
+    )
+    prompt_sampler_options: dict[str, Any] = _opt(
+        {}, help="Options of the prompt sampler (vade: a0, b0, gamma_f, gamma_s, score, pool, reward_min, ...)."
+    )
+    adaptive_temperature: dict[str, Any] | None = _opt(
+        None,
+        help="HAPO adaptive temperature sampling (arXiv 2509.16591): {tau: 0.05, pivot: 0.8, sign_mode: "
+        "intended}. Each token is sampled at temperature * (1 + tau * h), h in [-1, 1] its entropy "
+        "normalised with the previous step's pi_old entropy statistics (the first step samples at "
+        "temperature). sign_mode 'released_code' reproduces the released code's sign. hf engine only.",
+    )
+
+    def validate_config(self, where: str) -> None:
+        check = resolve_registry("mmpo.rollout.prompt_samplers:check_sampler_options")
+        try:
+            check(self.prompt_sampler, self.prompt_sampler_options, self.group_size)
+        except ConfigError as exc:
+            raise FieldError(_join(where, "prompt_sampler_options"), str(exc)) from None
+        at = self.adaptive_temperature
+        if at is None:
+            return
+        key = _join(where, "adaptive_temperature")
+        allowed = {"tau": 0.05, "pivot": 0.8, "sign_mode": "intended"}
+        unknown = sorted(set(at) - set(allowed))
+        if unknown:
+            raise FieldError(key, f"unknown key '{key}.{unknown[0]}'; valid keys: {', '.join(allowed)}")
+        if self.engine != "hf" or self.engine_options.get("use_generate"):
+            raise FieldError(
+                key,
+                f"key '{key}' needs the hf engine's own sampling loop (rollout.engine: hf without "
+                f"use_generate); got engine {self.engine!r} with options {_show(self.engine_options)}",
+            )
+        tau, pivot = float(at.get("tau", 0.05)), float(at.get("pivot", 0.8))
+        if not (tau >= 0.0 and 0.0 <= pivot <= 1.0):
+            raise FieldError(key, f"key '{key}' needs tau >= 0 and 0 <= pivot <= 1, got tau={tau}, pivot={pivot}")
+        if at.get("sign_mode", "intended") not in ("intended", "released_code"):
+            raise FieldError(
+                key, f"key '{key}.sign_mode' is 'intended' or 'released_code', got {_show(at.get('sign_mode'))}"
+            )
 
 
 @dataclass
@@ -1018,6 +1063,14 @@ def check_options(fn: Any, options: dict[str, Any], key: str, reserved: tuple[st
             )
 
 
+def input_names(fn: Any) -> tuple[str, ...]:
+    """Every tensor a core entry may be given by the trainer (``fn.inputs`` when a tuple, else
+    ``fn.input_names``, plus ``fn.optional_inputs``): keywords that are never config options."""
+    need = getattr(fn, "inputs", ())
+    names = getattr(fn, "input_names", ()) if callable(need) else need
+    return (*names, *getattr(fn, "optional_inputs", ()))
+
+
 def valid_options(fn: Any, reserved: tuple[str, ...] = ()) -> list[str] | None:
     """The keywords a config's ``*_options`` may give ``fn`` (None: it takes any, ``**kwargs``):
     its keyword-only parameters and those with a default, minus ``reserved`` (passed by the trainer)."""
@@ -1026,6 +1079,7 @@ def valid_options(fn: Any, reserved: tuple[str, ...] = ()) -> list[str] | None:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return None
+    reserved = (*reserved, *input_names(fn))
     return [
         n
         for n, p in params.items()

@@ -47,7 +47,6 @@ from mmpo.config import (
     AUTO_REGISTRIES,
     RunConfig,
     apply_override,
-    check_options,
     from_dict,
     load_config,
     read_yaml,
@@ -415,6 +414,7 @@ def _option_rows(
 
 
 def _chosen_fields() -> dict[str, _Chosen]:
+    from mmpo.rollout.prompt_samplers import SAMPLER_RESERVED
     from mmpo.trainers.algorithm import ADVANTAGE_RESERVED, SCHEDULE_RESERVED
 
     return {
@@ -422,6 +422,9 @@ def _chosen_fields() -> dict[str, _Chosen]:
         "algorithm.loss_options": _Chosen("loss", "mmpo.core:POLICY_LOSSES"),
         "algorithm.kl_options": _Chosen("kl_schedule", "mmpo.core:KL_SCHEDULES", SCHEDULE_RESERVED),
         "rollout.engine_options": _Chosen("engine", "mmpo.rollout:ROLLOUT_ENGINES"),
+        "rollout.prompt_sampler_options": _Chosen(
+            "prompt_sampler", "mmpo.rollout.prompt_samplers:PROMPT_SAMPLERS", SAMPLER_RESERVED
+        ),
     }
 
 
@@ -534,22 +537,12 @@ def _problem(
 ) -> str | None:
     """Why the config does not load as written (None when it does): the run config, the task's
     options and the options of the chosen registry entries, checked as training checks them."""
-    from mmpo.core import ADVANTAGES, GROUP_FILTERS, KL_SCHEDULES, POLICY_LOSSES
-    from mmpo.trainers.algorithm import ADVANTAGE_RESERVED, FILTER_RESERVED, SCHEDULE_RESERVED
+    from mmpo.trainers.algorithm import check_option_names
 
     try:
         cfg = load_config(target, overrides) if from_file else from_dict(RunConfig, copy.deepcopy(data))
         from_dict(task_cls.Config, dict(cfg.task.options), where="task", source=target if from_file else "")
-        a = cfg.algorithm
-        check_options(
-            ADVANTAGES.get(a.advantage), a.advantage_options, "algorithm.advantage_options", ADVANTAGE_RESERVED
-        )
-        check_options(POLICY_LOSSES.get(a.loss), a.loss_options, "algorithm.loss_options")
-        check_options(KL_SCHEDULES.get(a.kl_schedule), a.kl_options, "algorithm.kl_options", SCHEDULE_RESERVED)
-        for i, item in enumerate(a.filters):
-            options = {k: v for k, v in item.items() if k != "name"}
-            fn = GROUP_FILTERS.get(item["name"])
-            check_options(fn, options, f"algorithm.filters[{i}]", FILTER_RESERVED.get(item["name"], ()))
+        check_option_names(cfg.algorithm)
     except MMPOError as exc:
         return str(exc)
     return None

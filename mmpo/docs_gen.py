@@ -62,6 +62,20 @@ SECTIONS: tuple[Section, ...] = (
         "Rollout engines", "mmpo.rollout.engines.base", "ROLLOUT_ENGINES", "rollout.engine", "rollout.engine_options"
     ),
     Section(
+        "Prompt samplers",
+        "mmpo.rollout.prompt_samplers",
+        "PROMPT_SAMPLERS",
+        "rollout.prompt_sampler",
+        "rollout.prompt_sampler_options",
+    ),
+    Section(
+        "Judges",
+        "mmpo.rewards.judge",
+        "JUDGES",
+        "algorithm.advantage_options.judge.name (spectral_po)",
+        "the other keys of algorithm.advantage_options.judge",
+    ),
+    Section(
         "Image rewards",
         "mmpo.rewards.image_component",
         "IMAGE_REWARDS",
@@ -154,11 +168,31 @@ def _function_options(obj: Callable[..., Any]) -> list[tuple[str, str]]:
         params = inspect.signature(obj).parameters.values()
     except (TypeError, ValueError):
         return []
+    from mmpo.config import input_names
+
+    inputs = input_names(obj)
     return [
         (p.name, "required" if p.default is p.empty else _show(p.default))
         for p in params
-        if p.kind is p.KEYWORD_ONLY and p.name != "state"
+        if p.kind is p.KEYWORD_ONLY and p.name != "state" and p.name not in inputs
     ]
+
+
+def _inputs_line(obj: Any) -> list[str]:
+    """What a method reads beyond rewards and groups (its ``inputs``), as one sentence."""
+    from mmpo.trainers.method_inputs import INPUTS, optional_inputs
+
+    need, opt = getattr(obj, "inputs", ()), optional_inputs(obj)
+    if callable(need):
+        line = "Reads tensors the trainer gives, which depend on its options (see below)"
+    elif need:
+        line = "Reads, given by the trainer: " + "; ".join(f"`{n}` {INPUTS.get(n, '')}" for n in need)
+    else:
+        line = ""
+    if opt:
+        given = "; ".join(f"`{n}` {INPUTS.get(n, '')}" for n in opt)
+        line += ("; " if line else "Reads, ") + "when available: " + given
+    return [line + ".", ""] if line else []
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -221,6 +255,7 @@ def _render_entry(name: str, aliases: list[str], obj: Any) -> list[str]:
         out += _options_table(_module_options(obj))
     else:
         out += [f"`{_signature(name, obj)}` (`{where}`)", ""]
+        out += _inputs_line(obj)
         out += _options_table(_function_options(obj))
     state = getattr(obj, "state_cls", None)
     if state is not None:
@@ -241,6 +276,39 @@ def _render_section(section: Section) -> list[str]:
     for name, aliases, obj in _entries(registry):
         out += _render_entry(name, aliases, obj)
     return out
+
+
+METHODS_TITLE = "Where each GRPO-family method runs"
+#: the ablation table ``scripts/ablation.py`` wrote (copied here by hand after a run)
+ABLATION = Path("docs") / "measured" / "ablation.md"
+
+
+def _render_methods() -> list[str]:
+    """The methods of :mod:`mmpo.methods`: the settings that switch each on and the trainer kinds that
+    run it (checked by tests/trainers/test_method_matrix.py), then the measured ablation."""
+    from mmpo.methods import ALL_KINDS, METHODS
+
+    out = [f"## {METHODS_TITLE}", ""]
+    out += [
+        "Each method below is switched on by the settings shown (as `key=value` overrides; in a YAML "
+        "file the same keys). It runs in the trainer kinds marked `yes`; elsewhere it is refused when "
+        "the config loads, with the reason. Parts of a method its paper does not specify are options "
+        "whose defaults are this project's design, marked [UNVERIFIED] in the entry's docstring above.",
+        "",
+        "| method | paper | settings | " + " | ".join(ALL_KINDS) + " | note |",
+        "|---|---|---|" + "---|" * len(ALL_KINDS) + "---|",
+    ]
+    for m in METHODS:
+        kinds = " | ".join("yes" if k in m.kinds else "refused" for k in ALL_KINDS)
+        settings = "<br>".join(f"`{_cell(x)}`" for x in m.settings)
+        out.append(f"| `{m.name}` | {m.paper} | {settings} | {kinds} | {_cell(m.note)} |")
+    out += ["", "### Ablation on the quickstart", ""]
+    path = ROOT / ABLATION
+    if path.exists():
+        out += path.read_text().splitlines()
+    else:
+        out += ["(not measured yet: `python scripts/ablation.py`)"]
+    return out + [""]
 
 
 def _task_classes() -> list[tuple[str, type]]:
@@ -284,10 +352,11 @@ def render() -> str:
     for name in REGISTERING:
         importlib.import_module(name)
     body: list[str] = [HEADER, "## Contents", ""]
-    titles = [s.title for s in SECTIONS] + ["Tasks"]
+    titles = [s.title for s in SECTIONS] + [METHODS_TITLE, "Tasks"]
     body += [f"- [{t}](#{_slug(t)})" for t in titles] + [""]
     for section in SECTIONS:
         body += _render_section(section)
+    body += _render_methods()
     body += _render_tasks()
     text = "\n".join(body)
     return "\n".join(line.rstrip() for line in text.splitlines()).rstrip() + "\n"

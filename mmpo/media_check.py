@@ -200,14 +200,23 @@ def draw_prompts(task: Any, sampler: Any, n: int) -> tuple[list[Any], int]:
     """``(samples, dropped)``: the task's next ``n`` training samples from ``sampler`` (a
     :class:`mmpo.data.PromptSampler`), a sample that fails to build dropped and replaced as in
     :func:`draw_samples` when the task skips bad rows (:func:`task_skips_bad_rows`). The replacements
-    are drawn from the sampler, whose state the checkpoint keeps, so a resumed run draws the same."""
-    return draw_samples(
-        task.train_sample,
-        sampler.next(n),
-        lambda: sampler.next(1)[0],
-        skip_bad_rows=task_skips_bad_rows(task),
-        warn=warn_line,
+    are drawn from the sampler, whose state the checkpoint keeps, so a resumed run draws the same.
+    Afterwards ``sampler.last_indices`` ends with the indices of the returned samples, in order (a
+    dropped sample's index replaced by its replacement's), for the rewards reported back to it."""
+    before = list(getattr(sampler, "last_indices", []))
+    kept: list[int] = []
+
+    def make(i: int) -> Any:
+        sample = task.train_sample(i)
+        kept.append(i)
+        return sample
+
+    out = draw_samples(
+        make, sampler.next(n), lambda: sampler.next(1)[0], skip_bad_rows=task_skips_bad_rows(task), warn=warn_line
     )
+    if hasattr(sampler, "last_indices"):
+        sampler.last_indices = before + kept
+    return out
 
 
 __all__ = [

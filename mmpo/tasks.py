@@ -37,7 +37,8 @@ class RewardOutput:
     """Rewards of N completions: the total ``rewards [N]`` and each named component ``[N]``.
 
     ``row_info`` holds per-row tensors ``[N]`` that travel with the rows into the update (e.g.
-    ARES's difficulty bucket, correctness and soft entropy cost, which scale the KL term).
+    ARES's difficulty bucket, correctness and soft entropy cost, which scale the KL term), or
+    ``[N, T]`` over the completion tokens (HiPO's ``segment_mask``).
     """
 
     rewards: torch.Tensor
@@ -52,6 +53,8 @@ class RolloutView:
     completion_ids [N, T], mask [N, T] bool, group_ids [N]; ``token_entropy [N, T]`` (entropy of
     the sampling distribution at each position, float32) and ``token_texts`` (the text of each
     sampled token, N lists of T strings) are filled when the task sets ``needs_token_entropy``.
+    ``tokenizer``: the policy's tokenizer (``decode``), for rewards that map text spans of a
+    completion to its token positions (HiPO's ``segment_mask``); None when the trainer gives none.
     """
 
     completion_ids: torch.Tensor
@@ -59,6 +62,7 @@ class RolloutView:
     group_ids: torch.Tensor
     token_entropy: torch.Tensor | None = None
     token_texts: list[list[str]] | None = None
+    tokenizer: Any = None
 
 
 class Task(abc.ABC):
@@ -120,6 +124,12 @@ class TokenTask(Task):
     #: set when ``rollout_messages`` gives the rollouts of one group different prompts; the token
     #: trainer then encodes each rollout's prompt (single-turn tasks; agent tasks always do)
     rollout_prompts_differ: bool = False
+    #: whether :meth:`demonstration` gives correct completions (SRFT arXiv 2506.19767 trains on
+    #: them; DR-IRL arXiv 2503.18991 anchors its data hardness on them)
+    gives_demonstrations: bool = False
+    #: the ``algorithm.advantage`` this task's rewards are made for, or None (any); e.g.
+    #: vlm_reasoning with ``task.hipo.enabled`` needs ``hipo``, which reads its per-row mode
+    required_advantage: str | None = None
 
     # -- data ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -138,6 +148,12 @@ class TokenTask(Task):
     def reward_with_rollout(self, samples: list[Sample], completions: list[str], rollout: RolloutView) -> RewardOutput:
         """Rewards of a training rollout; override to use token-level information (default: ``reward``)."""
         return self.reward(samples, completions)
+
+    def demonstration(self, sample: Sample) -> str | None:
+        """The text of one correct completion for ``sample``'s prompt, written in the task's output
+        format (its ``reward`` is the task's maximum), or None when there is none (the default;
+        a task that gives them sets ``gives_demonstrations``)."""
+        return None
 
     # -- multi-turn agent tasks -----------------------------------------------------------
     def tools(self) -> list[Any]:

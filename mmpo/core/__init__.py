@@ -12,7 +12,16 @@ Registries (an unknown name raises :class:`mmpo.errors.UnknownNameError` listing
 Stateful entries expose ``fn.state_cls`` (see :func:`mmpo.core.registry.state_class`).
 """
 
+from mmpo.core import capo as _capo  # noqa: F401  (registers the capo / capo_curvature filter)
 from mmpo.core import entropy
+from mmpo.core import entropy_advantages as _entropy_advantages  # noqa: F401  (registers gtpo, grpo_s)
+from mmpo.core import hapo as _hapo  # noqa: F401  (registers hapo_tlga, the hapo loss)
+from mmpo.core import mode_advantages as _mode_advantages  # noqa: F401  (registers hipo)
+from mmpo.core import reward_shaping as _reward_shaping  # noqa: F401  (registers conciser_length)
+from mmpo.core import semantic_advantages as _semantic_advantages  # noqa: F401  (registers seed_grpo, copo)
+from mmpo.core import shaped_advantages as _shaped_advantages  # noqa: F401  (spectral_po, grpo_scaling)
+from mmpo.core import simko as _simko  # noqa: F401  (registers the simko loss)
+from mmpo.core import srft as _srft  # noqa: F401  (registers the srft loss)
 from mmpo.core import stateful_advantages as _stateful_advantages  # noqa: F401  (registers dcpo_sas, rank_ema)
 from mmpo.core.advantages import ADVANTAGES
 from mmpo.core.aggregation import AGGREGATIONS, aggregate

@@ -136,41 +136,76 @@ def bnpo(
     min_value: float = 0.0,
     max_value: float = 1.0,
     max_weight: float = 1e6,
+    decompose: bool = False,
+    components: Tensor | None = None,
+    singleton: str = "zero",
 ) -> Tensor:
-    """Beta-normalized advantage (BNPO, ``recipe/bnpo/src/bnpo_ray_trainer.py``).
+    """Beta-normalized advantage (BNPO, arXiv 2506.02864, ``recipe/bnpo/src/bnpo_ray_trainer.py``).
 
     Rewards are rescaled to [0, 1] with ``(R - min_value) / (max_value - min_value)``;
     ``p_q`` = group mean (0 for a one-sample group, as the code). Over the G group means:
     ``mu`` = mean, ``v`` = unbiased variance (mu=0, v=1 when G=1, as the code);
     ``a = (mu(1-mu)/v - 1) mu``, ``b = (mu(1-mu)/v - 1)(1-mu)``, ``alpha = max(1, 1+a/3)``,
     ``beta = max(1, 1+b/3)``; ``A = clamp(1/BetaPDF(p_q; alpha, beta), 0, max_weight) * (R - p_q)``.
-    When v = 0 (all groups have the same mean) the code divides by zero; here alpha=beta=1 then
-    (weight 1, plain REINFORCE with the group-mean baseline).
+    When v < 1e-8 (e.g. all groups have the same mean) the code divides by zero; here alpha=beta=1
+    then (weight 1, plain REINFORCE with the group-mean baseline).
 
-    rewards [N], group_ids [N] -> advantages [N]
+    ``singleton="zero"`` (default) gives A = 0 to the rows of a one-sample group. This deviates from
+    the released code, where p = 0 there and the weight can reach ``max_weight`` (A up to 1e6 * R);
+    ``singleton="code"`` reproduces that. Either way the group still enters the Beta fit with p = 0.
+
+    ``decompose=True`` (the paper's advantage decomposition for multi-part rewards): ``components [N, M]``
+    (each column one reward component, rescaled with the same min/max) is required and ``rewards`` is
+    not used; each component gets its own BNPO advantage (its own p_q, mu, v, alpha, beta) and the M
+    advantages are averaged.
+
+    rewards [N], group_ids [N] (, components [N, M]) -> advantages [N]
     """
+    from mmpo.errors import ConfigError
+
+    if singleton not in ("code", "zero"):
+        raise ConfigError(f"bnpo: singleton must be 'code' or 'zero', got {singleton!r}")
     rewards, inv, g = _prepare(rewards, group_ids)
-    scores = (rewards - min_value) / (max_value - min_value)
-    mean, _, count = group_mean_std(scores, inv, g)
-    p = torch.where(count < 2, torch.zeros_like(mean), mean)
-    if p.min() < 0 or p.max() > 1:
-        raise ValueError(
-            "bnpo: group mean rewards must lie in [0, 1] after rescaling; "
-            f"set min_value/max_value (now {min_value}, {max_value})"
-        )
-    if g > 1:
-        mu, var = p.mean(), p.var()
+    if decompose:
+        if components is None:
+            raise ConfigError("bnpo: decompose=True needs the 'components' input [N, M] (got components=None)")
+        comps = as_float(components).detach().to(rewards.device)
+        if comps.dim() != 2 or comps.shape[0] != rewards.shape[0] or comps.shape[1] < 1:
+            raise ValueError(f"components must have shape [N={rewards.shape[0]}, M>=1], got {tuple(comps.shape)}")
+        columns = list(comps.unbind(dim=1))
     else:
-        mu, var = p.new_tensor(0.0), p.new_tensor(1.0)
-    if float(var) > 0:
-        k = mu * (1 - mu) / var - 1
-        alpha = torch.clamp(1 + k * mu / 3, min=1.0)
-        beta = torch.clamp(1 + k * (1 - mu) / 3, min=1.0)
-    else:
-        alpha = beta = p.new_tensor(1.0)
-    pdf = torch.exp(_beta_log_pdf(p, alpha, beta))
-    weight = torch.clamp(1.0 / pdf, min=0.0, max=max_weight)
-    return weight[inv] * (scores - p[inv])
+        columns = [rewards]
+    out = []
+    for column in columns:
+        scores = (column - min_value) / (max_value - min_value)
+        mean, _, count = group_mean_std(scores, inv, g)
+        p = torch.where(count < 2, torch.zeros_like(mean), mean)
+        if p.min() < 0 or p.max() > 1:
+            raise ValueError(
+                "bnpo: group mean rewards must lie in [0, 1] after rescaling; "
+                f"set min_value/max_value (now {min_value}, {max_value})"
+            )
+        if g > 1:
+            mu, var = p.mean(), p.var()
+        else:
+            mu, var = p.new_tensor(0.0), p.new_tensor(1.0)
+        if float(var) >= 1e-8:
+            k = mu * (1 - mu) / var - 1
+            alpha = torch.clamp(1 + k * mu / 3, min=1.0)
+            beta = torch.clamp(1 + k * (1 - mu) / 3, min=1.0)
+        else:
+            alpha = beta = p.new_tensor(1.0)
+        pdf = torch.exp(_beta_log_pdf(p, alpha, beta))
+        weight = torch.clamp(1.0 / pdf, min=0.0, max=max_weight)
+        adv = weight[inv] * (scores - p[inv])
+        if singleton == "zero":
+            adv = torch.where(count[inv] < 2, torch.zeros_like(adv), adv)
+        out.append(adv)
+    return out[0] if len(out) == 1 else torch.stack(out).mean(dim=0)
+
+
+bnpo.inputs = lambda opts: ("components",) if opts.get("decompose") else ()
+bnpo.input_names = ("components",)  # every input it may read (the trainer passes, never the config)
 
 
 @ADVANTAGES.register("flat_batch")

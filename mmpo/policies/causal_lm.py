@@ -30,10 +30,20 @@ from mmpo.policies.history_compression import compressed_hidden_states, history_
 
 @dataclass
 class TokenLogProbs:
-    """``logp [n, T]`` of the given completion tokens and ``entropy [n, T]`` of the full distribution."""
+    """``logp [n, T]`` of the given completion tokens and ``entropy [n, T]`` of the full distribution.
+
+    On request (``topk``, ``curvature`` of the scoring calls): ``topk_logp [n, T, K]``, the
+    log-probs of the K most likely tokens in rank order (with grad), ``is_top1 [n, T]`` (the token
+    is the argmax; SimKO, arXiv 2510.14807), and ``curvature [n, T, 4]`` = (pi(y), sum pi^2,
+    sum pi^3, |h|^2 of the head's input), the statistics of CAPO's curvature proxy
+    (:func:`mmpo.core.capo.curvature_kl`), without gradient.
+    """
 
     logp: torch.Tensor
     entropy: torch.Tensor | None
+    topk_logp: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    curvature: torch.Tensor | None = None
 
 
 def _chunk_logprobs(
@@ -42,8 +52,12 @@ def _chunk_logprobs(
     targets: torch.Tensor,
     temperature: float,
     never_ids: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of ``targets [n, c]`` and entropy under ``softmax(head(hidden) / temperature)``.
+    topk: int = 0,
+    curvature: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Log-prob of ``targets [n, c]`` and entropy under ``softmax(head(hidden) / temperature)``;
+    then, when asked, the top-``topk`` log-probs ``[n, c, K]`` and the argmax flag ``[n, c]``, and
+    the curvature statistics ``[n, c, 4]`` (see :class:`TokenLogProbs`).
 
     The head is called as a module (not through its weight) so that ZeRO-3 gathers it.
     """
@@ -56,7 +70,16 @@ def _chunk_logprobs(
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     p = logp_all.exp()
     entropy = -(p * logp_all.masked_fill(p == 0, 0.0)).sum(-1)
-    return logp, entropy
+    out: tuple[torch.Tensor, ...] = (logp, entropy)
+    if topk:
+        idx = logits.detach().topk(topk, dim=-1).indices  # chosen on detached logits, ranked
+        out += (logp_all.gather(-1, idx), idx[..., 0] == targets)
+    if curvature:
+        with torch.no_grad():
+            pd = p.detach()
+            stats = (logp.detach().exp(), (pd * pd).sum(-1), (pd**3).sum(-1), hidden.detach().float().pow(2).sum(-1))
+            out += (torch.stack(stats, dim=-1),)
+    return out
 
 
 @dataclass
@@ -231,6 +254,8 @@ class CausalLMPolicy:
         model: torch.nn.Module | None = None,
         temperature: float = 1.0,
         with_entropy: bool = True,
+        topk: int = 0,
+        curvature: bool = False,
         device: torch.device | None = None,
         **_: Any,
     ) -> TokenLogProbs:
@@ -247,7 +272,9 @@ class CausalLMPolicy:
         start = L - lengths.to(device).long()  # first post-prompt column of each row
         idx = (start[:, None] - 1 + torch.arange(T, device=device)[None, :]).clamp(max=L - 1)
         hidden = hidden.gather(1, idx[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        return self._project(hidden, head, completion_ids.to(device), completion_mask, temperature, with_entropy)
+        return self._project(
+            hidden, head, completion_ids.to(device), completion_mask, temperature, with_entropy, topk, curvature
+        )
 
     def prefix_sharing_possible(self, model: torch.nn.Module | None = None) -> bool:
         """False while gradient checkpointing is active: transformers drops the KV cache inside
@@ -266,6 +293,8 @@ class CausalLMPolicy:
         model: torch.nn.Module | None = None,
         temperature: float = 1.0,
         with_entropy: bool = True,
+        topk: int = 0,
+        curvature: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
         compress_layer: int | None = None,
@@ -291,7 +320,9 @@ class CausalLMPolicy:
         else:
             L2 = hidden.shape[1]
             hidden = hidden[:, L2 - T - 1 : L2 - 1]
-        return self._project(hidden, head, full["input_ids"][:, P : P + T], completion_mask, temperature, with_entropy)
+        return self._project(
+            hidden, head, full["input_ids"][:, P : P + T], completion_mask, temperature, with_entropy, topk, curvature
+        )
 
     def log_probs_shared_prefix(
         self,
@@ -303,6 +334,8 @@ class CausalLMPolicy:
         model: torch.nn.Module | None = None,
         temperature: float = 1.0,
         with_entropy: bool = True,
+        topk: int = 0,
+        curvature: bool = False,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> TokenLogProbs:
@@ -335,7 +368,7 @@ class CausalLMPolicy:
                 use_cache=True,
             ).last_hidden_state
             hidden = torch.cat([hidden, rest], dim=1)
-        return self._project(hidden, head, comp_ids, completion_mask, temperature, with_entropy)
+        return self._project(hidden, head, comp_ids, completion_mask, temperature, with_entropy, topk, curvature)
 
     def prefill(
         self, decoder: torch.nn.Module, prefix: dict[str, torch.Tensor], cache: Cache | None = None
@@ -379,8 +412,11 @@ class CausalLMPolicy:
         completion_mask: torch.Tensor,
         temperature: float,
         with_entropy: bool,
+        topk: int = 0,
+        curvature: bool = False,
     ) -> TokenLogProbs:
-        """Chunked vocabulary projection: ``hidden [n, T, H]`` -> log-probs of ``targets [n, T]``."""
+        """Chunked vocabulary projection: ``hidden [n, T, H]`` -> log-probs of ``targets [n, T]``
+        (and the requested extras of :class:`TokenLogProbs`)."""
         device = hidden.device
         T = targets.shape[1]
         # padding after EOS may be a never-sampled id (-inf log-prob): score EOS there instead, so
@@ -388,19 +424,20 @@ class CausalLMPolicy:
         targets = targets.to(device).masked_fill(~completion_mask.to(device).bool(), self.eos_token_ids[0])
         never = torch.tensor(self.never_sample_ids, device=device, dtype=torch.long) if self.never_sample_ids else None
         chunk = self.logprob_chunk_size or max(1, min(T, 2**16 // max(1, head.weight.shape[0] // 64)))
-        logps, ents = [], []
+        parts: list[tuple[torch.Tensor, ...]] = []
         use_ckpt = torch.is_grad_enabled() and T > chunk
         for s in range(0, T, chunk):
-            args = (hidden[:, s : s + chunk], head, targets[:, s : s + chunk], temperature, never)
-            if use_ckpt:
-                lp, en = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
-            else:
-                lp, en = _chunk_logprobs(*args)
-            logps.append(lp)
-            ents.append(en)
-        logp = torch.cat(logps, dim=1)
-        entropy = torch.cat(ents, dim=1) if with_entropy else None
-        return TokenLogProbs(logp=logp, entropy=entropy)
+            args = (hidden[:, s : s + chunk], head, targets[:, s : s + chunk], temperature, never, topk, curvature)
+            parts.append(
+                checkpoint(_chunk_logprobs, *args, use_reentrant=False) if use_ckpt else _chunk_logprobs(*args)
+            )
+        cols = [torch.cat(c, dim=1) for c in zip(*parts)]
+        out = TokenLogProbs(logp=cols[0], entropy=cols[1] if with_entropy else None)
+        if topk:
+            out.topk_logp, out.is_top1 = cols[2], cols[3]
+        if curvature:
+            out.curvature = cols[-1]
+        return out
 
 
 def _text_of(content: Any) -> str:

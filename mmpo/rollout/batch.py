@@ -28,6 +28,11 @@ class RolloutBatch:
 
     ``rollout_index [N]``: which rollout of its group a row is (k of the task's
     ``rollout_messages(sample, k)``); by default the row's position in its group, as rolled out.
+
+    ``entropy_old [N, T]``: pi_old's full-vocabulary entropy of each completion token (filled by
+    the trainer when a filter ranks tokens by it, D3S). ``draw_advantages [N]`` (or ``[N, T]``):
+    the advantages estimated on the whole draw a row came from, before CPPO pruning dropped its
+    group's other rows (``cppo_prune`` with ``refill``; see :mod:`mmpo.trainers.token_draws`).
     """
 
     samples: list[Sample]
@@ -47,6 +52,8 @@ class RolloutBatch:
     conversation_lengths: torch.Tensor | None = None
     trajectories: list[Any] = field(default_factory=list)
     rollout_index: torch.Tensor | None = None
+    entropy_old: torch.Tensor | None = None
+    draw_advantages: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.rollout_index is None:  # built group-major and whole: k-th row of its group
@@ -75,7 +82,7 @@ class RolloutBatch:
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in il] if v else []
             elif isinstance(v, dict):
-                out[f.name] = {k: t[idx_t] for k, t in v.items()}
+                out[f.name] = {k: t[idx_t][:, :width] if t.dim() >= 2 else t[idx_t] for k, t in v.items()}
             elif v.dim() == 2:
                 out[f.name] = v[idx_t][:, :width]
             else:
@@ -96,10 +103,17 @@ class RolloutBatch:
             elif isinstance(vals[0], list):
                 out[f.name] = [x for v in vals for x in v]
             elif isinstance(vals[0], dict):
-                out[f.name] = {k: torch.cat([v[k] for v in vals]) for k in vals[0]}
+                out[f.name] = {k: _cat_rows([v[k] for v in vals], width) for k in vals[0]}
             elif vals[0].dim() == 2:
                 fill = pad_token_id if f.name == "completion_ids" else 0
                 out[f.name] = torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) for v in vals])
             else:
                 out[f.name] = torch.cat(vals)
         return RolloutBatch(**out)
+
+
+def _cat_rows(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Row-wise concatenation; ``[n, T, ...]`` tensors (per-token row info) right-padded to ``width``."""
+    if tensors[0].dim() >= 2:
+        tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1])) for t in tensors]
+    return torch.cat(tensors)

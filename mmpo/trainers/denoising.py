@@ -48,6 +48,7 @@ from mmpo.trainers.diffusion_base import (
 )
 from mmpo.trainers.kinds import DENOISING
 from mmpo.trainers.loop import seeded_generator
+from mmpo.trainers.method_inputs import reward_inputs
 from mmpo.trainers.update import RowSizes, UnitTerms, compose_loss
 
 
@@ -254,7 +255,8 @@ class ChunkGRPOTrainer(DiffusionTrainerBase):
         t1 = time.perf_counter()
         pictures = torch.cat(images)
         out = self.score(pictures, rows)
-        adv = self.advantages(out.rewards, group_ids, [s.meta["prompt"] for s in rows])
+        inputs = reward_inputs(self.algo.advantage_inputs, out.components, out.rewards)
+        adv = self.advantages(out.rewards, group_ids, [s.meta["prompt"] for s in rows], inputs)
         t2 = time.perf_counter()
         self.log_image_samples(rows, group_ids, pictures, out, adv, self.describe_sample)
         batch = DenoiseBatch(rows, cond, traj, out.rewards.float(), adv, out.components)

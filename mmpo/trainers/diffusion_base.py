@@ -255,7 +255,8 @@ class DiffusionTrainerBase(TrainerBase):
     # -- one step -----------------------------------------------------------------------------------
     @abc.abstractmethod
     def rollout(self) -> tuple[Any, dict[str, float]]:
-        """One step's sampled and scored group: ``(batch, metrics)``."""
+        """One step's sampled and scored group: ``(batch, metrics)``; ``batch.rewards [N]``, G per
+        drawn prompt in draw order, go to the prompt sampler (:meth:`train_step`)."""
 
     @abc.abstractmethod
     def update(self, batch: Any, step: int) -> dict[str, float]:
@@ -265,6 +266,8 @@ class DiffusionTrainerBase(TrainerBase):
         t0 = time.perf_counter()
         with self.phase_hook("rollout"):
             batch, metrics = self.rollout()
+            drawn = self.sampler.last_indices  # the prompts of draw_prompts, each with its G rewards
+            self.sampler.observe(drawn, batch.rewards.view(len(drawn), -1))
         t1 = time.perf_counter()
         with self.phase_hook("update"):
             metrics.update(self.update(batch, step))

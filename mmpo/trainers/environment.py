@@ -3,8 +3,9 @@ GRPO, ScreenExplorer). (SFT on demonstrations) -> rounds of K rollouts per conte
 -> PPO epochs on the action units, through the one update routine.
 
 One step:
-1. draw contexts (env seeds) from the training set; skip the ones solved in their latest K
-   rollouts (``ript_skip``); run K rollouts of each in lockstep (``EnvRunner``);
+1. draw contexts (env seeds) from the training set (``rollout.prompt_sampler``, told the K rewards
+   of every context run); skip the ones solved in their latest K rollouts (``ript_skip``); run K
+   rollouts of each in lockstep (``EnvRunner``);
 2. discard contexts whose K rewards are all equal (dynamic sampling) and draw more, until
    ``rollout.prompts_per_step`` contexts are kept (or ``early_stop_fraction`` of them, or the
    draw budget is spent) (:func:`mmpo.rollout.context_rounds.collect_round`);
@@ -12,7 +13,8 @@ One step:
    estimators keep their state across steps and in checkpoints), shared by every step of the episode;
 4. ``trainer.update_epochs`` passes of ``algorithm.loss`` through
    :meth:`~mmpo.trainers.loop.TrainerBase.update_policy`: a row is an episode; minibatches and
-   micro batches count episodes; a micro batch flattens to its env steps, one loss row each.
+   micro batches count episodes; a micro batch flattens to its env steps, one loss row each. With a
+   KL term, a frozen copy of the start policy scores the taken units (:mod:`mmpo.trainers.env_reference`).
    A step in which no rank kept a context makes no update (``optimizer_steps: 0``).
 
 Several processes (torchrun, optionally DeepSpeed ZeRO stage 1 or 2; stage 3 is refused, its
@@ -21,7 +23,7 @@ its share of the contexts (the sampler is sharded) and its own rounds of dynamic
 rank makes the same collective calls: when any rank kept a context, all update, a rank that kept
 none running its slots on a stand-in episode with weight 0. State moves alike on every rank: the skip
 state replays every rank's round (:func:`~mmpo.rollout.context_rounds.replay_skip_log`), stateful
-advantages are estimated on the rows of all ranks; each rank's sampler position is checkpointed.
+advantages are estimated on the rows of all ranks; each rank's sampler state is checkpointed (by the loop).
 Evaluation is the one evaluator (:class:`mmpo.rollout.env_eval.EnvEvaluator`), held-out seeds
 sharded over ranks; ``mmpo eval`` builds it from a checkpoint without an optimizer or an engine.
 
@@ -36,7 +38,6 @@ and ``evaluator_class`` (its evaluator, e.g. with per-task metrics); for the log
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ from mmpo.rollout.env_eval import EnvEvaluator, action_names, action_text
 from mmpo.rollout.env_runner import EnvRunner, Episode
 from mmpo.rollout.episode_samples import episode_row
 from mmpo.sft import supervised_train
+from mmpo.trainers.env_reference import frozen_reference, reference_logp, zero_stage
 from mmpo.trainers.kinds import ENVIRONMENT
 from mmpo.trainers.loop import TrainerBase, seeded_generator
 from mmpo.trainers.update import RowSizes, UnitTerms, update_shape
@@ -82,15 +84,6 @@ class EnvironmentTask(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def zero_stage(path: str) -> int:
-    """The ZeRO stage a DeepSpeed JSON file asks for (0 when it cannot be read: the engine reports that)."""
-    try:
-        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
-        return int(stage)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 0
 
 
 class EnvironmentTrainer(TrainerBase):
@@ -139,6 +132,7 @@ class EnvironmentTrainer(TrainerBase):
         self.shape = update_shape(cfg, self.rows_per_step())
         self.engine = self.build_engine(self.policy_module, precision)
         self.device = self.engine.device
+        self.ref_module = frozen_reference(self.engine.module, self.algo.uses_kl)  # the start policy
         self._make_sampler()
         self.states: dict[str, Any] = dict(self.algo.states)
         if self.tc.ript.skip_solved:
@@ -149,7 +143,6 @@ class EnvironmentTrainer(TrainerBase):
         #: every episode of this rank's latest round, kept or not (context-major, K per context)
         self.round_episodes: list[Episode] = []
         self._names = action_names(self.policy)
-        self._rank_samplers: list[dict[str, Any]] | None = None
         self.build_extra_state()
         self._start()
 
@@ -236,9 +229,24 @@ class EnvironmentTrainer(TrainerBase):
         gen = seeded_generator(self.cfg.seed * 1_000_003 + step + self.engine.rank * 7_919_000_017)
         skip = self.states.get("ript_skip")
         before = skip.state_dict() if skip is not None else None
+        drawn: list[int] = []  # the latest draw's indices into task.train_seeds
+
+        def draw(n: int) -> list[int]:
+            drawn[:] = self.sampler.next(n)
+            return [self.task.train_seeds[i] for i in drawn]
+
+        def run(seeds: list[int]) -> list[Episode]:
+            """K episodes of each seed; each context's K rewards go to the sampler, kept or not."""
+            episodes, it = self.run_episodes(seeds, gen), iter(drawn)
+            idx = [next(i for i in it if self.task.train_seeds[i] == s) for s in seeds]  # ran: not skipped
+            if len(episodes) == len(seeds) * r.group_size:  # else collect_round reports the mismatch
+                rewards = torch.tensor([self.episode_reward(e) for e in episodes], dtype=torch.float32)
+                self.sampler.observe(idx, rewards.view(len(seeds), r.group_size))
+            return episodes
+
         res = collect_round(
-            lambda n: [self.task.train_seeds[i] for i in self.sampler.next(n)],
-            lambda seeds: self.run_episodes(seeds, gen),
+            draw,
+            run,
             self.episode_reward,
             lambda e: e.success,
             target=r.prompts_per_step,
@@ -282,7 +290,9 @@ class EnvironmentTrainer(TrainerBase):
         episodes = [e for g in kept for e in g]
         rewards = torch.tensor([self.episode_reward(e) for e in episodes], dtype=torch.float32)
         group_ids = torch.arange(len(kept)).repeat_interleave(torch.tensor([len(g) for g in kept], dtype=torch.long))
-        return rewards, self.advantages(rewards, group_ids, [str(e.seed) for e in episodes])
+        lengths = {"lengths": torch.tensor([float(e.length) for e in episodes])}  # steps (HAPO's TLGA)
+        inputs = lengths if "lengths" in self.algo.advantage_inputs else {}
+        return rewards, self.advantages(rewards, group_ids, [str(e.seed) for e in episodes], inputs)
 
     def update(self, kept: list[list[Episode]], step_adv: torch.Tensor, step: int) -> dict[str, float]:
         """PPO epochs over the kept episodes (rows) through the one update routine; a micro batch
@@ -314,12 +324,14 @@ class EnvironmentTrainer(TrainerBase):
 
         def terms(idx: torch.Tensor, padding: bool) -> list[UnitTerms]:
             rows = [r for e in idx.tolist() for r in range(first[e], first[e + 1])]
-            msk = mask[rows].to(self.device)
+            msk, encs = mask[rows].to(self.device), [records[r].encoding for r in rows]
             with self.engine.autocast():
-                logp = self.policy.log_probs(
-                    [records[r].encoding for r in rows], units[rows], mask[rows], model=self.engine.forward_module()
-                )
-            return [UnitTerms(logp.float(), logp_old[rows].to(self.device), advantages[rows].to(self.device), msk)]
+                logp = self.policy.log_probs(encs, units[rows], mask[rows], model=self.engine.forward_module())
+            ref = reference_logp(
+                self.policy, self.ref_module, encs, units[rows], mask[rows], self.engine.autocast(), self.device
+            )
+            adv = advantages[rows].to(self.device)
+            return [UnitTerms(logp.float(), logp_old[rows].to(self.device), adv, msk, logp_ref=ref)]
 
         out = self.update_policy(self.shape, torch.arange(n_rows), sizes, terms, self.beta(step), step)
         out["train_units"] = float(mask.sum()) if n_rows else 0.0
@@ -410,28 +422,6 @@ class EnvironmentTrainer(TrainerBase):
         or any model folder such as a run's ``sft/model``; default: the config's model.path),
         without optimizer or engine; with ``task.eval_videos`` GIFs."""
         return cls.evaluator_class.from_checkpoint(cfg, checkpoint)
-
-    # -- checkpoints: each rank's sampler position ---------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """As :meth:`TrainerBase.save_checkpoint`, with every rank's sampler position (gathered
-        first: rank 0 writes the state)."""
-        if self.engine.world_size > 1:
-            self._rank_samplers = self.engine.all_gather_object(self.sampler.state_dict())
-        return super().save_checkpoint()
-
-    def trainer_state(self) -> dict[str, Any]:
-        state = super().trainer_state()
-        if self._rank_samplers is not None:
-            state["rank_samplers"] = self._rank_samplers
-        return state
-
-    def load_trainer_state(self, state: dict[str, Any]) -> None:
-        """As :meth:`TrainerBase.load_trainer_state`; each rank resumes its own sampler position
-        (when the checkpoint was written by as many ranks)."""
-        super().load_trainer_state(state)
-        ranks = state.get("rank_samplers")
-        if ranks is not None and len(ranks) == self.engine.world_size:
-            self.sampler.load_state_dict(ranks[self.engine.rank])
 
     # -- saving --------------------------------------------------------------------------------
     def save_final_model(self, folder: Path) -> None:

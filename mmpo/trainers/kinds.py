@@ -25,6 +25,10 @@ class TrainerKind:
     - ``entropy``: the policy pass gives a per-unit entropy that depends on the weights.
     - ``filters``: the ``GROUP_FILTERS`` names it runs from ``algorithm.filters``.
     - ``dynamic_sampling``: it runs DAPO dynamic sampling (``algorithm.dynamic_sampling``).
+    - ``advantage_inputs``: the tensors it can hand an advantage estimator beyond rewards and
+      groups (see :mod:`mmpo.trainers.method_inputs` for their names and meanings);
+    - ``loss_inputs``: the tensors it can hand a policy loss beyond log-probs, advantages and mask;
+    - ``samples_tokens``: it samples tokens from a vocabulary (``rollout.adaptive_temperature``);
     - ``hint``: where the equivalent setting lives for this kind, shown in refusals.
     """
 
@@ -36,6 +40,9 @@ class TrainerKind:
     entropy: bool = False
     filters: tuple[str, ...] = ()
     dynamic_sampling: bool = False
+    advantage_inputs: tuple[str, ...] = ()
+    loss_inputs: tuple[str, ...] = ()
+    samples_tokens: bool = False
     hint: str = ""
 
 
@@ -48,14 +55,37 @@ TOKEN = TrainerKind(
     default_kl_estimator="k3",
     kl_placements=("loss", "reward"),
     entropy=True,
-    filters=("soft_overlong_punishment", "lspo", "overlong_filter", "cppo_prune", "dynamic"),
+    filters=(
+        "soft_overlong_punishment",
+        "lspo",
+        "overlong_filter",
+        "cppo_prune",
+        "dynamic",
+        "capo",
+        "conciser_length",
+        "d3s",
+    ),
     dynamic_sampling=True,
+    advantage_inputs=(
+        "mask",
+        "lengths",
+        "entropy",
+        "seq_logp",
+        "cluster_ids",
+        "judge_scores",
+        "components",
+        "demo_reward",
+        "data_hardness",
+    ),
+    loss_inputs=("entropy", "topk_logp", "old_topk_logp", "is_top1", "rewards", "demo"),
+    samples_tokens=True,
 )
 DENOISING = TrainerKind(
     "denoising",
     densities=True,
     kl_estimators=("gaussian",),
     default_kl_estimator="gaussian",
+    advantage_inputs=("components",),
     hint="the reference KL is Flow-GRPO's closed-form Gaussian KL of the step means (task.kl_std picks its std)",
 )
 NOISE = TrainerKind(
@@ -63,14 +93,18 @@ NOISE = TrainerKind(
     densities=True,
     kl_estimators=(),
     default_kl_estimator="gaussian",
+    advantage_inputs=("components",),
     hint="FIND's pull toward N(0, I) is task.reg_weight",
 )
 ENVIRONMENT = TrainerKind(
     "environment",
     densities=False,
-    kl_estimators=(),
+    kl_estimators=SAMPLE_KL,
     default_kl_estimator="k3",
-    hint="RIPT's context filtering is task.ript.dynamic_sampling / task.ript.skip_solved",
+    advantage_inputs=("lengths",),
+    hint="the KL is to a frozen copy of the start policy, in the loss only (sample estimators, also on the "
+    "log-densities of a continuous head); RIPT's context filtering is task.ript.dynamic_sampling / "
+    "task.ript.skip_solved",
 )
 SERIES = TrainerKind(
     "series",

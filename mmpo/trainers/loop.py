@@ -11,30 +11,30 @@ from __future__ import annotations
 import abc
 import math
 import os
-import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from mmpo import checkpoint as ckpt
 from mmpo import faults, run_folder
 from mmpo.config import RunConfig
-from mmpo.data import PromptSampler
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import TrainingError
 from mmpo.evaluate import EvalResult, Evaluator, run_evaluation, truncate_step_evals, write_step_evaluation
 from mmpo.hf_logging import quiet_libraries
 from mmpo.progress import RunProgress, eval_count, eval_index, format_results
 from mmpo.report import write_report_safely
+from mmpo.rollout import prompt_samplers
 from mmpo.samples import SampleLog, SampleRow, pick_sample_rows
+from mmpo.seeding import seed_everything, seeded_generator
 from mmpo.tasks import Task
 from mmpo.tracking import Tracker
 from mmpo.trainers.algorithm import Algorithm, build_algorithm
 from mmpo.trainers.kinds import TrainerKind
+from mmpo.trainers.method_inputs import gather_rows
 from mmpo.trainers.update import RowSizes, TermsFn, UpdateShape, run_update
 
 #: metrics that are per-rank wall-clock times (not averaged across ranks)
@@ -56,7 +56,7 @@ class TrainerBase(abc.ABC):
     run_dir: Path
     task: Task
     engine: Engine
-    sampler: PromptSampler
+    sampler: prompt_samplers.PromptSamplerBase
     states: dict[str, Any]
     shape: UpdateShape
     #: the kind of action unit this trainer optimises (checked against the objective at load)
@@ -116,11 +116,12 @@ class TrainerBase(abc.ABC):
         self.show_phase(f"train · {name}")
         yield
 
-    def _make_sampler(self) -> None:
-        """The resumable prompt sampler, sharded over ranks."""
-        self.sampler = PromptSampler(
-            self.task.num_train(), seed=self.cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
-        )
+    def _make_sampler(self, num_samples: int | None = None) -> None:
+        """``rollout.prompt_sampler`` over ``num_samples`` (default: the task's train samples), sharded over ranks."""
+        r, e, self._rank_samplers = self.cfg.rollout, self.engine, None
+        n, opts = self.task.num_train() if num_samples is None else num_samples, r.prompt_sampler_options
+        kw = dict(seed=self.cfg.seed, rank=e.rank, world_size=e.world_size, group_size=r.group_size)
+        self.sampler = prompt_samplers.build_prompt_sampler(r.prompt_sampler, opts, n, **kw)
 
     def _start(self) -> None:
         """Resume from the newest complete checkpoint in the run folder; write the config; open the tracker."""
@@ -231,7 +232,7 @@ class TrainerBase(abc.ABC):
         return {
             "step": self.step,
             "bad_steps": self.bad_steps,
-            "sampler": self.sampler.state_dict(),
+            **prompt_samplers.sampler_checkpoint(self.sampler, getattr(self, "_rank_samplers", None)),  # every rank's
             "states": {k: v.state_dict() for k, v in self.states.items()},
             "task": self.task.state_dict(),
             "last_kl": self.last_kl,
@@ -240,7 +241,7 @@ class TrainerBase(abc.ABC):
     def load_trainer_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.bad_steps = int(state["bad_steps"])
-        self.sampler.load_state_dict(state["sampler"])
+        prompt_samplers.resume_sampler(self.sampler, state, self.engine.rank, self.engine.world_size)
         for k, v in state["states"].items():
             self.states[k].load_state_dict(v)
         self.task.load_state_dict(state.get("task", {}))
@@ -293,18 +294,26 @@ class TrainerBase(abc.ABC):
             ),
         )
 
-    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+    def advantages(
+        self,
+        rewards: torch.Tensor,
+        group_ids: torch.Tensor,
+        keys: list[str] | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``algorithm.advantage`` of this rank's ``rewards [N]`` (groups ``group_ids [N]``, prompt
-        keys ``keys`` for ``dcpo_sas``) estimated on the rows of every rank, each rank's groups kept
-        apart (collective): batch statistics (``global_std``) and a stateful estimator's state
-        (``rank_ema``, ``dcpo_sas``) then agree on every rank. Returns this rank's ``[N]``."""
+        keys ``keys`` for ``dcpo_sas``, per-row ``inputs`` the estimator declares) estimated on the
+        rows of every rank, each rank's groups kept apart (collective): batch statistics and a
+        stateful estimator's state then agree on every rank. Returns this rank's ``[N]`` / ``[N, T]``."""
         mine = (rewards.float().cpu(), group_ids.cpu(), list(keys) if keys is not None else None)
-        parts = self.engine.all_gather_object(mine)
-        first = sum(len(r) for r, _, _ in parts[: self.engine.rank])
-        offsets = torch.tensor([0] + [int(g.max()) + 1 if len(g) else 0 for _, g, _ in parts]).cumsum(0)
-        groups = torch.cat([g + o for (_, g, _), o in zip(parts, offsets)])
-        all_keys = None if keys is None else [k for _, _, ks in parts for k in ks]
-        adv = self.algo.advantages(torch.cat([r for r, _, _ in parts]), groups, prompt_keys=all_keys)
+        parts = self.engine.all_gather_object((*mine, {k: v.cpu() for k, v in (inputs or {}).items()}))
+        first = sum(len(p[0]) for p in parts[: self.engine.rank])
+        offsets = torch.tensor([0] + [int(p[1].max()) + 1 if len(p[1]) else 0 for p in parts]).cumsum(0)
+        groups = torch.cat([p[1] + o for p, o in zip(parts, offsets)])
+        all_keys = None if keys is None else [k for p in parts for k in p[2]]
+        adv = self.algo.advantages(
+            torch.cat([p[0] for p in parts]), groups, prompt_keys=all_keys, inputs=gather_rows([p[3] for p in parts])
+        )
         return adv[first : first + len(rewards)].to(rewards.device)
 
     def rows_per_step(self) -> int:
@@ -364,6 +373,7 @@ class TrainerBase(abc.ABC):
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Everything an exact resume needs, written atomically; keeps the last K."""
+        self._rank_samplers = prompt_samplers.gather_states(self.sampler, self.engine)  # collective
         with ckpt.atomic_checkpoint(
             self.run_dir, self.step, enabled=self.engine.is_main, barrier=self.engine.barrier
         ) as folder:
@@ -397,6 +407,7 @@ class TrainerBase(abc.ABC):
             while self.step < t.max_steps:
                 self.step_samples = []
                 self.show_phase("train")
+                self.sampler.begin_step(self.step)
                 metrics = self.train_step(self.step)
                 self.step += 1
                 if self.step_samples:
@@ -432,17 +443,6 @@ class TrainerBase(abc.ABC):
             "eval": last_eval,
             "step": self.step,
         }
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch Generator on ``device`` seeded with ``seed`` (reproducible sampling streams)."""
-    return torch.Generator(device=device).manual_seed(int(seed) % (2**63))
 
 
 __all__ = ["TrainerBase", "TIMING_KEYS", "seed_everything", "seeded_generator"]

@@ -38,6 +38,7 @@ from mmpo.trainers.diffusion_base import (
     load_pipeline,
 )
 from mmpo.trainers.kinds import NOISE
+from mmpo.trainers.method_inputs import reward_inputs
 from mmpo.trainers.update import RowSizes, UnitTerms
 
 
@@ -167,6 +168,17 @@ class FindTrainer(DiffusionTrainerBase):
     """FIND on a frozen diffusers pipeline: the trained module is the :class:`NoisePolicy`."""
 
     kind = NOISE
+
+    @classmethod
+    def check_requirements(cls, cfg: RunConfig, task: Any) -> None:
+        """``algorithm.advantage`` is read only with ``task.baseline: group``; set otherwise, refused."""
+        a, baseline = cfg.algorithm, task.config.baseline
+        if baseline != "group" and (a.advantage != "grpo" or a.advantage_options):
+            raise ConfigError(
+                f"algorithm.advantage={a.advantage!r} (options {a.advantage_options}) is read only with "
+                f"task.baseline: group; task.baseline is {baseline!r} (A = R - V or A = R)"
+            )
+
     contract: ClassVar[Contract] = (
         ("task", NoiseTask),
         ("task.config", NoiseConfig),
@@ -261,7 +273,8 @@ class FindTrainer(DiffusionTrainerBase):
             metrics["value_loss"] = self._fit_value(feats, rewards)
             metrics["value_mean"] = float(v.mean())
         elif c.baseline == "group":
-            adv = self.advantages(rewards, group_ids, [s.meta["prompt"] for s in rows])
+            inputs = reward_inputs(self.algo.advantage_inputs, out.components, rewards)
+            adv = self.advantages(rewards, group_ids, [s.meta["prompt"] for s in rows], inputs)
         else:
             adv = rewards.clone()
         t2 = time.perf_counter()

@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from mmpo.checkpoint import atomic_folder, latest_checkpoint, save_json, verify_model_folder
 from mmpo.config import RunConfig
-from mmpo.data import PromptSampler
 from mmpo.errors import ConfigError
 from mmpo.evaluate import Evaluator
 from mmpo.samples import SampleRow
@@ -129,9 +128,7 @@ class SeriesTrainer(TrainerBase):
                     self.engine.all_gather_object(self.ref_model.state_dict() if self.engine.is_main else None)[0]
                 )
             self.ref_model.to(self.device)
-        self.sampler = PromptSampler(
-            len(task.train_starts), seed=cfg.seed, rank=self.engine.rank, world_size=self.engine.world_size
-        )
+        self._make_sampler(len(task.train_starts))
         own = task.checkpoint_states()
         clash = sorted(set(own) & set(self.algo.states))
         if clash:
@@ -237,6 +234,8 @@ class SeriesTrainer(TrainerBase):
         t1 = time.perf_counter()
         with self.phase_hook("reward"):
             out = self.score(batch)
+            drawn = self.sampler.last_indices  # the starts of this rollout, each with its G rewards
+            self.sampler.observe(drawn, out.rewards.view(len(drawn), -1))
         t2 = time.perf_counter()
         beta = self.beta(step)
         with self.phase_hook("update"):

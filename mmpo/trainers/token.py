@@ -17,23 +17,24 @@ from typing import Any
 import torch
 
 from mmpo.config import RunConfig
-from mmpo.core import GROUP_FILTERS, ares
+from mmpo.core import ares
 from mmpo.core.ares import AresKLState
 from mmpo.core.rollout_correction import rollout_is_weights
 from mmpo.errors import ConfigError
 from mmpo.lora import prepare_trainable
-from mmpo.media_check import draw_prompts, task_skips_bad_rows
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES, filters
 from mmpo.rollout.agent_loop import AgentLoop, task_agent, trajectory_tensors
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.engines.base import Generation, GenerationSettings
-from mmpo.rollout.filters import dynamic_options
-from mmpo.tasks import RolloutView, Sample, TokenTask
+from mmpo.tasks import Sample, TokenTask
 from mmpo.trainers.kinds import TOKEN
 from mmpo.trainers.loop import TrainerBase
+from mmpo.trainers.token_draws import draw_batch
 from mmpo.trainers.token_eval import TokenEvaluator, eval_sizes
+from mmpo.trainers.token_inputs import row_advantages, score_rows
+from mmpo.trainers.token_methods import TokenMethods, check_token_methods
 from mmpo.trainers.token_samples import sample_rows
 from mmpo.trainers.update import RowSizes, UnitTerms, update_shape
 
@@ -80,13 +81,17 @@ class Trainer(TrainerBase):
         self._make_sampler()
 
         self.states: dict[str, Any] = dict(self.algo.states)
+        self.methods = TokenMethods(self)  # what the objective reads beyond rewards (its states join self.states)
         self._stand_in: RolloutBatch | None = None  # a row that empty slots run (set each step)
+        self.step_stats: dict[str, float] = {}  # this step's rollout metrics (see rollout)
         self._start()
 
     @classmethod
     def check_requirements(cls, cfg: RunConfig, task: Any) -> None:
-        """The rollout engine's environment (e.g. ``make vllm-env`` for ``rollout.engine: vllm``)."""
+        """The rollout engine's environment (e.g. ``make vllm-env`` for ``rollout.engine: vllm``) and
+        the method settings this task's rollouts can honour (:func:`check_token_methods`)."""
         ROLLOUT_ENGINES.get(cfg.rollout.engine).check_environment(cfg.rollout.engine_options)
+        check_token_methods(cfg, task)
 
     def load_start_model(self) -> tuple[torch.nn.Module, Any, Any]:
         """``(model, processor, info)`` that RL starts from: ``model.path``. A plugin with a stage of
@@ -155,113 +160,28 @@ class Trainer(TrainerBase):
         return batch, trajs
 
     def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:
-        """Sample G completions for each prompt and score them (with DAPO dynamic sampling if on)."""
-        r, a = self.cfg.rollout, self.cfg.algorithm
-        settings = GenerationSettings(
-            r.max_new_tokens, r.temperature, r.top_p, r.top_k, min_new_tokens=r.min_new_tokens
-        )
-        kept: list[RolloutBatch] = []
-        drawn_rewards: list[torch.Tensor] = []
-        drawn_components: dict[str, list[torch.Tensor]] = {}
-        n_groups, draws, seen_groups, dropped = 0, 0, 0, 0
-        while True:
-            draws += 1
-            t0 = time.perf_counter()
-            with self.phase_hook("rollout"):
-                prompts, n_bad = draw_prompts(self.task, self.sampler, r.prompts_per_step)  # bad ones dropped
-                dropped += n_bad
-                rows = [s for s in prompts for _ in range(r.group_size)]
-                group_ids = torch.arange(seen_groups, seen_groups + len(prompts)).repeat_interleave(r.group_size)
-                seen_groups += len(prompts)
-                if self.agent is not None:
-                    batch, trajs = self._agent_rollout(prompts, rows, group_ids)
-                else:
-                    encodings, gen = self._generate(prompts, settings)
-                    ids, mask = gen.completion_ids, gen.mask
-                    texts = self.policy.decode(ids, mask)
-                    batch = RolloutBatch(
-                        rows,
-                        encodings,
-                        ids,
-                        mask,
-                        gen.truncated,
-                        torch.zeros(len(rows)),
-                        group_ids,
-                        texts=texts,
-                        logp_rollout=gen.logprobs,
-                    )
-                    view = RolloutView(ids, mask, group_ids)
-                    if self.task.needs_token_entropy:
-                        # sampled under the current weights, so these log-probs are also pi_old's
-                        batch.logp_old, view.token_entropy = self._score(batch, self.engine.module, with_entropy=True)
-                        view.token_texts = [self.policy.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
-            t1 = time.perf_counter()
-            with self.phase_hook("reward"):
-                if self.agent is not None:
-                    out = self.task.reward_trajectories(rows, trajs)
-                else:
-                    out = self.task.reward_with_rollout(rows, texts, view)
-            clock.rollout += t1 - t0
-            clock.reward += time.perf_counter() - t1
-            batch.rewards, batch.components, batch.row_info = out.rewards.float(), out.components, out.row_info
-            drawn_rewards.append(batch.rewards)
-            for k, v in out.components.items():
-                drawn_components.setdefault(k, []).append(v.float())
-            if not a.dynamic_sampling:
-                kept.append(batch)
-                break
-            keep = GROUP_FILTERS.get("dynamic")(batch.rewards, batch.group_ids, **dynamic_options(a.filters))
-            if keep.any():
-                kept.append(batch.select(torch.nonzero(keep).flatten()))
-                n_groups += int(keep.sum()) // r.group_size
-            done = n_groups >= r.prompts_per_step or draws >= a.max_draws
-            # every rank draws equally often: generation under ZeRO-3 and some rewards are collectives
-            if all(self.engine.all_gather_object(done)):
-                break
-        if a.dynamic_sampling and not kept:  # every group was uniform: train on the last draw (zero advantage)
-            kept.append(batch)
-        full = RolloutBatch.concat(kept, self.policy.pad_token_id)
-        if a.dynamic_sampling and len(full) > self.rows_per_step():
-            full = full.select(list(range(self.rows_per_step())))
-        # rewards of everything sampled this step, before any filter
-        stats = {"draws": float(draws), "groups_kept_frac": len(full) / (draws * self.rows_per_step())}
-        if task_skips_bad_rows(self.task):
-            stats["dropped_samples"] = float(dropped)
-        stats["reward_mean"] = float(torch.cat(drawn_rewards).mean())
-        stats.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in drawn_components.items()})
-        return full, stats
+        """Sample G completions for each prompt and score them, drawing more prompts while DAPO dynamic
+        sampling or a filter with ``refill`` leaves the batch short (:mod:`mmpo.trainers.token_draws`).
+        The metrics dict is kept as ``step_stats``: filters after the advantage add theirs to it."""
+        batch, self.step_stats = draw_batch(self, clock)
+        return batch, self.step_stats
 
     # ------------------------------------------------------------------------------------------
     # phase 2: advantages (and the reference/old log-probs they may need)
     def _score(self, batch: RolloutBatch, model: torch.nn.Module, with_entropy: bool = False):
-        """``logp [N, T]`` of the batch's completions under ``model``, without gradient
-        (and ``(logp, entropy [N, T])`` when ``with_entropy``). The number of forward passes is
-        fixed by the config, not by N: under ZeRO-3 a forward is collective, and filters may
-        leave ranks with different row counts (an empty pass scores a stand-in row)."""
-        out, ents = [], []
-        mb = self.shape.micro_batch_size
-        width = batch.completion_ids.shape[1]
-        with torch.no_grad(), self.engine.autocast():
-            for s in range(0, max(len(batch), self.rows_per_step()), mb):
-                idx = list(range(s, min(s + mb, len(batch))))
-                part = batch.select(idx) if idx else self._stand_in
-                res = self.token_logprobs(part, model, with_entropy)
-                if not idx:
-                    continue
-                out.append(torch.nn.functional.pad(res.logp.float().cpu(), (0, width - res.logp.shape[1])))
-                if with_entropy:
-                    ents.append(torch.nn.functional.pad(res.entropy.float().cpu(), (0, width - res.entropy.shape[1])))
-        empty = torch.zeros(0, width)
-        logp = torch.cat(out) if out else empty
-        if with_entropy:
-            return logp, torch.cat(ents) if ents else empty
-        return logp
+        """``logp [N, T]`` of the batch's completions under ``model``, without gradient (and
+        ``(logp, entropy [N, T])`` when ``with_entropy``); see :func:`score_rows`."""
+        out = score_rows(self, batch, model, entropy=with_entropy)
+        return (out.logp, out.entropy) if with_entropy else out.logp
 
-    def token_logprobs(self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool) -> Any:
-        """Log-probs ``logp [n, T]`` (and ``entropy [n, T]``) of ``part``'s completion tokens under
-        ``model`` (None: the policy's). A hook: a task's trainer may score another way (HCPO's
-        compressed branch)."""
+    def token_logprobs(
+        self, part: RolloutBatch, model: torch.nn.Module | None, with_entropy: bool, **extras: Any
+    ) -> Any:
+        """Log-probs ``logp [n, T]`` (and ``entropy [n, T]``, and the ``extras`` a method reads:
+        ``topk``, ``curvature``) of ``part``'s completion tokens under ``model`` (None: the policy's).
+        A hook: a task's trainer may score another way (HCPO's compressed branch)."""
         kw = dict(model=model, temperature=self.cfg.rollout.temperature, with_entropy=with_entropy, device=self.device)
+        kw.update(extras)
         if part.conversation_lengths is not None:  # multi-turn: score the whole conversations
             return self.policy.score_conversations(
                 part.encodings, part.conversation_lengths, part.completion_ids, part.mask, **kw
@@ -283,6 +203,9 @@ class Trainer(TrainerBase):
         a = self.cfg.algorithm
         self._stand_in = batch.select([0])  # what an update runs when filters leave this rank no row
         batch = filters.before_advantage(batch, a.filters, self.cfg.rollout.max_new_tokens)
+        batch = self.methods.add_demonstrations(batch)  # SRFT: each prompt's demonstration joins its group
+        many = self.cfg.trainer.update_epochs > 1 or self.shape.minibatch_size < len(batch)
+        self.methods.old_pass(batch, needs_logp=many)  # pi_old's log-probs and what the objective reads of them
         if beta > 0.0:
             ref, ctx = self.reference_context()
             with ctx:
@@ -291,11 +214,14 @@ class Trainer(TrainerBase):
         if beta > 0.0 and a.kl_placement == "reward":
             from mmpo.core import kl_to_reward
 
-            logp = self._score(batch, self.engine.module)
+            logp = batch.logp_old if batch.logp_old is not None else self._score(batch, self.engine.module)
             kl = self.algo.kl(logp, batch.logp_ref)
             rewards = kl_to_reward(rewards, kl, batch.mask, beta)
-        batch.advantages = self.advantages(rewards, batch.group_ids, [s.id for s in batch.samples])
-        batch = filters.after_advantage(batch, a.filters)
+        keys, inputs = [s.id for s in batch.samples], self.methods.advantage_inputs(batch)
+        batch.advantages = self.advantages(rewards, batch.group_ids, keys, inputs)
+        progress = self.step / self.cfg.trainer.max_steps
+        batch = filters.after_advantage(batch, a.filters, progress=progress, stats=self.step_stats)
+        batch = self.methods.curvature_mask(batch)  # CAPO: tokens whose predicted policy shift is too large
         if batch.logp_old is None and (self.cfg.trainer.update_epochs > 1 or self.shape.minibatch_size < len(batch)):
             batch.logp_old = self._score(batch, self.engine.module)
         return batch
@@ -325,7 +251,7 @@ class Trainer(TrainerBase):
         task's trainer may compose its own per-unit loss (HCPO's two branches)."""
         mask = micro.mask.to(self.device)
         with self.engine.autocast():
-            out = self.token_logprobs(micro, None, with_entropy=True)
+            out = self.token_logprobs(micro, None, with_entropy=True, **self.methods.score_extras())
         logp = out.logp
         logp_old = micro.logp_old.to(self.device) if micro.logp_old is not None else logp.detach()
         weights, metrics, r = None, {}, self.cfg.rollout
@@ -347,6 +273,7 @@ class Trainer(TrainerBase):
             logp_ref=logp_ref,
             loss_weights=weights,
             kl_row_weights=row_weights,
+            inputs=self.methods.loss_inputs(micro, out),
             metrics=metrics,
         )
 
@@ -425,7 +352,7 @@ class Trainer(TrainerBase):
             {
                 "reward_mean_trained": float(batch.rewards.mean()) if n else 0.0,
                 "reward_std": float(batch.rewards.std()) if n > 1 else 0.0,
-                "advantage_abs_mean": float(batch.advantages.abs().mean()) if n else 0.0,
+                "advantage_abs_mean": float(row_advantages(batch).abs().mean()) if n else 0.0,
                 "response_length": float(batch.mask.sum(1).float().mean()) if n else 0.0,
                 "truncated_frac": float(batch.truncated.float().mean()) if n else 0.0,
                 "beta": beta,
@@ -436,6 +363,7 @@ class Trainer(TrainerBase):
         if isinstance(kl_state, AresKLState):
             metrics.update({f"kl_beta/{b}": float(v) for b, v in kl_state.ensure_betas().items()})
         metrics.setdefault("kl", 0.0)  # KL to the reference; 0 when beta is 0 (no reference pass)
+        metrics.update(self.methods.step_metrics(batch))
         metrics.update({"rollout_s": clock.rollout, "reward_s": clock.reward, "update_s": clock.update})
         metrics["step_time_s"] = time.perf_counter() - t0
         return self.reduce_metrics(metrics)

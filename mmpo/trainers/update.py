@@ -36,6 +36,8 @@ class UnitTerms:
     - ``loss_matrix``: a per-unit loss the trainer composed itself (HCPO's two branches); it
       replaces the policy loss and the KL term;
     - ``extra_loss``: a scalar added to the loss (FIND's pull toward N(0, I));
+    - ``inputs``: the tensors the policy loss declares (``Algorithm.loss_inputs``: entropy, top-K
+      log-probs, rewards, demonstration flags, ...; see :mod:`mmpo.trainers.method_inputs`);
     - ``metrics``: more per-micro-batch metrics to average.
     """
 
@@ -50,6 +52,7 @@ class UnitTerms:
     kl_row_weights: torch.Tensor | None = None
     loss_matrix: torch.Tensor | None = None
     extra_loss: torch.Tensor | None = None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -69,7 +72,8 @@ def compose_loss(
     if terms.loss_matrix is not None:
         loss_mat = terms.loss_matrix
     else:
-        loss_mat, lm = algo.loss_fn(terms.logp, terms.logp_old, terms.advantages, mask, **algo.loss_options)
+        given = {n: terms.inputs[n] for n in algo.loss_inputs}
+        loss_mat, lm = algo.loss_fn(terms.logp, terms.logp_old, terms.advantages, mask, **algo.loss_options, **given)
         metrics.update({k: float(v) for k, v in lm.items()})
         if terms.loss_weights is not None:
             loss_mat = loss_mat * terms.loss_weights

@@ -30,9 +30,11 @@ from typing import Any, Iterator
 import torch
 
 from mmpo.config import RunConfig
+from mmpo.core import POLICY_LOSSES
 from mmpo.core.hcpo import hcpo_loss
 from mmpo.errors import ConfigError
 from mmpo.rollout.batch import RolloutBatch
+from mmpo.trainers.method_inputs import required_inputs
 from mmpo.trainers.token import Trainer
 from mmpo.trainers.update import UnitTerms
 
@@ -56,6 +58,19 @@ class HiconTrainer(Trainer):
                 )
         self._branch = "compressed" if self.ahc.enabled else "full"
         self._timing = {"compressed": 0.0, "full": 0.0}
+
+    @classmethod
+    def check_requirements(cls, cfg: RunConfig, task: Any) -> None:
+        """As the token trainer's; HCPO composes both branches' losses itself from the policy loss, so
+        a loss that reads more than log-probs and advantages (SimKO, HAPO, SRFT) is refused."""
+        super().check_requirements(cfg, task)
+        loss = cfg.algorithm.loss
+        needs = required_inputs(POLICY_LOSSES.get(loss), cfg.algorithm.loss_options)
+        if task.config.ahc.enabled and needs:
+            raise ConfigError(
+                f"algorithm.loss={loss!r} reads {', '.join(needs)}, which HCPO's two-branch loss "
+                "(task.ahc.enabled) does not compute; use ppo_clip, gspo, dcpo or another log-prob loss"
+            )
 
     def load_start_model(self) -> tuple[torch.nn.Module, Any, Any]:
         """``model.path``, after stage 1 when ``task.warm_start.enabled``: the supervised warm start

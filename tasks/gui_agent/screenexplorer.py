@@ -13,7 +13,12 @@ What differs from ScreenExplorer, and why:
   Cosmos image tokens and OCR embeddings, which need downloaded models;
 - the policy clicks through binned coordinate tokens and writes no intent string, so the intent is
   the task's instruction (MiniWoB gives one; ScreenExplorer's desktop has none);
-- a MiniWoB task episode ends when the task does, not after a fixed 10 steps.
+- a MiniWoB task episode ends when the task does, not after a fixed 10 steps;
+- the experience-stream distillation ("-E1" generation; not in ScreenExplorer's code) keeps, by
+  default, the top quarter of episodes by return (``task.distill``, :mod:`.experience`): a design choice.
+
+The KL term (ScreenExplorer: k3, beta 0.04) is to a frozen copy of the start policy
+(:mod:`mmpo.trainers.env_reference`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass, field
 from mmpo.errors import ConfigError
 from mmpo.rollout.env_config import RiptConfig
 from mmpo.rollout.env_runner import EnvSpec
+from mmpo_tasks.gui_agent.experience import DistillConfig, ExperienceConfig, check_experience_options
 from mmpo_tasks.gui_agent.exploration import ExplorationRewardConfig
 from mmpo_tasks.gui_agent.miniwob_task import MiniWobGrpoConfig, MiniWobGrpoTask, miniwob_env_spec
 
@@ -69,6 +75,13 @@ class ScreenExplorerConfig(MiniWobGrpoConfig):
             "min": 0,
         },
     )
+    experience: ExperienceConfig = field(
+        default_factory=ExperienceConfig, metadata={"help": "The recorded experience stream (<run>/experience)."}
+    )
+    distill: DistillConfig = field(
+        default_factory=DistillConfig,
+        metadata={"help": "Distillation of the experience stream into the next generation (<run>/distill/model)."},
+    )
 
 
 class ScreenExplorerTask(MiniWobGrpoTask):
@@ -89,6 +102,7 @@ class ScreenExplorerTask(MiniWobGrpoTask):
         super().__init__(config, seed=seed)
         if config.ript.dynamic_sampling:
             raise ConfigError("task.ript.dynamic_sampling: screenexplorer rewards steps, not episodes; set it to false")
+        check_experience_options(config.experience, config.distill)
 
 
 __all__ = ["ScreenExplorerConfig", "ScreenExplorerTask", "WorldModelConfig"]

@@ -7,7 +7,11 @@ One step:
    world model trains ``world_model.epochs`` passes over it;
 3. per-step rewards (``exploration.episode_rewards``) with its predictions as the curiosity
    baseline; ``algorithm.advantage`` (``flat_batch``) over all steps of the batch;
-4. PPO epochs on the action tokens (after ``actor_warmup_steps`` world-model-only steps).
+4. PPO epochs on the action tokens (after ``actor_warmup_steps`` world-model-only steps), with
+   ``beta * KL`` to the start policy when ``algorithm.kl_options.beta > 0`` (k3, beta 0.04 in the recipe);
+5. every step's observation, action, reward components and return join the experience stream
+   (``<run>/experience``, :mod:`mmpo_tasks.gui_agent.experience`); with ``task.distill.enabled`` the
+   stream is filtered and behaviour-cloned into the next generation after training (``<run>/distill/model``).
 
 The world model and its buffer are saved with each checkpoint (``world_model.pt``). What differs
 from the other environment tasks is expressed through the environment trainer's public hooks
@@ -18,11 +22,13 @@ from the other environment tasks is expressed through the environment trainer's 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mmpo.rollout.env_runner import Episode
+from mmpo_tasks.gui_agent.experience import EXPERIENCE_DIR, ExperienceWriter, distill_generation
 from mmpo_tasks.gui_agent.exploration import COMPONENTS, episode_rewards
 from mmpo_tasks.gui_agent.miniwob_trainer import MiniWobTrainer, gui_action_text
 from mmpo_tasks.gui_agent.screen_embedding import ImageEmbedder, TextEmbedder, dom_text, text_under_box
@@ -48,6 +54,8 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         self.world_model = WorldModel(
             self.image_embedder.dim, w.text_dim, hidden=w.hidden, capacity=w.capacity, lr=w.lr, seed=self.cfg.seed
         )
+        e = self.tc.experience
+        self.experience = ExperienceWriter(self.run_dir / EXPERIENCE_DIR, e, self.engine.rank) if e.enabled else None
 
     # -- rollouts: keep what the rewards read ----------------------------------------------------
     def run_episodes(self, seeds: list[int], generator: torch.Generator) -> list[Episode]:
@@ -101,7 +109,7 @@ class ScreenExplorerTrainer(MiniWobTrainer):
             for tr in part:
                 wm.add(tr["pre_img"], tr["pre_txt"], tr["actions"], tr["post_img"], tr["post_txt"])
         fit = wm.fit(epochs=w.epochs, batch_size=w.batch_size)
-        step_rewards, sums = [], {k: 0.0 for k in (*COMPONENTS, "task")}
+        step_rewards, step_comps, sums = [], [], {k: 0.0 for k in (*COMPONENTS, "task")}
         for tr in trans:
             pred_img, pred_txt = wm.predict(tr["pre_img"], tr["pre_txt"], tr["actions"])
             total, comps = episode_rewards(
@@ -118,6 +126,7 @@ class ScreenExplorerTrainer(MiniWobTrainer):
                 self.tc.exploration,
             )
             step_rewards.append(total)
+            step_comps.append({k: comps[k] for k in sums})
             self._episode_components.append({k: float(comps[k].sum()) for k in sums})
             for k in sums:
                 sums[k] += float(comps[k].sum())
@@ -125,6 +134,9 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         if step_rewards:  # a rank that kept no context reports no reward components
             self._last_components = {f"reward/{k}": v / len(rewards) for k, v in sums.items()}
         self._last_components.update({f"world_model/{k}": float(v) for k, v in fit.items()})
+        if self.experience is not None:
+            rows = self.experience.write(self.step, episodes, step_rewards, step_comps, action_text)
+            self._last_components["experience/rows"] = float(rows)
         group_ids = torch.arange(len(rewards))  # flat_batch ignores groups
         keys = [str(ep.seed) for ep in episodes for _ in range(ep.length)]
         adv = self.advantages(rewards, group_ids, keys)
@@ -147,6 +159,15 @@ class ScreenExplorerTrainer(MiniWobTrainer):
         metrics = super().train_step(step)
         metrics.update(self.reduce_metrics(self._last_components))
         return metrics
+
+    def train(self) -> dict[str, Any]:
+        """Training, then (``task.distill.enabled``, on the main rank) the distillation of the
+        experience stream into ``<run>/distill/model``."""
+        out = super().train()
+        if self.tc.distill.enabled and self.engine.is_main:
+            self.show_phase("distill")
+            out["distill"] = distill_generation(self.cfg, self.run_dir, progress=self.track)
+        return out
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_extra(self, folder: Path) -> None:

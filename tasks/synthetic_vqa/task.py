@@ -33,6 +33,7 @@ class SyntheticVQATask(TokenTask):
     name = "synthetic_vqa"
     description = "coloured shapes on a grid; multiple-choice colour / shape / count questions (quickstart)"
     Config = SyntheticVQAConfig
+    gives_demonstrations = True
 
     def __init__(self, config: SyntheticVQAConfig, *, seed: int = 0) -> None:
         super().__init__(config, seed=seed)
@@ -103,6 +104,13 @@ class SyntheticVQATask(TokenTask):
         acc = choice_accuracy(completions, [s.answer for s in samples], letters, options, accept=accept)
         fmt = choice_format(completions, letters, options, accept=accept)
         return RewardOutput(rewards=acc + self.config.format_weight * fmt, components={"accuracy": acc, "format": fmt})
+
+    def demonstration(self, sample: Sample) -> str:
+        """The right answer in the form the prompt asks for: the option's text (``answer_with:
+        option``) or its letter (``letter``); its reward is ``1 + format_weight``."""
+        if self.config.answer_with == "letter":
+            return str(sample.answer)
+        return str(sample.meta["options"][sample.meta["letters"].index(sample.answer)])
 
     def parse_prediction(self, sample: Sample, completion: str) -> str | None:
         """The letter of the option ``completion`` chose (in the form the prompt asks for), or None."""

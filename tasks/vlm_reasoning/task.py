@@ -3,6 +3,11 @@
 Data come from a JSONL / JSON / Parquet file (ours, TRL, verl / EasyR1 or LLaVA layouts, see
 ``data.py``), or, with no ``train_file``, from the offline pathology demo set. The reward is
 ``accuracy_weight * accuracy + format_weight * format`` (Patho-R1 / OThink-MR1 use 1 and 1).
+
+``demonstration`` writes one correct completion per prompt (the row's ``solution`` as reasoning
+when it has one), for SRFT (arXiv 2506.19767) and DR-IRL (arXiv 2503.18991). ``hipo.enabled``
+switches to HiPO's think-on / think-off contract (arXiv 2509.23967, ``hipo.py``): the rows then
+carry ``mode [N]`` and ``segment_mask [N, T]`` for ``algorithm.advantage: hipo``.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from mmpo.config import FieldError
 from mmpo.core.ares import bucket_codes
 from mmpo.data_rows import KeyCheck, LoadSummary
 from mmpo.errors import DataError
+from mmpo.rewards import weighted_sum
 from mmpo.tasks import RewardOutput, RolloutView, Sample, TokenTask
-from mmpo_tasks.vlm_reasoning import ares
+from mmpo_tasks.vlm_reasoning import ares, hipo
 from mmpo_tasks.vlm_reasoning.data import Row, load_rows
-from mmpo_tasks.vlm_reasoning.rewards import parsed_answer, score
+from mmpo_tasks.vlm_reasoning.rewards import accuracy_reward, answer_found, parsed_answer, score
 from mmpo_tasks.vlm_reasoning.templates import VisionSettings, build_messages
 
 
@@ -54,6 +60,19 @@ class AresConfig:
         metadata={
             "help": "Fixed HWE-count targets per bucket {easy, medium, hard}; null = each step's rounded bucket "
             "mean (ARES code, which makes the alpha adaptation nearly inert)."
+        },
+    )
+
+
+@dataclass
+class HipoConfig:
+    """HiPO hybrid think-on / think-off (arXiv 2509.23967): the output contract of ``hipo.py``."""
+
+    enabled: bool = field(
+        default=False,
+        metadata={
+            "help": "Ask for a mode tag (<think_on> / <think_off>) and a justification before the answer; the "
+            "rows carry their mode and mode-segment tokens for algorithm.advantage: hipo (required then)."
         },
     )
 
@@ -143,16 +162,42 @@ class VLMReasoningConfig:
         default_factory=AresConfig,
         metadata={"help": "ARES / AEPO adaptive entropy reward (window entropy, HWE triggers, difficulty buckets)."},
     )
+    hipo: HipoConfig = field(
+        default_factory=HipoConfig,
+        metadata={"help": "HiPO think-on / think-off template; its mode-aware advantage is algorithm.advantage hipo."},
+    )
 
     def validate_config(self, where: str) -> None:
         if self.min_pixels > self.max_pixels:
             key = f"{where}.min_pixels" if where else "min_pixels"
             raise FieldError(key, f"key '{key}' ({self.min_pixels}) must be <= max_pixels ({self.max_pixels})")
+        if self.hipo.enabled:
+            key = f"{where}.hipo.enabled" if where else "hipo.enabled"
+            if self.template != "think":
+                why = f"its contract replaces the think template, but template is {self.template!r} (use 'think')"
+                raise FieldError(key, f"key '{key}' (true): {why}")
+            if self.ares.enabled:
+                why = "does not combine with ares.enabled (ARES has its own reward)"
+                raise FieldError(key, f"key '{key}' (true) {why}")
 
 
 def _order_key(row: Row) -> str:
     """A stable pseudo-random key of a row (its content, not its position or the seed)."""
     return hashlib.sha1(f"{row.id}\x00{row.question}\x00{row.answer}".encode()).hexdigest()
+
+
+_TAGS = re.compile(r"</?(?:think|answer|think_on|think_off)>", re.I)
+
+
+def _demo_reasoning(solution: object) -> str | None:
+    """The reasoning of a worked solution: its ``<think>`` block's content, else the text without
+    ``<answer>`` blocks; leftover tags removed. None when nothing is left."""
+    if not isinstance(solution, str) or not solution.strip():
+        return None
+    m = re.search(r"<think>(.*?)</think>", solution, re.S | re.I)
+    text = m.group(1) if m else re.sub(r"<answer>.*?</answer>", " ", solution, flags=re.S | re.I)
+    text = _TAGS.sub(" ", text).strip()
+    return text or None
 
 
 def _metric_name(text: str) -> str:
@@ -163,6 +208,7 @@ class VLMReasoningTask(TokenTask):
     name = "vlm_reasoning"
     description = "image / video question answering with <think>/<answer> tags (files: ours, TRL, verl, LLaVA)"
     Config = VLMReasoningConfig
+    gives_demonstrations = True
 
     def __init__(self, config: VLMReasoningConfig, *, seed: int = 0) -> None:
         super().__init__(config, seed=seed)
@@ -171,6 +217,10 @@ class VLMReasoningTask(TokenTask):
         self.needs_token_entropy = config.ares.enabled
         #: ARES's rewards attach each row's difficulty bucket (read by kl_schedule ares_bucket)
         self.row_info_keys = ("bucket", "correct", "soft_cost") if config.ares.enabled else ()
+        if config.hipo.enabled:
+            #: HiPO's rows carry their mode [N] and mode/justification tokens [N, T]
+            self.row_info_keys = ("mode", "segment_mask")
+            self.required_advantage = "hipo"
         self.hwe_threshold = ares.HWEThreshold(tau=config.ares.tau_init, momentum=config.ares.tau_momentum)
         self.ares_state = ares.AresRewardState(targets=dict(config.ares.targets) if config.ares.targets else None)
 
@@ -221,9 +271,8 @@ class VLMReasoningTask(TokenTask):
 
     def sample(self, row: Row) -> Sample:
         """The prompt of one row (images decoded now)."""
-        messages = build_messages(
-            row, template=self.config.template, system=self.config.system_prompt, vision=self.vision
-        )
+        system = self.config.system_prompt or (hipo.SYSTEM_PROMPT if self.config.hipo.enabled else None)
+        messages = build_messages(row, template=self.config.template, system=system, vision=self.vision)
         meta = {
             "options": list(row.options) if row.options else None,
             "letters": row.letters,
@@ -231,6 +280,7 @@ class VLMReasoningTask(TokenTask):
             "qtype": row.meta.get("qtype"),
             "source": row.meta.get("source"),
             "where": row.where,
+            "solution": row.solution,  # the worked solution, when the data has one (demonstrations)
             # per image / video part of the prompt, in order: the image file it was read from (None:
             # from bytes, or a video), for the evaluation rows' image references
             "image_files": [None] * (row.video is not None)
@@ -255,7 +305,20 @@ class VLMReasoningTask(TokenTask):
 
     # -- rewards and evaluation ----------------------------------------------------------
     def reward(self, samples: list[Sample], completions: list[str]) -> RewardOutput:
+        """``accuracy_weight * accuracy + format_weight * format`` (``rewards.py``); with
+        ``hipo.enabled`` the format is HiPO's contract (``hipo.py``) and ``think_on`` (the mode,
+        weight 0) is logged."""
         c = self.config
+        if c.hipo.enabled:
+            if len(samples) != len(completions):
+                raise ValueError(f"{len(samples)} samples but {len(completions)} completions")
+            components = {
+                "accuracy": accuracy_reward(samples, completions, rel_tol=c.rel_tol, template="think"),
+                "format": hipo.hipo_format(completions),
+                "answer_found": answer_found(completions, "think"),
+                "think_on": hipo.modes(completions).float(),
+            }
+            return weighted_sum(components, {"accuracy": c.accuracy_weight, "format": c.format_weight})
         return score(
             samples,
             completions,
@@ -273,6 +336,14 @@ class VLMReasoningTask(TokenTask):
         ranks, so every rank's state moves alike.
         """
         out = self.reward(samples, completions)
+        if self.config.hipo.enabled:
+            if rollout.tokenizer is None:
+                raise ValueError("vlm_reasoning with hipo.enabled needs the policy's tokenizer in the rollout view")
+            out.row_info = {
+                "mode": hipo.modes(completions),
+                "segment_mask": hipo.segment_mask(rollout.completion_ids, rollout.mask, rollout.tokenizer),
+            }
+            return out
         a = self.config.ares
         if not a.enabled:
             return out
@@ -314,6 +385,38 @@ class VLMReasoningTask(TokenTask):
             self.hwe_threshold.load_state_dict(state["hwe_threshold"])
         if "ares_reward" in state:
             self.ares_state.load_state_dict(state["ares_reward"])
+
+    def demonstration(self, sample: Sample) -> str | None:
+        """One correct completion in the template's format (SRFT arXiv 2506.19767, DR-IRL arXiv 2503.18991).
+
+        The answer is the option letter (multiple choice; the option's text for ``direct``) or the
+        reference answer. The reasoning is the row's ``solution`` when the data has one (its
+        ``<think>`` content, else the text without answer blocks and tags), else empty. With
+        ``hipo.enabled``: think-on with the solution, think-off without. None when the text would
+        not earn the full reward (e.g. an answer holding tags).
+        """
+        c = self.config
+        letters, answer = sample.meta.get("letters") or [], str(sample.answer)
+        if letters and c.template == "direct" and answer in letters:
+            options = [str(o) for o in sample.meta.get("options") or []]
+            text = options[letters.index(answer)] if len(options) == len(letters) else answer
+            if [o.lower() for o in options].count(text.lower()) == 1:
+                answer = text
+        reasoning = _demo_reasoning(sample.meta.get("solution"))
+        if c.hipo.enabled:
+            if reasoning:
+                demo = f"{hipo.ON_TAG} This question needs step-by-step reasoning. <think>\n{reasoning}\n</think>"
+            else:
+                demo = f"{hipo.OFF_TAG} The answer can be given directly. "
+            demo += f"<answer>{answer}</answer>"
+        elif c.template == "direct":
+            demo = answer
+        elif c.template == "plain":
+            demo = f"<answer>{answer}</answer>"
+        else:
+            demo = f"<think>\n{reasoning or ''}\n</think><answer>{answer}</answer>"
+        out = self.reward([sample], [demo]).components
+        return demo if float(out["accuracy"][0]) == 1.0 and float(out["format"][0]) == 1.0 else None
 
     def parse_prediction(self, sample: Sample, completion: str) -> str | None:
         """The answer ``completion`` gives: the chosen option's letter (multiple choice, None when

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.fake_inputs import declared, fake_inputs
 
 from mmpo.core import (
     ADVANTAGES,
@@ -46,6 +47,14 @@ def _batch(seed=0, n=8, t=6):
     return rewards, ids, logp, old, mask
 
 
+def _inputs(fn, opts, rewards, logp, mask) -> dict:
+    return fake_inputs(declared(fn, opts), rewards, logp, mask)
+
+
+def _to(d: dict, dev) -> dict:
+    return {k: v.to(dev) for k, v in d.items()}
+
+
 @pytest.mark.parametrize("name", ADVANTAGES.names())
 def test_advantages(name):
     rewards, ids, *_ = _batch()
@@ -53,9 +62,12 @@ def test_advantages(name):
     opts = {}
     if name == "bnpo":
         opts = dict(min_value=0.0, max_value=1.1)
+    rewards = rewards.clamp(0, 1) if name == "bnpo" else rewards
+    _, _, logp, _, mask = _batch()
+    extra = _inputs(fn, opts, rewards, logp, mask)
     cls = getattr(fn, "state_cls", None)
-    out_cpu = fn(rewards, ids, **opts, **({"state": cls()} if cls else {}))
-    out_gpu = fn(rewards.to(CUDA), ids.to(CUDA), **opts, **({"state": cls()} if cls else {}))
+    out_cpu = fn(rewards, ids, **opts, **extra, **({"state": cls()} if cls else {}))
+    out_gpu = fn(rewards.to(CUDA), ids.to(CUDA), **opts, **_to(extra, CUDA), **({"state": cls()} if cls else {}))
     _same(out_cpu, out_gpu)
 
 
@@ -64,9 +76,11 @@ def test_losses_and_aggregation(name):
     rewards, ids, logp, old, mask = _batch()
     adv = ADVANTAGES.get("grpo")(rewards, ids)
     results = []
+    fn = POLICY_LOSSES.get(name)
+    extra = _inputs(fn, {}, rewards, logp, mask)
     for dev in ("cpu", CUDA):
         lp = logp.to(dev).requires_grad_(True)
-        loss, metrics = POLICY_LOSSES.get(name)(lp, old.to(dev), adv.to(dev), mask.to(dev))
+        loss, metrics = fn(lp, old.to(dev), adv.to(dev), mask.to(dev), **_to(extra, dev))
         aggs = [aggregate(loss, mask.to(dev), m) for m in AGGREGATIONS.names()]
         (grad,) = torch.autograd.grad(aggs[0], lp)
         results.append((loss.detach(), metrics, [a.detach() for a in aggs], grad))

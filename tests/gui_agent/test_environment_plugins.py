@@ -53,12 +53,13 @@ def test_gui_tasks_run_on_the_environment_trainer(task: str) -> None:
 @pytest.mark.parametrize(
     "override, key, value",
     [
-        ("algorithm.kl_options.beta=0.1", "algorithm.kl_options.beta", 0.1),
-        ("algorithm.entropy_coef=0.01", "algorithm.entropy_coef", 0.01),
+        # the KL to a frozen start policy goes in the loss only
+        (("algorithm.kl_options.beta=0.1", "algorithm.kl_placement=reward"), "algorithm.kl_placement", "reward"),
+        (("algorithm.entropy_coef=0.01",), "algorithm.entropy_coef", 0.01),
     ],
 )
-def test_kl_and_entropy_are_refused_at_load(
-    task: str, override: str, key: str, value: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_kl_in_reward_and_entropy_are_refused_at_load(
+    task: str, override: tuple[str, ...], key: str, value: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("miniwob")
     from mmpo.trainers import environment
@@ -69,7 +70,7 @@ def test_kl_and_entropy_are_refused_at_load(
     monkeypatch.setattr(environment, "load_model", nothing_starts)
     monkeypatch.setattr(environment, "EnvRunner", nothing_starts)
     run = tmp_path / "run"
-    cfg = load_config(str(ROOT / "configs" / f"{task}.yaml"), [f"output_dir={run}", override])
+    cfg = load_config(str(ROOT / "configs" / f"{task}.yaml"), [f"output_dir={run}", *override])
     with pytest.raises(ConfigError) as err:
         trainer_class_for(task)(cfg, run)
     message = str(err.value)

@@ -29,9 +29,9 @@ def _empty_rank_at(spec: str) -> None:
     real = filters.after_advantage
     calls = {"n": 0}
 
-    def after_advantage(batch, filters):
+    def after_advantage(batch, filters, **kwargs):
         calls["n"] += 1
-        out = real(batch, filters)
+        out = real(batch, filters, **kwargs)
         if calls["n"] == step and int(os.environ["RANK"]) == rank:
             return out.select([])
         return out

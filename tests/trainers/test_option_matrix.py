@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers.fake_inputs import fake_inputs
 
 from mmpo.config import AlgorithmConfig
 from mmpo.core import ADVANTAGES, AGGREGATIONS, GROUP_FILTERS, KL_ESTIMATORS, KL_SCHEDULES, POLICY_LOSSES
@@ -66,21 +67,23 @@ def _exercise(algo, kind: TrainerKind) -> None:
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.2, 0.9, 0.1])
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     keys = ["p0"] * 3 + ["p1"] * 3
-    first = algo.advantages(rewards, groups, prompt_keys=keys)
-    assert first.shape == (6,) and torch.isfinite(first).all()
+    T = 5
+    logp = (torch.randn(6, T) - 1.0).requires_grad_(True)
+    mask = torch.ones(6, T, dtype=torch.bool)
+    mask[0, 3:] = False
+    given = fake_inputs((*algo.advantage_inputs, *algo.loss_inputs), rewards, logp, mask)
+    first = algo.advantages(rewards, groups, prompt_keys=keys, inputs=given)
+    assert first.shape in ((6,), (6, T)) and torch.isfinite(first).all()
     for name, state in algo.states.items():
         restored = type(state)()
         restored.load_state_dict(state.state_dict())
         assert restored.state_dict() == state.state_dict(), name
-    algo.advantages(rewards.flip(0), groups, prompt_keys=keys)
+    algo.advantages(rewards.flip(0), groups, prompt_keys=keys, inputs=given)
     beta = algo.beta(3, 10, 0.02)
     assert beta >= 0.0 and (beta > 0.0) == algo.uses_kl or algo.config.kl_schedule != "constant"
-    T = 5
-    logp = (torch.randn(6, T) - 1.0).requires_grad_(True)
     old = logp.detach() + 0.05 * torch.randn(6, T)
-    mask = torch.ones(6, T, dtype=torch.bool)
-    mask[0, 3:] = False
     terms = UnitTerms(logp, old, first, mask, entropy=torch.rand(6, T) if kind.entropy else None)
+    terms.inputs = {n: given[n] for n in algo.loss_inputs}
     if algo.uses_kl:
         if algo.kl_estimator == "gaussian":
             mean = logp.unsqueeze(-1)
@@ -126,17 +129,22 @@ def test_the_matrix_refuses_what_each_kind_cannot_compute():
         ("noise", "loss", "dcpo"),
         ("series", "loss", "dcpo"),
         ("noise", "kl_schedule", "grpo_d"),
-        ("environment", "kl_schedule", "pi_target"),
+        ("environment", "kl_placement", "reward"),
         ("series", "entropy_coef", 0.01),
         ("environment", "dynamic_sampling", True),
         ("denoising", "filters", "lspo"),
         ("series", "kl_placement", "reward"),
-        ("token", "filters", "d3s"),
+        ("denoising", "filters", "d3s"),
+        ("series", "advantage", "gtpo"),
+        ("environment", "loss", "simko"),
+        ("denoising", "advantage", "seed_grpo"),
         ("token", "filters", "ript_skip"),
     }
     for kind_name, key, value in refused:
         if key == "filters":
             over = {"filters": [{"name": value, **REQUIRED.get(value, {})}]}
+        elif key in ("advantage", "loss"):
+            over = {key: value}
         elif key == "kl_schedule":
             over = {"kl_schedule": value}
         elif key in ("kl_estimator", "kl_placement"):

@@ -9,7 +9,7 @@ samples from the new policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -28,6 +28,9 @@ class GenerationSettings:
     top_k: int = 0
     greedy: bool = False
     min_new_tokens: int = 0  # EOS cannot be sampled before this many tokens
+    #: per-row temperatures ``[n]`` from a step's raw logits ``[n, V]`` (HAPO adaptive temperature);
+    #: replaces ``temperature`` when set (hf engine's sampling loop only, checked at config load)
+    temperature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass

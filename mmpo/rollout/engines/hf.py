@@ -113,7 +113,12 @@ class HFGenerateEngine(RolloutEngine):
             logits = head(hidden).float()
             if never.numel():
                 logits.index_fill_(-1, never, float("-inf"))
-            scaled = logits if settings.greedy else logits / settings.temperature
+            if settings.greedy:
+                scaled = logits
+            elif settings.temperature_fn is not None:
+                scaled = logits / settings.temperature_fn(logits)[:, None].to(logits)
+            else:
+                scaled = logits / settings.temperature
             # the reported log-probs are the policy's (what the trainer recomputes): before top-k/p
             # and before the minimum-length EOS mask, which shape sampling only
             logp_all = torch.log_softmax(scaled, dim=-1)
