@@ -162,3 +162,31 @@ def test_unknown_engine_option_is_refused_at_load():
     engine.check_environment({"use_generate": True})
     with pytest.raises(ConfigError, match=r"engine_options\.use_generat\b.*Did you mean 'use_generate'"):
         engine.check_environment({"use_generat": True})
+
+
+def test_a_per_row_temperature_function_samples_and_reports_at_that_temperature():
+    """HAPO's adaptive temperature: ``temperature_fn`` (logits -> [n]) replaces the temperature;
+    each row's sampling log-probs are those of its own temperature, and with the HAPO map a
+    high-entropy step is sampled hotter than a low-entropy one."""
+    from mmpo.core.entropy import token_entropy
+    from mmpo.core.hapo import adaptive_temperature, apply_hapo_stats, hapo_normalize
+
+    pol = _policy("qwen2")
+    encs = _encodings(pol, 2)
+    temps = torch.tensor([0.5, 0.5, 2.0, 2.0])  # prompt 0's rows cold, prompt 1's rows hot
+    # no row ends early (min_new_tokens = max_new_tokens), so row i stays row i at every step
+    settings = GenerationSettings(6, min_new_tokens=6, temperature_fn=lambda logits: temps)
+    torch.manual_seed(0)
+    gen = HFGenerateEngine(pol).generate(pol.model, pol.collate(encs), settings, device=CPU, num_samples=2)
+    rows = [e for e in encs for _ in range(2)]
+    for i, t in enumerate(temps.tolist()):
+        with torch.no_grad():
+            ref = pol.score([rows[i]], gen.completion_ids[i : i + 1], gen.mask[i : i + 1], temperature=t).logp
+        m = gen.mask[i]
+        assert (ref[0][m] - gen.logprobs[i][m]).abs().max() < 1e-5, i
+    # the HAPO map: statistics from a spread of entropies, then a flat and a peaked distribution
+    _, stats = hapo_normalize(torch.tensor([[0.2, 0.5, 1.0, 2.0, 3.0]]), torch.ones(1, 5, dtype=torch.bool))
+    flat, peaked = torch.zeros(1, 50), torch.tensor([[20.0] + [0.0] * 49])
+    h = apply_hapo_stats(token_entropy(torch.cat([flat, peaked])), stats)
+    t = adaptive_temperature(h, 1.0, 0.05)
+    assert t[0] > 1.0 > t[1] and 0.95 - 1e-6 <= float(t.min()) and float(t.max()) <= 1.05 + 1e-6

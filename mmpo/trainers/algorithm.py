@@ -214,7 +214,8 @@ def build_algorithm(cfg: RunConfig | AlgorithmConfig, kind: TrainerKind, task: A
             f"algorithm.advantage: {need} (its rows carry what that estimator reads, e.g. task.hipo.enabled)"
         )
     loss_fn = POLICY_LOSSES.get(a.loss)
-    have = available_inputs(tuple(kind.advantage_inputs), task)
+    tree = isinstance(cfg, RunConfig) and getattr(cfg.rollout, "tree", None) is not None
+    have = available_inputs(tuple(kind.advantage_inputs), task, tree)
     check_option_names(a)
     own = TRAINER_ADVANTAGE_OPTIONS.get(a.advantage, ())
     core_adv_options = {k: v for k, v in a.advantage_options.items() if k not in own}

@@ -76,6 +76,8 @@ TOKEN = TrainerKind(
         "components",
         "demo_reward",
         "data_hardness",
+        "token_node",
+        "row_leaf",
     ),
     loss_inputs=("entropy", "topk_logp", "old_topk_logp", "is_top1", "rewards", "demo"),
     samples_tokens=True,

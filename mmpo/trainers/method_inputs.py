@@ -33,11 +33,15 @@ INPUTS: dict[str, str] = {
     "is_top1": "[N, T] bool: the sampled token is the current argmax",
     "rewards": "[N] sequence rewards",
     "demo": "[N] bool: the row is a demonstration, not a rollout",
+    "token_node": "[N, T] long: the tree node of each token (-1 on padding), from a branching rollout",
+    "row_leaf": "[N] long: the leaf node of each row, from a branching rollout",
     "mode": "[N] long: the rollout's mode (HiPO: 1 think-on, 0 think-off), from the task",
     "segment_mask": "[N, T] bool: the mode and justification tokens (HiPO), from the task",
 }
 #: inputs made from the task's demonstrations (``TokenTask.gives_demonstrations``)
 FROM_DEMONSTRATIONS = ("demo_reward", "data_hardness", "demo")
+#: inputs of branching rollouts (``rollout.tree``)
+FROM_TREE = ("token_node", "row_leaf")
 
 
 def required_inputs(fn: Callable[..., Any], options: dict[str, Any] | None = None) -> tuple[str, ...]:
@@ -52,9 +56,9 @@ def optional_inputs(fn: Callable[..., Any]) -> tuple[str, ...]:
     return tuple(getattr(fn, "optional_inputs", ()))
 
 
-def available_inputs(kind_inputs: tuple[str, ...], task: Any) -> dict[str, str]:
+def available_inputs(kind_inputs: tuple[str, ...], task: Any, tree: bool = False) -> dict[str, str]:
     """``{name: why it is missing}`` over :data:`INPUTS` plus the task's ``row_info_keys``; an
-    empty reason means the trainer gives it."""
+    empty reason means the trainer gives it (``tree``: rollouts branch, ``rollout.tree`` is set)."""
     row_info = tuple(getattr(task, "row_info_keys", ()) or ())
     demos = bool(getattr(task, "gives_demonstrations", False))
     out: dict[str, str] = {}
@@ -65,6 +69,8 @@ def available_inputs(kind_inputs: tuple[str, ...], task: Any) -> dict[str, str]:
             out[name] = "this trainer kind does not compute it"
         elif name in FROM_DEMONSTRATIONS and not demos:
             out[name] = f"task {getattr(task, 'name', '?')!r} writes no demonstrations"
+        elif name in FROM_TREE and not tree:
+            out[name] = "only branching rollouts have tree nodes (set rollout.tree)"
         else:
             out[name] = ""
     return out

@@ -6,8 +6,9 @@ embedding of its OCR text. Neither model is available offline, so we substitute:
 - :class:`ImageEmbedder`: the screenshot area-averaged to a ``grid x grid`` RGB thumbnail, each
   channel centred, L2-normalised (cosine similarity of two embeddings is then the correlation of
   the two thumbnails). A uniform screen has no layout and maps to the zero vector.
-- :class:`TextEmbedder`: feature hashing (signed, ``zlib.crc32``, stable across processes) of the
-  lowercased word unigrams and character trigrams, L2-normalised. The screen's text is read from
+- :class:`TextEmbedder` (the core's :class:`mmpo.rewards.hardness.HashedTextEncoder`): feature
+  hashing (signed, ``zlib.crc32``, stable across processes) of the lowercased word unigrams and
+  character trigrams, L2-normalised. The screen's text is read from
   the MiniWoB DOM (:func:`dom_text`) instead of OCR, and the "OCR text under the click box" is
   :func:`text_under_box`.
 
@@ -17,17 +18,16 @@ Empty inputs (an empty text, a uniform image) give the zero vector; see
 
 from __future__ import annotations
 
-import re
-import zlib
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmpo.rewards.hardness import HashedTextEncoder as TextEmbedder
+
 # in float64 a uniform image centres to ~1e-16; a one-pixel change of one grey level is ~1e-5
 _ZERO_NORM = 1e-9
-_WORD_RE = re.compile(r"\w+")
 
 
 class ImageEmbedder:
@@ -62,56 +62,6 @@ class ImageEmbedder:
         if len(images) == 0:
             return torch.zeros(0, self.dim, dtype=torch.float32)
         return torch.stack([self.embed_one(im) for im in images])
-
-
-class TextEmbedder:
-    """Text -> ``[dim]`` float32 by signed feature hashing, L2-normalised (zero for a text with
-    no feature).
-
-    Features (:meth:`features`): ``"w:" + word`` for each lowercased word (``\\w+``) and
-    ``"c:" + trigram`` for each character trigram of the lowercased, whitespace-collapsed text
-    padded with one space on each side. Each feature adds ``sign`` at ``index`` (:meth:`bucket`):
-    ``h = crc32(utf-8 bytes)``, ``index = h % dim``, ``sign = +1`` if bit 31 of ``h`` is 0 else -1.
-    """
-
-    def __init__(self, dim: int = 512, char_ngram: int = 3) -> None:
-        if dim < 1 or char_ngram < 1:
-            raise ValueError(f"dim and char_ngram must be >= 1, got {dim}, {char_ngram}")
-        self.dim = dim
-        self.char_ngram = char_ngram
-
-    def features(self, text: str) -> list[str]:
-        """The hashed features of ``text``, with repeats (counts are the weights)."""
-        low = text.lower()
-        words = ["w:" + w for w in _WORD_RE.findall(low)]
-        flat = " ".join(low.split())
-        if not flat:
-            return words
-        padded = f" {flat} "
-        n = self.char_ngram
-        return words + ["c:" + padded[i : i + n] for i in range(len(padded) - n + 1)]
-
-    def bucket(self, feature: str) -> tuple[int, float]:
-        """``(index, sign)`` of one feature."""
-        h = zlib.crc32(feature.encode("utf-8"))
-        return h % self.dim, (1.0 if h & 0x80000000 == 0 else -1.0)
-
-    def embed_one(self, text: str) -> torch.Tensor:
-        """``text`` -> ``[dim]`` float32, unit norm or zero."""
-        v = np.zeros(self.dim, dtype=np.float64)
-        for f in self.features(text):
-            i, s = self.bucket(f)
-            v[i] += s
-        n = float(np.linalg.norm(v))
-        if n > 0:  # counts are integers: a zero norm is exact
-            v /= n
-        return torch.from_numpy(v).float()
-
-    def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        """``B`` texts -> ``[B, dim]`` float32."""
-        if len(texts) == 0:
-            return torch.zeros(0, self.dim, dtype=torch.float32)
-        return torch.stack([self.embed_one(t) for t in texts])
 
 
 def _num(v: Any) -> float:

@@ -139,7 +139,9 @@ def test_advantages_are_estimated_over_the_rows_of_every_rank(tmp_path, monkeypa
     groups = torch.tensor([0, 0, 1, 1])
     monkeypatch.setattr(trainer.engine, "rank", 1)
     monkeypatch.setattr(
-        trainer.engine, "all_gather_object", lambda obj: [(other, groups, [s.meta["prompt"] for s in other_rows]), obj]
+        trainer.engine,
+        "all_gather_object",
+        lambda obj: [(other, groups, [s.meta["prompt"] for s in other_rows], {}), obj],
     )
     adv = trainer.advantages(mine, groups, [s.meta["prompt"] for s in mine_rows])
     everything = trainer.algo.advantages(torch.cat([other, mine]), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))

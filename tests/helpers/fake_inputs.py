@@ -28,6 +28,8 @@ def fake_inputs(names, rewards: torch.Tensor, logp: torch.Tensor, mask: torch.Te
         "is_top1": lambda: torch.rand(n, t, generator=g) > 0.5,
         "rewards": lambda: rewards,
         "demo": lambda: torch.arange(n) % 4 == 0,
+        "token_node": lambda: torch.where(mask.bool(), torch.arange(n)[:, None].expand(n, t), -1),
+        "row_leaf": lambda: torch.arange(n),
     }
     return {k: make[k]() for k in sorted(set(names))}
 

@@ -204,12 +204,13 @@ def test_each_rank_resumes_its_own_sampler_position(trainer: Any, monkeypatch: p
 @pytest.mark.parametrize(
     "override, key, value",
     [
-        ("algorithm.kl_options.beta=0.1", "algorithm.kl_options.beta", 0.1),
-        ("algorithm.entropy_coef=0.01", "algorithm.entropy_coef", 0.01),
+        # the KL to the frozen start policy goes in the loss only
+        (("algorithm.kl_options.beta=0.1", "algorithm.kl_placement=reward"), "algorithm.kl_placement", "reward"),
+        (("algorithm.entropy_coef=0.01",), "algorithm.entropy_coef", 0.01),
     ],
 )
-def test_kl_and_entropy_are_refused_at_load(
-    override: str, key: str, value: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_kl_in_reward_and_entropy_are_refused_at_load(
+    override: tuple[str, ...], key: str, value: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mmpo.trainers import environment
 
@@ -217,7 +218,7 @@ def test_kl_and_entropy_are_refused_at_load(
         raise AssertionError("a model was loaded before the objective was checked")
 
     monkeypatch.setattr(environment, "load_model", no_model)
-    cfg = load_config(CONTINUOUS, [*SMALL, f"output_dir={tmp_path / 'run'}", override])
+    cfg = load_config(CONTINUOUS, [*SMALL, f"output_dir={tmp_path / 'run'}", *override])
     with pytest.raises(ConfigError) as err:
         trainer_class_for("ript_vla")(cfg, tmp_path / "run")
     message = str(err.value)

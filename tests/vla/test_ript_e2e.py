@@ -433,8 +433,9 @@ def test_config_errors(demos: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     err = _fails(capsys, *base, "deepspeed=configs/deepspeed/zero3.json")
     assert "ZeRO stage 3" in err and "configs/deepspeed/zero2.json" in err
 
-    err = _fails(capsys, *base, "algorithm.kl_options.beta=0.1")
-    assert "algorithm.kl_options.beta" in err
+    # the KL to the frozen start policy goes in the loss only
+    err = _fails(capsys, *base, "algorithm.kl_options.beta=0.1", "algorithm.kl_placement=reward")
+    assert "algorithm.kl_placement" in err and "environment trainer" in err
 
     err = _fails(capsys, *base, "task.policy.actions=[left,jump,forward]")
     assert "task.policy.actions" in err and "'jump'" in err and ENV_ID in err
