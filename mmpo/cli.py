@@ -101,6 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_against(args)
     if args.prefix_sharing:
         return _bench_prefix(args)
+    if args.tree:
+        return _bench_tree(args)
     if args.config == "ahc":
         return _bench_ahc(args)
     if args.config is None:
@@ -164,6 +166,16 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     )
     for row in rows:
         print(json.dumps(row), flush=True)
+    return 0
+
+
+def _bench_tree(args: argparse.Namespace) -> int:
+    """``mmpo bench --tree CONFIG``: one JSON line, tree rollouts (``rollout.tree``) vs independent rows."""
+    from mmpo.bench_tree import run_tree_bench
+
+    if args.config is None:
+        raise MMPOError("mmpo bench --tree needs a CONFIG with a rollout.tree block")
+    print(json.dumps(run_tree_bench(_load(args.config, args.overrides))), flush=True)
     return 0
 
 
@@ -286,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time the log-prob passes (reference: no grad; policy: forward + backward) over one group "
         "after a long image prompt, plain vs shared prefix; one JSON line per G",
+    )
+    b.add_argument(
+        "--tree",
+        action="store_true",
+        help="decode the config's prompts with its rollout.tree branching policy and with independent rows "
+        "(as many per prompt as leaves); one JSON line of decoded tokens and seconds",
     )
     b.add_argument("--group-sizes", default="8,16", help="with --prefix-sharing: comma-separated G values")
     b.add_argument("--settings", default="text,vlm", help="with --against: comma-separated, of text, vlm")

@@ -791,6 +791,13 @@ class RolloutConfig:
         "normalised with the previous step's pi_old entropy statistics (the first step samples at "
         "temperature). sign_mode 'released_code' reproduces the released code's sign. hf engine only.",
     )
+    tree: dict[str, Any] | None = _opt(
+        None,
+        help="Branching (tree) rollouts: {method: treepo|latr|arpo|aepo_agent, <the method's options>}. "
+        "treepo (arXiv 2508.17445): n, w, segment_length, max_depth, max_tokens, fallback, div, ...; "
+        "latr (arXiv 2510.24302): m, tau_abs, tau_rel, tau_ed, tau_suf, tau_rouge, lookahead, "
+        "eta_schedule, theta0, delta, force_return_step, ... (see mmpo.rollout.branching).",
+    )
 
     def validate_config(self, where: str) -> None:
         check = resolve_registry("mmpo.rollout.prompt_samplers:check_sampler_options")
@@ -798,6 +805,12 @@ class RolloutConfig:
             check(self.prompt_sampler, self.prompt_sampler_options, self.group_size)
         except ConfigError as exc:
             raise FieldError(_join(where, "prompt_sampler_options"), str(exc)) from None
+        if self.tree is not None:
+            check_tree = resolve_registry("mmpo.rollout.branching:check_tree_config")
+            try:
+                check_tree(self.tree, _join(where, "tree"))
+            except ConfigError as exc:
+                raise FieldError(_join(where, "tree"), str(exc)) from None
         at = self.adaptive_temperature
         if at is None:
             return
@@ -873,6 +886,12 @@ class AlgorithmConfig:
     )
     entropy_coef: float = _opt(
         0.0, help="Entropy bonus weight; >0 slows collapse onto one answer at the cost of noisier outputs."
+    )
+    credit_once: bool = _opt(
+        False,
+        help="With branching rollouts (rollout.tree): the policy loss counts each shared token once, with "
+        "merged weights that give exactly the loss and gradient of the replicated rows (per sign of the "
+        "advantage, so clipping is never merged). ppo_clip, or ce_gppo with beta1 0 and beta2 1.",
     )
     dynamic_sampling: bool = _opt(
         False,

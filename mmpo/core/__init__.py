@@ -13,6 +13,7 @@ Stateful entries expose ``fn.state_cls`` (see :func:`mmpo.core.registry.state_cl
 """
 
 from mmpo.core import capo as _capo  # noqa: F401  (registers the capo / capo_curvature filter)
+from mmpo.core import credit_once as _credit_once  # noqa: F401  (tree rows: the loss once per unique token)
 from mmpo.core import entropy
 from mmpo.core import entropy_advantages as _entropy_advantages  # noqa: F401  (registers gtpo, grpo_s)
 from mmpo.core import hapo as _hapo  # noqa: F401  (registers hapo_tlga, the hapo loss)
@@ -23,6 +24,7 @@ from mmpo.core import shaped_advantages as _shaped_advantages  # noqa: F401  (sp
 from mmpo.core import simko as _simko  # noqa: F401  (registers the simko loss)
 from mmpo.core import srft as _srft  # noqa: F401  (registers the srft loss)
 from mmpo.core import stateful_advantages as _stateful_advantages  # noqa: F401  (registers dcpo_sas, rank_ema)
+from mmpo.core import tree_advantages as _tree_advantages  # noqa: F401  (tree_subgroup, arpo_hard, aepo_agent)
 from mmpo.core.advantages import ADVANTAGES
 from mmpo.core.aggregation import AGGREGATIONS, aggregate
 from mmpo.core.batch_filler import GroupBatchFiller

@@ -179,6 +179,64 @@ class AgentLoop:
             out.setdefault(row, []).append(res)
         return out
 
+    # -- one turn of one row (also the steps of the branching loop, mmpo.rollout.agent_branching) ----
+    def absorb_turn(
+        self, t: AgentTrajectory, ids: torch.Tensor, logprobs: torch.Tensor, text: str, truncated: bool
+    ) -> tuple[bool, list[ToolCall], str | None]:
+        """Append a sampled turn (``ids [L]``, their sampling ``logprobs [L]``, decoded ``text``) to
+        ``t`` and read it: ``(goes_on, calls, error)``. ``goes_on`` is False when the row ends here
+        (truncated, an answer, or neither an answer nor a call); ``error`` is the observation text
+        of a malformed call (then ``calls`` is empty and the row goes on)."""
+        t.encoding = append_encoding(t.encoding, ids)
+        t.action_mask += [True] * len(ids)
+        t.logprobs += [float(x) for x in logprobs]
+        t.num_turns += 1
+        t.turn_texts.append(text)
+        t.turn_calls.append([])
+        if truncated:
+            t.truncated = True
+            return False, [], None
+        answer = parse_answer(text)
+        if answer is not None:
+            t.answer = answer
+            return False, [], None
+        if "<tool_call>" not in text and "</tool_call>" not in text:
+            return False, [], None  # neither an answer nor a call: the rollout ends
+        try:
+            calls = parse_tool_calls(text, self.tools, max_calls=self.settings.max_calls_per_turn)
+        except ToolCallError as e:
+            t.malformed_calls += 1
+            return True, [], f"error: {e}"
+        except Exception as e:  # the parser's contract is ToolCallError only; model text must never stop a run
+            log.warning("tool-call parsing raised %s; treated as a malformed call", type(e).__name__, exc_info=True)
+            t.malformed_calls += 1
+            return True, [], f"error: the tool call could not be parsed ({type(e).__name__})"
+        t.tool_calls += len(calls)
+        t.turn_calls[-1] = calls
+        return True, calls, None
+
+    def turn_result(self, t: AgentTrajectory, parts: list[ToolResult], error: str | None) -> ToolResult:
+        """The one observation of a turn: ``error`` (a malformed call), else the results of its
+        calls joined (their failures counted in ``t.tool_errors``)."""
+        if error is not None:
+            return ToolResult(error, error=True)
+        t.tool_errors += sum(r.error for r in parts)
+        return ToolResult(
+            "\n".join(r.text for r in parts), [im for r in parts for im in r.images], any(r.error for r in parts)
+        )
+
+    def append_observation(self, t: AgentTrajectory, res: ToolResult) -> dict[str, torch.Tensor]:
+        """Encode ``res`` and append it to ``t`` (masked out of the loss); returns its encoding
+        (``input_ids [1, L]`` and media)."""
+        obs = self.encode_observation(res)
+        t.encoding = append_encoding(t.encoding, obs["input_ids"][0], obs)
+        n_obs = int(obs["input_ids"].shape[1])
+        t.action_mask += [False] * n_obs
+        t.logprobs += [0.0] * n_obs
+        t.observations.append(res.text)
+        t.observation_images.append(list(res.images))
+        return obs
+
     # -- the loop --------------------------------------------------------------------------------
     def run(
         self,
@@ -212,63 +270,19 @@ class AgentLoop:
                 m = out.mask[row].bool()
                 ids = out.completion_ids[row][m]
                 lps = out.logprobs[row][m] if out.logprobs is not None else torch.zeros(len(ids))
-                t.encoding = append_encoding(t.encoding, ids)
-                t.action_mask += [True] * len(ids)
-                t.logprobs += [float(x) for x in lps]
-                t.num_turns += 1
                 text = pol.decode(out.completion_ids[row : row + 1], out.mask[row : row + 1])[0]
-                t.turn_texts.append(text)
-                t.turn_calls.append([])
-                if bool(out.truncated[row]):
-                    t.truncated = True
+                goes_on, calls, error = self.absorb_turn(t, ids, lps, text, bool(out.truncated[row]))
+                if not goes_on:
                     continue
-                answer = parse_answer(text)
-                if answer is not None:
-                    t.answer = answer
-                    continue
-                if "<tool_call>" not in text and "</tool_call>" not in text:
-                    continue  # neither an answer nor a call: the rollout ends
-                try:
-                    calls = parse_tool_calls(text, self.tools, max_calls=s.max_calls_per_turn)
-                except ToolCallError as e:
-                    t.malformed_calls += 1
-                    errors[i] = f"error: {e}"
-                    still.append(i)
-                    continue
-                except Exception as e:  # the parser's contract is ToolCallError only; model text must never stop a run
-                    log.warning(
-                        "tool-call parsing raised %s; treated as a malformed call", type(e).__name__, exc_info=True
-                    )
-                    t.malformed_calls += 1
-                    errors[i] = f"error: the tool call could not be parsed ({type(e).__name__})"
-                    still.append(i)
-                    continue
-                t.tool_calls += len(calls)
-                t.turn_calls[-1] = calls
+                if error is not None:
+                    errors[i] = error
                 jobs += [(i, c, contexts[i]) for c in calls]
                 still.append(i)
             if turn == s.max_turns - 1:
                 break  # no observation after the last turn
             results = self.run_tools(jobs)
             for i in still:
-                t = trajs[i]
-                if i in errors:
-                    res = ToolResult(errors[i], error=True)
-                else:
-                    parts = results.get(i, [])
-                    t.tool_errors += sum(r.error for r in parts)
-                    res = ToolResult(
-                        "\n".join(r.text for r in parts),
-                        [im for r in parts for im in r.images],
-                        any(r.error for r in parts),
-                    )
-                obs = self.encode_observation(res)
-                t.encoding = append_encoding(t.encoding, obs["input_ids"][0], obs)
-                n_obs = int(obs["input_ids"].shape[1])
-                t.action_mask += [False] * n_obs
-                t.logprobs += [0.0] * n_obs
-                t.observations.append(res.text)
-                t.observation_images.append(list(res.images))
+                self.append_observation(trajs[i], self.turn_result(trajs[i], results.get(i, []), errors.get(i)))
             active = still
         return trajs
 

@@ -80,6 +80,19 @@ def _check_refill(
             )
 
 
+def _check_credit_once(a: AlgorithmConfig, kind: TrainerKind, tree: bool) -> None:
+    """``credit_once`` needs tree rows (their token nodes) and a loss it can merge exactly."""
+    if not tree or "token_node" not in kind.advantage_inputs:
+        raise _refuse("algorithm.credit_once", True, kind, "only branching rollouts (rollout.tree) share tokens")
+    opts = a.loss_options
+    gppo = a.loss == "ce_gppo" and float(opts.get("beta1", 0.75)) == 0.0 and float(opts.get("beta2", 1.0)) == 1.0
+    if a.loss != "ppo_clip" and not gppo:
+        raise ConfigError(
+            f"algorithm.credit_once=True with algorithm.loss={a.loss!r}: the merged loss is exact for ppo_clip and "
+            "for ce_gppo with beta1 0, beta2 1 only"
+        )
+
+
 def _refuse(key: str, value: Any, kind: TrainerKind, why: str) -> ConfigError:
     hint = f" ({kind.hint})" if kind.hint else ""
     return ConfigError(f"{key}={value!r} is not supported by the {kind.name} trainer: {why}{hint}")
@@ -279,6 +292,8 @@ def build_algorithm(cfg: RunConfig | AlgorithmConfig, kind: TrainerKind, task: A
         )
     if isinstance(cfg, RunConfig) and cfg.rollout.adaptive_temperature is not None and not kind.samples_tokens:
         raise _refuse("rollout.adaptive_temperature", cfg.rollout.adaptive_temperature, kind, "it samples no tokens")
+    if a.credit_once:
+        _check_credit_once(a, kind, tree)
     if a.dynamic_sampling and not kind.dynamic_sampling:
         raise _refuse("algorithm.dynamic_sampling", True, kind, "it does not redraw prompts")
     for i, item in enumerate(a.filters):

@@ -33,6 +33,14 @@ from mmpo.rollout import filters
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.engines.base import GenerationSettings
 from mmpo.tasks import RolloutView
+from mmpo.trainers.token_tree import (
+    MULTI_TURN,
+    SINGLE_TURN,
+    add_stats,
+    branching_agent_batch,
+    tree_method,
+    tree_rollout,
+)
 
 
 def generation_settings(trainer: Any) -> GenerationSettings:
@@ -56,22 +64,31 @@ def draw_once(trainer: Any, settings: GenerationSettings, first_group: int, cloc
         indices = drawn[len(drawn) - len(prompts) :]  # it ends with the returned prompts' indices
         rows = [s for s in prompts for _ in range(r.group_size)]
         group_ids = torch.arange(first_group, first_group + len(prompts)).repeat_interleave(r.group_size)
-        if trainer.agent is not None:
+        if trainer.agent is not None and tree_method(trainer.cfg) in MULTI_TURN:
+            batch, trajs = branching_agent_batch(trainer, prompts, rows, group_ids)
+        elif trainer.agent is not None:
             batch, trajs = trainer._agent_rollout(prompts, rows, group_ids)
         else:
-            encodings, gen = trainer._generate(prompts, settings)
-            ids, mask = gen.completion_ids, gen.mask
+            if tree_method(trainer.cfg) in SINGLE_TURN:  # the G rows of a group are a tree's leaves
+                encodings, (ids, mask, truncated), info, stats = tree_rollout(trainer, prompts, settings)
+                logp_rollout = None
+                add_stats(trainer.tree_stats, stats)
+            else:
+                encodings, gen = trainer._generate(prompts, settings)
+                ids, mask, truncated, logp_rollout, info = gen.completion_ids, gen.mask, gen.truncated, gen.logprobs, {}
+                add_stats(trainer.tree_stats, {"decoded_tokens": float(mask.sum())})
             texts = trainer.policy.decode(ids, mask)
             batch = RolloutBatch(
                 rows,
                 encodings,
                 ids,
                 mask,
-                gen.truncated,
+                truncated,
                 torch.zeros(len(rows)),
                 group_ids,
                 texts=texts,
-                logp_rollout=gen.logprobs,
+                logp_rollout=logp_rollout,
+                row_info=info,
             )
             view = RolloutView(ids, mask, group_ids, tokenizer=trainer.policy.tokenizer)
             if trainer.task.needs_token_entropy:
@@ -86,7 +103,8 @@ def draw_once(trainer: Any, settings: GenerationSettings, first_group: int, cloc
             out = trainer.task.reward_with_rollout(rows, texts, view)
     clock.rollout += t1 - t0
     clock.reward += time.perf_counter() - t1
-    batch.rewards, batch.components, batch.row_info = out.rewards.float(), out.components, out.row_info
+    batch.rewards, batch.components = out.rewards.float(), out.components
+    batch.row_info = {**batch.row_info, **out.row_info}  # the tree's token_node / row_leaf, then the task's
     trainer.sampler.observe(indices, batch.rewards.view(len(indices), -1))  # the task's rewards (VADE)
     # ConciseR's length reward replaces the rewards of all-correct groups before any group filter sees them
     batch.rewards = filters.length_reward(batch, trainer.cfg.algorithm.filters, trainer.step, trainer.cfg.rollout)
@@ -119,6 +137,7 @@ def draw_batch(trainer: Any, clock: Any) -> tuple[RolloutBatch, dict[str, float]
     drawn_rewards: list[torch.Tensor] = []
     drawn_components: dict[str, list[torch.Tensor]] = {}
     kept_rows, draws, seen_groups, dropped = 0, 0, 0, 0
+    trainer.tree_stats = {}  # branching rollouts' token counts, summed over the draws
     while True:
         draws += 1
         batch, n_bad = draw_once(trainer, settings, seen_groups, clock)
@@ -148,6 +167,7 @@ def draw_batch(trainer: Any, clock: Any) -> tuple[RolloutBatch, dict[str, float]
     stats = {"draws": float(draws), "groups_kept_frac": len(full) / (draws * target)}
     if task_skips_bad_rows(trainer.task):
         stats["dropped_samples"] = float(dropped)
+    stats.update(trainer.tree_stats)
     stats["reward_mean"] = float(torch.cat(drawn_rewards).mean())
     stats.update({f"reward/{k}": float(torch.cat(v).mean()) for k, v in drawn_components.items()})
     return full, stats

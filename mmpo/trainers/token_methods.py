@@ -32,6 +32,7 @@ from mmpo.trainers.token_inputs import (
     prompt_text,
     score_rows,
 )
+from mmpo.trainers.token_tree import check_tree, tree_method
 
 if TYPE_CHECKING:
     from mmpo.policies.causal_lm import TokenLogProbs
@@ -64,10 +65,11 @@ def check_token_methods(cfg: Any, task: Any) -> None:
             f"rollout.is_correction={cfg.rollout.is_correction!r} with algorithm.loss={a.loss!r}: demonstration "
             "rows were not sampled, so they have no sampling log-probs to correct against (set is_correction: none)"
         )
-    if cfg.rollout.adaptive_temperature is not None and multi_turn:
+    check_tree(cfg, task)
+    if cfg.rollout.adaptive_temperature is not None and (multi_turn or tree_method(cfg) is not None):
         raise ConfigError(
-            f"rollout.adaptive_temperature: task {task.name!r} runs multi-turn tool rollouts, whose agent loop "
-            "samples at rollout.temperature (adaptive temperature is for single-turn rollouts)"
+            f"rollout.adaptive_temperature: task {task.name!r} runs multi-turn tool rollouts or rollout.tree is set; "
+            "their loops sample at rollout.temperature (adaptive temperature is for plain single-turn rollouts)"
         )
 
 
@@ -266,6 +268,8 @@ class TokenMethods:
         """The tensors ``algorithm.loss`` declares, for one micro batch (on the trainer's device)."""
         device = out.logp.device
         given: dict[str, torch.Tensor] = {}
+        if self.cfg.algorithm.credit_once:  # the update merges the rows' shared tokens by their nodes
+            given["token_node"] = micro.row_info["token_node"].to(device)
         for name in self.loss_names:
             if name == "entropy":
                 given[name] = out.entropy.detach()

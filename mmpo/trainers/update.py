@@ -82,6 +82,8 @@ def compose_loss(
         elif terms.logp_ref is not None:
             kl = algo.kl(terms.logp, terms.logp_ref)
     pg = aggregate(loss_mat, mask, agg, max_len=max_len)
+    if algo.config.credit_once and terms.loss_matrix is None:  # the same value and gradient, shared tokens once
+        pg = credit_once_pg(terms, algo, max_len)
     loss = pg
     metrics["pg_loss"] = float(pg.detach())
     if kl is not None:
@@ -101,6 +103,30 @@ def compose_loss(
     metrics.update(terms.metrics)
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def credit_once_pg(terms: UnitTerms, algo: Algorithm, max_len: int | None) -> torch.Tensor:
+    """The aggregated policy loss of a micro batch of tree rows with each shared token (same node, same
+    offset: ``terms.inputs['token_node']``) counted once, with merged weights (``docs/algorithms.md``,
+    credit once): equal in value and gradient to the replicated rows' loss."""
+    from mmpo.core.credit_once import credit_once_loss, unique_tokens
+
+    mask = terms.mask.bool()
+    uid, first = unique_tokens(terms.inputs["token_node"].to(mask.device), mask)
+    opts = algo.loss_options
+    return credit_once_loss(
+        terms.logp.flatten()[first],
+        terms.logp_old.flatten()[first],
+        uid,
+        terms.advantages,
+        mask,
+        mode=algo.loss_agg,
+        max_len=max_len,
+        eps_low=float(opts.get("eps_low", 0.2)),
+        eps_high=float(opts.get("eps_high", 0.2)),
+        dual_clip=opts.get("dual_clip", 3.0 if algo.config.loss == "ce_gppo" else None),
+        preserve_high_grad=algo.config.loss == "ce_gppo",
+    )
 
 
 @dataclass(frozen=True)
