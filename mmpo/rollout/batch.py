@@ -66,6 +66,37 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.samples)
 
+    @classmethod
+    def from_trajectories(
+        cls,
+        rows: list[Sample],
+        trajs: list[Any],
+        group_ids: torch.Tensor,
+        pad_token_id: int,
+        *,
+        sampling_logprobs: bool = True,
+        row_info: dict[str, torch.Tensor] | None = None,
+    ) -> "RolloutBatch":
+        """A batch of whole multi-turn conversations (agent trajectories, one per row; see the class
+        docstring); ``sampling_logprobs``: keep the engine's log-probs as ``logp_rollout``."""
+        from mmpo.rollout.agent_loop import trajectory_tensors
+
+        t = trajectory_tensors(trajs, pad_token_id)
+        return cls(
+            rows,
+            [tr.encoding for tr in trajs],
+            t["completion_ids"],
+            t["mask"],
+            torch.tensor([tr.truncated for tr in trajs]),
+            torch.zeros(len(rows)),
+            group_ids,
+            texts=["".join(tr.turn_texts) for tr in trajs],
+            logp_rollout=t["logprobs"] if sampling_logprobs else None,
+            row_info=dict(row_info or {}),
+            conversation_lengths=t["lengths"],
+            trajectories=trajs,
+        )
+
     def select(self, idx: torch.Tensor | list[int]) -> "RolloutBatch":
         """Rows ``idx`` (completion width trimmed after the last valid token of any row)."""
         idx_t = torch.as_tensor(idx, dtype=torch.long)

@@ -25,7 +25,7 @@ from mmpo.lora import prepare_trainable
 from mmpo.models import load_model, mark_checkpointed_layers
 from mmpo.policies.causal_lm import CausalLMPolicy
 from mmpo.rollout import ROLLOUT_ENGINES, filters
-from mmpo.rollout.agent_loop import AgentLoop, task_agent, trajectory_tensors
+from mmpo.rollout.agent_loop import AgentLoop, task_agent
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.engines.base import Generation, GenerationSettings
 from mmpo.tasks import Sample, TokenTask
@@ -143,20 +143,7 @@ class Trainer(TrainerBase):
         ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
         with ctx:
             trajs = self.agent.run(self.engine.module, encodings, contexts, device=self.device)
-        t = trajectory_tensors(trajs, self.policy.pad_token_id)
-        batch = RolloutBatch(
-            rows,
-            [tr.encoding for tr in trajs],
-            t["completion_ids"],
-            t["mask"],
-            torch.tensor([tr.truncated for tr in trajs]),
-            torch.zeros(len(rows)),
-            group_ids,
-            texts=["".join(tr.turn_texts) for tr in trajs],
-            logp_rollout=t["logprobs"],
-            conversation_lengths=t["lengths"],
-            trajectories=trajs,
-        )
+        batch = RolloutBatch.from_trajectories(rows, trajs, group_ids, self.policy.pad_token_id)
         return batch, trajs
 
     def rollout(self, clock: StepClock) -> tuple[RolloutBatch, dict[str, float]]:

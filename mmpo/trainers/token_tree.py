@@ -105,7 +105,6 @@ def tree_rollout(
 def branching_agent_batch(trainer: Any, prompts: list[Any], rows: list[Any], group_ids: torch.Tensor):
     """Multi-turn branching (ARPO / AEPO): ``(batch, trajectories)`` with G leaves per prompt."""
     from mmpo.rollout.agent_branching import branching_agent_rollout, build_branching_policy, leaf_ids
-    from mmpo.rollout.agent_loop import trajectory_tensors
 
     cfg = trainer.cfg
     tree = dict(cfg.rollout.tree)
@@ -118,25 +117,14 @@ def branching_agent_batch(trainer: Any, prompts: list[Any], rows: list[Any], gro
         trajs, forest, stats = branching_agent_rollout(
             trainer.agent, trainer.engine.module, encodings, contexts, policy, trainer.device
         )
-    t = trajectory_tensors(trajs, trainer.policy.pad_token_id)
-    tree_rows = forest.materialise(trainer.policy.pad_token_id, leaf_ids(trajs))
-    width = t["completion_ids"].shape[1]
+    pad = trainer.policy.pad_token_id
+    tree_rows = forest.materialise(pad, leaf_ids(trajs))
+    batch = RolloutBatch.from_trajectories(rows, trajs, group_ids, pad, sampling_logprobs=False)
+    width = batch.completion_ids.shape[1]
     node = torch.full((len(trajs), width), -1, dtype=torch.long)
     w = min(width, tree_rows.token_node.shape[1])
     node[:, :w] = tree_rows.token_node[:, :w]
-    batch = RolloutBatch(
-        rows,
-        [tr.encoding for tr in trajs],
-        t["completion_ids"],
-        t["mask"],
-        torch.tensor([tr.truncated for tr in trajs]),
-        torch.zeros(len(rows)),
-        group_ids,
-        texts=["".join(tr.turn_texts) for tr in trajs],
-        conversation_lengths=t["lengths"],
-        trajectories=trajs,
-        row_info={"token_node": node, "row_leaf": tree_rows.row_leaf.cpu()},
-    )
+    batch.row_info = {"token_node": node, "row_leaf": tree_rows.row_leaf.cpu()}
     add_stats(trainer.tree_stats, _tree_stats(stats))
     return batch, trajs
 

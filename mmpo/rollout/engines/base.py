@@ -32,6 +32,15 @@ class GenerationSettings:
     #: replaces ``temperature`` when set (hf engine's sampling loop only, checked at config load)
     temperature_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    def scale(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [n, V]`` divided by the sampling temperature (per row with ``temperature_fn``;
+        unchanged when greedy): the distribution whose log-probs a sampling loop reports."""
+        if self.greedy:
+            return logits
+        if self.temperature_fn is not None:
+            return logits / self.temperature_fn(logits)[:, None].to(logits)
+        return logits / self.temperature
+
 
 @dataclass
 class Generation:

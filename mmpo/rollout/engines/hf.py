@@ -113,12 +113,7 @@ class HFGenerateEngine(RolloutEngine):
             logits = head(hidden).float()
             if never.numel():
                 logits.index_fill_(-1, never, float("-inf"))
-            if settings.greedy:
-                scaled = logits
-            elif settings.temperature_fn is not None:
-                scaled = logits / settings.temperature_fn(logits)[:, None].to(logits)
-            else:
-                scaled = logits / settings.temperature
+            scaled = settings.scale(logits)
             # the reported log-probs are the policy's (what the trainer recomputes): before top-k/p
             # and before the minimum-length EOS mask, which shape sampling only
             logp_all = torch.log_softmax(scaled, dim=-1)

@@ -222,12 +222,7 @@ class TreeEngine:
             if s_idx:
                 sel = torch.tensor(s_idx, device=device)
                 lg = logits if len(s_idx) == m else logits[sel]
-                if settings.greedy:
-                    scaled = lg
-                elif settings.temperature_fn is not None:
-                    scaled = lg / settings.temperature_fn(lg)[:, None].to(lg)
-                else:
-                    scaled = lg / settings.temperature
+                scaled = settings.scale(lg)
                 logp_all = torch.log_softmax(scaled, dim=-1)
                 short = torch.tensor([len(rows[i].tokens) < settings.min_new_tokens for i in s_idx], device=device)
                 if bool(short.any()):
