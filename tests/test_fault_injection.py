@@ -53,10 +53,12 @@ def _run(
     fault: str | None = None,
     kill_after_s: float | None = None,
     saved_at: dict[int, float] | None = None,
+    anchor: str | None = None,
 ) -> int:
     """Fork a child running ``mmpo <argv>`` (``MMPO_FAULT_AT=fault`` in its environment), SIGKILL
-    it after ``kill_after_s`` seconds when given; return its exit code (-9 when killed). With
-    ``saved_at`` (a dict to fill), record when each checkpoint of ``output_dir`` appeared."""
+    it ``kill_after_s`` seconds after it started (or after ``anchor`` first appeared in its log)
+    when given; return its exit code (-9 when killed). With ``saved_at`` (a dict to fill), record
+    when each checkpoint of ``output_dir`` appeared."""
     run_dir = Path(next(a for a in argv if a.startswith("output_dir=")).split("=", 1)[1])
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -79,15 +81,20 @@ def _run(
             sys.stdout.flush()
             os._exit(code)
     start = time.monotonic()
+    anchored_at = None if anchor else start
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
-        elapsed = time.monotonic() - start
+        now = time.monotonic()
+        elapsed = now - start
         if saved_at is not None:
             for step in _saved_steps(run_dir):
                 saved_at.setdefault(step, elapsed)
-        if (kill_after_s is not None and elapsed >= kill_after_s) or elapsed > RUN_TIMEOUT_S:
+        if anchored_at is None and log.exists() and anchor in log.read_text(encoding="utf-8", errors="replace"):
+            anchored_at = now
+        killing = kill_after_s is not None and anchored_at is not None and now - anchored_at >= kill_after_s
+        if killing or elapsed > RUN_TIMEOUT_S:
             os.kill(pid, signal.SIGKILL)
             return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         time.sleep(0.02)
@@ -118,13 +125,13 @@ def _state(run_dir: Path) -> tuple[int, int]:
     return max(_saved_steps(run_dir), default=-1), max(logged, default=-1)
 
 
-def _faulted_run(
-    argv: list[str], run_dir: Path, straight_s: float, saved_at: dict[int, float], seed: int
-) -> list[Attempt]:
+def _faulted_run(argv: list[str], run_dir: Path, saved_at: dict[int, float], seed: int) -> list[Attempt]:
     """Kill the run in ``run_dir`` 5 times, restarting it each time, then let it finish: during the
     evaluation of step 2, during the checkpoint write of step 2 (its metric line already logged),
-    after step 3 (before its line and checkpoint), then twice at a seeded random time within what
-    is left of the run (estimated from when the straight run saved each checkpoint, ``saved_at``).
+    after step 3 (before its line and checkpoint), then twice at a seeded random time within the
+    next step of the restarted run: counted from its ``resuming from`` line, at 10-60% of the
+    shortest step of the straight run (from when it saved each checkpoint, ``saved_at``), so that
+    the kill always lands before the run can finish however fast the machine is that day.
     Returns the attempts (case, exit code, what the restart printed, what was redone)."""
     rng = random.Random(seed)
     plan: list[tuple[str, str | None]] = [
@@ -137,14 +144,15 @@ def _faulted_run(
     killed: list[tuple[str, int, tuple[int, int]]] = []
     messages: list[str] = []
     for i, (case, fault) in enumerate(plan):
-        kill_after = None
+        kill_after, anchor = None, None
         if fault is None:
-            done = max(_saved_steps(run_dir), default=0)
-            left = straight_s - (saved_at[done] - saved_at[1] if done else 0.0)
-            kill_after = round(rng.uniform(0.1, 0.6) * left, 2)
-            case = f"{case} ({kill_after} s after start)"
+            steps = sorted(saved_at)
+            shortest = min(saved_at[b] - saved_at[a] for a, b in zip(steps, steps[1:]))
+            assert max(_saved_steps(run_dir), default=0) < steps[-1], "no step left to kill the run in"
+            kill_after, anchor = round(rng.uniform(0.1, 0.6) * shortest, 3), "resuming from "
+            case = f"{case} ({kill_after} s into the resumed run)"
         log = run_dir.parent / f"{run_dir.name}.attempt{i}.log"
-        code = _run(argv, log, fault=fault, kill_after_s=kill_after)
+        code = _run(argv, log, fault=fault, kill_after_s=kill_after, anchor=anchor)
         assert code == -signal.SIGKILL, f"{case}: the run was not killed (exit {code}); log: {log}"
         messages.append(_resumed_from(log))
         killed.append((case, code, _state(run_dir)))
@@ -277,7 +285,7 @@ def _check_recipe(tmp_path: Path, config: str, overrides: list[str], max_steps: 
     assert code == 0, (tmp_path / "straight.log").read_text(encoding="utf-8")
     assert sorted(saved_at) == list(range(1, max_steps + 1))
     argv = ["train", str(ROOT / config), f"output_dir={faulted}", *common]
-    attempts = _faulted_run(argv, faulted, straight_s, saved_at, seed)
+    attempts = _faulted_run(argv, faulted, saved_at, seed)
     checked = _compare_runs(straight, faulted, max_steps)
     # the note's table: case | exit code | message | anything lost
     print(f"\n{config} (straight run {straight_s:.1f} s)")
