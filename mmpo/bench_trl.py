@@ -1,10 +1,18 @@
 """``mmpo bench --against trl``: mmpo's Trainer and TRL's ``GRPOTrainer`` side by side.
 
-Both frameworks train the same tiny model (one save_pretrained folder, loaded by both) on the
-same prompts with the same reward, batch and objective, in ONE run. The parent process starts
-two worker processes, one per framework, each with the same torch thread count, and alternates
-them step by step (the order flips every step: mmpo/TRL, TRL/mmpo, ...), so only one computes
-at a time and slow drifts of the machine hit both alike. Each worker times its own steps
+Both frameworks train the same model (one save_pretrained folder, loaded by both) on the
+same prompts with the same reward, batch and objective, in ONE run. The settings
+(:mod:`mmpo.bench_shapes`) are tiny models (``text``, ``vlm``) and random weights at real
+dimensions (``text-0.5b``: Qwen2.5-0.5B, fp32 full fine-tuning; ``vlm-2b-lora``: Qwen2-VL-2B,
+LoRA r 16 on the language model's attention projections with bf16 frozen weights on both sides:
+mmpo's ``model.frozen_dtype: bf16``, TRL's model loaded in bf16 + ``peft_config``). The parent
+process starts two worker processes, one per framework, each with the same torch thread count,
+and alternates them step by step (the order flips every step: mmpo/TRL, TRL/mmpo, ...), so only
+one computes at a time and slow drifts of the machine hit both alike. At the real shapes two
+workers would not fit in memory together, so (``memory_mode`` blocks) one worker is alive at a
+time: mmpo's steps, then TRL's. Each row also gives the model FLOPs of a step
+(:func:`mmpo.bench_shapes.step_flops`, the same count for both sides), each side's model-FLOPs
+utilisation against the matmul peak measured at the start, and a per-phase profile. Each worker times its own steps
 (``time.perf_counter`` from the parent's "go" to the end of the optimizer step) and measures its
 own resident set size (a thread samples RSS every 5 ms while a step runs); separate processes
 make the memory numbers comparable. Each step's CPU time (user + system, all threads) is
@@ -21,7 +29,8 @@ How the settings are matched (TRL 1.16 ``GRPOConfig`` defaults in brackets where
 knob                                  mmpo (RunConfig)                             TRL (GRPOConfig)
 ====================================  ===========================================  =========================================
 model                                 same folder, fp32, sdpa (``load_model``)     same folder, same loader, model object
-precision                             ``precision: fp32``                          ``bf16=False`` (TRL's default is bf16)
+precision                             ``precision`` of the setting (fp32;          ``bf16`` the same (TRL's default is bf16)
+                                      bf16 autocast at vlm-2b-lora)
 gradient checkpointing                off (``model.gradient_checkpointing``)        ``gradient_checkpointing=False`` (default on)
 batch                                 ``prompts_per_step=P``, ``group_size=G``      ``per_device_train_batch_size=P*G``,
                                                                                    ``num_generations=G`` [8],
@@ -80,7 +89,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-SETTINGS = ("text", "vlm")
+from mmpo.bench_shapes import LORA_TARGETS, SHAPES, ModelDims, matmul_peak_gflops, step_flops
+
+SETTINGS = tuple(SHAPES)
+MEMORY_MODES = ("auto", "alternate", "blocks")
 SIDES = ("mmpo", "trl")
 VOWELS = frozenset("aeiouAEIOU")
 
@@ -94,19 +106,47 @@ VOWELS = frozenset("aeiouAEIOU")
 class BenchSpec:
     """One setting of the comparison (the same spec goes to both workers)."""
 
-    setting: str = "text"  # "text": tiny qwen2; "vlm": tiny qwen2_vl with one image per prompt
+    setting: str = "text"  # a key of mmpo.bench_shapes.SHAPES ("text": tiny qwen2; "vlm": tiny qwen2_vl + image ...)
     model_dir: str = ""  # the save_pretrained folder both sides load
     group_size: int = 8
-    prompts_per_step: int = 4
-    max_new_tokens: int = 32  # every completion has exactly this many tokens (EOS suppressed)
-    image_size: int = 560  # vlm: 560x560 px -> (560/14)^2 / 2^2 = 400 image tokens per prompt
+    prompts_per_step: int | None = None  # None: the setting's own (4; 2 at the real shapes)
+    max_new_tokens: int | None = None  # every completion has exactly this many tokens (EOS suppressed); None: 32 / 64
+    image_size: int | None = None  # None: 560 px (tiny vlm: 400 image tokens per prompt), 448 px at vlm-2b-lora (256)
     steps: int = 5
     warmup: int = 2
     threads: int = 2
     lr: float = 1e-5
-    beta: float = 0.04
+    beta: float | None = None  # None: the setting's own (0.04 for the tiny ones, 0 at the real shapes)
     epsilon: float = 0.2
     seed: int = 0
+    precision: str = ""  # "fp32" | "bf16" on both sides; "": the setting's own (SHAPES)
+    memory_mode: str = "auto"  # alternate: both workers alive, step by step; blocks: one at a time; auto: by shape
+
+    @property
+    def shape(self) -> Any:
+        return SHAPES[self.setting]
+
+    def resolved(self) -> "BenchSpec":
+        """This spec with the setting's defaults filled in where a field is None."""
+        sh = self.shape
+        return dataclasses.replace(
+            self,
+            prompts_per_step=self.prompts_per_step or sh.prompts_per_step,
+            max_new_tokens=self.max_new_tokens or sh.max_new_tokens,
+            image_size=self.image_size or sh.image_size,
+        )
+
+    @property
+    def kl_beta(self) -> float:
+        return self.shape.beta if self.beta is None else self.beta
+
+    @property
+    def dtype_name(self) -> str:
+        return self.precision or self.shape.precision
+
+    @property
+    def blocks(self) -> bool:
+        return self.memory_mode == "blocks" or (self.memory_mode == "auto" and self.shape.real)
 
     @property
     def num_train(self) -> int:
@@ -133,7 +173,7 @@ def make_prompt(setting: str, index: int, image_size: int) -> tuple[str, Any]:
     squares on a dark ground; the vlm setting adds the image (seeded by ``index``)."""
     from PIL import Image, ImageDraw
 
-    if setting != "vlm":
+    if not SHAPES[setting].image:
         return QUESTION, None
     rng = random.Random(f"bench-trl-{index}")
     img = Image.new("RGB", (image_size, image_size), (30, 30, 30))
@@ -147,26 +187,36 @@ def make_prompt(setting: str, index: int, image_size: int) -> tuple[str, Any]:
 
 
 def prepare_model(setting: str, folder: Path, spec: BenchSpec) -> Path:
-    """Write the tiny model of ``setting`` into ``folder`` (copied from mmpo's tiny cache) with
-    ``min_new_tokens = max_new_tokens`` in its generation config, so EOS is never sampled and
-    every completion is exactly ``max_new_tokens`` long on both sides."""
+    """Write the model of ``setting`` into ``folder`` (its files linked from mmpo's tiny cache, where
+    the random weights are built once at the setting's dimensions) with ``min_new_tokens =
+    max_new_tokens`` in its generation config, so EOS is never sampled and every completion is
+    exactly ``max_new_tokens`` long on both sides."""
     from mmpo.models import ensure_tiny
 
-    if setting == "text":
-        src = ensure_tiny("qwen2", seed=spec.seed)
-    elif setting == "vlm":
-        # the processor must keep the whole image: max_pixels covers image_size^2
-        src = ensure_tiny("qwen2_vl", seed=spec.seed, overrides={"max_pixels": spec.image_size**2})
-    else:
+    if setting not in SHAPES:
         raise ValueError(f"unknown setting {setting!r}; choose from {', '.join(SETTINGS)}")
+    shape = SHAPES[setting]
+    overrides = dict(shape.sizes)
+    if shape.image:  # the processor must keep the whole image: max_pixels covers image_size^2
+        overrides["max_pixels"] = max(spec.image_size**2, 28 * 28 * 4)
+    src = ensure_tiny(shape.kind, seed=spec.seed, overrides=overrides or None)
     if folder.exists():
         shutil.rmtree(folder)
-    shutil.copytree(src, folder)
+    folder.mkdir(parents=True)
+    for f in src.iterdir():  # linked, not copied: the real shapes' weights are gigabytes
+        if f.name != "generation_config.json":
+            (folder / f.name).symlink_to(f.resolve(), target_is_directory=f.is_dir())
     gen_file = folder / "generation_config.json"
-    gen = json.loads(gen_file.read_text())
+    gen = json.loads((src / "generation_config.json").read_text())
     gen["min_new_tokens"] = spec.max_new_tokens
     gen_file.write_text(json.dumps(gen, indent=2))
     return folder
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _device_name(device: Any, threads: int) -> str:
@@ -268,12 +318,17 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
+def _watched(module: Any) -> Any:
+    """The last trainable weight (the LM head or a final norm; LoRA: the last adapter's B)."""
+    return [p for p in module.parameters() if p.requires_grad][-1]
+
+
 def _snapshot(module: Any) -> Any:
-    return module.get_output_embeddings().weight.detach().clone()
+    return _watched(module).detach().float().clone()
 
 
 def _delta(module: Any, before: Any) -> float:
-    return float((module.get_output_embeddings().weight.detach() - before).abs().max())
+    return float((_watched(module).detach().float() - before).abs().max())
 
 
 def _mmpo_task_class() -> type:
@@ -327,8 +382,18 @@ def mmpo_run_config(spec: BenchSpec) -> Any:
             "num_train": spec.num_train,
         },
         "seed": spec.seed,
-        "precision": "fp32",
-        "model": {"path": spec.model_dir, "attn_implementation": "sdpa", "gradient_checkpointing": False},
+        "precision": spec.dtype_name,
+        "model": {
+            "path": spec.model_dir,
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": False,
+            "lora": (
+                {"r": spec.shape.lora_r, "alpha": 2 * spec.shape.lora_r, "target_modules": LORA_TARGETS}
+                if spec.shape.lora_r
+                else None
+            ),
+            "frozen_dtype": "bf16" if spec.shape.frozen_bf16 else "fp32",
+        },
         "rollout": {
             "engine": "hf",
             "min_new_tokens": spec.max_new_tokens,
@@ -347,7 +412,7 @@ def mmpo_run_config(spec: BenchSpec) -> Any:
             "loss_agg": "token-mean",
             "kl_estimator": "k3",
             "kl_schedule": "constant",
-            "kl_options": {"beta": spec.beta},
+            "kl_options": {"beta": spec.kl_beta},
             "kl_placement": "loss",
             "entropy_coef": 0.0,
         },
@@ -396,6 +461,7 @@ def _run_mmpo_worker(spec: BenchSpec, chan: _Channel) -> None:
                 "step": step,
                 "s": dt,
                 "cpu_s": cpu,
+                "profile": {"rollout": m["rollout_s"], "reward": m["reward_s"], "update": m["update_s"]},
                 "loss": m.get("loss", float("nan")),
                 "kl": m.get("kl", float("nan")),
                 "reward_mean": m["reward_mean"],
@@ -431,7 +497,7 @@ def trl_config(spec: BenchSpec, output_dir: str, suppress_tokens: list[int]) -> 
         top_p=1.0,
         top_k=0,
         use_vllm=False,
-        beta=spec.beta,
+        beta=spec.kl_beta,
         epsilon=spec.epsilon,
         epsilon_high=spec.epsilon,
         loss_type="dapo",
@@ -447,7 +513,8 @@ def trl_config(spec: BenchSpec, output_dir: str, suppress_tokens: list[int]) -> 
         weight_decay=0.0,
         max_grad_norm=1.0,
         optim="adamw_torch",
-        bf16=False,
+        bf16=spec.dtype_name == "bf16",
+        use_cpu=spec.dtype_name == "bf16" and not _cuda(),  # transformers refuses bf16 on CPU without it
         fp16=False,
         gradient_checkpointing=False,
         disable_dropout=True,
@@ -462,13 +529,23 @@ def trl_config(spec: BenchSpec, output_dir: str, suppress_tokens: list[int]) -> 
 
 
 def _run_trl_worker(spec: BenchSpec, chan: _Channel) -> None:
+    import torch
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOTrainer
 
+    from mmpo.lora import lora_target_regex, vision_tower_prefix
     from mmpo.models import load_model
 
-    model, processor, info = load_model(spec.model_dir, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if spec.shape.frozen_bf16 else torch.float32
+    model, processor, info = load_model(spec.model_dir, attn_implementation="sdpa", dtype=dtype)
+    peft_config = None
+    if spec.shape.lora_r:  # the same adapters as mmpo's model.lora (language model only)
+        from peft import LoraConfig
+
+        prefix = vision_tower_prefix(model) if info.is_vlm else None
+        target = lora_target_regex(LORA_TARGETS, prefix)
+        peft_config = LoraConfig(r=spec.shape.lora_r, lora_alpha=2 * spec.shape.lora_r, target_modules=target)
     suppress = sorted(set(info.special_token_ids) | ({model.config.image_token_id} if info.is_vlm else set()))
     rows_data = []
     for i in range(spec.num_train):
@@ -511,11 +588,14 @@ def _run_trl_worker(spec: BenchSpec, chan: _Channel) -> None:
             cpu = _cpu_s() - self.c0
             mon.stop()
             metrics = trainer._metrics["train"]
+            gen_s, train_s = stats.get("generate_s", 0.0), stats.get("train_s", 0.0)
             chan.send(
                 {
                     "step": state.global_step - 1,
                     "s": dt,
                     "cpu_s": cpu,
+                    # generation + reference pass + reward | policy forward + backward | optimizer and the rest
+                    "profile": {"generate_score": gen_s, "policy_pass": train_s, "other": dt - gen_s - train_s},
                     "loss": stats.get("loss", float("nan")),
                     "kl": metrics["kl"][-1] if metrics.get("kl") else float("nan"),
                     "reward_mean": metrics["reward"][-1] if metrics.get("reward") else float("nan"),
@@ -537,19 +617,24 @@ def _run_trl_worker(spec: BenchSpec, chan: _Channel) -> None:
             train_dataset=dataset,
             processing_class=processor,
             callbacks=[Lockstep()],
+            peft_config=peft_config,
         )
         # read what the step produced (prompt/completion lengths, loss) without changing it
         generate_and_score = trainer._generate_and_score_completions
         training_step = trainer.training_step
 
         def observed_generate(inputs: Any) -> Any:
+            t0 = time.perf_counter()
             out = generate_and_score(inputs)
+            stats["generate_s"] = time.perf_counter() - t0
             stats["prompt_tokens"] = float(out["prompt_mask"].sum(1).float().mean())
             stats["completion_tokens"] = float(out["completion_mask"].sum(1).float().mean())
             return out
 
         def observed_step(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
             loss = training_step(*args, **kwargs)
+            stats["train_s"] = time.perf_counter() - t0 - stats.get("generate_s", 0.0)
             stats["loss"] = float(loss.detach())
             return loss
 
@@ -673,38 +758,45 @@ def run_setting(spec: BenchSpec, workdir: Path, progress: Any = None, wait_quiet
     the CPUs alone (on a shared machine, a busy core makes multi-threaded steps many times slower)."""
     folder = prepare_model(spec.setting, workdir / f"model-{spec.setting}", spec)
     spec = dataclasses.replace(spec, model_dir=str(folder))
-    workers = {side: _Worker(side, spec, workdir / f"{spec.setting}-{side}.log") for side in SIDES}
-    try:
-        ready = {side: w.ready() for side, w in workers.items()}  # both load at once
-        rows: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
-        for step in range(spec.total_steps):
-            order = SIDES if step % 2 == 0 else SIDES[::-1]
-            for side in order:
-                waited, quiet = _wait_until_quiet(wait_quiet_s)
-                busy0, wall0 = _machine_busy_s(), time.perf_counter()
-                row = workers[side].step()
-                busy1, wall1 = _machine_busy_s(), time.perf_counter()
-                row.update(waited_s=waited, quiet=quiet, wall_s=wall1 - wall0)
-                row["machine_busy_s"] = None if busy0 is None or busy1 is None else busy1 - busy0
-                rows[side].append(row)
-            if progress:
-                progress(
-                    f"[{spec.setting}] step {step + 1}/{spec.total_steps}"
-                    + ("" if step >= spec.warmup else " (warmup)")
-                    + "".join(
-                        f"  {s} {rows[s][-1]['s']:.2f}s (cpu {rows[s][-1]['cpu_s']:.2f}s, "
-                        f"{rows[s][-1]['completion_tokens']:.1f} tok"
-                        + (f", waited {rows[s][-1]['waited_s']:.1f}s" if rows[s][-1]["waited_s"] >= 0.5 else "")
-                        + ("" if rows[s][-1]["quiet"] else ", machine busy")
-                        + ")"
-                        for s in SIDES
-                    )
-                )
-        done = {side: w.finish() for side, w in workers.items()}
-    except BaseException:
-        for w in workers.values():
-            w.kill()
-        raise
+    peak = matmul_peak_gflops(spec.threads, spec.dtype_name)
+    rows: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+    ready: dict[str, dict[str, Any]] = {}
+    done: dict[str, dict[str, Any]] = {}
+
+    def one_step(worker: _Worker) -> None:
+        waited, quiet = _wait_until_quiet(wait_quiet_s)
+        busy0, wall0 = _machine_busy_s(), time.perf_counter()
+        row = worker.step()
+        busy1, wall1 = _machine_busy_s(), time.perf_counter()
+        row.update(waited_s=waited, quiet=quiet, wall_s=wall1 - wall0)
+        row["machine_busy_s"] = None if busy0 is None or busy1 is None else busy1 - busy0
+        rows[worker.side].append(row)
+        if progress:
+            r, step = row, len(rows[worker.side]) - 1
+            progress(
+                f"[{spec.setting}] {worker.side} step {step + 1}/{spec.total_steps}"
+                + ("" if step >= spec.warmup else " (warmup)")
+                + f"  {r['s']:.2f}s (cpu {r['cpu_s']:.2f}s, {r['completion_tokens']:.1f} tok"
+                + (f", waited {r['waited_s']:.1f}s" if r["waited_s"] >= 0.5 else "")
+                + ("" if r["quiet"] else ", machine busy")
+                + ")"
+            )
+
+    # alternate: both workers alive, steps interleaved (the order flips every step); blocks: one
+    # worker alive at a time (all mmpo's steps, then all TRL's), for shapes where two would not fit
+    blocks = [SIDES] if not spec.blocks else [(side,) for side in SIDES]
+    for block in blocks:
+        workers = {side: _Worker(side, spec, workdir / f"{spec.setting}-{side}.log") for side in block}
+        try:
+            ready.update({side: w.ready() for side, w in workers.items()})  # load at once
+            for step in range(spec.total_steps):
+                for side in block if step % 2 == 0 else block[::-1]:
+                    one_step(workers[side])
+            done.update({side: w.finish() for side, w in workers.items()})
+        except BaseException:
+            for w in workers.values():
+                w.kill()
+            raise
     measured = {side: rows[side][spec.warmup :] for side in SIDES}
     med = {side: statistics.median(r["s"] for r in measured[side]) for side in SIDES}
 
@@ -719,6 +811,25 @@ def run_setting(spec: BenchSpec, workdir: Path, progress: Any = None, wait_quiet
     def mean(side: str, key: str) -> float:
         return round(statistics.fmean(r[key] for r in rows[side]), 4)
 
+    dims = ModelDims.from_config(json.loads((folder / "config.json").read_text()))
+    image_tokens = (spec.image_size // 28) ** 2 if spec.shape.image else 0.0
+    flops = step_flops(
+        dims,
+        rows=spec.group_size * spec.prompts_per_step,
+        prompt_tokens=mean("mmpo", "prompt_tokens"),
+        completion_tokens=mean("mmpo", "completion_tokens"),
+        image_tokens=image_tokens,
+        lora=bool(spec.shape.lora_r),
+        vision_trained=spec.shape.image and not spec.shape.lora_r,
+        reference=spec.kl_beta > 0,
+    )
+    profile = {
+        side: {
+            k: round(statistics.median(r["profile"][k] for r in measured[side]), 3)
+            for k in measured[side][0]["profile"]
+        }
+        for side in SIDES
+    }
     return {
         "setting": spec.setting,
         "mmpo_s_per_step": round(med["mmpo"], 4),
@@ -730,6 +841,15 @@ def run_setting(spec: BenchSpec, workdir: Path, progress: Any = None, wait_quiet
         "trl_cpu_s_per_step": round(statistics.median(r["cpu_s"] for r in measured["trl"]), 4),
         "other_cpu_load": other_load,
         "steps_started_busy": sum(not r["quiet"] for side in SIDES for r in measured[side]),
+        "precision": spec.dtype_name,
+        "lora_r": spec.shape.lora_r,
+        "memory_mode": "blocks: one worker alive at a time (mmpo's steps, then TRL's)"
+        if spec.blocks
+        else "alternate: both workers alive, alternating step by step",
+        "matmul_peak_gflops": round(peak, 1),
+        "model_gflop_per_step": round(flops["total"] / 1e9, 1),
+        "mfu": {side: round(flops["total"] / med[side] / (peak * 1e9), 3) for side in SIDES},
+        "profile_s": profile,
         "device": ready["mmpo"]["device"],
         "threads": spec.threads,
         "steps": spec.steps,
@@ -778,14 +898,23 @@ def run_against_trl(
         "steps": (steps, 1),
         "warmup": (warmup, 0),
         "group_size": (spec_fields.get("group_size", 2), 2),
-        "prompts_per_step": (spec_fields.get("prompts_per_step", 1), 1),
-        "max_new_tokens": (spec_fields.get("max_new_tokens", 1), 1),
+        "prompts_per_step": (spec_fields.get("prompts_per_step") or 1, 1),
+        "max_new_tokens": (spec_fields.get("max_new_tokens") or 1, 1),
         "threads": (threads or 1, 1),
     }
     for name, (value, low) in checks.items():
         if value < low:
             raise ConfigError(f"mmpo bench --against trl: {name} must be >= {low}, got {value}")
-    if spec_fields.get("image_size", 28) % 28 or spec_fields.get("image_size", 28) <= 0:
+    if spec_fields.get("precision") not in (None, "", "fp32", "bf16"):
+        raise ConfigError(f"mmpo bench --against trl: precision must be fp32 or bf16, got {spec_fields['precision']!r}")
+    if spec_fields.get("memory_mode", "auto") not in MEMORY_MODES:
+        raise ConfigError(
+            f"mmpo bench --against trl: memory mode must be one of {', '.join(MEMORY_MODES)}, "
+            f"got {spec_fields['memory_mode']!r}"
+        )
+    if spec_fields.get("beta") is not None and spec_fields["beta"] < 0:
+        raise ConfigError(f"mmpo bench --against trl: beta must be >= 0, got {spec_fields['beta']}")
+    if (spec_fields.get("image_size") or 28) % 28 or (spec_fields.get("image_size") or 28) <= 0:
         raise ConfigError(
             f"mmpo bench --against trl: image_size must be a positive multiple of 28, got {spec_fields['image_size']}"
         )
@@ -793,7 +922,7 @@ def run_against_trl(
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="mmpo-vs-trl-") as tmp:
         for s in settings:
-            spec = BenchSpec(setting=s, steps=steps, warmup=warmup, threads=threads, **spec_fields)
+            spec = BenchSpec(setting=s, steps=steps, warmup=warmup, threads=threads, **spec_fields).resolved()
             yield run_setting(spec, Path(tmp), progress=progress, wait_quiet_s=wait_quiet_s)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -39,6 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.parser.error("the following arguments are required: config")
     cfg = _load(args.config, args.overrides)
     run_dir = _run_dir(cfg, args.config)
+    _memory_warning(cfg)
     trainer = trainer_class_for(cfg.task.name)(cfg, run_dir)
     if trainer.resumed_from is not None and trainer.engine.is_main:
         from tqdm.auto import tqdm
@@ -58,6 +60,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if result.get("report"):
             print(f"report:     {result['report']}")
     return 0
+
+
+def _memory_warning(cfg) -> None:
+    """Before the model loads: a ``warning:`` paragraph when the estimated peak exceeds the device."""
+    from mmpo.memory_fit import train_warning
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        text = train_warning(cfg)
+        if text:
+            print(text, file=sys.stderr)
 
 
 def _split_checkpoint(overrides: list[str]) -> tuple[str | None, list[str]]:
@@ -101,10 +113,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_against(args)
     if args.prefix_sharing:
         return _bench_prefix(args)
+    if args.packing:
+        return _bench_packing(args)
     if args.tree:
         return _bench_tree(args)
+    if args.diffusion:
+        return _bench_diffusion(args)
+    if args.engines:
+        return _bench_engines(args)
+    if args.bf16_tolerance:
+        from mmpo.bench_precision import main as bf16_gaps
+
+        bf16_gaps([s.strip() for s in args.settings.split(",") if s.strip()])
+        return 0
     if args.config == "ahc":
         return _bench_ahc(args)
+    if args.estimate:
+        return _bench_estimate(args)
     if args.config is None:
         raise MMPOError("mmpo bench needs a CONFIG (or --against trl, which builds its own settings)")
     from mmpo.bench import run_bench
@@ -114,6 +139,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     warmup = 1 if args.warmup is None else args.warmup
     result = run_bench(cfg, _run_dir(cfg, args.config), steps=steps, warmup=warmup)
     print(json.dumps(result))
+    return 0
+
+
+def _bench_estimate(args: argparse.Namespace) -> int:
+    """``mmpo bench --estimate CONFIG``: predicted peak memory per phase and component, no model loaded."""
+    from mmpo.memory_estimate import GiB, estimate_memory
+    from mmpo.memory_fit import device_memory, first_fit, format_table
+
+    if args.config is None:
+        raise MMPOError("mmpo bench --estimate needs a CONFIG")
+    cfg = _load(args.config, args.overrides)
+    device = "cuda" if args.device_memory is not None and cfg.device == "auto" else None
+    est = estimate_memory(cfg, device=device, prompt_tokens=args.prompt_tokens)
+    capacity = int(args.device_memory * GiB) if args.device_memory is not None else device_memory(est.device)
+    fit = (
+        None if est.peak <= capacity else first_fit(cfg, capacity, device=est.device, prompt_tokens=args.prompt_tokens)
+    )
+    if args.json:
+        out = est.to_dict()
+        out.update({"device_memory_bytes": capacity, "fits": est.peak <= capacity})
+        out["fitting_overrides"] = fit[0] if fit else None
+        print(json.dumps(out))
+    else:
+        print(format_table(est, capacity, fit))
     return 0
 
 
@@ -132,6 +181,9 @@ def _bench_against(args: argparse.Namespace) -> int:
         "prompts_per_step": args.prompts_per_step,
         "max_new_tokens": args.max_new_tokens,
         "image_size": args.image_size,
+        "precision": args.precision,
+        "memory_mode": args.memory_mode,
+        "beta": args.beta,
     }
     rows = run_against_trl(
         settings,
@@ -169,6 +221,27 @@ def _bench_prefix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_packing(args: argparse.Namespace) -> int:
+    """``mmpo bench --packing``: one JSON line per (rows, prefix sharing), padded vs packed log-prob passes."""
+    from mmpo.bench_packing import run_packing_bench
+
+    if args.config is not None or args.overrides:
+        raise MMPOError("mmpo bench --packing builds its own inputs; pass no CONFIG or overrides")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = run_packing_bench(
+        row_counts=tuple(int(n) for n in args.rows.split(",") if n.strip()),
+        group_size=args.group_size or 8,
+        max_new_tokens=args.max_new_tokens or 256,
+        repeats=args.steps or 3,
+    )
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return 0
+
+
 def _bench_tree(args: argparse.Namespace) -> int:
     """``mmpo bench --tree CONFIG``: one JSON line, tree rollouts (``rollout.tree``) vs independent rows."""
     from mmpo.bench_tree import run_tree_bench
@@ -176,6 +249,39 @@ def _bench_tree(args: argparse.Namespace) -> int:
     if args.config is None:
         raise MMPOError("mmpo bench --tree needs a CONFIG with a rollout.tree block")
     print(json.dumps(run_tree_bench(_load(args.config, args.overrides))), flush=True)
+    return 0
+
+
+def _bench_engines(args: argparse.Namespace) -> int:
+    """``mmpo bench --engines hf,vllm CONFIG``: one JSON line per rollout engine (sampled tokens/s)."""
+    from mmpo.bench_engines import run_engine_bench
+
+    if args.config is None:
+        raise MMPOError("mmpo bench --engines needs a CONFIG (a token recipe)")
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    cfg = _load(args.config, args.overrides)
+    steps, warmup = args.steps or 3, 1 if args.warmup is None else args.warmup
+    for row in run_engine_bench(cfg, engines, steps=steps, warmup=warmup):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+def _bench_diffusion(args: argparse.Namespace) -> int:
+    """``mmpo bench --diffusion [key=value ...]``: one JSON line per diffusion recipe, its RL step
+    over sampling its group (goal: at most 1.5)."""
+    from mmpo.bench_diffusion import RECIPES, run_diffusion_bench
+
+    overrides = ([args.config] if args.config else []) + list(args.overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise MMPOError(f"mmpo bench --diffusion runs {', '.join(RECIPES)} itself; {bad[0]!r} is not a key=value")
+    recipes = tuple(r.strip() for r in args.recipes.split(",") if r.strip()) if args.recipes else RECIPES
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        raise MMPOError(f"mmpo bench --diffusion: unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    steps, warmup = args.steps or 3, 1 if args.warmup is None else args.warmup
+    for row in run_diffusion_bench(recipes, overrides, steps=steps, warmup=warmup):
+        print(json.dumps(row), flush=True)
     return 0
 
 
@@ -300,26 +406,98 @@ def build_parser() -> argparse.ArgumentParser:
         "after a long image prompt, plain vs shared prefix; one JSON line per G",
     )
     b.add_argument(
+        "--packing",
+        action="store_true",
+        help="time the log-prob passes over rows of unequal lengths, padded vs packed (rollout.padding_free), "
+        "with and without prefix sharing; one JSON line per setting (--rows, --group-size, --max-new-tokens)",
+    )
+    b.add_argument("--rows", default="16,64", help="with --packing: comma-separated rows per micro batch")
+    b.add_argument(
+        "--diffusion",
+        action="store_true",
+        help="bench each diffusion recipe (flow_grpo, chunk_grpo, find, diffusion_demo; key=value overrides apply to "
+        "all): one JSON line each with step_over_rollout, an RL step over sampling its group (goal <= 1.5)",
+    )
+    b.add_argument(
+        "--engines",
+        default=None,
+        help="comma-separated rollout engines (hf, vllm): sample CONFIG's prompts with each and print tokens/s",
+    )
+    b.add_argument(
+        "--bf16-tolerance",
+        action="store_true",
+        help="score the same rows of each --settings shape in fp32, bf16 autocast and bf16 frozen weights; print the "
+        "log-prob gaps (one JSON line per setting)",
+    )
+    b.add_argument("--recipes", default=None, help="with --diffusion: comma-separated subset of the recipes")
+    b.add_argument(
         "--tree",
         action="store_true",
         help="decode the config's prompts with its rollout.tree branching policy and with independent rows "
         "(as many per prompt as leaves); one JSON line of decoded tokens and seconds",
     )
+    b.add_argument(
+        "--estimate",
+        action="store_true",
+        help="predict peak memory per phase and component from the config and the model's shapes "
+        "(no weights loaded); says which micro batch / checkpointing / ZeRO setting fits when it does not",
+    )
+    b.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help="with --estimate: the device memory to compare with (default: CUDA device 0, else available RAM)",
+    )
+    b.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=None,
+        help="with --estimate: text tokens of a prompt before its image tokens (default 150)",
+    )
+    b.add_argument("--json", action="store_true", help="with --estimate: one JSON object")
     b.add_argument("--group-sizes", default="8,16", help="with --prefix-sharing: comma-separated G values")
-    b.add_argument("--settings", default="text,vlm", help="with --against: comma-separated, of text, vlm")
+    b.add_argument(
+        "--settings",
+        default="text,vlm",
+        help="with --against: comma-separated, of text, vlm (tiny models), text-0.5b (Qwen2.5-0.5B dimensions, fp32 "
+        "full fine-tuning), vlm-2b-lora (Qwen2-VL-2B dimensions, LoRA r 16, bf16 weights, one 448 px image)",
+    )
+    b.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="with --against: both sides' precision (default: the setting's; bf16: autocast on both sides)",
+    )
+    b.add_argument(
+        "--memory-mode",
+        choices=["auto", "alternate", "blocks"],
+        default=None,
+        help="with --against: 'alternate' keeps both workers alive and alternates step by step; 'blocks' runs one "
+        "worker at a time (all mmpo's steps, then TRL's) so that real shapes fit; 'auto' (default): blocks at the "
+        "real shapes",
+    )
+    b.add_argument(
+        "--beta", type=float, default=None, help="with --against: KL coefficient (default 0.04; 0 at the real shapes)"
+    )
     b.add_argument(
         "--threads",
         type=int,
         default=None,
         help="with --against: torch threads of each side (default: all usable CPUs)",
     )
-    b.add_argument("--prompts-per-step", type=int, default=None, help="with --against: prompts per step (default 4)")
+    b.add_argument(
+        "--prompts-per-step",
+        type=int,
+        default=None,
+        help="with --against: prompts per step (default 4; 2 at the real shapes)",
+    )
     b.add_argument("--group-size", type=int, default=None, help="with --against: G, completions per prompt (default 8)")
     b.add_argument(
         "--max-new-tokens",
         type=int,
         default=None,
-        help="with --against: completion length, EOS suppressed (default 32)",
+        help="with --against: completion length, EOS suppressed (default 32; 64 at the real shapes)",
     )
     b.add_argument(
         "--wait-quiet",
@@ -332,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=None,
-        help="with --against, vlm: image side in pixels, a multiple of 28 (default 560: 400 image tokens)",
+        help="with --against, vlm: image side in pixels, a multiple of 28 (default 560: 400 image tokens; 448 at "
+        "vlm-2b-lora: 256)",
     )
     b.set_defaults(fn=cmd_bench)
     r = sub.add_parser(

@@ -694,6 +694,12 @@ class ModelConfig:
     attn_implementation: str = _opt(
         "sdpa", help="transformers attention backend: 'sdpa', 'eager' or 'flash_attention_2' (GPU)."
     )
+    frozen_dtype: Literal["fp32", "bf16"] = _opt(
+        "fp32",
+        help="Dtype of the weights that do not train: LoRA's base model, a frozen vision tower, the "
+        "frozen reference copy. 'bf16' halves their memory and lets their matmuls run in bf16; it "
+        "needs precision: bf16 (trained weights and optimizer states stay fp32). Token trainer only.",
+    )
 
     def validate_config(self, where: str) -> None:
         if self.freeze_vision and self.lora is not None and self.lora.vision != "frozen":
@@ -703,6 +709,33 @@ class ModelConfig:
                 f"key '{key}' is true but '{_join(where, 'lora.vision')}' is {self.lora.vision!r}: "
                 "with LoRA the vision tower is set by lora.vision alone (drop freeze_vision or set "
                 "lora.vision: frozen)",
+            )
+
+
+#: a Ray address: "auto" (the cluster this machine joined with `ray start`), "local", "ray://host:port", "host:port"
+_RAY_ADDRESS = re.compile(r"(auto|local|(ray://)?[A-Za-z0-9_.\-]+:\d{1,5})")
+
+
+@dataclass
+class RayConfig:
+    """Where the Ray workers of ``rollout.env_workers: ray`` run (docs/distributed.md)."""
+
+    address: Optional[str] = _opt(
+        None,
+        help="null: start a local Ray instance with num_workers * num_cpus_per_worker CPUs (stopped at the end "
+        "of training); 'auto': join the cluster this machine is part of (`ray start --head` / `ray start "
+        "--address=...`); 'ray://host:10001' or 'host:6379': that cluster.",
+    )
+    num_workers: int = _opt(2, help="Ray actors holding the environments (each steps its share of them).", min=1)
+    num_cpus_per_worker: float = _opt(1.0, help="CPUs Ray reserves for each actor (a browser needs ~1).", gt=0.0)
+
+    def validate_config(self, where: str) -> None:
+        if self.address is not None and not _RAY_ADDRESS.fullmatch(self.address):
+            key = _join(where, "address")
+            raise FieldError(
+                key,
+                f"key '{key}' is not a Ray address: {_show(self.address)}; use null (a local instance), 'auto', "
+                "'ray://host:10001' or 'host:6379'",
             )
 
 
@@ -766,6 +799,15 @@ class RolloutConfig:
         "of G times. Outputs and gradients equal the plain forward; saves most for long "
         "prompts (images) and large G.",
     )
+    padding_free: bool = _opt(
+        False,
+        help="Pack the rows of a micro batch without padding in the log-prob passes (policy, "
+        "reference, old; TRL's padding_free): per-row position ids and attention kept inside each "
+        "row; with prefix_sharing the completions of a prompt are packed after its KV cache. "
+        "Outputs and gradients equal the padded forward. Verified for Qwen2/Qwen3/Qwen2-VL/"
+        "Qwen2.5-VL with model.attn_implementation sdpa or eager (refused otherwise); multi-turn "
+        "tool rollouts are refused; history-compressed (HCPO) passes stay padded. See docs/performance.md.",
+    )
     is_correction: Literal["none", "token_tis", "token_mis"] = _opt(
         "none",
         help="Importance-sampling correction for engines whose sampling log-probs differ from the "
@@ -791,6 +833,13 @@ class RolloutConfig:
         "normalised with the previous step's pi_old entropy statistics (the first step samples at "
         "temperature). sign_mode 'released_code' reproduces the released code's sign. hf engine only.",
     )
+    env_workers: Literal["local", "ray"] = _opt(
+        "local",
+        help="Environment trainers (ript_vla, miniwob_grpo, screenexplorer): 'local' steps the environments in "
+        "the trainer process; 'ray' steps them in rollout.ray.num_workers Ray actors (browsers start there) while "
+        "the policy acts in the trainer process; the episodes are the same (docs/distributed.md).",
+    )
+    ray: RayConfig = _opt(factory=RayConfig, help="The Ray workers of env_workers: ray.")
     tree: dict[str, Any] | None = _opt(
         None,
         help="Branching (tree) rollouts: {method: treepo|latr|arpo|aepo_agent, <the method's options>}. "
@@ -800,6 +849,9 @@ class RolloutConfig:
     )
 
     def validate_config(self, where: str) -> None:
+        if self.env_workers == "ray" and importlib.import_module("importlib.util").find_spec("ray") is None:
+            key = _join(where, "env_workers")
+            raise FieldError(key, f"key '{key}' is 'ray' but Ray is not installed: pip install 'mmpo[ray]'")
         check = resolve_registry("mmpo.rollout.prompt_samplers:check_sampler_options")
         try:
             check(self.prompt_sampler, self.prompt_sampler_options, self.group_size)
@@ -1063,6 +1115,20 @@ class RunConfig:
     trainer: TrainerConfig = _opt(factory=TrainerConfig, help="The optimisation loop.")
     eval: EvalConfig = _opt(factory=EvalConfig, help="Held-out evaluation.")
     resume: ResumeConfig = _opt(factory=ResumeConfig, help="Rerunning a run folder with changed values.")
+
+    def validate_config(self, where: str) -> None:
+        if self.model.frozen_dtype == "bf16" and self.precision != "bf16":
+            key = _join(where, "model.frozen_dtype")
+            raise FieldError(
+                key,
+                f"key '{key}' is 'bf16' but precision is {self.precision!r}: bf16 frozen weights need bf16 "
+                "autocast for their matmuls; set precision: bf16 (or model.frozen_dtype: fp32)",
+            )
+        if self.model.frozen_dtype == "bf16" and self.deepspeed:
+            key = _join(where, "model.frozen_dtype")
+            raise FieldError(
+                key, f"key '{key}' is 'bf16' with deepspeed {self.deepspeed!r}: not verified under ZeRO; use fp32"
+            )
 
 
 def check_options(fn: Any, options: dict[str, Any], key: str, reserved: tuple[str, ...] = ()) -> None:

@@ -46,8 +46,9 @@ advance it) uses ``lr * lr_factor(k, schedule, warmup_steps, total_steps)``: lin
 
 Launch. One process: ``mmpo train ...``. Several (one node or many): torchrun sets RANK /
 WORLD_SIZE / LOCAL_RANK; the engine then initialises torch.distributed itself (gloo on CPU, nccl
-on CUDA), e.g. ``torchrun --nnodes 2 --node-rank 0 --nproc-per-node 8 --rdzv-backend c10d
---rdzv-endpoint HOST:29500 -m mmpo train cfg.yaml`` on each node (node-rank 0, 1, ...).
+on CUDA; the device is ``cuda:LOCAL_RANK``, rank 0 is global), e.g. ``torchrun --nnodes 2
+--nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m mmpo train cfg.yaml``, the
+same on each node (the c10d rendezvous numbers the nodes; see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -331,6 +332,15 @@ class Engine:
     def gathered_params(self) -> ContextManager:
         """Inside it, every parameter is whole on every rank (ZeRO-3); no-op otherwise."""
         return contextlib.nullcontext()
+
+    def sampling(self) -> ContextManager:
+        """Around a rollout on the trained module: its parameters whole (:meth:`gathered_params`)
+        and bf16 autocast when the precision is bf16, so sampling runs in the precision of the
+        log-prob passes (and bf16 frozen weights, ``model.frozen_dtype``, meet bf16 inputs)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.gathered_params())
+        stack.enter_context(self.autocast())
+        return stack
 
     def _full_state_dict(self) -> dict[str, Tensor] | None:
         """The full state dict on the main rank (None elsewhere); collective under ZeRO-3."""

@@ -187,10 +187,23 @@ def prepare_trainable(
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     if cfg.lora is not None:
-        return apply_lora(model, cfg.lora, is_vlm=is_vlm), None
+        return cast_frozen(apply_lora(model, cfg.lora, is_vlm=is_vlm), cfg.frozen_dtype), None
     if cfg.freeze_vision:
         freeze_vision_tower(model, is_vlm=is_vlm)
-    return model, (copy.deepcopy(model).eval().requires_grad_(False) if reference else None)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if reference else None
+    return cast_frozen(model, cfg.frozen_dtype), (cast_frozen(ref, cfg.frozen_dtype) if ref is not None else None)
+
+
+def cast_frozen(model: nn.Module, dtype_name: str) -> nn.Module:
+    """Cast the floating-point parameters with ``requires_grad`` False to ``dtype_name`` ("fp32":
+    unchanged, "bf16"); trained parameters stay as they are. Returns ``model``."""
+    if dtype_name == "fp32":
+        return model
+    dtype = {"bf16": torch.bfloat16}[dtype_name]
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def freeze_vision_tower(model: nn.Module, *, is_vlm: bool) -> int:

@@ -68,3 +68,26 @@ def test_bench_against_rejects_a_config(capsys):
 def test_bench_without_config_or_against(capsys):
     assert main(["bench"]) == 2
     assert "CONFIG" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_lora_bf16_in_blocks_reports_mfu_and_profile(capsys):
+    """The real-shape recipe of vlm-2b-lora (LoRA r 16 on the language model, bf16 frozen weights,
+    one worker alive at a time) on the tiny VLM."""
+    code = main(
+        ["bench", "--against", "trl", "--settings", "vlm-lora", "--steps", "1", "--warmup", "1", "--threads", "1"]
+        + ["--prompts-per-step", "1", "--group-size", "4", "--max-new-tokens", "4", "--image-size", "56"]
+        + ["--wait-quiet", "0", "--memory-mode", "blocks"]
+    )
+    assert code == 0
+    (r,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert (r["precision"], r["lora_r"]) == ("bf16", 16)
+    assert r["memory_mode"].startswith("blocks")  # one side at a time, as the real shapes run
+    assert r["weight_delta"]["mmpo"] > 0 and r["weight_delta"]["trl"] > 0  # the adapters trained on both sides
+    assert r["loss_finite"] == {"mmpo": True, "trl": True}
+    for side in ("mmpo", "trl"):  # MFU = model FLOPs / seconds / measured matmul peak
+        want = r["model_gflop_per_step"] / r[f"{side}_s_per_step"] / r["matmul_peak_gflops"]
+        assert r["mfu"][side] == pytest.approx(want, rel=0.05, abs=2e-3)
+    assert set(r["profile_s"]["mmpo"]) == {"rollout", "reward", "update"}
+    assert set(r["profile_s"]["trl"]) == {"generate_score", "policy_pass", "other"}

@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 from mmpo.errors import ConfigError
 from mmpo.policies.batching import append_completions, collate_prompts, to_device
 from mmpo.policies.history_compression import compressed_hidden_states, history_image_mask
+from mmpo.policies.packing import check_packable, log_probs_packed, log_probs_shared_prefix_packed
 
 
 @dataclass
@@ -105,6 +106,8 @@ class CausalLMPolicy:
         eos_token_ids: ids that end a completion.
         pad_token_id: id used for padding.
         logprob_chunk_size: completion positions per vocabulary-projection chunk (0 = auto).
+        padding_free: ``score`` packs the rows without padding (:mod:`mmpo.policies.packing`);
+            ConfigError for a model whose packing is not verified.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class CausalLMPolicy:
         eos_token_ids: list[int],
         pad_token_id: int,
         logprob_chunk_size: int = 0,
+        padding_free: bool = False,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -126,6 +130,9 @@ class CausalLMPolicy:
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.logprob_chunk_size = logprob_chunk_size
+        self.padding_free = padding_free
+        if padding_free:
+            check_packable(model)
 
     @classmethod
     def from_info(cls, model: torch.nn.Module, processor: Any, info: Any, **kwargs: Any) -> "CausalLMPolicy":
@@ -193,7 +200,8 @@ class CausalLMPolicy:
         With ``share_prefix``, rows whose encoding is the same object are scored through one
         prefix pass (``log_probs_shared_prefix``); without repeats, or without it, the plain
         forward. ``compress_layer`` (history compression, see ``log_probs``) always takes the
-        plain forward. ``kwargs`` as in ``log_probs``.
+        plain forward. With ``padding_free`` the rows are packed (:mod:`mmpo.policies.packing`).
+        ``kwargs`` as in ``log_probs``.
         """
         index: dict[int, int] = {}
         unique: list[dict[str, torch.Tensor]] = []
@@ -209,9 +217,11 @@ class CausalLMPolicy:
             and len(unique) < len(encodings)
             and self.prefix_sharing_possible(kwargs.get("model"))
         ):
-            return self.log_probs_shared_prefix(
-                self.collate(unique), torch.tensor(rows, dtype=torch.long), completion_ids, completion_mask, **kwargs
-            )
+            shared = log_probs_shared_prefix_packed if self.padding_free else CausalLMPolicy.log_probs_shared_prefix
+            row_prefix = torch.tensor(rows, dtype=torch.long)
+            return shared(self, self.collate(unique), row_prefix, completion_ids, completion_mask, **kwargs)
+        if self.padding_free and compress_layer is None:
+            return log_probs_packed(self, self.collate(encodings), completion_ids, completion_mask, **kwargs)
         return self.log_probs(
             self.collate(encodings), completion_ids, completion_mask, compress_layer=compress_layer, **kwargs
         )

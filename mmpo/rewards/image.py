@@ -10,7 +10,8 @@ per-prompt data of row ``i`` (e.g. ``{"color": "red"}`` from a JSONL prompt file
 A config lists components as ``rewards: [{name: target_color, weight: 1.0, meta_key: color}, ...]``;
 :func:`build_image_rewards` validates the list and returns an :class:`ImageRewardSet` whose call
 computes every component and combines them with :func:`mmpo.rewards.combine.weighted_sum`
-(every component is logged under its key: ``key:`` if given, else its name, with suffixes
+(``workers: ray`` scores a component in Ray actors, :mod:`mmpo.rewards.ray_scorer`;
+every component is logged under its key: ``key:`` if given, else its name, with suffixes
 ``_1, _2, ...`` when a name occurs more than once).
 
 Registered here (importing this module registers them all; open_clip and requests are imported
@@ -38,6 +39,7 @@ from mmpo.rewards.image_component import (
     float_option,
     str_option,
 )
+from mmpo.rewards.ray_scorer import WORKER_KEYS, with_workers
 from mmpo.tasks import RewardOutput
 
 _SPEC_KEYS = ("name", "weight", "key")
@@ -94,13 +96,13 @@ def build_image_rewards(specs: Sequence[Mapping[str, Any]], where: str = "task.r
             key = str_option(spec.get("key"), "key", optional=True)
         except OptionError as exc:
             raise ConfigError(f"{at}.{exc}") from None
-        options = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
+        options = {k: v for k, v in spec.items() if k not in (*_SPEC_KEYS, *WORKER_KEYS)}  # workers: ray_scorer
         valid, required = component_options(cls)
         for k in options:
             if k not in valid:
                 raise ConfigError(
                     f"{at}.{k}: unknown option of image reward '{name}'; valid options: "
-                    f"{', '.join([*_SPEC_KEYS, *valid])}"
+                    f"{', '.join([*_SPEC_KEYS, *valid, *WORKER_KEYS])}"
                 )
         absent = [k for k in required if k not in options]
         if absent:
@@ -111,7 +113,7 @@ def build_image_rewards(specs: Sequence[Mapping[str, Any]], where: str = "task.r
             raise ConfigError(f"{at}.{exc.option}: {exc.why}") from None
         except ConfigError as exc:
             raise ConfigError(f"{at} ({name}): {exc}") from None
-        built.append((name, key, comp, weight))
+        built.append((name, key, with_workers(comp, spec, at), weight))
 
     explicit = [k for _, k, _, _ in built if k is not None]
     dup = [k for k, c in Counter(explicit).items() if c > 1]

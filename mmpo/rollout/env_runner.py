@@ -175,6 +175,29 @@ class Episode:
         return len(self.steps)
 
 
+@dataclass
+class EnvStart:
+    """An environment after ``reset(seed)``: its observation, the reset info, a video frame
+    ``[H, W, 3]`` (None unless asked) and its step limit."""
+
+    observation: Observation
+    info: dict[str, Any]
+    frame: np.ndarray | None
+    limit: int
+
+
+@dataclass
+class EnvStep:
+    """What one ``env.step`` gave: the next observation, reward, end flags, info and a frame (or None)."""
+
+    observation: Observation
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any]
+    frame: np.ndarray | None
+
+
 def make_env(spec: EnvSpec, *, render: bool = False) -> Any:
     """``gymnasium.make(spec.id)`` with the wrappers that put an RGB image in the observation."""
     import gymnasium as gym
@@ -339,6 +362,28 @@ class EnvRunner:
                 ep.success = ep.env_return >= self.spec.success_threshold
         return episodes
 
+    def start_envs(self, seeds: Sequence[int], frames: bool) -> list[EnvStart]:
+        """Reset environments ``0 .. len(seeds)-1`` of the pool (made as needed) to ``seeds``: the
+        start of each (observation, reset info, a video frame when ``frames``, step limit).
+        :class:`mmpo.rollout.ray_envs.RayEnvRunner` runs this in Ray actors."""
+        out = []
+        for seed, env in zip(seeds, self._pool(len(seeds))):
+            raw, info = self.reset_env(env, seed)
+            obs = self.observe(env, raw)
+            out.append(EnvStart(obs, dict(info), self.frame(env, obs) if frames else None, self._max_steps(env)))
+        return out
+
+    def step_envs(self, moves: Sequence[tuple[int, Any]], frames: bool) -> list[EnvStep]:
+        """``env.step(action)`` of pool environment ``i`` for each ``(i, action)``, in order."""
+        out = []
+        for i, action in moves:
+            env = self._envs[i]
+            raw, reward, terminated, truncated, info = env.step(action)
+            obs = self.observe(env, raw)
+            frame = self.frame(env, obs) if frames else None
+            out.append(EnvStep(obs, float(reward), bool(terminated), bool(truncated), dict(info), frame))
+        return out
+
     def _run_wave(
         self,
         policy: ActingPolicy,
@@ -349,55 +394,62 @@ class EnvRunner:
         keep_observations: bool,
         keep_images: bool = False,
     ) -> list[Episode]:
-        """One episode per ``(seed, rollout)`` row, all environments in lockstep."""
+        """One episode per ``(seed, rollout)`` row, all environments in lockstep: the policy acts
+        on every running one at once, then :meth:`step_envs` steps them."""
         keep = keep_observations or keep_images
         n = len(rows)
         if n == 0:
             return []
-        envs = self._pool(n)
+        starts = self.start_envs([seed for seed, _ in rows], record_frames)
         episodes: list[Episode] = []
         current: list[Observation] = []
-        for (seed, k), env in zip(rows, envs):
-            raw, info = self.reset_env(env, seed)
-            obs = self.observe(env, raw)
+        for (seed, k), st in zip(rows, starts):
             ep = Episode(
-                seed=seed, rollout=k, instruction=obs.instruction, reset_info=dict(info) if keep_observations else {}
+                seed=seed,
+                rollout=k,
+                instruction=st.observation.instruction,
+                reset_info=st.info if keep_observations else {},
             )
             if record_frames:
-                ep.frames.append(self.frame(env, obs))
+                ep.frames.append(st.frame)
             if keep:
-                ep.observations.append(obs)
+                ep.observations.append(st.observation)
             episodes.append(ep)
-            current.append(obs)
-        limits = [self._max_steps(env) for env in envs]
+            current.append(st.observation)
+        limits = [st.limit for st in starts]
+        noop = self.spec.noop_action
         running = list(range(n))
         while running:
             batch = act_rows(policy, [current[i] for i in running], generator, running, greedy)
-            still = []
+            moves: list[tuple[int, Any]] = []  # (episode, env action) of the rows that step their env
             for row, i in enumerate(running):
-                env, ep = envs[i], episodes[i]
                 action = batch.actions[row]
                 valid = action is not None
                 rec = StepRecord(
                     batch.encodings[row], batch.units[row], batch.logp[row], batch.mask[row], valid, env_action=action
                 )
-                ep.steps.append(rec)
-                terminated = truncated = False
+                episodes[i].steps.append(rec)
                 if not valid:
-                    ep.invalid_actions += 1
-                if valid or self.spec.noop_action is not None:
-                    obs, reward, terminated, truncated, info = env.step(action if valid else self.spec.noop_action)
-                    ep.env_return += float(reward)
-                    ep.success = self._success(terminated, float(reward), info, ep)
-                    current[i] = self.observe(env, obs)
-                    rec.reward = float(reward)
+                    episodes[i].invalid_actions += 1
+                if valid or noop is not None:
+                    moves.append((i, action if valid else noop))
+            results = dict(zip([i for i, _ in moves], self.step_envs(moves, record_frames)))
+            still = []
+            for i in running:
+                ep, res = episodes[i], results.get(i)
+                terminated = truncated = False
+                if res is not None:
+                    terminated, truncated = res.terminated, res.truncated
+                    ep.env_return += res.reward
+                    ep.success = self._success(terminated, res.reward, res.info, ep)
+                    current[i] = res.observation
+                    ep.steps[-1].reward = res.reward
                     if keep_observations:
-                        rec.info = dict(info)
+                        ep.steps[-1].info = res.info
                 if keep:
                     ep.observations.append(current[i])
                 if record_frames:  # one frame per step (an un-stepped no-op repeats the last)
-                    stepped = valid or self.spec.noop_action is not None
-                    ep.frames.append(self.frame(env, current[i]) if stepped else ep.frames[-1])
+                    ep.frames.append(res.frame if res is not None else ep.frames[-1])
                 if not (terminated or truncated or ep.length >= limits[i]):
                     still.append(i)
             running = still
@@ -419,6 +471,8 @@ __all__ = [
     "EnvRunner",
     "act_rows",
     "EnvSpec",
+    "EnvStart",
+    "EnvStep",
     "Episode",
     "Observation",
     "SeedRange",

@@ -292,6 +292,12 @@ def build_algorithm(cfg: RunConfig | AlgorithmConfig, kind: TrainerKind, task: A
         )
     if isinstance(cfg, RunConfig) and cfg.rollout.adaptive_temperature is not None and not kind.samples_tokens:
         raise _refuse("rollout.adaptive_temperature", cfg.rollout.adaptive_temperature, kind, "it samples no tokens")
+    if isinstance(cfg, RunConfig) and cfg.rollout.env_workers != "local" and not kind.environments:
+        raise _refuse("rollout.env_workers", cfg.rollout.env_workers, kind, "it steps no environments")
+    if isinstance(cfg, RunConfig) and cfg.model.frozen_dtype != "fp32" and kind.name != "token":
+        raise _refuse("model.frozen_dtype", cfg.model.frozen_dtype, kind, "only the token trainer casts frozen weights")
+    if isinstance(cfg, RunConfig) and cfg.rollout.padding_free and kind.name != "token":
+        raise _refuse("rollout.padding_free", True, kind, "only the token trainer packs its log-prob passes")
     if a.credit_once:
         _check_credit_once(a, kind, tree)
     if a.dynamic_sampling and not kind.dynamic_sampling:

@@ -55,8 +55,9 @@ from mmpo.policies.vla_builder import build_vla_policy
 from mmpo.rollout.context_rounds import collect_round, replay_skip_log
 from mmpo.rollout.env_config import EnvTaskConfig
 from mmpo.rollout.env_eval import EnvEvaluator, action_names, action_text
-from mmpo.rollout.env_runner import EnvRunner, Episode
+from mmpo.rollout.env_runner import Episode
 from mmpo.rollout.episode_samples import episode_row
+from mmpo.rollout.ray_envs import build_env_runner
 from mmpo.sft import supervised_train
 from mmpo.trainers.env_reference import frozen_reference, reference_logp, zero_stage
 from mmpo.trainers.kinds import ENVIRONMENT
@@ -107,7 +108,7 @@ class EnvironmentTrainer(TrainerBase):
                 "ZeRO-3 forward is collective; use ZeRO stage 1 or 2 (configs/deepspeed/zero2.json)"
             )
         self.tc: EnvTaskConfig = self.task.config
-        self.runner = EnvRunner(self.tc.env)
+        self.runner = build_env_runner(self.tc.env, cfg.rollout)  # rollout.env_workers: local or ray
         # -- model: the SFT result when a previous launch of this run finished that stage ------
         sft_model = self.run_dir / SFT_DIR / "model"
         do_sft = bool(self.tc.sft.demos) and not (sft_model / "config.json").is_file()

@@ -29,6 +29,7 @@ class TrainerKind:
       groups (see :mod:`mmpo.trainers.method_inputs` for their names and meanings);
     - ``loss_inputs``: the tensors it can hand a policy loss beyond log-probs, advantages and mask;
     - ``samples_tokens``: it samples tokens from a vocabulary (``rollout.adaptive_temperature``);
+    - ``environments``: it steps environments (``rollout.env_workers: ray`` runs them in Ray actors);
     - ``hint``: where the equivalent setting lives for this kind, shown in refusals.
     """
 
@@ -43,6 +44,7 @@ class TrainerKind:
     advantage_inputs: tuple[str, ...] = ()
     loss_inputs: tuple[str, ...] = ()
     samples_tokens: bool = False
+    environments: bool = False
     hint: str = ""
 
 
@@ -104,6 +106,7 @@ ENVIRONMENT = TrainerKind(
     kl_estimators=SAMPLE_KL,
     default_kl_estimator="k3",
     advantage_inputs=("lengths",),
+    environments=True,
     hint="the KL is to a frozen copy of the start policy, in the loss only (sample estimators, also on the "
     "log-densities of a continuous head); RIPT's context filtering is task.ript.dynamic_sampling / "
     "task.ript.skip_solved",

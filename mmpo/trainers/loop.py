@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 
 from mmpo import checkpoint as ckpt
-from mmpo import faults, run_folder
+from mmpo import faults, run_folder, shared_checkpoint
 from mmpo.config import RunConfig
 from mmpo.engine import Engine, EngineOptions
 from mmpo.errors import TrainingError
@@ -128,7 +128,7 @@ class TrainerBase(abc.ABC):
         self.step = 0
         self.bad_steps = 0
         self.resumed_from: Path | None = None
-        latest = ckpt.usable_checkpoint(self.run_dir, report=self.engine.is_main)  # verified; damaged ones skipped
+        latest = shared_checkpoint.agreed_checkpoint(self.run_dir, self.engine)  # verified, the same on every rank
         if latest is not None:
             self.show_phase("load checkpoint")
             self._load_checkpoint(latest)

@@ -72,7 +72,11 @@ class Trainer(TrainerBase):
         if self.ref_model is not None:
             self.ref_model.to(self.device)
         self.policy = CausalLMPolicy.from_info(
-            self.engine.module, processor, info, logprob_chunk_size=cfg.rollout.logprob_chunk_size
+            self.engine.module,
+            processor,
+            info,
+            logprob_chunk_size=cfg.rollout.logprob_chunk_size,
+            padding_free=cfg.rollout.padding_free,
         )
         self.rollout_engine = ROLLOUT_ENGINES.get(cfg.rollout.engine)(self.policy, cfg.rollout.engine_options)
         # a task with tools: multi-turn rollouts (generate -> tool call -> observation -> ...)
@@ -119,7 +123,7 @@ class Trainer(TrainerBase):
             unique = [self.policy.encode(s.messages) for s in prompts]
             encodings = [enc for enc in unique for _ in range(G)]
             inputs, per_prompt = self.policy.collate(unique), G
-        ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
+        ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.sampling()
         with ctx:
             gen = self.rollout_engine.generate(
                 self.engine.module, inputs, settings, device=self.device, num_samples=per_prompt
@@ -140,7 +144,7 @@ class Trainer(TrainerBase):
         encodings = [self.policy.encode(self.task.rollout_messages(p, k)) for p in prompts for k in range(G)]
         contexts = [self.task.tool_context(p) for p in prompts for _ in range(G)]
         assert self.agent is not None
-        ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.gathered_params()
+        ctx = nullcontext() if self.rollout_engine.holds_weights else self.engine.sampling()
         with ctx:
             trajs = self.agent.run(self.engine.module, encodings, contexts, device=self.device)
         batch = RolloutBatch.from_trajectories(rows, trajs, group_ids, self.policy.pad_token_id)
@@ -288,7 +292,7 @@ class Trainer(TrainerBase):
         """Greedy decoding of held-out samples with the live module (parameters gathered under ZeRO-3)."""
         e = self.engine
         return TokenEvaluator(
-            self.policy, e.module, self.task, **eval_sizes(self.cfg), device=self.device, params=e.gathered_params
+            self.policy, e.module, self.task, **eval_sizes(self.cfg), device=self.device, params=e.sampling
         )
 
     @classmethod

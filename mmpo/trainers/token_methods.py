@@ -22,6 +22,7 @@ import torch
 
 from mmpo.core import GROUP_FILTERS
 from mmpo.core.entropy import token_entropy
+from mmpo.policies.packing import check_padding_free
 from mmpo.rollout.batch import RolloutBatch
 from mmpo.rollout.engines.base import GenerationSettings
 from mmpo.trainers.token_inputs import (
@@ -66,6 +67,7 @@ def check_token_methods(cfg: Any, task: Any) -> None:
             "rows were not sampled, so they have no sampling log-probs to correct against (set is_correction: none)"
         )
     check_tree(cfg, task)
+    check_padding_free(cfg, multi_turn)
     if cfg.rollout.adaptive_temperature is not None and (multi_turn or tree_method(cfg) is not None):
         raise ConfigError(
             f"rollout.adaptive_temperature: task {task.name!r} runs multi-turn tool rollouts or rollout.tree is set; "

@@ -81,7 +81,7 @@ def tree_rollout(
     from mmpo.rollout.engines.tree import tree_generate
 
     unique = [trainer.policy.encode(s.messages) for s in prompts]
-    ctx = trainer.engine.gathered_params()
+    ctx = trainer.engine.sampling()
     G = trainer.cfg.rollout.group_size
     with ctx:
         forest, rows, stats = tree_generate(
@@ -112,7 +112,7 @@ def branching_agent_batch(trainer: Any, prompts: list[Any], rows: list[Any], gro
     policy = build_branching_policy(tree["method"], cfg.rollout.group_size, options)
     encodings = [trainer.policy.encode(trainer.task.rollout_messages(p, 0)) for p in prompts]
     contexts = [trainer.task.tool_context(p) for p in prompts]
-    ctx = nullcontext() if trainer.rollout_engine.holds_weights else trainer.engine.gathered_params()
+    ctx = nullcontext() if trainer.rollout_engine.holds_weights else trainer.engine.sampling()
     with ctx:
         trajs, forest, stats = branching_agent_rollout(
             trainer.agent, trainer.engine.module, encodings, contexts, policy, trainer.device

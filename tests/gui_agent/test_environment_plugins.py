@@ -68,7 +68,7 @@ def test_kl_in_reward_and_entropy_are_refused_at_load(
         raise AssertionError("a model or an environment was built before the objective was checked")
 
     monkeypatch.setattr(environment, "load_model", nothing_starts)
-    monkeypatch.setattr(environment, "EnvRunner", nothing_starts)
+    monkeypatch.setattr(environment, "build_env_runner", nothing_starts)
     run = tmp_path / "run"
     cfg = load_config(str(ROOT / "configs" / f"{task}.yaml"), [f"output_dir={run}", *override])
     with pytest.raises(ConfigError) as err:
