@@ -53,12 +53,10 @@ def _run(
     fault: str | None = None,
     kill_after_s: float | None = None,
     saved_at: dict[int, float] | None = None,
-    anchor: str | None = None,
 ) -> int:
     """Fork a child running ``mmpo <argv>`` (``MMPO_FAULT_AT=fault`` in its environment), SIGKILL
-    it ``kill_after_s`` seconds after it started (or after ``anchor`` first appeared in its log)
-    when given; return its exit code (-9 when killed). With ``saved_at`` (a dict to fill), record
-    when each checkpoint of ``output_dir`` appeared."""
+    it after ``kill_after_s`` seconds when given; return its exit code (-9 when killed). With
+    ``saved_at`` (a dict to fill), record when each checkpoint of ``output_dir`` appeared."""
     run_dir = Path(next(a for a in argv if a.startswith("output_dir=")).split("=", 1)[1])
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
@@ -81,20 +79,15 @@ def _run(
             sys.stdout.flush()
             os._exit(code)
     start = time.monotonic()
-    anchored_at = None if anchor else start
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
-        now = time.monotonic()
-        elapsed = now - start
+        elapsed = time.monotonic() - start
         if saved_at is not None:
             for step in _saved_steps(run_dir):
                 saved_at.setdefault(step, elapsed)
-        if anchored_at is None and log.exists() and anchor in log.read_text(encoding="utf-8", errors="replace"):
-            anchored_at = now
-        killing = kill_after_s is not None and anchored_at is not None and now - anchored_at >= kill_after_s
-        if killing or elapsed > RUN_TIMEOUT_S:
+        if (kill_after_s is not None and elapsed >= kill_after_s) or elapsed > RUN_TIMEOUT_S:
             os.kill(pid, signal.SIGKILL)
             return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         time.sleep(0.02)
@@ -126,33 +119,30 @@ def _state(run_dir: Path) -> tuple[int, int]:
 
 
 def _faulted_run(argv: list[str], run_dir: Path, saved_at: dict[int, float], seed: int) -> list[Attempt]:
-    """Kill the run in ``run_dir`` 5 times, restarting it each time, then let it finish: during the
-    evaluation of step 2, during the checkpoint write of step 2 (its metric line already logged),
-    after step 3 (before its line and checkpoint), then twice at a seeded random time within the
-    next step of the restarted run: counted from its ``resuming from`` line, at 10-60% of the
-    shortest step of the straight run (from when it saved each checkpoint, ``saved_at``), so that
-    the kill always lands before the run can finish however fast the machine is that day.
+    """Kill the run in ``run_dir`` 5 times, restarting it each time, then let it finish: twice at a
+    seeded random time before its first checkpoint (10-60% of the time the straight run took to
+    save it, ``saved_at``: the run always has its whole work left, however fast the machine is that
+    day), then during the evaluation of step 2, during the checkpoint write of step 2 (its metric
+    line already logged), and after step 3 (before its line and checkpoint).
     Returns the attempts (case, exit code, what the restart printed, what was redone)."""
     rng = random.Random(seed)
     plan: list[tuple[str, str | None]] = [
+        ("SIGKILL at a random time", None),
+        ("SIGKILL at a random time", None),
         ("SIGKILL during the evaluation of step 2", "evaluation:2"),
         ("SIGKILL during the checkpoint write of step 2 (its metric line logged)", "checkpoint_write:1"),
         ("SIGKILL after step 3's update (before its metrics and checkpoint)", "step:2"),
-        ("SIGKILL at a random time", None),
-        ("SIGKILL at a random time", None),
     ]
     killed: list[tuple[str, int, tuple[int, int]]] = []
     messages: list[str] = []
     for i, (case, fault) in enumerate(plan):
-        kill_after, anchor = None, None
-        if fault is None:
-            steps = sorted(saved_at)
-            shortest = min(saved_at[b] - saved_at[a] for a, b in zip(steps, steps[1:]))
-            assert max(_saved_steps(run_dir), default=0) < steps[-1], "no step left to kill the run in"
-            kill_after, anchor = round(rng.uniform(0.1, 0.6) * shortest, 3), "resuming from "
-            case = f"{case} ({kill_after} s into the resumed run)"
+        kill_after = None
+        if fault is None:  # the run has not saved its first checkpoint yet: a fresh start each time
+            assert not _saved_steps(run_dir), "a random kill must come before the first checkpoint"
+            kill_after = round(rng.uniform(0.1, 0.6) * saved_at[1], 3)
+            case = f"{case} ({kill_after} s after start)"
         log = run_dir.parent / f"{run_dir.name}.attempt{i}.log"
-        code = _run(argv, log, fault=fault, kill_after_s=kill_after, anchor=anchor)
+        code = _run(argv, log, fault=fault, kill_after_s=kill_after)
         assert code == -signal.SIGKILL, f"{case}: the run was not killed (exit {code}); log: {log}"
         messages.append(_resumed_from(log))
         killed.append((case, code, _state(run_dir)))
